@@ -1,0 +1,1 @@
+"""Export of distilled students: ONNX, OpenVINO, TensorRT; runners, parity, goldens, benchmarks."""

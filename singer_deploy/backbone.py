@@ -1,0 +1,163 @@
+"""Backbone taps: raw residual-stream block outputs of any timm Vision Transformer.
+
+SiNGER distils the block outputs BEFORE the final norm (timm `forward_intermediates(norm=False)`), and the teacher only
+has to run up to the deepest block a loss needs. `Backbone` exposes exactly that, plus the token layout facts
+(`num_prefix_tokens` = CLS + registers, patch grid) every later stage depends on.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import Tensor, nn
+
+from singer_deploy.errors import ModelError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+# Attributes timm's VisionTransformer family (vit_*, deit3_*, *_dinov2, *_reg4_*, *_clip_*) shares; Backbone needs them.
+_VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens", "norm_pre", "patch_drop")
+
+
+class Backbone(nn.Module):
+    """A timm ViT seen as a stack of blocks over tokens (B, prefix + N, D)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        missing = [part for part in _VIT_PARTS if not hasattr(model, part)]
+        if missing:
+            raise ModelError(
+                "The model is not a timm Vision Transformer",
+                expected="a timm VisionTransformer-family model (vit_*, deit3_*, *_dinov2, *_clip_*)",
+                found=f"{type(model).__name__} without {', '.join(missing)}",
+                fix="pick a ViT architecture from timm.list_models('vit_*')")
+        self.model = model
+        self.num_prefix_tokens: int = int(model.num_prefix_tokens)
+        self.grid_size: tuple[int, int] = tuple(model.patch_embed.grid_size)
+        self.patch_size: tuple[int, int] = tuple(model.patch_embed.patch_size)
+        self.img_size: tuple[int, int] = tuple(model.patch_embed.img_size)
+        self.embed_dim: int = int(model.embed_dim)
+        self.depth: int = len(model.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def check_layer(self, layer: int) -> int:
+        """Return a non-negative block index; negative indices count from the last block."""
+        index = layer + self.depth if layer < 0 else layer
+        if not 0 <= index < self.depth:
+            raise ModelError(
+                f"Layer index {layer} is out of range",
+                expected=f"a block index in [-{self.depth}, {self.depth - 1}] (the model has {self.depth} blocks)",
+                found=str(layer), fix="choose a block that exists, e.g. -1 for the last block")
+        return index
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Tokens entering block 0: patch embedding, prefix tokens and position embedding."""
+        expected = (self.model.patch_embed.proj.in_channels, *self.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ModelError("Input images have the wrong shape", expected=f"(B, {', '.join(map(str, expected))})",
+                             found=str(tuple(images.shape)), fix="resize/crop images to the model's input size")
+        model = self.model
+        tokens = model._pos_embed(model.patch_embed(images))
+        return model.norm_pre(model.patch_drop(tokens))
+
+    def run_blocks(self, tokens: Tensor, start: int, stop: int) -> Tensor:
+        """Apply blocks[start:stop] to tokens."""
+        for block in self.model.blocks[start:stop]:
+            tokens = block(tokens)
+        return tokens
+
+    def forward_taps(self, images: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+        """Raw outputs of the requested blocks; blocks after the deepest requested one are never run."""
+        wanted = sorted({self.check_layer(layer) for layer in layers})
+        if not wanted:
+            raise ModelError("No layers were requested", expected="at least one block index", found="[]",
+                             fix="pass layers=[-1] for the last block")
+        taps: dict[int, Tensor] = {}
+        tokens = self.embed(images)
+        for index in range(wanted[-1] + 1):
+            tokens = self.model.blocks[index](tokens)
+            if index in wanted:
+                taps[index] = tokens
+        return taps
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Raw last-block tokens (before the final norm)."""
+        return self.forward_taps(images, [-1])[self.depth - 1]
+
+    def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(prefix tokens, patch tokens): prefix = CLS + registers, never refined, never in patch metrics."""
+        return tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+
+    def data_config(self) -> dict:
+        """Input size, mean, std and interpolation timm uses for this model."""
+        return resolve_data_config({}, model=self.model)
+
+
+def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, pretrained: bool = False,
+                  **timm_kwargs) -> Backbone:
+    """Build a Backbone from a timm name (random init, user cache or local file) or wrap an existing model.
+
+    Local files go through timm's own loader (`pretrained_cfg_overlay=dict(file=...)`), which reads safetensors or
+    `torch.load(weights_only=True)`: no arbitrary object is ever unpickled.
+    """
+    if isinstance(name, nn.Module):
+        return Backbone(name)
+    timm_kwargs.setdefault("num_classes", 0)
+    if weights is not None:
+        path = _check_weights_file(weights)
+        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        pretrained = True
+    _check_model_name(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except RuntimeError as err:
+        if weights is not None and ("size mismatch" in str(err) or "Missing key" in str(err)
+                                    or "Unexpected key" in str(err)):
+            raise ModelError(f"The weights file {weights} does not fit {name}",
+                             expected=f"a state dict for timm '{name}'", found=str(err).splitlines()[0][:300],
+                             fix="check the architecture name matches the checkpoint (depth, width, patch size)"
+                             ) from err
+        raise
+    except (OSError, ValueError) as err:
+        if pretrained and weights is None:
+            raise ModelError(f"Pretrained weights for '{name}' are not available offline",
+                             expected="weights in the local timm/Hugging Face cache or a local file",
+                             found=f"{type(err).__name__}: {str(err)[:200]}",
+                             fix="download them on a connected machine and pass weights=PATH") from err
+        raise
+    model.eval()
+    return Backbone(model)
+
+
+def _check_weights_file(weights: str | Path) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError("The weights file does not exist", expected="a readable file", found=str(path),
+                         fix="check the path")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelError("Unsupported weights file type", expected=" or ".join(WEIGHT_SUFFIXES),
+                         found=path.suffix or "no suffix", fix="convert the checkpoint to .safetensors")
+    return path
+
+
+def _check_model_name(name: str) -> None:
+    if name.split(".")[0] in timm.list_models():
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    raise ModelError(f"timm has no model named '{name}'", expected="a name from timm.list_models()",
+                     found=name, fix=f"did you mean {', '.join(close)}?" if close else "see timm.list_models('vit*')")
+
+
+@torch.inference_mode()
+def patch_tokens(backbone: Backbone, images: Tensor, layer: int = -1) -> Tensor:
+    """Patch tokens (B, N, D) of one block's raw output, without gradients."""
+    index = backbone.check_layer(layer)
+    return backbone.split(backbone.forward_taps(images, [index])[index])[1]

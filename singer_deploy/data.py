@@ -1,0 +1,216 @@
+"""Image sources: a deterministic synthetic generator, bundled real photos, and user image folders.
+
+Nothing here downloads anything. The synthetic images carry the ground truth the planted-artifact teacher and the
+probes need: a class label (shape), a foreground mask, and the exactly flat background patches artifacts land on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from singer_deploy.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
+# Colour photos scikit-image ships inside its wheel (others would need a download).
+BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                  "immunohistochemistry", "retina")
+
+
+def normalise(pixels: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """HxWx3 float pixels in [0, 1] -> normalised 3xHxW float32 tensor."""
+    chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32))
+    return (chw - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@dataclass
+class SyntheticShapes(Dataset):
+    """Textured shapes on smooth backgrounds, with a few exactly flat background patches.
+
+    `flat_share` is the share of patches (on the `patch_size` grid) that are exactly flat: the planted teacher writes
+    its artifacts there, so it sets the artifact share (default ~2% as in DINOv2; tests also use ~8%).
+    Item i depends only on (seed, i): the data set is reproducible and can be sharded freely.
+    """
+
+    n: int
+    img_size: int = 64
+    patch_size: int = 8
+    flat_share: float = 0.02
+    seed: int = 0
+    num_classes: int = 4
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    _grid: int = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise DataError("Image size must be a multiple of the patch size",
+                            expected=f"a multiple of {self.patch_size}", found=str(self.img_size),
+                            fix="use the teacher's input size")
+        if not 1 <= self.num_classes <= len(SHAPE_CLASSES):
+            raise DataError("Unsupported number of shape classes", expected=f"1..{len(SHAPE_CLASSES)}",
+                            found=str(self.num_classes), fix="lower num_classes")
+        self._grid = self.img_size // self.patch_size
+
+    @property
+    def flat_per_image(self) -> int:
+        wanted = self.flat_share * self._grid ** 2
+        return max(1, round(wanted)) if self.flat_share > 0 else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        pixels, label, fg_mask, flat_mask = self.render(index)
+        return {"image": normalise(pixels, self.mean, self.std), "label": label,
+                "fg_mask": torch.from_numpy(fg_mask), "flat_mask": torch.from_numpy(flat_mask)}
+
+    def render(self, index: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """Pixels (HxWx3 in [0, 1]), label, foreground mask and flat-patch mask (pixel resolution) of item index."""
+        rng = np.random.default_rng([self.seed, index])
+        size, p = self.img_size, self.patch_size
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        pixels = self._background(rng, yy, xx)
+        label = int(rng.integers(self.num_classes))
+        fg_mask = _shape_mask(SHAPE_CLASSES[label], rng, yy, xx)
+        pixels[fg_mask] = _texture(rng, yy, xx)[fg_mask]
+        flat_mask = np.zeros((size, size), dtype=bool)
+        cells = [(r, c) for r in range(self._grid) for c in range(self._grid)
+                 if not fg_mask[r * p:(r + 1) * p, c * p:(c + 1) * p].any()]
+        chosen = rng.permutation(len(cells))[:self.flat_per_image]
+        for r, c in (cells[i] for i in chosen):
+            block = (slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
+            pixels[block] = pixels[block].mean(axis=(0, 1))  # exactly flat: no texture energy at all
+            flat_mask[block] = True
+        return np.clip(pixels, 0.0, 1.0), label, fg_mask, flat_mask
+
+    @staticmethod
+    def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        # A gradient plus low-frequency waves: smooth, but no patch is exactly flat unless we make it so.
+        base = rng.uniform(0.3, 0.7, size=3)
+        slope = rng.uniform(0.15, 0.3, size=2) * rng.choice([-1, 1], size=2)
+        phase, freq = rng.uniform(0, 2 * np.pi, size=2), rng.uniform(1.0, 2.5, size=2)
+        field = slope[0] * (yy - 0.5) + slope[1] * (xx - 0.5)
+        field = field + 0.05 * np.sin(2 * np.pi * freq[0] * yy + phase[0]) * np.cos(2 * np.pi * freq[1] * xx + phase[1])
+        tint = rng.uniform(0.5, 1.0, size=3)
+        return base[None, None, :] + field[..., None] * tint[None, None, :]
+
+
+def _shape_mask(shape: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    cy, cx = rng.uniform(0.35, 0.65, size=2)
+    r = rng.uniform(0.18, 0.28)
+    dy, dx = yy - cy, xx - cx
+    if shape == "disc":
+        return dy ** 2 + dx ** 2 < r ** 2
+    if shape == "square":
+        return (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85)
+    if shape == "triangle":
+        return (dy < r * 0.8) & (dy > -r) & (np.abs(dx) < (dy + r) * 0.6)
+    return ((np.abs(dy) < r * 0.3) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.3) & (np.abs(dy) < r))
+
+
+def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    colour_a, colour_b = rng.uniform(0, 1, size=(2, 3))
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(6, 12)
+    wave = np.sin(2 * np.pi * freq * (np.cos(angle) * yy + np.sin(angle) * xx))
+    wave = wave + 0.5 * np.sign(np.sin(2 * np.pi * freq * 1.7 * yy)) * np.sign(np.sin(2 * np.pi * freq * 1.3 * xx))
+    mix = (wave - wave.min()) / (np.ptp(wave) + 1e-9)
+    return colour_a[None, None, :] * mix[..., None] + colour_b[None, None, :] * (1 - mix[..., None])
+
+
+def stack_images(dataset: Dataset, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Images of the given items as one (B, 3, H, W) tensor."""
+    indices = range(len(dataset)) if indices is None else indices
+    return torch.stack([dataset[i]["image"] for i in indices])
+
+
+def bundled_photos(img_size: int, crops_per_photo: int = 4, seed: int = 0) -> np.ndarray:
+    """Real photographs shipped inside scikit-image (no download): (B, img_size, img_size, 3) floats in [0, 1]."""
+    try:
+        from skimage import data as skdata
+        from skimage.transform import resize
+    except ImportError as err:
+        raise DataError("Bundled photos need scikit-image", expected="scikit-image installed",
+                        found="ImportError", fix="pip install 'singer-deploy[images]'") from err
+    rng = np.random.default_rng(seed)
+    crops = []
+    for name in BUNDLED_PHOTOS:
+        photo = getattr(skdata, name)()
+        photo = (photo[0] if isinstance(photo, tuple) else photo)[..., :3].astype(np.float32) / 255.0
+        h, w = photo.shape[:2]
+        side = min(h, w)
+        for _ in range(crops_per_photo):
+            scale = rng.uniform(0.5, 1.0)
+            s = int(side * scale)
+            y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+            crops.append(resize(photo[y:y + s, x:x + s], (img_size, img_size), anti_aliasing=True))
+    return np.stack(crops).astype(np.float32)
+
+
+class ImageFolder(Dataset):
+    """Images under a folder (recursive) or listed in a text file, with a timm-compatible eval transform.
+
+    Unreadable or corrupt files are skipped at scan time, counted (`skipped`) and logged, so a run never dies on
+    image 9,000; an empty or all-bad source is an error.
+    """
+
+    def __init__(self, source: str | Path, transform=None):
+        self.source = Path(source).expanduser()
+        self.transform = transform
+        candidates = self._candidates()
+        self.files: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        for path in candidates:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                self.files.append(path)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+                self.skipped.append((path, f"{type(err).__name__}: {err}"))
+        if self.skipped:
+            log.warning("Skipped %d unreadable image(s) in %s (first: %s)", len(self.skipped), self.source,
+                        self.skipped[0][0])
+        if not self.files:
+            raise DataError(f"No readable images in {self.source}",
+                            expected=f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                            found=f"{len(candidates)} candidate file(s), {len(self.skipped)} unreadable",
+                            fix="point data at a folder or list file of images")
+
+    def _candidates(self) -> list[Path]:
+        if not self.source.exists():
+            raise DataError("The image source does not exist", expected="a folder or a list file",
+                            found=str(self.source), fix="check the path")
+        if self.source.is_dir():
+            return sorted(p for p in self.source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        lines = [line.strip() for line in self.source.read_text().splitlines() if line.strip()]
+        return [(self.source.parent / line) if not Path(line).is_absolute() else Path(line) for line in lines]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")
+            tensor = self.transform(image) if self.transform is not None else normalise(np.asarray(image) / 255.0)
+        return {"image": tensor, "path": str(self.files[index])}
+
+
+def teacher_transform(data_config: dict):
+    """The eval transform (resize, centre crop, normalise) timm uses for a model's data config."""
+    from timm.data import create_transform
+    return create_transform(**data_config, is_training=False)

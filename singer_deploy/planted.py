@@ -1,0 +1,276 @@
+"""A tiny timm ViT with planted high-norm artifacts and known ground truth (tests and the offline demo).
+
+It imitates how real artifacts arise (shared/research/artifacts.md, section 3):
+  patch embedding  -> zero-mean high-pass filters write texture responses into reserved channels;
+  block 0 MLP      -> texture energy  E = sum |response|;
+  block 1 MLP      -> flatness f = 1 on patches with no texture energy at all (0 elsewhere);
+  block L_a MLP    -> two "register neurons" read f and write alpha * u, a fixed direction, onto flat patches;
+  blocks > L_a     -> keys see u (attention sinks); values and the FFN input ignore the subspace N that holds u,
+                      which is SiNGER's premise: the next block barely reads the artifact direction.
+Every reserved channel is written by exactly one module and read as a +/- channel PAIR: LayerNorm shifts all channels
+by the token mean and scales them by the token std, so only the pair difference is zero exactly when the signal is.
+
+It validates mechanics (taps, prefix handling, nullspace maths, losses, metrics), not real-world efficacy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from singer_deploy.backbone import Backbone
+from singer_deploy.data import SyntheticShapes, stack_images
+from singer_deploy.errors import ConfigError
+
+_TEXTURE_FILTERS = 6
+# Reserved channel pairs, counted from the end of the embedding: patch indicator, texture responses, energy, flatness.
+_PAIRS = ["patch", *[f"texture{k}" for k in range(_TEXTURE_FILTERS)], "energy", "flat"]
+
+
+@dataclass(frozen=True)
+class PlantedConfig:
+    """Shape of the planted teacher. The artifact share is set by the images (`SyntheticShapes.flat_share`)."""
+
+    img_size: int = 64
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 8
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    artifact_layer: int = 4
+    rho: float = 10.0            # median artifact norm / median normal norm at the artifact layer
+    null_dim: int = 8            # dimension of the subspace N the blocks after the artifact layer ignore
+    u_in_null: bool = True       # False puts u outside N: then refinement inside N cannot remove the artifact
+    value_null: bool = True      # attention values ignore u (as observed in OpenCLIP)
+    sink_logit: float = 6.0      # attention logit boost artifact tokens get in later blocks
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.artifact_layer < self.depth - 1:
+            raise ConfigError("artifact_layer must leave blocks before and after it",
+                              expected=f"2 <= artifact_layer < {self.depth - 1}", found=str(self.artifact_layer),
+                              fix="pick a middle block")
+        if self.embed_dim < 2 * len(_PAIRS) + self.null_dim + 8:
+            raise ConfigError("embed_dim is too small for the planted channels",
+                              expected=f">= {2 * len(_PAIRS) + self.null_dim + 8}", found=str(self.embed_dim),
+                              fix="raise embed_dim")
+
+
+@dataclass
+class PlantedTeacher:
+    """The planted teacher, its clean twin and the ground truth."""
+
+    backbone: Backbone
+    clean: Backbone              # same weights, register neurons off
+    config: PlantedConfig
+    u: Tensor                    # unit artifact direction (D,)
+    null_basis: Tensor           # (null_dim, D) orthonormal rows; contains u when u_in_null
+    alpha: float                 # magnitude the register neurons write
+    register_neurons: tuple[int, int]
+
+    @property
+    def artifact_layer(self) -> int:
+        return self.config.artifact_layer
+
+    def artifact_mask(self, images: Tensor) -> Tensor:
+        """Ground-truth artifact tokens (B, N): patches that are exactly flat, where the register neurons fire."""
+        return _flat_patches(images, self.config.patch_size)
+
+    def metadata(self) -> dict:
+        return {"config": asdict(self.config), "alpha": self.alpha, "register_neurons": list(self.register_neurons)}
+
+
+def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher:
+    """Build the planted teacher deterministically from `config.seed` (about a second on a CPU)."""
+    config = config or PlantedConfig()
+    torch.manual_seed(config.seed)
+    model = VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
+                              depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                              num_classes=0).eval()
+    channels = _reserve_channels(config.embed_dim)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    u, null_basis = _artifact_geometry(config, channels, generator)
+    calibration = stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
+                                               seed=10_000 + config.seed))
+    with torch.no_grad():
+        _clear_reserved(model, channels)
+        _write_texture_filters(model, channels, config.patch_size, generator)
+        _write_energy_neurons(model, channels)
+        flat = _flat_patches(calibration, config.patch_size)
+        _write_flatness_neuron(model, channels, calibration, flat)
+        neurons = _write_register_neurons(model, channels, calibration, flat, u, config)
+        _ignore_subspace_after(model, config, null_basis, u)
+        _add_attention_sinks(model, config, u, generator)
+        alpha = _calibrate_alpha(model, config, calibration, flat, u, neurons)
+        clean = copy.deepcopy(model)
+        clean.blocks[config.artifact_layer].mlp.fc2.weight[:, list(neurons)] = 0.0
+    return PlantedTeacher(Backbone(model), Backbone(clean.eval()), config, u, null_basis, alpha, neurons)
+
+
+def _reserve_channels(dim: int) -> dict[str, tuple[int, int]]:
+    first = dim - 2 * len(_PAIRS)
+    return {name: (first + 2 * i, first + 2 * i + 1) for i, name in enumerate(_PAIRS)}
+
+
+def _all_reserved(channels: dict[str, tuple[int, int]]) -> list[int]:
+    return [c for pair in channels.values() for c in pair]
+
+
+def _artifact_geometry(config: PlantedConfig, channels, generator) -> tuple[Tensor, Tensor]:
+    """A zero-mean unit direction u off the reserved channels, and an orthonormal subspace N (with or without u)."""
+    free = torch.ones(config.embed_dim, dtype=torch.bool)
+    free[_all_reserved(channels)] = False
+    raw = torch.randn(config.null_dim + 1, config.embed_dim, generator=generator) * free
+    raw[:, free] -= raw[:, free].mean(1, keepdim=True)  # zero mean: LayerNorm's centring keeps the direction
+    basis, _ = torch.linalg.qr(raw.T)
+    u = basis[:, 0].contiguous()
+    null = basis[:, :config.null_dim] if config.u_in_null else basis[:, 1:config.null_dim + 1]
+    return u, null.T.contiguous()
+
+
+def _clear_reserved(model: VisionTransformer, channels) -> None:
+    reserved = _all_reserved(channels)
+    model.patch_embed.proj.weight[reserved] = 0.0
+    model.patch_embed.proj.bias[reserved] = 0.0
+    model.pos_embed[..., reserved] = 0.0
+    model.cls_token[..., reserved] = 0.0
+    for block in model.blocks:
+        for writer in (block.attn.proj, block.mlp.fc2):
+            writer.weight[reserved] = 0.0
+            writer.bias[reserved] = 0.0
+
+
+def _write_texture_filters(model: VisionTransformer, channels, patch: int, generator) -> None:
+    """Zero-mean filters: every one gives exactly 0 on a flat patch.
+
+    Two are structured (left/right, top/bottom); the rest are random per-channel filters, because any fixed symmetric
+    set misses some textures (a ridge through the patch centre cancels in every half/quadrant difference), while a
+    random zero-mean filter is zero only on a measure-zero set of non-flat patches.
+    """
+    half = patch // 2
+    yy, xx = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
+    structured = [torch.where(xx < half, 1.0, -1.0), torch.where(yy < half, 1.0, -1.0)]
+    filters = [kernel.expand(3, -1, -1) for kernel in structured]
+    for _ in range(_TEXTURE_FILTERS - len(structured)):
+        kernel = torch.randn(3, patch, patch, generator=generator)
+        filters.append(kernel - kernel.mean(dim=(1, 2), keepdim=True))  # zero mean per colour channel
+    proj = model.patch_embed.proj
+    for k, kernel in enumerate(filters):
+        plus, minus = channels[f"texture{k}"]
+        # Small: reserved channels must not dominate the token norms the metrics read.
+        weight = kernel / kernel.abs().sum() * 16.0
+        proj.weight[plus] = weight
+        proj.weight[minus] = -weight
+    plus, minus = channels["patch"]
+    proj.bias[plus], proj.bias[minus] = 0.2, -0.2  # patches only: the CLS token has 0 here
+
+
+def _pair_reader(dim: int, pair: tuple[int, int], gain: float) -> Tensor:
+    row = torch.zeros(dim)
+    row[pair[0]], row[pair[1]] = gain, -gain
+    return row
+
+
+def _write_neuron(mlp, neuron: int, reads: Tensor, bias: float, writes: Tensor) -> None:
+    mlp.fc1.weight[neuron] = reads
+    mlp.fc1.bias[neuron] = bias
+    mlp.fc2.weight[:, neuron] = writes
+
+
+def _write_energy_neurons(model: VisionTransformer, channels) -> None:
+    mlp, dim = model.blocks[0].mlp, model.embed_dim
+    energy = _pair_reader(dim, channels["energy"], 0.05)
+    for k in range(_TEXTURE_FILTERS):
+        reads = _pair_reader(dim, channels[f"texture{k}"], 4.0)
+        _write_neuron(mlp, 2 * k, reads, 0.0, energy)     # GELU(x) + GELU(-x) is 0 only at x = 0
+        _write_neuron(mlp, 2 * k + 1, -reads, 0.0, energy)
+
+
+def _pair_difference(model: VisionTransformer, images: Tensor, block: int, pair: tuple[int, int]) -> Tensor:
+    """LayerNorm-ed pair difference the given block's MLP sees, per patch token: (B, N)."""
+    backbone = Backbone(model)
+    tokens = backbone.run_blocks(backbone.embed(images), 0, block)
+    blk = model.blocks[block]
+    tokens = tokens + blk.ls1(blk.attn(blk.norm1(tokens)))
+    normed = blk.norm2(tokens)[:, model.num_prefix_tokens:]
+    return normed[..., pair[0]] - normed[..., pair[1]]
+
+
+def _flat_patches(images: Tensor, patch: int) -> Tensor:
+    """(B, N) mask of patches whose pixels are identical in every channel."""
+    b, c, h, w = images.shape
+    cells = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(b, (h // patch) * (w // patch), c, patch * patch)
+    return ((cells.amax(-1) - cells.amin(-1)) < 1e-5).all(-1)
+
+
+def _write_saturating_pair(mlp, neurons: tuple[int, int], reads: Tensor, bias: float, writes: Tensor) -> None:
+    """h = GELU(z) - GELU(z - 1): ~0 for z << 0, ~1 for z >> 1 — a clean on/off switch."""
+    _write_neuron(mlp, neurons[0], reads, bias, writes)
+    _write_neuron(mlp, neurons[1], reads, bias - 1.0, -writes)
+
+
+def _write_flatness_neuron(model: VisionTransformer, channels, images: Tensor, flat: Tensor) -> None:
+    dim = model.embed_dim
+    is_patch = _pair_difference(model, images, 1, channels["patch"])
+    energy = _pair_difference(model, images, 1, channels["energy"])
+    gain_patch = 8.0 / is_patch[flat].min().item()
+    # Smallest gain on energy that pushes every textured patch of the calibration set to z <= -4, with 2x margin.
+    gain_energy = 2.0 * ((gain_patch * is_patch[~flat] + 4.0) / energy[~flat]).max().item()
+    reads = _pair_reader(dim, channels["patch"], gain_patch) - _pair_reader(dim, channels["energy"], gain_energy)
+    _write_saturating_pair(model.blocks[1].mlp, (0, 1), reads, 0.0, _pair_reader(dim, channels["flat"], 0.2))
+
+
+def _write_register_neurons(model, channels, images, flat, u, config: PlantedConfig) -> tuple[int, int]:
+    flatness = _pair_difference(model, images, config.artifact_layer, channels["flat"])
+    gain = 12.0 / flatness[flat].min().item()
+    neurons = (0, 1)
+    reads = _pair_reader(model.embed_dim, channels["flat"], gain)
+    _write_saturating_pair(model.blocks[config.artifact_layer].mlp, neurons, reads, -5.0, u.clone())
+    return neurons
+
+
+def _ignore_subspace_after(model: VisionTransformer, config: PlantedConfig, null_basis: Tensor, u: Tensor) -> None:
+    projector = torch.eye(config.embed_dim) - null_basis.T @ null_basis
+    value_projector = torch.eye(config.embed_dim) - torch.outer(u, u)
+    dim = config.embed_dim
+    for block in model.blocks[config.artifact_layer + 1:]:
+        block.mlp.fc1.weight.copy_(block.mlp.fc1.weight @ projector)
+        if config.value_null:
+            block.attn.qkv.weight[2 * dim:] = block.attn.qkv.weight[2 * dim:] @ value_projector
+
+
+def _add_attention_sinks(model: VisionTransformer, config: PlantedConfig, u: Tensor, generator) -> None:
+    dim, heads = config.embed_dim, config.num_heads
+    key_dir = torch.randn(dim, generator=generator)
+    key_dir /= key_dir.norm()
+    head_dim = dim // heads
+    # An artifact token's LayerNorm output is ~sqrt(D) * u, so the logit boost is s_q * s_k * sqrt(D) / (H sqrt(d_h)).
+    strength = (config.sink_logit * heads * head_dim ** 0.5 / dim ** 0.5) ** 0.5
+    for block in model.blocks[config.artifact_layer + 1:]:
+        block.attn.qkv.weight[dim:2 * dim] += strength * torch.outer(key_dir, u)
+        block.attn.qkv.bias[:dim] += strength * key_dir
+
+
+def _calibrate_alpha(model, config: PlantedConfig, images: Tensor, flat: Tensor, u: Tensor,
+                     neurons: tuple[int, int]) -> float:
+    """Scale the register neurons' output until artifact / normal median norms at the artifact layer equal rho."""
+    backbone = Backbone(model)
+    fc2 = model.blocks[config.artifact_layer].mlp.fc2
+    alpha = 1.0
+    for _ in range(6):
+        tokens = backbone.forward_taps(images, [config.artifact_layer])[config.artifact_layer]
+        norms = backbone.split(tokens)[1].norm(dim=-1)
+        ratio = (norms[flat].median() / norms[~flat].median()).item()
+        step = config.rho / ratio
+        if abs(step - 1.0) < 1e-3:
+            break
+        alpha *= step
+        fc2.weight[:, neurons[0]] = alpha * u
+        fc2.weight[:, neurons[1]] = -alpha * u
+    return float(alpha)
+

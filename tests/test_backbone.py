@@ -1,0 +1,99 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from singer_deploy.backbone import Backbone, load_backbone
+from singer_deploy.errors import ModelError
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_backbone("vit_tiny_patch16_224", **TINY)
+
+
+def test_taps_equal_timm_intermediates(tiny):
+    x = torch.randn(2, 3, 32, 32)
+    taps = tiny.forward_taps(x, [1, 3])
+    ref = tiny.model.forward_intermediates(x, indices=[1, 3], norm=False, output_fmt="NLC",
+                                           intermediates_only=True, return_prefix_tokens=True)
+    for (patches, prefix), layer in zip(ref, [1, 3]):  # timm yields (spatial, prefix)
+        torch.testing.assert_close(taps[layer], torch.cat([prefix, patches], 1), rtol=0, atol=0)
+
+
+def test_truncation_is_exact_and_skips_later_blocks(tiny):
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    hook = tiny.model.blocks[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        truncated = tiny.forward_taps(x, [1])[1]
+    finally:
+        hook.remove()
+    assert calls == []
+    full = tiny.forward_taps(x, [1, 3])[1]
+    torch.testing.assert_close(truncated, full, rtol=0, atol=0)
+
+
+def test_layout_facts(tiny):
+    assert (tiny.num_prefix_tokens, tiny.grid_size, tiny.embed_dim, tiny.depth) == (1, (4, 4), 48, 4)
+    assert tiny.forward(torch.randn(1, 3, 32, 32)).shape == (1, 17, 48)
+
+
+def test_register_model_keeps_registers_out_of_patches():
+    backbone = load_backbone("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=48, depth=2, num_heads=2)
+    assert backbone.num_prefix_tokens == 5
+    prefix, patches = backbone.split(backbone.forward(torch.randn(2, 3, 28, 28)))
+    assert prefix.shape == (2, 5, 48) and patches.shape == (2, 4, 48)
+
+
+def test_negative_and_out_of_range_layers(tiny):
+    assert tiny.check_layer(-1) == 3
+    with pytest.raises(ModelError, match="out of range"):
+        tiny.forward_taps(torch.randn(1, 3, 32, 32), [4])
+
+
+def test_wrong_input_shape(tiny):
+    with pytest.raises(ModelError, match="wrong shape"):
+        tiny.forward_taps(torch.randn(1, 3, 40, 40), [0])
+
+
+def test_local_safetensors_weights_round_trip(tiny, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
+    loaded = load_backbone("vit_tiny_patch16_224", weights=path, **TINY)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.forward(x), tiny.forward(x))
+
+
+def test_pth_weights_are_loaded_without_unpickling_objects(tiny, tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": tiny.model.state_dict(), "payload": object()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_backbone("vit_tiny_patch16_224", weights=path, **TINY)
+
+
+@pytest.mark.parametrize("problem, kwargs, message", [
+    ("missing file", dict(weights="/nonexistent/w.safetensors"), "does not exist"),
+    ("unknown name", dict(), "no model named"),
+])
+def test_bad_inputs_raise_clear_errors(problem, kwargs, message):
+    name = "vit_tinny_patch16_224" if problem == "unknown name" else "vit_tiny_patch16_224"
+    with pytest.raises(ModelError, match=message):
+        load_backbone(name, **kwargs)
+
+
+def test_state_dict_for_another_architecture(tmp_path):
+    other = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=64,
+                              depth=2, num_heads=2)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(ModelError, match="does not fit"):
+        load_backbone("vit_tiny_patch16_224", weights=path, **TINY)
+
+
+def test_non_vit_model_is_rejected():
+    with pytest.raises(ModelError, match="not a timm Vision Transformer"):
+        Backbone(timm.create_model("resnet18", num_classes=0))

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from singer_deploy.data import SyntheticShapes, stack_images
+from singer_deploy.metrics import artifact_metrics, high_norm_mask, mask_precision_recall
+from singer_deploy.planted import PlantedConfig, build_planted_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_planted_teacher(PlantedConfig())
+
+
+@pytest.mark.parametrize("share", [0.02, 0.08])
+def test_hnr_finds_planted_tokens_at_and_after_the_artifact_layer(teacher, share):
+    images = stack_images(SyntheticShapes(48, flat_share=share, seed=3))
+    truth = teacher.artifact_mask(images)
+    assert abs(truth.float().mean().item() - share) < 0.01
+    layers = list(range(teacher.config.depth))
+    with torch.no_grad():
+        raw = teacher.backbone.forward_taps(images, layers)
+        clean = teacher.clean.forward_taps(images, layers)
+    for layer in layers:
+        patches = teacher.backbone.split(raw[layer])[1]
+        clean_hnr = artifact_metrics(teacher.clean.split(clean[layer])[1])["hnr"]
+        assert clean_hnr < 0.005, (layer, clean_hnr)
+        if layer < teacher.artifact_layer:
+            assert artifact_metrics(patches)["hnr"] < 0.005
+        else:
+            precision, recall = mask_precision_recall(high_norm_mask(patches), truth)
+            assert precision >= 0.95 and recall >= 0.95, (layer, precision, recall)
+
+
+def test_norm_ratio_matches_rho(teacher):
+    images = stack_images(SyntheticShapes(32, flat_share=0.05, seed=4))
+    truth = teacher.artifact_mask(images)
+    layer = teacher.artifact_layer
+    with torch.no_grad():
+        norms = teacher.backbone.split(teacher.backbone.forward_taps(images, [layer])[layer])[1].norm(dim=-1)
+    ratio = (norms[truth].median() / norms[~truth].median()).item()
+    assert ratio == pytest.approx(teacher.config.rho, rel=0.15)
+
+
+def test_artifact_direction_is_in_the_next_blocks_ffn_nullspace(teacher):
+    block = teacher.backbone.model.blocks[teacher.artifact_layer + 1]
+    surrogate = (block.mlp.fc2.weight @ block.mlp.fc1.weight).T.double()
+    assert (teacher.u.double() @ surrogate).norm() < 1e-5 * surrogate.norm()
+    basis = teacher.null_basis.double()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(basis.shape[0], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (basis @ teacher.u.double()).norm() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_u_outside_the_nullspace_knob():
+    teacher = build_planted_teacher(PlantedConfig(u_in_null=False))
+    assert (teacher.null_basis.double() @ teacher.u.double()).norm() < 1e-6
+
+
+def test_later_blocks_attend_to_artifacts(teacher):
+    """Attention sink: the CLS query puts far more than uniform mass on artifact tokens after the artifact layer."""
+    images = stack_images(SyntheticShapes(16, flat_share=0.05, seed=5))
+    truth = teacher.artifact_mask(images)
+    backbone, layer = teacher.backbone, teacher.artifact_layer + 1
+    block = backbone.model.blocks[layer]
+    with torch.no_grad():
+        tokens = backbone.forward_taps(images, [layer - 1])[layer - 1]
+        b, t, d = tokens.shape
+        qkv = block.attn.qkv(block.norm1(tokens)).reshape(b, t, 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] @ qkv[1].transpose(-2, -1) * block.attn.scale).softmax(-1)  # (B, H, T, T)
+    cls_to_patches = attn[:, :, 0, backbone.num_prefix_tokens:].mean(1)
+    sink_mass = (cls_to_patches * truth).sum(1).mean().item()
+    uniform = truth.float().mean().item()
+    assert sink_mass > 5 * uniform
+
+
+def test_deterministic(teacher):
+    again = build_planted_teacher(PlantedConfig())
+    for a, b in zip(teacher.backbone.state_dict().values(), again.backbone.state_dict().values()):
+        assert torch.equal(a, b)

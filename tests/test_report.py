@@ -1,0 +1,209 @@
+import base64
+import json
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from singer_deploy import plots
+from singer_deploy.errors import DataError
+from singer_deploy.report import ReportData, load_metrics, write_report
+
+_VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class _Checker(HTMLParser):
+    """Collects images, links, table cells and structure errors (html.parser itself never rejects bad nesting)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.srcs, self.hrefs, self.tags = [], [], [], [], []
+        self.cells, self.row_classes = [], []
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self.srcs += [attrs["src"]] if "src" in attrs else []
+        self.hrefs += [attrs["href"]] if "href" in attrs else []
+        if tag == "tr":
+            self.row_classes.append(attrs.get("class"))
+        if tag == "td":
+            self._cell = [attrs.get("class"), ""]
+        if tag not in _VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+            return
+        self.stack.pop()
+        if tag == "td":
+            self.cells.append(tuple(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+
+
+def _parse(path: Path) -> tuple[_Checker, str]:
+    text = path.read_text(encoding="utf-8")
+    checker = _Checker()
+    checker.feed(text)
+    checker.close()
+    return checker, text
+
+
+def _assert_well_formed(checker: _Checker) -> None:
+    assert checker.errors == []
+    assert checker.stack == []
+    assert checker.tags[:1] == ["html"]
+    # Self-contained: no scripts, no stylesheets or links leaving the file.
+    assert not {"script", "link", "iframe"} & set(checker.tags)
+    assert all("http" not in ref for ref in checker.srcs + checker.hrefs)
+    assert all(ref.startswith("#") for ref in checker.hrefs)
+
+
+PARITY = [
+    {"format": "onnx", "precision": "fp32", "cos_min": 0.9999871, "cos_p1": 0.99999, "cos_mean": 0.9999993,
+     "max_abs": 1.25e-5, "knn_overlap": 1.0, "passed": True},
+    {"format": "openvino", "precision": "int8", "cos_min": 0.9123, "cos_p1": 0.95, "cos_mean": 0.981,
+     "max_abs": 0.731, "knn_overlap": 0.875, "passed": False},
+    {"format": "tensorrt", "precision": "fp16", "cos_min": None, "passed": None,
+     "status": "skipped: TensorRT is not installed"},
+]
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    n, grid, dim = 3, 4, 8
+    raw = rng.uniform(1.0, 2.0, (n, grid, grid)).astype(np.float32)
+    raw[:, 0, 0] = 20.0  # a planted outlier
+    refined = rng.uniform(1.0, 2.0, (n, grid, grid)).astype(np.float32)
+    out = tmp_path_factory.mktemp("full")
+    metrics = out / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1), "l_kd": 0.5, "l_out": 0.1, "l_info": 0.2,
+                         "target_hnr": 0.01, "target_e_out": 0.3, "phase": "train"}) for s in range(6)]
+    metrics.write_text("\n".join(lines) + '\n{"step": 6, "lo', encoding="utf-8")  # killed mid-write
+    data = ReportData(
+        title="run <b>&</b> 'demo'",
+        summary={"artifact rate": {"before": 0.031, "after": 0.002}, "p50 latency ms": 3.2},
+        config={"teacher": "vit_tiny", "layers": (2, 3), "out_dir": Path("/tmp/run")},
+        versions={"torch": "2.14.1", "timm": "1.0.31"},
+        images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        norm_maps={"raw teacher": raw, "refined teacher": refined, "student": refined * 0.5},
+        norm_histograms={"raw teacher": raw, "refined teacher": refined},
+        pca_tokens={"raw teacher": rng.normal(size=(n, grid * grid, dim)),
+                    "student": rng.normal(size=(n, grid, grid, dim))},
+        metrics=metrics,
+        parity=PARITY,
+        latency=[{"format": "onnx", "precision": "fp32", "p50_ms": 3.21, "p90_ms": 3.9, "p99_ms": 5.5,
+                  "throughput": 311.5, "size_mb": 22.1, "ratio_vs_eager": 1.84}],
+        comparison=[{"method": "SiNGER", "hnr_4": 0.002, "e_out": 0.01, "knn_acc": 0.71}],
+    )
+    return write_report(out / "report.html", data)
+
+
+def test_full_report_embeds_every_figure_as_png(full_report):
+    checker, _ = _parse(full_report)
+    _assert_well_formed(checker)
+    images = [src for src in checker.srcs if src.startswith("data:image/png;base64,")]
+    assert len(images) == len(checker.srcs) == 4  # norm maps, histograms, PCA, training curves
+    for src in images:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_report_tables_hold_the_given_values(full_report):
+    checker, text = _parse(full_report)
+    cell_text = [value for _, value in checker.cells]
+    for expected in ["0.999987", "0.9123", "1.25e-05", "0.875", "3.21", "311.5", "1.84", "SiNGER", "0.002",
+                     "skipped: TensorRT is not installed", "2.14.1", "0.031"]:
+        assert expected in cell_text, expected
+    assert ("pass", "PASS") in checker.cells and ("fail", "FAIL") in checker.cells and ("skip", "n/a") in checker.cells
+    assert checker.row_classes.count("pass") == 1 and checker.row_classes.count("fail") == 1
+    assert "cosine min" in text and "artifact rate.before" in text
+    assert "Sections not run" not in text
+    assert "<details>" in text and "out_dir: /tmp/run" in text
+
+
+def test_full_report_escapes_text_and_keeps_a_truncated_metrics_file(full_report):
+    _, text = _parse(full_report)
+    assert "<b>&</b>" not in text and "run &lt;b&gt;&amp;&lt;/b&gt; &#x27;demo&#x27;" in text
+    assert "6 logged records" in text  # the half-written last line is dropped, the rest plotted
+
+
+def test_summary_only_report_names_the_sections_not_run(tmp_path):
+    path = write_report(tmp_path, ReportData(summary={"status": "training crashed"}))
+    assert path == tmp_path / "report.html"
+    checker, text = _parse(path)
+    _assert_well_formed(checker)
+    assert checker.srcs == []
+    banner = text.split("Sections not run: ", 1)[1].split(".</p>", 1)[0]
+    assert banner.split(", ") == ["Norm maps", "Norm histograms", "PCA feature maps", "Training curves", "Parity",
+                                  "Latency", "Comparison", "Configuration", "Environment"]
+    assert text.count("Not run: ") == 9
+    assert "training crashed" in text
+
+
+def test_missing_metrics_file_is_reported_not_raised(tmp_path):
+    path = write_report(tmp_path / "r.html", ReportData(metrics=tmp_path / "nope.jsonl"))
+    assert "nope.jsonl does not exist" in path.read_text(encoding="utf-8")
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "report.html"
+    write_report(target, ReportData(summary={"a": 1}))
+    write_report(target, ReportData(summary={"a": 2}))  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    before = target.read_bytes()
+
+    # Bad input fails before anything is written: the old report stays whole.
+    with pytest.raises(DataError, match="mean/std"):
+        write_report(target, ReportData(norm_maps={"raw": np.ones((1, 2, 2))}, images=np.full((1, 8, 8, 3), -1.5)))
+    # A failure while moving into place leaves neither a temp file nor a damaged report.
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_report(target, ReportData(summary={"a": 3}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert target.read_bytes() == before
+
+
+def test_pca_rgb_separates_two_regions_consistently_across_images():
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=16)
+    tokens = rng.normal(scale=0.05, size=(2, 4, 4, 16))
+    tokens[:, :, :2] += direction  # left half vs right half differ along one direction
+    tokens[:, :, 2:] -= direction
+    rgb = plots.pca_rgb(tokens)
+    assert rgb.shape == (2, 4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    left, right = rgb[:, :, :2, 0], rgb[:, :, 2:, 0]
+    # First component splits the halves, the same way in both images (one PCA per source).
+    assert np.all(np.abs(left.mean(axis=(1, 2)) - right.mean(axis=(1, 2))) > 0.8)
+    assert np.sign(left.mean() - right.mean()) == np.sign(left[0].mean() - right[0].mean()) == np.sign(
+        left[1].mean() - right[1].mean())
+    np.testing.assert_array_equal(rgb, plots.pca_rgb(tokens.reshape(2, 16, 16)))  # (n, N, D) with square N
+
+
+def test_bad_shapes_raise_data_errors():
+    with pytest.raises(DataError, match="cannot be laid out"):
+        plots.pca_rgb(np.zeros((1, 15, 4)))
+    with pytest.raises(DataError, match="norm map 'student'"):
+        plots.norm_maps_png({"raw": np.ones((2, 3, 3)), "student": np.ones((1, 3, 3))})
+    with pytest.raises(DataError, match="fewer input images"):
+        plots.norm_maps_png({"raw": np.ones((2, 3, 3))}, np.zeros((1, 8, 8, 3)))
+
+
+def test_load_metrics_rejects_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0, "loss": 1}\nnot json\n{"step": 1, "loss": 0.5}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed line 2"):
+        load_metrics(path)
+    path.write_text('{"step": 0, "loss": 1}\n\n{"step": 1, "loss": 0.5}\n', encoding="utf-8")
+    assert [r["loss"] for r in load_metrics(path)] == [1, 0.5]
+    series = plots.metric_series(load_metrics(path) + [{"step": 2, "loss": 0.25, "ok": True, "tag": "x"}])
+    assert list(series) == ["loss"]
+    np.testing.assert_array_equal(series["loss"][0], [0, 1, 2])
