@@ -97,7 +97,7 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
     calibration = stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
                                                seed=10_000 + config.seed))
     with torch.no_grad():
-        _clear_reserved(model, channels)
+        _clear_reserved(model, channels, config.artifact_layer)
         _write_texture_filters(model, channels, config.patch_size, generator)
         _write_energy_neurons(model, channels)
         flat = _flat_patches(calibration, config.patch_size)
@@ -132,13 +132,18 @@ def _artifact_geometry(config: PlantedConfig, channels, generator) -> tuple[Tens
     return u, null.T.contiguous()
 
 
-def _clear_reserved(model: VisionTransformer, channels) -> None:
+def _clear_reserved(model: VisionTransformer, channels, artifact_layer: int) -> None:
+    """Nothing but the planted neurons writes the reserved channels up to the artifact layer (their last reader).
+
+    Later blocks stay untouched: zeroing their fc2 rows would add rank-deficient null directions to the next
+    block's FFN surrogate and blur the one planted subspace N.
+    """
     reserved = _all_reserved(channels)
     model.patch_embed.proj.weight[reserved] = 0.0
     model.patch_embed.proj.bias[reserved] = 0.0
     model.pos_embed[..., reserved] = 0.0
     model.cls_token[..., reserved] = 0.0
-    for block in model.blocks:
+    for block in model.blocks[:artifact_layer + 1]:
         for writer in (block.attn.proj, block.mlp.fc2):
             writer.weight[reserved] = 0.0
             writer.bias[reserved] = 0.0

@@ -1,0 +1,93 @@
+"""Configuration dataclasses. Defaults are the published values; validation runs at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from singer_deploy.errors import ConfigError
+
+NULLSPACE_RULES = ("smallest", "official")
+OUTLIER_TARGETS = ("quantile", "median")
+INFO_VARIANTS = ("reference", "paper")
+
+
+@dataclass(frozen=True)
+class SingerConfig:
+    """The SiNGER method: adapter initialisation, loss weights and loss variants.
+
+    Source of the defaults: the authors' main config `configs/imagenet/vit/singer.yaml` (RANK 64, NULL_THRES 0.05,
+    OUTLIER_Q 0.97, FEAT_WEIGHT 1.0) plus `engine/cfg.py` for OUTLIER_WEIGHT 0.01 and INFO_WEIGHT 1.0 (never
+    overridden), as summarised in shared/research/paper.md sections 3-4.
+
+    rank: adapter rank r per distilled layer (must not exceed the teacher width).
+    tau: absolute singular-value threshold; k = #(sigma < tau) is logged per layer, and the "official" rule
+        selects from below it.
+    rule: nullspace basis selection, "smallest" (paper text: the r smallest singular directions) or "official"
+        (reference code: the first r below tau, i.e. the LARGEST ones below tau, padded when fewer qualify).
+        Default "smallest" on purpose: the two rules agree in spirit only when few singular values sit below tau;
+        on small or randomly initialised teachers nearly all of them do, and "official" then picks the least-null
+        directions. "smallest" is never less null than "official", and the paper's Table 4 shows nullspace
+        initialisation itself has no measurable accuracy effect, so this choice cannot cost the published numbers.
+    alpha: per-image quantile of refined patch-token norms above which L_out acts ("quantile" target).
+    outlier_target: "quantile" (published) or "median" (target = median_k x per-image median patch norm; robust
+        when artifacts exceed 1 - alpha of the patches, where the quantile sits inside the artifact cluster).
+    info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
+        reference code) or "paper" (refined last vs raw last). A single distilled layer always uses "paper".
+    detach_target: detach the refined target in L_kd (published: False, so adapters also learn from L_kd).
+    map_last_to_last: force the teacher's last distilled layer onto the student's last block. The reference
+        Hungarian rule leaves the student's last block untrained for e.g. 12 -> 12 blocks ({8, 11} -> {7, 10});
+        a deployed student is read at its last block, so we force it. For 24 -> 12 both rules give {8, 11}.
+    seed: seeds the random padding rows of the "official" rule.
+    """
+
+    rank: int = 64
+    tau: float = 0.05
+    rule: str = "smallest"
+    alpha: float = 0.97
+    w_kd: float = 1.0
+    w_out: float = 0.01
+    w_info: float = 1.0
+    outlier_target: str = "quantile"
+    median_k: float = 2.0
+    info_variant: str = "reference"
+    detach_target: bool = False
+    map_last_to_last: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError("SingerConfig.rank must be a positive integer", expected="an int >= 1 (published 64)",
+                              found=repr(self.rank), fix="set rank=64, or lower for narrow teachers")
+        _positive("tau", self.tau, "0.05")
+        if not (_finite(self.alpha) and 0.0 < self.alpha < 1.0):
+            raise ConfigError("SingerConfig.alpha must lie strictly between 0 and 1", expected="0 < alpha < 1",
+                              found=repr(self.alpha), fix="use the published 0.97, or e.g. 0.90")
+        for key in ("w_kd", "w_out", "w_info"):
+            value = getattr(self, key)
+            if not (_finite(value) and value >= 0.0):
+                raise ConfigError(f"SingerConfig.{key} must be a finite number >= 0", expected="a weight >= 0",
+                                  found=repr(value), fix="published weights are w_kd 1.0, w_out 0.01, w_info 1.0")
+        _positive("median_k", self.median_k, "2.0")
+        _choice("rule", self.rule, NULLSPACE_RULES)
+        _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)
+        _choice("info_variant", self.info_variant, INFO_VARIANTS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("SingerConfig.seed must be an integer", expected="an int", found=repr(self.seed),
+                              fix="pass e.g. seed=0")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(key: str, value: object, published: str) -> None:
+    if not (_finite(value) and value > 0.0):
+        raise ConfigError(f"SingerConfig.{key} must be a finite number > 0", expected="a positive number",
+                          found=repr(value), fix=f"use the default {published}")
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"SingerConfig.{key} has an unknown value", expected=" or ".join(map(repr, allowed)),
+                          found=repr(value), fix=f"set {key}={allowed[0]!r}")

@@ -1,0 +1,344 @@
+"""The distillation loop: SiNGER (refined teacher targets) or FitNet (raw targets) behind one flag.
+
+Read top to bottom: build the step module, then `for step in range(start, steps)` do forward, backward, clip,
+optimizer and scheduler step, log and checkpoint. Checkpoints are atomic and hold everything needed to resume
+bit-for-bit (weights, optimizer, scheduler, RNG, step). Several processes: launch with `torchrun`; the step module
+is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from singer_deploy.backbone import Backbone
+from singer_deploy.config import SingerConfig
+from singer_deploy.errors import ConfigError, TrainingError
+from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from singer_deploy.layers import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
+from singer_deploy.losses import SingerLoss, kd_loss
+from singer_deploy.metrics import artifact_metrics
+from singer_deploy.refine import Refiner
+
+log = logging.getLogger(__name__)
+
+METHODS = ("singer", "fitnet")
+CHECKPOINT = "checkpoint.pt"
+METRICS_LOG = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training-loop knobs. Defaults suit short CPU runs; the published SiNGER recipe is
+    SGD lr 0.2, momentum 0.9, wd 1e-4, step schedule x0.1 at 30/60/90% of 100 epochs, batch 512 (an AdamW
+    lr 1e-3 cosine recipe exists in the reference configs too)."""
+
+    method: str = "singer"
+    steps: int = 300
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    adapter_lr: float | None = None  # refinement adapters' lr; None = lr. They start at +1x the null component and
+                                     # must travel to about -1x to cancel an artifact, so short runs need more.
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
+    grad_clip: float | None = 1.0
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+    def __post_init__(self):
+        choices = {"method": METHODS, "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
+                   "precision": ("auto", "fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"TrainConfig.{key} has an unknown value", expected=" or ".join(allowed),
+                                  found=repr(getattr(self, key)), fix=f"set {key}={allowed[0]!r}")
+        for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{key} must be a positive integer", expected="an int >= 1",
+                                  found=repr(value), fix=f"set {key} to a positive integer")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("TrainConfig.lr must be a positive number", expected="lr > 0", found=repr(self.lr),
+                              fix="e.g. lr=1e-3 for AdamW")
+
+
+@dataclass
+class DistillResult:
+    out_dir: Path
+    teacher_layers: list[int]
+    student_layers: list[int]
+    student: Backbone
+    projectors: Projectors
+    refiner: Refiner | None
+    steps: int
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class DistillStep(nn.Module):
+    """One forward pass of distillation: returns the loss terms. Holds everything trained (DDP wraps this)."""
+
+    def __init__(self, teacher: Backbone, student: Backbone, teacher_layers: Sequence[int],
+                 student_layers: Sequence[int], singer: SingerConfig, method: str):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+        self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
+        self.method = method
+        aligner = TokenAligner(TokenLayout.of(student), TokenLayout.of(teacher))
+        self.aligner = aligner
+        self.projectors = Projectors(self.teacher_layers, student.embed_dim, teacher.embed_dim, aligner)
+        self.refiner = (Refiner.from_teacher(teacher, self.teacher_layers, rank=singer.rank, rule=singer.rule,
+                                             tau=singer.tau, seed=singer.seed) if method == "singer" else None)
+        self.singer_loss = (SingerLoss(singer, self.teacher_layers, teacher, aligner)
+                            if method == "singer" else None)
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        modules = {"student": self.student.model, "projectors": self.projectors}
+        if self.refiner is not None:
+            modules["refiner"] = self.refiner
+        return modules
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            raw = self.teacher.forward_taps(images, self.teacher_layers)  # stops after the deepest needed block
+        taps = self.student.forward_taps(images, self.student_layers)
+        student = {t: self.projectors(t, taps[s]) for t, s in zip(self.teacher_layers, self.student_layers)}
+        if self.refiner is None:
+            kd = sum(kd_loss(student[t], self.aligner.teacher(raw[t])) for t in self.teacher_layers)
+            kd = kd / len(self.teacher_layers)
+            return {"total": kd, "kd": kd, "_targets": raw}
+        refined = {t: self.refiner(t, raw[t]) for t in self.teacher_layers}
+        terms = self.singer_loss(student, refined, raw)
+        return {**terms, "_targets": refined}
+
+
+def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | Path, *,
+            layers: Sequence[int] = (), singer: SingerConfig | None = None, train: TrainConfig | None = None,
+            resume: bool = True, progress: bool = True) -> DistillResult:
+    """Distil `student` from `teacher` on `data` (items are dicts with an "image" tensor); write files to out_dir.
+
+    layers: the user's teacher layers; the teacher's last block is always added (method.md). A killed run
+    resumes from `out_dir/checkpoint.pt` when resume is True.
+    """
+    singer, train = singer or SingerConfig(), train or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _init_distributed()
+    device = _device(train)
+    torch.manual_seed(train.seed)
+
+    teacher_layers = resolve_teacher_layers(layers, teacher.depth)
+    student_layers = map_layers(teacher_layers, teacher.depth, student.depth, force_last=singer.map_last_to_last)
+    teacher.requires_grad_(False).eval()
+    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method).to(device)
+    module.student.train()
+    groups = [{"params": [p for m in (module.student.model, module.projectors) for p in m.parameters()
+                          if p.requires_grad]}]
+    if module.refiner is not None:
+        groups.append({"params": module.refiner.trainable_parameters(), "lr": train.adapter_lr or train.lr})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = _optimizer(train, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
+    start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, resume)
+
+    runner: nn.Module = module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(module, find_unused_parameters=False)
+    if train.compile:
+        runner = torch.compile(runner)
+    autocast = _autocast(train, device)
+    sampler = StreamSampler(len(data), train.batch_size, train.seed, rank, world)
+    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=not progress or rank != 0,
+               desc=f"distil[{train.method}]")
+    began, seen = time.perf_counter(), 0
+    for step in bar:
+        images = torch.stack([data[i]["image"] for i in sampler.batch(step)]).to(device, non_blocking=True)
+        with autocast:
+            terms = runner(images)
+        loss = terms["total"]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"The loss became non-finite at step {step}",
+                                expected="finite loss terms",
+                                found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
+                                                if isinstance(v, Tensor) and v.ndim == 0),
+                                fix=f"lower the learning rate ({train.lr:g}) or use fp32; the last good checkpoint "
+                                    f"in {out_dir} is kept and `resume` continues from it")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        seen += images.shape[0] * world
+        done = step + 1
+        if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+            record = _log_record(done, terms, scheduler, seen / (time.perf_counter() - began), module)
+            _append_jsonl(out_dir / METRICS_LOG, record)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
+        if rank == 0 and (done % train.checkpoint_every == 0 or done == train.steps):
+            _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, train, singer)
+    seconds = time.perf_counter() - began
+    files = _save_outputs(out_dir, module, singer, train) if rank == 0 else {}
+    if world > 1:
+        dist.barrier()
+    return DistillResult(out_dir, teacher_layers, student_layers, module.student, module.projectors,
+                         module.refiner, train.steps, seconds, files)
+
+
+class StreamSampler:
+    """Batches drawn from an endless stream of per-epoch permutations, addressable by step.
+
+    Batch `step` depends only on (seed, step, rank): resuming at step s replays exactly the batches an uninterrupted
+    run would have seen, and ranks read disjoint slices of each global batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise ConfigError("The training data set is empty", expected="at least one image", found="0 images",
+                              fix="check the data source")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> list[int]:
+        start = (step * self.world + self.rank) * self.batch_size
+        return [self._at(i) for i in range(start, start + self.batch_size)]
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return int(self._perm[offset])
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _device(train: TrainConfig) -> torch.device:
+    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+        if dist.is_initialized() and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(train: TrainConfig, device: torch.device):
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def _lr_lambda(train: TrainConfig):
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        if train.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if train.schedule == "step":
+            return 0.1 ** sum(step >= m * train.steps for m in train.milestones)
+        return 1.0
+    return factor
+
+
+def _log_record(step: int, terms: dict, scheduler, images_per_second: float, module: DistillStep) -> dict:
+    record = {"step": step, "loss": terms["total"].item(), "lr": scheduler.get_last_lr()[0],
+              "img_s": images_per_second}
+    for key, value in terms.items():
+        if key not in ("total", "_targets") and isinstance(value, Tensor) and value.ndim == 0:
+            record[key.replace("@", "_")] = value.item()
+    with torch.no_grad():
+        for layer, target in terms["_targets"].items():
+            metrics = artifact_metrics(target[:, module.teacher.num_prefix_tokens:].detach())
+            record.update({f"target_{name}_{layer}": value for name, value in metrics.items()})
+    return record
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step: int, train: TrainConfig,
+                     singer: SingerConfig) -> None:
+    state = {
+        "step": step,
+        "modules": {name: m.state_dict() for name, m in module.trained_modules().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "train": asdict(train),
+        "singer": asdict(singer),
+    }
+    atomic_torch_save(state, path)
+
+
+def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: TrainConfig, resume: bool) -> int:
+    if not (resume and path.is_file()):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {k: v for k, v in state["train"].items() if k in ("method", "steps", "batch_size", "seed")}
+    wanted = {k: getattr(train, k) for k in saved}
+    if saved != {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}:
+        raise ConfigError(f"The checkpoint in {path.parent} belongs to a different run", expected=str(wanted),
+                          found=str(saved), fix="use a new output directory, or resume=False to start over")
+    for name, m in module.trained_modules().items():
+        m.load_state_dict(state["modules"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    log.info("Resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig) -> dict[str, Path]:
+    files = {"student": out_dir / "student.safetensors", "projectors": out_dir / "projectors.safetensors",
+             "distill_config": out_dir / "distill_config.json"}
+    atomic_save_safetensors(module.student.model.state_dict(), files["student"])
+    atomic_save_safetensors(module.projectors.state_dict(), files["projectors"])
+    if module.refiner is not None:
+        files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
+    atomic_write_json(files["distill_config"], {
+        "teacher_layers": module.teacher_layers, "student_layers": module.student_layers,
+        "singer": asdict(singer), "train": asdict(train)})
+    return files

@@ -1,0 +1,149 @@
+"""SiNGER losses: L_kd (student vs refined target), L_out (shrink high-norm patches), L_info (keep what the teacher
+computes). Each term is averaged over the distilled layers D; total = w_kd L_kd + w_out L_out + w_info L_info.
+
+Gradient paths follow the reference code (paper.md 3.5, T9, T10): the refined target is not detached in L_kd by
+default, L_info back-propagates through the frozen next teacher block into the adapter, and the refined intermediate
+layer stays attached in the reference-variant Gram term.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from singer_deploy.config import SingerConfig
+from singer_deploy.errors import ModelError
+from singer_deploy.layers import TokenAligner
+from singer_deploy.metrics import cosine_gram, high_norm_mask
+
+# Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
+TRAP_K = 4.0
+
+
+def kd_loss(student: Tensor, target: Tensor, *, detach_target: bool = False) -> Tensor:
+    """MSE over all compared tokens (CLS included) between aligned projected student tokens and the refined target."""
+    if student.shape != target.shape:
+        raise ModelError("Student and target tokens do not line up for L_kd", expected=str(tuple(target.shape)),
+                         found=str(tuple(student.shape)), fix="project and align student tokens with Projectors")
+    return F.mse_loss(student, target.detach() if detach_target else target)
+
+
+def outlier_loss(patches: Tensor, *, alpha: float = 0.97, target: str = "quantile", median_k: float = 2.0) -> Tensor:
+    """Pooled mean of (norm - t)^2 over refined patch tokens whose norm exceeds a per-image threshold t.
+
+    target "quantile": t = the alpha-quantile of the image's patch norms (published). "median": t = median_k x the
+    image's median patch norm, which still acts when artifacts exceed 1 - alpha of the patches. t is detached and
+    computed in fp32 (torch.quantile rejects half precision). Zero, with a graph, when no token exceeds t.
+    """
+    with torch.autocast(device_type=patches.device.type, enabled=False):
+        norms = patches.float().norm(dim=-1)                                   # (B, N)
+        with torch.no_grad():
+            if target == "quantile":
+                threshold = torch.quantile(norms, alpha, dim=1, keepdim=True)
+            elif target == "median":
+                threshold = median_k * torch.quantile(norms, 0.5, dim=1, keepdim=True)
+            else:
+                raise ModelError("Unknown outlier target", expected="'quantile' or 'median'", found=repr(target),
+                                 fix="set outlier_target='quantile'")
+        mask = norms > threshold
+        # Masked sum / count instead of boolean indexing: no host sync, and 0 (not NaN) when nothing is selected.
+        return ((norms - threshold).square() * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class QuantileTrapCheck:
+    """share: fraction of patch tokens above TRAP_K x the per-image median; limit: 1 - alpha; fired: share > limit."""
+
+    share: float
+    limit: float
+    fired: bool
+
+
+def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, label: str = "layer",
+                        warn: bool = True) -> QuantileTrapCheck:
+    """Warn when artifacts are more than (1 - alpha) of the patches: the alpha-quantile then lies INSIDE the artifact
+    cluster, so L_out only trims the top of the artifacts and leaves them high (measured on the planted teacher).
+
+    Run it on the raw teacher patches of the first batches; the share is pooled over the batch.
+    """
+    with torch.no_grad():
+        share = high_norm_mask(patches, k).float().mean().item()
+    limit = 1.0 - alpha
+    fired = share > limit
+    if fired and warn:
+        warnings.warn(f"L_out {label}: {share:.1%} of patch tokens are above {k:g}x the median norm, more than "
+                      f"1 - alpha = {limit:.1%}; the alpha-quantile sits inside the artifact cluster and L_out will "
+                      "barely shrink them. Use outlier_target='median' or a lower alpha "
+                      f"(below {1.0 - share:.2f}).", stacklevel=2)
+    return QuantileTrapCheck(share=share, limit=limit, fired=fired)
+
+
+def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Tensor], Tensor]) -> Tensor:
+    """MSE(Block_{l+1}(F_hat), Block_{l+1}(F)); the raw path runs without grad, the refined path keeps it."""
+    with torch.no_grad():
+        target = next_block(raw)
+    return F.mse_loss(next_block(refined), target)
+
+
+def gram_info_loss(patches: Tensor, reference: Tensor) -> Tensor:
+    """MSE between the cosine Gram matrices (B, N, N) of two patch-token sets of the same teacher."""
+    return F.mse_loss(cosine_gram(patches), cosine_gram(reference))
+
+
+class SingerLoss:
+    """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
+
+    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens); it is used, not owned, so
+    this is a plain callable and never adds teacher parameters anywhere. `aligner` selects the L_kd tokens of the
+    teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
+    patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
+    """
+
+    def __init__(self, config: SingerConfig, layers: Sequence[int], backbone, aligner: TokenAligner, *,
+                 trap_check_batches: int = 2):
+        self.config, self.layers = config, list(layers)
+        self.backbone, self.aligner = backbone, aligner
+        self.prefix = int(backbone.num_prefix_tokens)
+        self.trap_checks: dict[int, QuantileTrapCheck] = {}
+        self._checks_left = trap_check_batches if config.outlier_target == "quantile" else 0
+
+    def __call__(self, student: Mapping[int, Tensor], refined: Mapping[int, Tensor],
+                 raw: Mapping[int, Tensor]) -> dict[str, Tensor]:
+        """student[l]: aligned projected student tokens (Projectors output); refined[l] / raw[l]: teacher tokens
+        (B, prefix + N, D). Returns total, kd, out, info and per-layer terms ("kd@17", ...), all tensors."""
+        cfg, p = self.config, self.prefix
+        if self._checks_left > 0:
+            self._checks_left -= 1
+            for layer in self.layers:
+                fired_before = layer in self.trap_checks and self.trap_checks[layer].fired
+                check = check_quantile_trap(raw[layer][:, p:], cfg.alpha, label=f"layer {layer}",
+                                            warn=not fired_before)
+                if not fired_before:
+                    self.trap_checks[layer] = check
+        terms: dict[str, Tensor] = {}
+        final = self.layers[-1]
+        for layer in self.layers:
+            terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
+                                           detach_target=cfg.detach_target)
+            terms[f"out@{layer}"] = outlier_loss(refined[layer][:, p:], alpha=cfg.alpha, target=cfg.outlier_target,
+                                                 median_k=cfg.median_k)
+            if layer != final:
+                terms[f"info@{layer}"] = next_block_info_loss(
+                    refined[layer], raw[layer], lambda tokens, l=layer: self.backbone.run_blocks(tokens, l + 1, l + 2))
+            else:
+                terms[f"info@{layer}"] = gram_info_loss(refined[layer][:, p:], self._gram_reference(refined, raw))
+        n = len(self.layers)
+        out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
+        out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
+        return {**out, **terms}
+
+    def _gram_reference(self, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor]) -> Tensor:
+        # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.
+        if self.config.info_variant == "reference" and len(self.layers) > 1:
+            return refined[self.layers[-2]][:, self.prefix:]
+        return raw[self.layers[-1]][:, self.prefix:]

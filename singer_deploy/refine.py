@@ -1,0 +1,208 @@
+"""Teacher-side refinement adapters (SiNGER): F_hat = F + (F W_d) W_u on patch tokens, one adapter per layer.
+
+Each adapter is a peft LoRA over a frozen identity nn.Linear(d, d, bias=False) with lora_alpha = r (scaling 1), no
+dropout, no bias. peft computes base(x) + lora_B(lora_A(x)) = x + x A^T B^T, so W_d = A^T and W_u = B^T. Nullspace
+initialisation (paper.md 3.2, trap T1: NOT zero) sets A = N (r x d) and B = N^T (d x r), hence F_hat = F + F N^T N.
+Prefix tokens (CLS and registers, timm `num_prefix_tokens`) pass unchanged.
+
+Each tapped layer is refined on its own: the refined layer l is a training target, it is never fed back into the
+teacher's residual stream, so a deeper tap is computed from raw features (as in the reference code).
+After training `merge()` folds every adapter into one plain Linear (I + W_d W_u)^T, and `RefinedTeacher` is an
+ordinary module (no peft) for metrics and export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, LoraModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from singer_deploy.errors import ModelError
+from singer_deploy.nullspace import NullspaceBasis, block_nullspace
+
+_FORMAT = "singer-refiner/1"
+_ADAPTER = "default"
+
+
+class Refiner(nn.Module):
+    """Per-layer refinement adapters; only the LoRA factors are trainable."""
+
+    def __init__(self, layers: Sequence[int], dim: int, rank: int, num_prefix_tokens: int,
+                 bases: Mapping[int, Tensor] | None = None):
+        super().__init__()
+        if not layers:
+            raise ModelError("A Refiner needs at least one layer", expected="a non-empty list of block indices",
+                             found="[]", fix="pass the distilled teacher layers")
+        self.layers: tuple[int, ...] = tuple(int(layer) for layer in layers)
+        self.dim, self.rank, self.num_prefix_tokens = int(dim), int(rank), int(num_prefix_tokens)
+        identities = nn.ModuleDict({_name(layer): _identity(dim) for layer in self.layers})
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+                            target_modules=[_name(layer) for layer in self.layers], init_lora_weights=False)
+        self.lora = LoraModel(identities, config, _ADAPTER)
+        self.init_report: dict[int, NullspaceBasis] = {}
+        for layer, basis in (bases or {}).items():
+            self.set_factors(layer, down=basis.T, up=basis)
+
+    @classmethod
+    def from_teacher(cls, backbone: nn.Module, layers: Sequence[int], *, rank: int = 64, rule: str = "smallest",
+                     tau: float = 0.05, seed: int = 0) -> Refiner:
+        """Nullspace-initialised adapters for a lead `Backbone` and its distilled layers D.
+
+        The basis of layer l comes from block l+1's FFN (the block that reads layer l), or from block l itself when
+        l is the teacher's last block. The reference code also uses the block's own FFN for the last entry of D
+        when that is not the teacher's last block (its DINOv2 path); we use the block that actually reads it.
+        """
+        indices = [backbone.check_layer(layer) for layer in layers]
+        blocks = backbone.model.blocks
+        report = {}
+        for layer in indices:
+            source = layer + 1 if layer + 1 < len(blocks) else layer
+            report[layer] = block_nullspace(blocks[source], rank, rule=rule, tau=tau, seed=seed + layer,
+                                            label=f"layer {layer} (FFN of block {source})")
+        refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens,
+                      {layer: basis.basis for layer, basis in report.items()})
+        refiner.init_report = report
+        return refiner
+
+    def adapter(self, layer: int) -> nn.Module:
+        """The peft LoRA layer of one distilled layer."""
+        if layer not in self.layers:
+            raise ModelError(f"Layer {layer} has no refinement adapter", expected=f"one of {list(self.layers)}",
+                             found=str(layer), fix="refine only the layers the Refiner was built for")
+        return self.lora.model[_name(layer)]
+
+    def w_down(self, layer: int) -> Tensor:
+        """W_d (d x r) = lora_A.weight^T."""
+        return self.adapter(layer).lora_A[_ADAPTER].weight.T
+
+    def w_up(self, layer: int) -> Tensor:
+        """W_u (r x d) = lora_B.weight^T."""
+        return self.adapter(layer).lora_B[_ADAPTER].weight.T
+
+    @torch.no_grad()
+    def set_factors(self, layer: int, *, down: Tensor, up: Tensor) -> None:
+        """Write W_d (d x r) and W_u (r x d) into the LoRA factors."""
+        adapter = self.adapter(layer)
+        a, b = adapter.lora_A[_ADAPTER].weight, adapter.lora_B[_ADAPTER].weight
+        if tuple(down.shape) != (self.dim, self.rank) or tuple(up.shape) != (self.rank, self.dim):
+            raise ModelError(f"Adapter factors for layer {layer} have the wrong shape",
+                             expected=f"W_d ({self.dim}, {self.rank}) and W_u ({self.rank}, {self.dim})",
+                             found=f"{tuple(down.shape)} and {tuple(up.shape)}", fix="check dim and rank")
+        a.copy_(down.T.to(a.dtype))
+        b.copy_(up.T.to(b.dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA factors (the identity bases are frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, layer: int, tokens: Tensor) -> Tensor:
+        """Refined tokens (B, prefix + N, d): patches go through the adapter, prefix tokens pass unchanged."""
+        adapter = self.adapter(layer)
+        prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+        refined = adapter(patches.to(adapter.lora_A[_ADAPTER].weight.dtype))
+        return torch.cat([prefix.to(refined.dtype), refined], dim=1)
+
+    def merge(self) -> dict[int, nn.Linear]:
+        """Plain nn.Linear per layer with weight I + (W_d W_u)^T (peft merge_and_unload on a copy)."""
+        merged = copy.deepcopy(self.lora).merge_and_unload()
+        linears = {layer: merged[_name(layer)] for layer in self.layers}
+        for linear in linears.values():
+            linear.requires_grad_(False)
+        return linears
+
+    def save(self, path: str | Path) -> Path:
+        """Adapter factors + JSON metadata (layers, width, rank, prefix count, init facts) in one safetensors file."""
+        path = Path(path)
+        tensors = {}
+        for layer in self.layers:
+            adapter = self.adapter(layer)
+            tensors[f"{layer}.lora_A"] = adapter.lora_A[_ADAPTER].weight.detach().float().cpu().contiguous()
+            tensors[f"{layer}.lora_B"] = adapter.lora_B[_ADAPTER].weight.detach().float().cpu().contiguous()
+        meta = {"format": _FORMAT, "layers": list(self.layers), "dim": self.dim, "rank": self.rank,
+                "num_prefix_tokens": self.num_prefix_tokens,
+                "init": {str(layer): {"rule": b.rule, "tau": b.tau, "k": b.k, "num_padded": b.num_padded}
+                         for layer, b in self.init_report.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"singer_refiner": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Refiner:
+        """Rebuild a Refiner saved by `save` (init facts are not restored, only the trained factors)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError("The refiner file does not exist", expected="a .safetensors file written by "
+                             "Refiner.save", found=str(path), fix="check the path")
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("singer_refiner")
+            meta = json.loads(raw) if raw else {}
+            if meta.get("format") != _FORMAT:
+                raise ModelError("The file is not a saved Refiner", expected=f"metadata format {_FORMAT!r}",
+                                 found=repr(meta.get("format")), fix="save adapters with Refiner.save")
+            refiner = cls(meta["layers"], meta["dim"], meta["rank"], meta["num_prefix_tokens"])
+            for layer in refiner.layers:
+                a, b = handle.get_tensor(f"{layer}.lora_A"), handle.get_tensor(f"{layer}.lora_B")
+                refiner.set_factors(layer, down=a.T, up=b.T)
+        return refiner
+
+
+class RefinedTeacher(nn.Module):
+    """Teacher Backbone + merged adapters; `forward_taps` returns refined features (Backbone.forward_taps contract).
+
+    Only refined layers may be requested: asking for a raw layer here is almost certainly a mistake (use the
+    Backbone for raw taps).
+    """
+
+    def __init__(self, backbone: nn.Module, merged: Mapping[int, nn.Linear]):
+        super().__init__()
+        self.backbone = backbone
+        self.num_prefix_tokens = int(backbone.num_prefix_tokens)
+        self.refiners = nn.ModuleDict({str(layer): linear for layer, linear in sorted(merged.items())})
+
+    @classmethod
+    def from_refiner(cls, backbone: nn.Module, refiner: Refiner) -> RefinedTeacher:
+        if refiner.dim != backbone.embed_dim or refiner.num_prefix_tokens != backbone.num_prefix_tokens:
+            raise ModelError("The refiner was built for another teacher",
+                             expected=f"width {backbone.embed_dim}, {backbone.num_prefix_tokens} prefix tokens",
+                             found=f"width {refiner.dim}, {refiner.num_prefix_tokens} prefix tokens",
+                             fix="load the adapters saved with this teacher")
+        return cls(backbone, refiner.merge())
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(key) for key in self.refiners]
+
+    def forward_taps(self, images: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+        """Refined outputs of the requested (refined) blocks; blocks after the deepest are never run."""
+        indices = [self.backbone.check_layer(layer) for layer in layers]
+        missing = [layer for layer in indices if str(layer) not in self.refiners]
+        if missing:
+            raise ModelError("Requested layers have no refinement adapter", expected=f"a subset of {self.layers}",
+                             found=str(missing), fix="use the Backbone for raw taps")
+        taps = self.backbone.forward_taps(images, indices)
+        p = self.num_prefix_tokens
+        return {layer: torch.cat([t[:, :p], self.refiners[str(layer)](t[:, p:])], dim=1) for layer, t in taps.items()}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Refined tokens of the deepest refined layer."""
+        deepest = max(self.layers)
+        return self.forward_taps(images, [deepest])[deepest]
+
+
+def _name(layer: int) -> str:
+    return f"layer{layer}"
+
+
+def _identity(dim: int) -> nn.Linear:
+    linear = nn.Linear(dim, dim, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(dim))
+    linear.requires_grad_(False)
+    return linear

@@ -1,0 +1,159 @@
+"""SiNGER losses on hand-made tensors, the quantile-trap detector, and the combined loss on a tiny teacher."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from singer_deploy.backbone import load_backbone
+from singer_deploy.config import SingerConfig
+from singer_deploy.errors import ConfigError, ModelError
+from singer_deploy.layers import TokenAligner, TokenLayout
+from singer_deploy.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
+                                  outlier_loss)
+from singer_deploy.refine import Refiner
+
+
+def _norm_tokens(norms: list[list[float]]) -> torch.Tensor:
+    """Patch tokens (B, N, 1) whose L2 norms are the given values."""
+    return torch.tensor(norms, dtype=torch.float32).unsqueeze(-1)
+
+
+def test_kd_loss_value_and_detach():
+    student = torch.zeros(1, 2, 2, requires_grad=True)
+    target = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True)
+    loss = kd_loss(student, target)
+    assert loss.item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    loss.backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0           # published: target not detached
+    target.grad = None
+    kd_loss(student, target, detach_target=True).backward()
+    assert target.grad is None
+    with pytest.raises(ModelError, match="line up"):
+        kd_loss(torch.zeros(1, 3, 2), target)
+
+
+def test_outlier_loss_quantile_hand_values():
+    # Image 1 norms [1,2,3,4,10], alpha 0.5 -> q = 3, selected 4 and 10 -> (1 + 49).
+    # Image 2 norms [1,1,1,1,5], alpha 0.5 -> q = 1, selected 5 -> 16. Pooled over the batch: 66 / 3.
+    patches = _norm_tokens([[1, 2, 3, 4, 10], [1, 1, 1, 1, 5]])
+    assert outlier_loss(patches, alpha=0.5).item() == pytest.approx(66 / 3)
+    # alpha 0.97 -> linear interpolation at position 3.88: q = 4 + 0.88 * 6 = 9.28; only 10 is above.
+    assert outlier_loss(patches[:1], alpha=0.97).item() == pytest.approx((10 - 9.28) ** 2, rel=1e-5)
+
+
+def test_outlier_loss_median_target_and_detached_threshold():
+    patches = _norm_tokens([[1, 2, 3, 4, 10], [1, 1, 1, 1, 5]])
+    # target = 2 x median: image 1 t = 6 -> (10-6)^2 = 16; image 2 t = 2 -> (5-2)^2 = 9; pooled 25 / 2.
+    assert outlier_loss(patches, target="median", median_k=2.0).item() == pytest.approx(12.5)
+    one = _norm_tokens([[1, 2, 3, 4, 10]]).requires_grad_(True)
+    outlier_loss(one, alpha=0.5).backward()
+    # d/dn of ((4-q)^2 + (10-q)^2) / 2 with q detached: (4-3) and (10-3); nothing flows through q.
+    torch.testing.assert_close(one.grad.flatten(), torch.tensor([0.0, 0.0, 0.0, 1.0, 7.0]))
+
+
+def test_outlier_loss_empty_selection_and_autocast():
+    flat = torch.ones(2, 6, 3, requires_grad=True)
+    loss = outlier_loss(flat)
+    assert loss.item() == 0.0 and loss.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = outlier_loss(torch.randn(2, 50, 8, dtype=torch.bfloat16))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    with pytest.raises(ModelError, match="outlier target"):
+        outlier_loss(flat, target="mean")
+
+
+def _artifact_batch(num_artifacts: int, n: int = 100, b: int = 4, d: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    patches = torch.nn.functional.normalize(torch.randn(b, n, d, generator=g), dim=-1)
+    patches = patches * (1.0 + 0.1 * torch.rand(b, n, 1, generator=g))
+    patches[:, :num_artifacts] *= 10.0
+    return patches
+
+
+def test_quantile_trap_detector_fires_at_8_percent_not_at_2():
+    with pytest.warns(UserWarning, match="outlier_target='median'"):
+        trapped = check_quantile_trap(_artifact_batch(8), alpha=0.97)
+    assert trapped.fired and trapped.share == pytest.approx(0.08)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine = check_quantile_trap(_artifact_batch(2), alpha=0.97)
+    assert not fine.fired and fine.share == pytest.approx(0.02)
+    # The trap itself: with 8% artifacts the 0.97 quantile sits inside the artifact cluster, the median target not.
+    norms = _artifact_batch(8).norm(dim=-1)
+    assert torch.quantile(norms, 0.97, dim=1).min() > 4 * norms.median(dim=1).values.max()
+    assert outlier_loss(_artifact_batch(8), target="median") > 100 * outlier_loss(_artifact_batch(8))
+
+
+def test_next_block_info_loss_value_and_gradient_path():
+    raw = torch.randn(2, 3, 4)
+    delta = torch.ones(2, 3, 4, requires_grad=True)
+    loss = next_block_info_loss(raw + delta, raw, lambda t: 2.0 * t)
+    assert loss.item() == pytest.approx(4.0)
+    loss.backward()
+    torch.testing.assert_close(delta.grad, torch.full((2, 3, 4), 8.0 / 24))
+
+
+def test_gram_info_loss_hand_value():
+    a = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])        # cosine Gram = identity
+    b = torch.tensor([[[1.0, 0.0], [5.0, 0.0]]])        # cosine Gram = all ones
+    assert gram_info_loss(a, b).item() == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    torch.manual_seed(0)
+    return load_backbone("vit_tiny_patch16_224", depth=3, embed_dim=16, num_heads=2, img_size=32
+                         ).requires_grad_(False)
+
+
+def _taps(teacher, layers):
+    with torch.no_grad():
+        return teacher.forward_taps(torch.randn(2, 3, 32, 32), layers)
+
+
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_singer_loss_combines_terms(tiny_teacher, variant):
+    layers = [0, 2]
+    cfg = SingerConfig(rank=4, alpha=0.5, info_variant=variant, w_out=0.5, w_info=2.0)
+    refiner = Refiner.from_teacher(tiny_teacher, layers, rank=4)
+    layout = TokenLayout.of(tiny_teacher)
+    aligner = TokenAligner(layout, layout)
+    raw = _taps(tiny_teacher, layers)
+    refined = {layer: refiner(layer, raw[layer]) for layer in layers}
+    student = {layer: aligner.teacher(raw[layer]) for layer in layers}          # student == raw teacher
+    loss = SingerLoss(cfg, layers, tiny_teacher, aligner)
+    terms = loss(student, refined, raw)
+    for layer in layers:
+        assert terms[f"kd@{layer}"].item() == pytest.approx(kd_loss(student[layer], refined[layer]).item())
+    expected_info0 = next_block_info_loss(refined[0], raw[0], lambda t: tiny_teacher.run_blocks(t, 1, 2))
+    reference = refined[0] if variant == "reference" else raw[2]
+    expected_info2 = gram_info_loss(refined[2][:, 1:], reference[:, 1:])
+    assert terms["info@0"].item() == pytest.approx(expected_info0.item(), rel=1e-5)
+    assert terms["info@2"].item() == pytest.approx(expected_info2.item(), rel=1e-5)
+    assert terms["info"].item() == pytest.approx((expected_info0 + expected_info2).item() / 2, rel=1e-5)
+    total = 1.0 * terms["kd"] + 0.5 * terms["out"] + 2.0 * terms["info"]
+    assert terms["total"].item() == pytest.approx(total.item())
+    terms["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.trainable_parameters())
+    assert set(loss.trap_checks) == {0, 2}
+
+
+def test_single_layer_uses_paper_gram(tiny_teacher):
+    refiner = Refiner.from_teacher(tiny_teacher, [2], rank=4)
+    layout = TokenLayout.of(tiny_teacher)
+    raw = _taps(tiny_teacher, [2])
+    refined = {2: refiner(2, raw[2])}
+    terms = SingerLoss(SingerConfig(rank=4), [2], tiny_teacher, TokenAligner(layout, layout))(refined, refined, raw)
+    assert terms["kd"].item() == 0.0
+    assert terms["info"].item() == pytest.approx(gram_info_loss(refined[2][:, 1:], raw[2][:, 1:]).item())
+
+
+def test_config_validation_names_the_key():
+    assert SingerConfig().rank == 64 and SingerConfig().rule == "smallest"
+    for key, value in (("rank", 0), ("tau", -1.0), ("alpha", 1.0), ("w_out", float("nan")),
+                       ("rule", "largest"), ("outlier_target", "mean"), ("info_variant", "gram")):
+        with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
+            SingerConfig(**{key: value})

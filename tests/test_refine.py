@@ -1,0 +1,101 @@
+"""Refinement adapters: peft LoRA maths, nullspace init, prefix tokens, merge, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from singer_deploy.backbone import load_backbone
+from singer_deploy.errors import ModelError
+from singer_deploy.layers import resolve_teacher_layers
+from singer_deploy.nullspace import block_nullspace
+from singer_deploy.refine import RefinedTeacher, Refiner
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    backbone = load_backbone("vit_small_patch14_reg4_dinov2", depth=3, embed_dim=48, num_heads=2, img_size=28)
+    return backbone.requires_grad_(False)
+
+
+@pytest.fixture()
+def refiner(teacher):
+    return Refiner.from_teacher(teacher, resolve_teacher_layers([0], teacher.depth), rank=RANK, rule="smallest")
+
+
+def _perturb(refiner: Refiner, seed: int = 1) -> None:
+    """Stand-in for training: move the factors away from the nullspace init."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in refiner.layers:
+        refiner.set_factors(layer, down=torch.randn(refiner.dim, RANK, generator=g),
+                            up=torch.randn(RANK, refiner.dim, generator=g))
+
+
+def test_init_uses_next_block_and_own_block_for_the_last(teacher, refiner):
+    assert refiner.layers == (0, 2)
+    blocks = teacher.model.blocks
+    for layer, source in ((0, 1), (2, 2)):
+        expected = block_nullspace(blocks[source], RANK).basis.float()
+        torch.testing.assert_close(refiner.w_up(layer), expected)
+        torch.testing.assert_close(refiner.w_down(layer), expected.T)
+        assert refiner.init_report[layer].k >= 0
+
+
+def test_adapter_output_is_f_plus_f_wd_wu(teacher, refiner):
+    tokens = torch.randn(2, teacher.num_prefix_tokens + 4, 48)
+    patches = tokens[:, teacher.num_prefix_tokens:]
+    n = refiner.w_up(0)
+    torch.testing.assert_close(refiner(0, tokens)[:, teacher.num_prefix_tokens:], patches + patches @ n.T @ n)
+    _perturb(refiner)
+    wd, wu = refiner.w_down(2), refiner.w_up(2)
+    torch.testing.assert_close(refiner(2, tokens)[:, teacher.num_prefix_tokens:], patches + (patches @ wd) @ wu)
+
+
+def test_only_lora_factors_train(refiner):
+    params = refiner.trainable_parameters()
+    assert sum(p.numel() for p in params) == 2 * RANK * 48 * 2
+    assert all(p.requires_grad for p in params) and len(params) == 4
+
+
+def test_prefix_and_register_tokens_are_never_refined(teacher, refiner):
+    assert teacher.num_prefix_tokens == 5                       # CLS + 4 registers
+    images = torch.randn(2, 3, 28, 28)
+    taps = teacher.forward_taps(images, refiner.layers)
+    _perturb(refiner)
+    for layer in refiner.layers:
+        refined = refiner(layer, taps[layer])
+        torch.testing.assert_close(refined[:, :5], taps[layer][:, :5], rtol=0, atol=0)
+        assert not torch.allclose(refined[:, 5:], taps[layer][:, 5:])
+        refined[:, :5].sum().backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in refiner.trainable_parameters())
+
+
+def test_merged_refined_teacher_matches_adapter_path(teacher, refiner):
+    _perturb(refiner)
+    images = torch.randn(2, 3, 28, 28)
+    merged = RefinedTeacher.from_refiner(teacher, refiner)
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    with torch.no_grad():
+        taps = teacher.forward_taps(images, refiner.layers)
+        refined = merged.forward_taps(images, refiner.layers)
+        for layer in refiner.layers:
+            assert (refined[layer] - refiner(layer, taps[layer])).abs().max() <= 1e-5
+        assert (merged(images) - refined[2]).abs().max() == 0
+    assert refiner.adapter(0).lora_A["default"].weight.requires_grad   # merging worked on a copy
+    with pytest.raises(ModelError, match="no refinement adapter"):
+        merged.forward_taps(images, [1])
+
+
+def test_save_and_load_round_trip(tmp_path, teacher, refiner):
+    _perturb(refiner)
+    path = refiner.save(tmp_path / "adapters" / "refiner.safetensors")
+    loaded = Refiner.load(path)
+    assert loaded.layers == refiner.layers and loaded.num_prefix_tokens == 5 and loaded.rank == RANK
+    tokens = torch.randn(1, 9, 48)
+    for layer in refiner.layers:
+        torch.testing.assert_close(loaded(layer, tokens), refiner(layer, tokens))
+    with pytest.raises(ModelError, match="does not exist"):
+        Refiner.load(tmp_path / "missing.safetensors")
