@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from singer_deploy.backbone import Backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, TrainingError
-from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.layers import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
 from singer_deploy.losses import SingerLoss, kd_loss
 from singer_deploy.metrics import artifact_metrics
@@ -151,6 +151,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     teacher_layers = resolve_teacher_layers(layers, teacher.depth)
     student_layers = map_layers(teacher_layers, teacher.depth, student.depth, force_last=singer.map_last_to_last)
     teacher.requires_grad_(False).eval()
+    _freeze_unreached(student, max(student_layers))
     module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method).to(device)
     module.student.train()
     groups = [{"params": [p for m in (module.student.model, module.projectors) for p in m.parameters()
@@ -160,7 +161,9 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     params = [p for group in groups for p in group["params"]]
     optimizer = _optimizer(train, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
-    start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, resume)
+    start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, singer, resume)
+    if rank == 0 and start > 0:
+        _trim_jsonl(out_dir / METRICS_LOG, start)
 
     runner: nn.Module = module
     if world > 1:
@@ -178,7 +181,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             terms = runner(images)
         loss = terms["total"]
         if not torch.isfinite(loss):
-            raise TrainingError(f"The loss became non-finite at step {step}",
+            raise TrainingError(f"The loss became non-finite at step {step + 1} of {train.steps}",
                                 expected="finite loss terms",
                                 found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
                                                 if isinstance(v, Tensor) and v.ndim == 0),
@@ -230,6 +233,19 @@ class StreamSampler:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
         return int(self._perm[offset])
+
+
+def _freeze_unreached(student: Backbone, deepest: int) -> None:
+    """Freeze the student parts no loss reaches: blocks after the deepest tapped one, and the final norm / head.
+
+    They would get no gradient, and DistributedDataParallel (find_unused_parameters=False) fails on a trained
+    parameter without one. Single-process numerics are unchanged (AdamW skips parameters without a gradient).
+    """
+    unreached = [f"blocks.{i}." for i in range(deepest + 1, student.depth)] + ["norm.", "fc_norm.", "head.",
+                                                                               "attn_pool."]
+    for name, parameter in student.model.named_parameters():
+        if name.startswith(tuple(unreached)):
+            parameter.requires_grad_(False)
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -296,6 +312,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop records a killed run logged after its last checkpoint: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step: int, train: TrainConfig,
                      singer: SingerConfig) -> None:
     state = {
@@ -307,21 +333,37 @@ def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "train": asdict(train),
         "singer": asdict(singer),
+        "layers": {"teacher": module.teacher_layers, "student": module.student_layers},
     }
     atomic_torch_save(state, path)
 
 
-def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: TrainConfig, resume: bool) -> int:
+def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: TrainConfig, singer: SingerConfig,
+                  resume: bool) -> int:
     if not (resume and path.is_file()):
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
+    # What defines the run: anything else (lr, logging, device ...) may change between a kill and a resume.
     saved = {k: v for k, v in state["train"].items() if k in ("method", "steps", "batch_size", "seed")}
-    wanted = {k: getattr(train, k) for k in saved}
-    if saved != {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}:
-        raise ConfigError(f"The checkpoint in {path.parent} belongs to a different run", expected=str(wanted),
-                          found=str(saved), fix="use a new output directory, or resume=False to start over")
+    saved.update(singer=state["singer"], layers=state["layers"])
+    wanted = {k: getattr(train, k) for k in ("method", "steps", "batch_size", "seed")}
+    wanted["layers"] = {"teacher": module.teacher_layers, "student": module.student_layers}
+    if train.method == "singer":  # FitNet never reads the SiNGER settings
+        wanted["singer"] = asdict(singer)
+    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if changed:
+        raise ConfigError(f"The checkpoint in {path.parent} belongs to a different run "
+                          f"(changed: {', '.join(changed)})", expected=str({k: wanted[k] for k in changed}),
+                          found=str({k: saved.get(k) for k in changed}),
+                          fix="use a new output directory, or resume=False to start over")
     for name, m in module.trained_modules().items():
-        m.load_state_dict(state["modules"][name])
+        try:
+            m.load_state_dict(state["modules"][name])
+        except RuntimeError as err:
+            raise ConfigError(f"The checkpoint in {path.parent} holds {name} weights of another shape",
+                              expected=f"a {name} like the one passed in", found=str(err).splitlines()[-1][:300],
+                              fix="use the same student architecture, a new output directory, or resume=False"
+                              ) from err
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,89 @@
+"""Explicit Q/DQ INT8 ONNX with ONNX Runtime's static quantizer.
+
+Symmetric INT8 activations and per-channel symmetric INT8 weights in QuantizeLinear/DequantizeLinear pairs: the form
+a strongly typed TensorRT 10/11 build consumes (export_anchors.md §2.3, P-T11) and that ONNX Runtime CPU already
+runs, so the same file is checked here and deployed on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.selection import CalibrationSet
+from singer_deploy.errors import ConfigError, ExportError
+
+# ORT's static quantizer refuses opset >= 21 (export_anchors.md, P-MISC); the exporter writes 18.
+_MAX_OPSET = 20
+CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
+_DEFAULT_BATCH = 8
+
+
+def _input_spec(model) -> tuple[str, int | None]:
+    (inp,) = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    dim = inp.type.tensor_type.shape.dim[0]
+    return inp.name, (dim.dim_value if dim.HasField("dim_value") else None)
+
+
+def _reader(images: np.ndarray, input_name: str, batch: int, fixed: bool):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """Feeds the cached calibration images; a fixed-batch graph gets exactly its batch size."""
+
+        def __init__(self):
+            usable = len(images) - len(images) % batch if fixed else len(images)
+            self._batches = iter([{input_name: images[i:i + batch]} for i in range(0, usable, batch)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    return _Reader()
+
+
+def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibration: CalibrationSet,
+                       policy: PrecisionPolicy = DEFAULT_POLICY, *, calibrate_method: str = "minmax",
+                       per_channel: bool = True) -> Path:
+    """Write a Q/DQ INT8 copy of `onnx_path` calibrated on `calibration`, quantizing only what `policy` allows."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calibrate_method not in CALIBRATE_METHODS:
+        raise ConfigError(f"Unknown calibration method {calibrate_method!r}", expected=f"one of {CALIBRATE_METHODS}",
+                          found=repr(calibrate_method))
+    onnx_path, output_path = Path(onnx_path), Path(output_path)
+    model = onnx.load(str(onnx_path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset > _MAX_OPSET:
+        raise ExportError("ONNX Runtime's static quantizer does not take this opset", expected=f"opset <= {_MAX_OPSET}",
+                          found=f"opset {opset}", fix="export with opset 18 (export_onnx's default)")
+    input_name, fixed_batch = _input_spec(model)
+    batch = fixed_batch or _DEFAULT_BATCH
+    if len(calibration) < batch:
+        raise ConfigError("Too few calibration images for the graph's fixed batch", expected=f">= {batch} images",
+                          found=f"{len(calibration)}", fix="export with a dynamic batch or calibrate on more images")
+    args = policy.onnx_quantize_static_args(model)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[calibrate_method]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, **args["extra_options"]}
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.stem}.", suffix=".onnx", dir=output_path.parent)
+    os.close(fd)
+    try:
+        quantize_static(str(onnx_path), tmp, _reader(calibration.images, input_name, batch, fixed_batch is not None),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=per_channel, calibrate_method=method,
+                        op_types_to_quantize=args["op_types_to_quantize"], nodes_to_exclude=args["nodes_to_exclude"],
+                        extra_options=extra)
+        os.replace(tmp, output_path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (ConfigError, ExportError)):
+            raise
+        raise ExportError("ONNX Runtime static INT8 quantization failed", expected="a float ONNX student",
+                          found=f"{type(exc).__name__}: {exc}", fix="quantize the FP32 export of export_onnx") from exc
+    return output_path

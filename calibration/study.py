@@ -1,0 +1,83 @@
+"""INT8 artifact study: do high-norm artifact tokens in a student make it harder to quantize?
+
+Two FP32 students (say a FitNet and a SiNGER student of the same planted-artifact teacher) are quantized with the
+same policy and the same calibration images on OpenVINO (NNCF) and ONNX Q/DQ; each INT8 model is compared with its
+own FP32 artifact on the normal (non-artifact) tokens, next to the activation-range statistics that explain it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from singer_deploy.calibration.activation_stats import activation_range_stats, residual_blocks, summarize_ranges
+from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.quantize import artifact_runner, reduce_precision, run_all
+from singer_deploy.calibration.selection import CalibrationSet
+from singer_deploy.calibration.source import load_calibration_images
+from singer_deploy.export.onnx import export_onnx
+from singer_deploy.export.openvino import export_openvino
+from singer_deploy.export.parity import compare_outputs
+from singer_deploy.export.student import ExportableStudent
+from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask, normal_token_cosine
+
+
+def _token_cosines(ref: np.ndarray, cand: np.ndarray, k: float) -> dict[str, float]:
+    ref_t, cand_t = torch.from_numpy(ref), torch.from_numpy(cand)
+    artifacts = high_norm_mask(ref_t, k)
+    # The mean hides the tail a retrieval user hits: report the worst 1% and the worst normal token too.
+    normal_cos = torch.nn.functional.cosine_similarity(ref_t.float(), cand_t.float(), dim=-1)[~artifacts]
+    return {"normal_token_cosine": normal_token_cosine(ref_t, cand_t, ~artifacts),
+            "normal_token_cosine_p1": float(torch.quantile(normal_cos, 0.01)) if normal_cos.numel() else float("nan"),
+            "normal_token_cosine_min": float(normal_cos.min()) if normal_cos.numel() else float("nan"),
+            "artifact_token_cosine": normal_token_cosine(ref_t, cand_t, artifacts),
+            "all_token_cosine": normal_token_cosine(ref_t, cand_t),
+            "artifact_token_share": float(artifacts.float().mean())}
+
+
+def _study_one(model: nn.Module, projector: nn.Module | None, calibration: CalibrationSet, eval_images: np.ndarray,
+               out: Path, backends: tuple[str, ...], policy: PrecisionPolicy, k: float) -> dict:
+    wrapper = ExportableStudent(model, projector).eval()
+    onnx_path = export_onnx(wrapper, out / "student_fp32.onnx").path
+    sources = {"onnx": onnx_path}
+    if "openvino" in backends:
+        sources["openvino"] = export_openvino(onnx_path, out, fp16=False).fp32_xml
+    result: dict = {"backends": {}}
+    for backend in backends:
+        reduced = reduce_precision(sources[backend], precision="int8", backend=backend, output_dir=out,
+                                   calibration=calibration, policy=policy, check=False)
+        ref = run_all(artifact_runner(sources[backend], backend), eval_images)
+        cand = run_all(artifact_runner(reduced.artifact, backend), eval_images)
+        parity = compare_outputs(ref, cand, "int8", reference_name=f"{backend}-fp32", candidate_name=f"{backend}-int8")
+        result["backends"][backend] = {**_token_cosines(ref["patch_tokens"], cand["patch_tokens"], k),
+                                       "parity_passed": parity.passed, "parity": parity.to_dict(),
+                                       "realised": reduced.realised.to_dict()}
+        result.setdefault("fp32_artifact_metrics", artifact_metrics(torch.from_numpy(ref["patch_tokens"]), k))
+    result["activation_ranges"] = summarize_ranges(activation_range_stats(wrapper, eval_images))
+    result["residual_ranges"] = summarize_ranges(activation_range_stats(wrapper, eval_images, layers=residual_blocks,
+                                                                        capture="output"))
+    return result
+
+
+def int8_artifact_study(model_a: nn.Module, model_b: nn.Module, calib_images, eval_images, *,
+                        names: tuple[str, str] = ("a", "b"), projectors: tuple[nn.Module | None, nn.Module | None]
+                        = (None, None), backends: tuple[str, ...] = ("openvino", "onnx"),
+                        policy: PrecisionPolicy = DEFAULT_POLICY, k: float = DEFAULT_K,
+                        work_dir: str | Path | None = None) -> dict:
+    """Quantize both students to INT8 with one policy and one calibration set; per student and backend return the
+    INT8-vs-own-FP32 cosine on normal tokens (not high-norm at k x median in the FP32 output), on artifact tokens,
+    the full INT8 parity report, the realised precision, the FP32 artifact metrics, and range statistics of the
+    Linear inputs (what INT8 quantizes) and of the residual stream (block outputs, where artifact tokens live).
+    """
+    calib = load_calibration_images(calib_images)
+    eval_images = load_calibration_images(eval_images)
+    calibration = CalibrationSet(images=calib, indices=np.arange(len(calib)), method="given", seed=0,
+                                 source_size=len(calib))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        return {name: _study_one(model, projector, calibration, eval_images, root / name, tuple(backends), policy, k)
+                for name, model, projector in zip(names, (model_a, model_b), projectors)}

@@ -1,0 +1,178 @@
+"""Golden regression bundles: fixed inputs + reference outputs + the parity policy + hashes + environment.
+
+A bundle lets anyone re-check an artifact later ("my engine still matches" after a runtime upgrade or a rebuild):
+`verify(artifact, bundle_dir)` runs the artifact on the stored inputs, gates it with the stored policy and lists
+what changed in the environment. Layout: `<bundle>/golden.npz` (arrays) and `<bundle>/manifest.json`, each written
+to a temporary file and moved into place, manifest last, so a crash never leaves a half-written bundle that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from singer_deploy.errors import DataError, ExportError
+from singer_deploy.export.formats import format_for_path
+from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.export.runner import Runner
+
+MANIFEST_NAME = "manifest.json"
+ARRAYS_NAME = "golden.npz"
+SCHEMA_VERSION = 1
+_INPUT_KEY = "input"
+_OUTPUT_PREFIX = "output/"
+_PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt",
+             "torch-tensorrt", "singer-deploy")
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_fingerprint(device: str = "cpu") -> dict:
+    """What produced / ran the numbers: interpreter, platform, runtime versions, device."""
+    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "device": device,
+            **{pkg: _package_version(pkg) for pkg in _PACKAGES}}
+
+
+def artifact_sha256(path: str | Path) -> str:
+    """Hash of an artifact; an OpenVINO IR is its .xml and .bin together."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    parts = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    for part in parts:
+        if part.is_file():
+            with part.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def module_sha256(module: nn.Module) -> str:
+    """Hash of a module's state dict (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class GoldenBundle:
+    inputs: np.ndarray
+    outputs: dict[str, np.ndarray]
+    policy: ParityPolicy
+    manifest: dict
+
+
+def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_outputs: dict[str, np.ndarray],
+                 policy: ParityPolicy, artifact_path: str | Path | None = None, model: nn.Module | None = None,
+                 device: str = "cpu", extra: dict | None = None) -> Path:
+    """Write a bundle; returns its directory. `reference_outputs` are the eager PyTorch outputs on `inputs`."""
+    if not isinstance(inputs, np.ndarray) or inputs.dtype != np.float32 or inputs.ndim != 4:
+        raise DataError("Golden inputs must be one float32 image batch", expected="float32 array (B, C, H, W)",
+                        found=f"{type(inputs).__name__} {getattr(inputs, 'dtype', '')} "
+                              f"{getattr(inputs, 'shape', '')}", fix="pass the parity images as float32")
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {_INPUT_KEY: inputs, **{_OUTPUT_PREFIX + k: np.asarray(v, np.float32)
+                                     for k, v in reference_outputs.items()}}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    _atomic_write_bytes(bundle_dir / ARRAYS_NAME, buffer.getvalue())
+    manifest = {
+        "schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "precision": policy.precision, "policy": policy.to_dict(),
+        "inputs": {"shape": list(inputs.shape), "dtype": "float32"},
+        "outputs": {k: list(np.shape(v)) for k, v in reference_outputs.items()},
+        "arrays_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        "artifact": None if artifact_path is None else {"name": Path(artifact_path).name,
+                                                        "sha256": artifact_sha256(artifact_path)},
+        "model_sha256": None if model is None else module_sha256(model),
+        "environment": environment_fingerprint(device), **(extra or {}),
+    }
+    _atomic_write_bytes(bundle_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
+    return bundle_dir
+
+
+def load_golden(bundle_dir: str | Path) -> GoldenBundle:
+    bundle_dir = Path(bundle_dir)
+    manifest_path, arrays_path = bundle_dir / MANIFEST_NAME, bundle_dir / ARRAYS_NAME
+    if not manifest_path.is_file() or not arrays_path.is_file():
+        raise ExportError("Not a golden bundle", expected=f"{MANIFEST_NAME} and {ARRAYS_NAME} in the directory",
+                          found=str(bundle_dir), fix="create it with write_golden (export_student writes one)")
+    manifest = json.loads(manifest_path.read_text())
+    data = arrays_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest.get("arrays_sha256"):
+        raise ExportError("The golden arrays do not match their manifest", expected=manifest.get("arrays_sha256"),
+                          found="a different golden.npz", fix="restore the bundle from version control")
+    with np.load(io.BytesIO(data)) as arrays:
+        inputs = arrays[_INPUT_KEY]
+        outputs = {k[len(_OUTPUT_PREFIX):]: arrays[k] for k in arrays.files if k.startswith(_OUTPUT_PREFIX)}
+    return GoldenBundle(inputs, outputs, ParityPolicy.from_dict(manifest["policy"]), manifest)
+
+
+def environment_diff(before: dict, after: dict) -> dict:
+    """Keys whose value differs between two fingerprints: {key: {"golden": old, "now": new}}."""
+    return {k: {"golden": before.get(k), "now": after.get(k)} for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)}
+
+
+def runner_device(runner: Runner) -> str:
+    """The device string a bundle records: ONNX Runtime's execution provider, otherwise the runner's device."""
+    return str(runner.info.get("provider") or runner.info.get("device") or "cpu")
+
+
+def open_runner(artifact_path: str | Path, **options) -> Runner:
+    """The runner of an artifact's format, chosen by file suffix."""
+    return format_for_path(artifact_path).runner_class()(artifact_path, **options)
+
+
+def verify(artifact_path: str | Path, bundle_dir: str | Path, *, runner: Runner | None = None,
+           **runner_options) -> ParityReport:
+    """Run the artifact on the bundle's inputs and gate it with the bundle's policy.
+
+    The report's notes list environment differences and whether the artifact bytes changed since the bundle
+    was written; they do not fail the check by themselves (the numbers do).
+    """
+    bundle = load_golden(bundle_dir)
+    runner = (runner or open_runner(artifact_path, **runner_options)).load()
+    outputs = runner.run(bundle.inputs)
+    report = compare_outputs(bundle.outputs, outputs, bundle.policy.precision, bundle.policy,
+                             reference_name=f"golden:{Path(bundle_dir).name}",
+                             candidate_name=f"{runner.name}:{Path(artifact_path).name}")
+    device = runner_device(runner)
+    recorded = bundle.manifest.get("artifact") or {}
+    report.notes = {
+        "environment_diff": environment_diff(bundle.manifest.get("environment", {}), environment_fingerprint(device)),
+        "artifact_changed": (recorded.get("sha256") != artifact_sha256(artifact_path)) if recorded else None,
+        "runner": runner.info,
+    }
+    return report

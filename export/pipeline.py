@@ -1,0 +1,221 @@
+"""export_student: one call from a trained student to checked artifacts.
+
+    student -> ONNX (FP32, the one graph every backend starts from)
+            -> per format: ONNX Runtime file, OpenVINO FP32 + FP16 IR, TensorRT engine, Torch-TensorRT program
+            -> parity of each artifact against eager PyTorch on the caller's real images, gated per precision
+            -> a golden bundle per artifact and an export manifest (JSON)
+
+Reduced-precision ONNX / TensorRT / OpenVINO-INT8 artifacts come from converters registered by
+singer_deploy.calibration (see precision_hooks); without one, asking for them is a ConfigError before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from singer_deploy.errors import ConfigError, DataError, ParityError
+from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
+from singer_deploy.export.golden import runner_device, write_golden
+from singer_deploy.export.onnx import export_onnx
+from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.export.precision_hooks import converter_for
+from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
+from singer_deploy.export.student import ExportableStudent
+
+MANIFEST_NAME = "export_manifest.json"
+
+
+@dataclass
+class ArtifactRecord:
+    key: str                 # "<format>/<precision>", e.g. "openvino/fp16"
+    format: str
+    precision: str
+    path: Path
+    exporter: str            # what produced the file (e.g. "torch.onnx dynamo", "openvino.convert_model(onnx)")
+    seconds: float           # export / build time
+    parity: ParityReport | None = None
+    golden_dir: Path | None = None
+    runner_info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "format": self.format, "precision": self.precision, "path": str(self.path),
+                "exporter": self.exporter, "seconds": self.seconds, "runner": self.runner_info,
+                "golden_dir": None if self.golden_dir is None else str(self.golden_dir),
+                "parity": None if self.parity is None else self.parity.to_dict()}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    artifacts: dict[str, ArtifactRecord]
+    manifest_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(a.parity is not None and a.parity.passed for a in self.artifacts.values())
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {k: a.path for k, a in self.artifacts.items()}
+
+    @property
+    def reports(self) -> dict[str, ParityReport]:
+        return {k: a.parity for k, a in self.artifacts.items() if a.parity is not None}
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "passed": self.passed,
+                "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()}}
+
+    def raise_if_failed(self) -> "ExportResult":
+        failed = {k: r for k, r in self.reports.items() if not r.passed}
+        if failed:
+            raise ParityError(f"{len(failed)} exported artifact(s) fail parity: {', '.join(failed)}",
+                              report=self.to_dict(), expected="every artifact within its precision's gate",
+                              found="; ".join(f"{k}: {', '.join(r.failures())}" for k, r in failed.items()),
+                              fix="see the per-artifact parity tables in the export manifest")
+        return self
+
+
+def _img_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    h, w = img_size
+    return int(h), int(w)
+
+
+def _plan(formats: Sequence[str], precision: str) -> list[str]:
+    """Resolve names and fail on impossible requests before anything is exported."""
+    names = list(dict.fromkeys(resolve_format(f).name for f in formats))
+    if not names:
+        raise ConfigError("No export format given", expected="at least one of onnx, openvino, tensorrt",
+                          found="an empty list", fix="pass formats=('onnx', 'openvino')")
+    for name in names:
+        fmt = resolve_format(name)
+        check_precision(fmt, precision)
+        if name in ("tensorrt", "torch_tensorrt"):
+            # Fails with BackendUnavailableError("... not available here ...") on CPU-only machines.
+            if name == "tensorrt":
+                from singer_deploy.export.tensorrt import import_tensorrt
+
+                import_tensorrt()
+            else:
+                from singer_deploy.export.torch_tensorrt import import_torch_tensorrt
+
+                import_torch_tensorrt()
+        needs_converter = (name in ("onnx", "tensorrt") and precision != "fp32") or \
+                          (name == "openvino" and precision not in ("fp32", "fp16"))
+        if needs_converter:
+            converter_for("openvino" if name == "openvino" else "onnx", precision)
+    return names
+
+
+def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[str] = ("onnx", "openvino"), *,
+                   img_size: int | Sequence[int], projector: nn.Module | None = None, precision: str = "fp32",
+                   calib_images: np.ndarray | None = None, parity_images: np.ndarray,
+                   policy: ParityPolicy | None = None, opset: int = 18, stem: str = "student",
+                   tensorrt_config=None, write_goldens: bool = True) -> ExportResult:
+    """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
+    `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
+    golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
+    is `precision`; other artifacts (e.g. the OpenVINO FP16 IR) use their precision's default gate.
+    Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
+    """
+    precision = normalize_precision(precision)
+    names = _plan(formats, precision)
+    wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
+    wrapper = wrapper.eval()
+    hw = _img_hw(img_size)
+    if wrapper.img_size != hw:
+        raise ConfigError("img_size does not match the student", expected=f"{wrapper.img_size} (the student's)",
+                          found=str(hw), fix="create the student at the resolution you deploy, or pass its size")
+    reference = TorchRunner(wrapper).load()
+    parity_images = validate_batch(parity_images, reference.input_chw, "export_student(parity_images)")
+    if len(parity_images) < 2:
+        raise DataError("Parity needs several images", expected="B >= 2 (>= 11 for kNN@10)",
+                        found=f"B = {len(parity_images)}", fix="pass a batch of real, normalised images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_outputs = reference.run(parity_images)
+
+    records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config)
+    for record in records:
+        runner = _runner_for(record)
+        gate = policy if (policy is not None and record.precision == precision) else \
+            ParityPolicy.for_precision(record.precision)
+        record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
+                                        candidate_name=record.key)
+        record.runner_info = dict(runner.info)
+        if write_goldens:
+            record.golden_dir = write_golden(out_dir / "goldens" / record.key.replace("/", "-"),
+                                             inputs=parity_images, reference_outputs=ref_outputs, policy=gate,
+                                             artifact_path=record.path, model=wrapper, device=runner_device(runner),
+                                             extra={"artifact_key": record.key, "exporter": record.exporter})
+    result = ExportResult(out_dir, {r.key: r for r in records})
+    result.manifest_path = out_dir / MANIFEST_NAME
+    result.manifest_path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+
+
+def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
+                opset: int, calib_images: np.ndarray | None, tensorrt_config) -> list[ArtifactRecord]:
+    records: list[ArtifactRecord] = []
+    onnx_fp32 = None
+    if {"onnx", "openvino", "tensorrt"} & set(names):
+        exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
+        onnx_fp32 = ArtifactRecord("onnx/fp32", "onnx", "fp32", exported.path, f"torch.onnx {exported.exporter}",
+                                   exported.seconds)
+    onnx_target = onnx_fp32
+    if onnx_fp32 is not None and precision != "fp32" and {"onnx", "tensorrt"} & set(names):
+        start = time.perf_counter()
+        path = converter_for("onnx", precision)(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
+        onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path),
+                                     "singer_deploy.calibration", time.perf_counter() - start)
+    if "onnx" in names:
+        records.append(onnx_target)
+    if "openvino" in names:
+        records += _export_openvino(onnx_fp32, out_dir, stem, precision, calib_images)
+    if "tensorrt" in names:
+        from singer_deploy.export.tensorrt import build_engine
+
+        built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
+                             config=tensorrt_config)
+        records.append(ArtifactRecord(f"tensorrt/{precision}", "tensorrt", precision, built.engine_path,
+                                      f"tensorrt {built.tensorrt_version} (from {onnx_target.path.name})",
+                                      built.seconds))
+    if "torch_tensorrt" in names:
+        from singer_deploy.export.torch_tensorrt import compile_torch_tensorrt
+
+        compiled = compile_torch_tensorrt(wrapper, out_dir / f"{stem}_{precision}.ep", precision=precision)
+        records.append(ArtifactRecord(f"torch_tensorrt/{precision}", "torch_tensorrt", precision, compiled.path,
+                                      f"torch_tensorrt {compiled.version}", compiled.seconds))
+    return records
+
+
+def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precision: str,
+                     calib_images: np.ndarray | None) -> list[ArtifactRecord]:
+    from singer_deploy.export.openvino import export_openvino
+
+    ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
+    how = "openvino.convert_model(onnx) + save_model"
+    records = [ArtifactRecord("openvino/fp32", "openvino", "fp32", ir.fp32_xml, f"{how}(compress_to_fp16=False)",
+                              ir.seconds),
+               ArtifactRecord("openvino/fp16", "openvino", "fp16", ir.fp16_xml, f"{how}(compress_to_fp16=True)",
+                              ir.seconds)]
+    if precision == "int8":
+        start = time.perf_counter()
+        path = converter_for("openvino", precision)(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
+        records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
+                                      "singer_deploy.calibration", time.perf_counter() - start))
+    return records
+
+
+def _runner_for(record: ArtifactRecord) -> Runner:
+    # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
+    return resolve_format(record.format).runner_class()(record.path).load()

@@ -1,0 +1,77 @@
+"""Artifact analysis of a finished run: raw teacher, refined teacher, clean twin and student, side by side.
+
+Produces the numbers (rows and a headline) and the arrays the report draws (patch-norm maps, norm histograms,
+tokens for PCA maps). Metrics come from singer_deploy.metrics; nothing here is recomputed differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from singer_deploy.backbone import Backbone
+from singer_deploy.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
+
+
+@dataclass
+class ArtifactAnalysis:
+    rows: list[dict]                                            # one per (source, layer)
+    headline: dict                                              # short summary numbers
+    norm_maps: dict[str, np.ndarray] = field(default_factory=dict)   # source -> (B, gh, gw)
+    norms: dict[str, np.ndarray] = field(default_factory=dict)       # source -> flat patch norms
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)      # source -> (B, N, D) for PCA maps
+
+
+@torch.inference_mode()
+def analyse_artifacts(teacher: Backbone, refined, result, images: Tensor, planted=None) -> ArtifactAnalysis:
+    """`refined`: RefinedTeacher or None (FitNet); `result`: DistillResult; `planted`: PlantedTeacher or None."""
+    layers = result.teacher_layers
+    p_t = teacher.num_prefix_tokens
+    raw = {l: t[:, p_t:] for l, t in teacher.forward_taps(images, layers).items()}
+    # Normal tokens: not high-norm in the raw teacher (or the planted ground truth when there is one).
+    normal = ~planted.artifact_mask(images) if planted is not None else ~high_norm_mask(raw[layers[-1]])
+    sources: dict[str, dict[int, Tensor]] = {"raw teacher": raw}
+    if planted is not None:
+        sources["clean twin"] = {l: t[:, p_t:] for l, t in planted.clean.forward_taps(images, layers).items()}
+    if refined is not None:
+        sources["refined teacher"] = {l: t[:, p_t:] for l, t in refined.forward_taps(images, layers).items()}
+    student = result.student.eval()
+    taps = student.forward_taps(images, result.student_layers)
+    p_s = student.num_prefix_tokens
+    sources["student"] = {t: taps[s][:, p_s:] for t, s in zip(layers, result.student_layers)}
+    sources["student (projected)"] = {t: result.projectors(t, taps[s])[:, -raw[t].shape[1]:]
+                                      for t, s in zip(layers, result.student_layers)}
+    rows = []
+    for name, feats in sources.items():
+        for layer in layers:
+            m = artifact_metrics(feats[layer])
+            row = {"method": name, "layer": layer, "hnr_4": m["hnr"], "e_out": m["e_out"], "r_max": m["r_max"]}
+            if feats[layer].shape[-1] == raw[layer].shape[-1]:
+                row["normal_cos_to_raw"] = normal_token_cosine(feats[layer], raw[layer], normal)
+            rows.append(row)
+    last = layers[-1]
+    grid = teacher.grid_size
+    analysis = ArtifactAnalysis(rows, _headline(rows, last))
+    for name in [n for n in sources if n != "student (projected)"]:
+        patches = sources[name][last]
+        norms = token_norms(patches)
+        side = int(round(patches.shape[1] ** 0.5))
+        shape = grid if patches.shape[1] == grid[0] * grid[1] else (side, side)
+        analysis.norm_maps[name] = norms.reshape(-1, *shape).numpy()
+        analysis.norms[name] = norms.flatten().numpy()
+        analysis.tokens[name] = patches.float().numpy()
+    return analysis
+
+
+def _headline(rows: list[dict], layer: int) -> dict:
+    at = {r["method"]: r for r in rows if r["layer"] == layer}
+    headline = {f"hnr_4 raw teacher (layer {layer})": round(at["raw teacher"]["hnr_4"], 4),
+                f"e_out raw teacher (layer {layer})": round(at["raw teacher"]["e_out"], 4)}
+    for name in ("refined teacher", "clean twin", "student", "student (projected)"):
+        if name in at:
+            headline[f"hnr_4 {name}"] = round(at[name]["hnr_4"], 4)
+            headline[f"e_out {name}"] = round(at[name]["e_out"], 4)
+    return headline

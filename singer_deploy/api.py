@@ -1,0 +1,275 @@
+"""`distill_and_export`: the one-call pipeline, and each of its stages callable alone.
+
+    config -> teacher + student + data -> distill -> merge (refined teacher) -> export + parity + goldens
+           -> bench -> artifact analysis -> report.html + manifest.json
+
+The output directory explains itself: manifest.json (versions, hashes, config, timings, results), student weights,
+refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.html.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from singer_deploy import __version__
+from singer_deploy.analysis import ArtifactAnalysis, analyse_artifacts
+from singer_deploy.backbone import Backbone, load_backbone
+from singer_deploy.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images, teacher_transform
+from singer_deploy.distill import DistillResult, distill
+from singer_deploy.errors import ConfigError
+from singer_deploy.io import atomic_save_safetensors, atomic_write_json
+from singer_deploy.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
+from singer_deploy.refine import RefinedTeacher, Refiner
+from singer_deploy.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PipelineResult:
+    out_dir: Path
+    passed: bool
+    summary: dict
+    files: dict[str, Path] = field(default_factory=dict)
+    parity: list[dict] = field(default_factory=list)
+    latency: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Models:
+    teacher: Backbone
+    student: Backbone
+    planted: PlantedTeacher | None
+
+
+def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, overwrite: bool = False,
+                       progress: bool = True, **overrides: Any) -> PipelineResult:
+    """Distil, merge, export, check parity, write goldens, benchmark and report, in one call.
+
+    `config` is a RunConfig, a dict, or a YAML path; keyword overrides replace top-level sections
+    (e.g. `out_dir="runs/x"`, `layers=[17]`). A finished run in out_dir is never overwritten silently: the run goes
+    to a new numbered directory unless overwrite=True; an unfinished one resumes.
+    """
+    config = _resolve_config(config, overrides)
+    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=overwrite)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    models = build_models(config)
+    train_data, eval_images = build_data(config, models.teacher)
+    _check_layers(config.layers, models.teacher)
+    timings["setup_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
+                     singer=config.singer, train=config.train, progress=progress)
+    timings["distill_s"] = time.perf_counter() - clock
+
+    files = dict(result.files)
+    refined = merge(models.teacher, result.refiner, out_dir) if result.refiner is not None else None
+    if refined is not None:
+        files["refined_teacher"] = out_dir / "refined_teacher.safetensors"
+
+    clock = time.perf_counter()
+    exported = export(result, out_dir / "export", eval_images, config)
+    timings["export_s"] = time.perf_counter() - clock
+    parity_rows = _parity_rows(exported)
+
+    clock = time.perf_counter()
+    latency_rows = bench(result, exported, eval_images) if config.export.benchmark else []
+    timings["bench_s"] = time.perf_counter() - clock
+
+    analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
+    summary = _summary(analysis, exported, parity_rows, latency_rows, result)
+    files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images)
+    files["export_manifest"] = exported.manifest_path
+    passed = exported.passed
+    timings["total_s"] = sum(timings.values())
+    manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
+                "timings": timings, "passed": passed, "summary": summary, "parity": parity_rows,
+                "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
+                "hashes": {k: _sha256(v) for k, v in files.items() if Path(v).is_file()}}
+    files["manifest"] = atomic_write_json(out_dir / MANIFEST, manifest)
+    return PipelineResult(out_dir, passed, summary, files, parity_rows, latency_rows, timings)
+
+
+def _resolve_config(config, overrides: dict) -> RunConfig:
+    if config is None:
+        config = {}
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    elif not isinstance(config, dict):
+        return load_run_config(config) if not overrides else load_run_config(
+            {**_yaml_dict(config), **overrides})
+    return load_run_config({**config, **overrides})
+
+
+def _yaml_dict(path) -> dict:
+    import yaml
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def prepare_run_dir(out_dir: Path, *, overwrite: bool = False) -> Path:
+    """A finished run is never clobbered: pick `<dir>-2`, `-3`, ... unless overwrite; unfinished runs resume."""
+    if (out_dir / MANIFEST).is_file():
+        if overwrite:
+            shutil.rmtree(out_dir)
+        else:
+            n = 2
+            while (out_dir.parent / f"{out_dir.name}-{n}" / MANIFEST).is_file():
+                n += 1
+            fresh = out_dir.parent / f"{out_dir.name}-{n}"
+            log.warning("%s holds a finished run; writing this one to %s (pass overwrite=True to replace it)",
+                        out_dir, fresh)
+            out_dir = fresh
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def build_models(config: RunConfig) -> Models:
+    planted = None
+    if config.teacher.name == PLANTED:
+        planted = build_planted_teacher(PlantedConfig(**config.teacher.planted))
+        teacher = planted.backbone
+    else:
+        teacher = _load(config.teacher, "teacher")
+    torch.manual_seed(config.train.seed)
+    student = _load(config.student, "student")
+    if student.img_size != teacher.img_size:
+        raise ConfigError("Teacher and student take different input sizes",
+                          expected=f"student.kwargs.img_size = {teacher.img_size[0]} (the teacher's)",
+                          found=str(student.img_size), fix="create the student at the teacher's resolution")
+    return Models(teacher, student, planted)
+
+
+def _load(spec: ModelSpec, role: str) -> Backbone:
+    if spec.name == PLANTED:
+        raise ConfigError(f"{role}.name: the planted model is a teacher only", expected="a timm ViT name",
+                          found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
+    return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
+
+
+def build_data(config: RunConfig, teacher: Backbone) -> tuple[Dataset, np.ndarray]:
+    """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32."""
+    spec = config.data
+    if spec.source == "synthetic":
+        size, patch = teacher.img_size[0], teacher.patch_size[0]
+        train = SyntheticShapes(spec.n, size, patch, flat_share=spec.flat_share, seed=spec.seed)
+        held_out = SyntheticShapes(spec.eval_n, size, patch, flat_share=spec.flat_share, seed=spec.seed + 1)
+        return train, stack_images(held_out).numpy()
+    folder = ImageFolder(spec.source, transform=teacher_transform(teacher.data_config()))
+    eval_n = min(spec.eval_n, max(len(folder) // 5, 1))
+    generator = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(folder), generator=generator).tolist()
+    held_out, train_idx = order[:eval_n], order[eval_n:] or order
+    return torch.utils.data.Subset(folder, train_idx), stack_images(folder, held_out).numpy()
+
+
+def _check_layers(layers: Sequence[int], teacher: Backbone) -> None:
+    for layer in layers:
+        teacher.check_layer(layer)
+
+
+def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:
+    """Fold the adapters into plain Linear layers: the refined teacher is an ordinary module, saved as safetensors."""
+    refined = RefinedTeacher.from_refiner(teacher, refiner)
+    atomic_save_safetensors(refined.refiners.state_dict(), out_dir / "refined_teacher.safetensors",
+                            metadata={"layers": ",".join(map(str, refined.layers))})
+    return refined
+
+
+def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig):
+    """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
+    from singer_deploy.export.pipeline import export_student
+
+    projector = result.projectors.proj[str(result.teacher_layers[-1])]
+    calib = eval_images[:config.export.calibration_size] if config.export.precision == "int8" else None
+    return export_student(result.student.model.eval(), out_dir, config.export.formats,
+                          img_size=result.student.img_size, projector=projector, precision=config.export.precision,
+                          calib_images=calib, parity_images=eval_images)
+
+
+def bench(result: DistillResult, exported, eval_images: np.ndarray) -> list[dict]:
+    """Latency per exported artifact next to eager PyTorch, same inputs, same run."""
+    from singer_deploy.export.bench import add_ratios, benchmark_runner
+    from singer_deploy.export.runner import TorchRunner
+    from singer_deploy.export.student import ExportableStudent
+    from singer_deploy.export.golden import open_runner
+
+    wrapper = ExportableStudent(result.student.model.eval(), result.projectors.proj[str(result.teacher_layers[-1])])
+    rows = [benchmark_runner(TorchRunner(wrapper), eval_images, label="pytorch/fp32", iters=20)]
+    for key, record in exported.artifacts.items():
+        rows.append(benchmark_runner(open_runner(record.path), eval_images, label=key, iters=20,
+                                     artifact=record.path, build_seconds=record.seconds))
+    return add_ratios(rows, "pytorch/fp32")
+
+
+def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_rows: list[dict],
+           latency_rows: list[dict], summary: dict, eval_images: np.ndarray) -> Path:
+    from singer_deploy.report import ReportData, write_report
+
+    shown = slice(0, 6)
+    pixels = eval_images[shown].transpose(0, 2, 3, 1) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    data = ReportData(
+        title="singer-deploy run", summary=summary, config=config.to_dict(), versions=environment(),
+        images=np.clip(pixels, 0, 1), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
+        norm_histograms=analysis.norms, pca_tokens={k: v[shown] for k, v in analysis.tokens.items()},
+        metrics=out_dir / "metrics.jsonl", parity=parity_rows,
+        latency=[{**r, "format": r["runner"], "throughput": r["throughput_ips"],
+                  "ratio_vs_eager": r.get("speedup_vs_pytorch/fp32")} for r in latency_rows],
+        comparison=analysis.rows)
+    return write_report(out_dir / "report.html", data)
+
+
+def _parity_rows(exported) -> list[dict]:
+    rows = []
+    for key, record in exported.artifacts.items():
+        if record.parity is None:
+            continue
+        for row in record.parity.table_rows():
+            rows.append({"format": record.format, "precision": record.precision, "output": row["output"],
+                         "cos_min": row["token_cos_min"], "cos_p1": row["token_cos_p1"],
+                         "image_cos_min": row["image_cos_min"], "max_abs": row["max_abs"],
+                         "knn_overlap": row["knn_overlap"], "passed": row["passed"]})
+    return rows
+
+
+def _summary(analysis: ArtifactAnalysis, exported, parity_rows, latency_rows, result: DistillResult) -> dict:
+    summary = {"method": "singer" if result.refiner is not None else "fitnet",
+               "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
+               "distill_seconds": round(result.seconds, 1)}
+    summary.update(analysis.headline)
+    summary["parity"] = {key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
+                         for key, rec in exported.artifacts.items()}
+    if latency_rows:
+        summary["latency_p50_ms"] = {r["runner"]: round(r["p50_ms"], 2) for r in latency_rows}
+    return summary
+
+
+def environment() -> dict:
+    import timm
+    versions = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+                "timm": timm.__version__, "cuda": torch.cuda.is_available()}
+    for name in ("onnx", "onnxruntime", "openvino", "nncf", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def _sha256(path) -> str:
+    from singer_deploy.export.golden import artifact_sha256
+    return artifact_sha256(path)

@@ -1,0 +1,42 @@
+"""Reopen a finished run directory: its config, distilled student and projector, for export-only workflows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from safetensors.torch import load_file
+from torch import nn
+
+from singer_deploy.api import MANIFEST, build_data, build_models
+from singer_deploy.errors import ConfigError
+from singer_deploy.runconfig import load_run_config
+
+
+def load_run(run_dir: Path):
+    """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images)."""
+    manifest_path = run_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError("Not a finished run directory", expected=f"{manifest_path} (written at the end of a run)",
+                          found="no manifest.json", fix="point at the out_dir of a completed `run` or `demo`")
+    config = load_run_config(json.loads(manifest_path.read_text())["config"])
+    models = build_models(config)
+    models.student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    layers = json.loads((run_dir / "distill_config.json").read_text())["teacher_layers"]
+    projectors = load_file(str(run_dir / "projectors.safetensors"))
+    weight = projectors[f"proj.{layers[-1]}.weight"]
+    projector = nn.Linear(weight.shape[1], weight.shape[0])
+    projector.load_state_dict({"weight": weight, "bias": projectors[f"proj.{layers[-1]}.bias"]})
+    _, eval_images = build_data(config, models.teacher)
+    return config, models.student.eval(), projector.eval(), eval_images
+
+
+def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None):
+    from singer_deploy.export.pipeline import export_student
+
+    config, student, projector, eval_images = load_run(run_dir)
+    out_dir = out_dir or run_dir / f"export-{precision}"
+    calib = eval_images[:config.export.calibration_size] if precision == "int8" else None
+    return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
+                         precision=precision, calib_images=calib, parity_images=eval_images)

@@ -1,0 +1,58 @@
+import warnings
+
+import pytest
+
+from singer_deploy.errors import ConfigError
+from singer_deploy.export.formats import (FORMATS, check_options, check_precision, format_for_path,
+                                          normalize_precision, resolve_format)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("onnx", "onnx"), ("ONNX", "onnx"), ("ort", "onnx"), ("trt", "tensorrt"), ("TensorRT", "tensorrt"),
+    ("engine", "tensorrt"), ("ov", "openvino"), ("openvino_ir", "openvino"), ("OpenVINO", "openvino"),
+    ("torch-tensorrt", "torch_tensorrt"),
+])
+def test_resolve_format_names_and_aliases(name, expected):
+    assert resolve_format(name).name == expected
+
+
+def test_near_miss_typo_is_read_with_a_warning():
+    with pytest.warns(UserWarning, match="read as 'openvino'"):
+        assert resolve_format("openvnio").name == "openvino"
+
+
+def test_unknown_format_lists_the_valid_ones():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError) as err:
+            resolve_format("coreml")
+    for name in FORMATS:
+        assert name in str(err.value)
+
+
+def test_format_for_path_by_suffix():
+    assert format_for_path("a/b/model.onnx").name == "onnx"
+    assert format_for_path("model_fp16.xml").name == "openvino"
+    assert format_for_path("model.plan").name == "tensorrt"
+    with pytest.raises(ConfigError, match="suffix"):
+        format_for_path("model.tflite")
+
+
+def test_precision_rules():
+    assert normalize_precision("FP16") == "fp16" and normalize_precision("float32") == "fp32"
+    with pytest.raises(ConfigError):
+        normalize_precision("fp64")
+    assert check_precision(FORMATS["tensorrt"], "bf16") == "bf16"
+    with pytest.raises(ConfigError, match="cannot carry"):
+        check_precision(FORMATS["openvino"], "bf16")
+
+
+def test_options_are_whitelisted_per_format():
+    check_options(FORMATS["tensorrt"], {"workspace_bytes": 1 << 30, "max_batch": 8})
+    with pytest.raises(ConfigError, match="workspace_bytes"):
+        check_options(FORMATS["onnx"], {"workspace_bytes": 1})
+
+
+def test_runner_classes_resolve_lazily():
+    assert FORMATS["onnx"].runner_class().__name__ == "OnnxRuntimeRunner"
+    assert FORMATS["tensorrt"].runner_class().__name__ == "TensorRTRunner"
