@@ -76,6 +76,9 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, o
     result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
                      singer=config.singer, train=config.train, progress=progress)
     timings["distill_s"] = time.perf_counter() - clock
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # Under torchrun only rank 0 merges, exports and reports; the other ranks only trained.
+        return PipelineResult(out_dir, True, {"rank": torch.distributed.get_rank()}, dict(result.files))
 
     files = dict(result.files)
     refined = merge(models.teacher, result.refiner, out_dir) if result.refiner is not None else None

@@ -1,0 +1,104 @@
+"""The one-call pipeline end to end on a tiny configuration (CPU), and the CLI around it."""
+
+import json
+import re
+
+import pytest
+
+from singer_deploy.api import distill_and_export
+from singer_deploy.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
+
+TINY = {
+    "teacher": {"name": "planted"},
+    "student": {"name": "vit_tiny_patch16_224",
+                "kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+    "data": {"n": 32, "eval_n": 12, "flat_share": 0.08},
+    "layers": [4],
+    "singer": {"rank": 8, "outlier_target": "median"},
+    "train": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2},
+    "export": {"formats": ["onnx", "openvino"]},
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    return distill_and_export(TINY, out_dir=str(out), progress=False)
+
+
+def test_pipeline_writes_a_self_explaining_run_directory(finished):
+    out = finished.out_dir
+    assert finished.passed
+    for name in ("manifest.json", "student.safetensors", "projectors.safetensors", "refiner.safetensors",
+                 "refined_teacher.safetensors", "metrics.jsonl", "report.html", "export/student.onnx"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["train"]["steps"] == 4 and manifest["passed"] is True
+    assert {"torch", "timm", "onnxruntime", "openvino"} <= set(manifest["versions"])
+    assert set(finished.summary["parity"]) == {"onnx/fp32", "openvino/fp32", "openvino/fp16"}
+    assert {row["runner"] for row in finished.latency} >= {"pytorch/fp32", "onnx/fp32"}
+
+
+def test_report_holds_pictures_and_tables(finished):
+    html = (finished.out_dir / "report.html").read_text()
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 4
+    for needle in ("onnx", "openvino", "raw teacher", "refined teacher", "clean twin"):
+        assert needle in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_a_finished_run_is_not_clobbered(finished):
+    again = distill_and_export(TINY, out_dir=str(finished.out_dir), progress=False,
+                               train={**TINY["train"], "steps": 2})
+    assert again.out_dir == finished.out_dir.parent / f"{finished.out_dir.name}-2"
+    assert json.loads((finished.out_dir / "manifest.json").read_text())["config"]["train"]["steps"] == 4
+
+
+def test_an_interrupted_run_resumes(tmp_path, monkeypatch):
+    import singer_deploy.api as api
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after distillation wrote its final checkpoint
+    monkeypatch.setattr(api, "export", crash)
+    with pytest.raises(KeyboardInterrupt):
+        distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False)
+    monkeypatch.undo()
+    lines_before = (tmp_path / "r" / "metrics.jsonl").read_text().count("\n")
+    result = distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False)
+    assert result.out_dir == tmp_path / "r"
+    # The resumed run found the finished checkpoint and trained no further step.
+    assert (tmp_path / "r" / "metrics.jsonl").read_text().count("\n") == lines_before
+
+
+def test_cli_exit_codes(tmp_path, finished, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {stpes: 3}\n")
+    assert main(["check-config", str(bad)]) == EXIT_INPUT
+    assert "train.stpes: unknown key" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == EXIT_INPUT
+    golden = next((finished.out_dir / "export" / "goldens").glob("onnx-fp32"))
+    assert main(["verify", str(finished.out_dir / "export" / "student.onnx"), str(golden)]) == EXIT_OK
+
+
+def test_cli_verify_fails_on_a_perturbed_artifact(tmp_path, finished):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(finished.out_dir / "export" / "student.onnx"))
+    init = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    array = numpy_helper.to_array(init).copy()
+    array += 0.5 * array.std()
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(perturbed))
+    golden = finished.out_dir / "export" / "goldens" / "onnx-fp32"
+    assert main(["verify", str(perturbed), str(golden)]) == EXIT_PARITY
+
+
+def test_cli_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "run", "export", "verify", "check-config"):
+        assert command in out
