@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from singer_deploy.calibration.selection import (DEFAULT_CALIBRATION_SIZE, CalibrationSet, EmbedFn, Method,
                                                  select_calibration_set)
 from singer_deploy.calibration.source import ImageSource, load_calibration_images
+from singer_deploy.io import atomic_savez, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,10 @@ def cached_calibration_set(source: ImageSource, cache_dir: str | Path, *, size: 
 def save_calibration_set(chosen: CalibrationSet, cache_dir: str | Path, request: dict) -> Path:
     """Write images + manifest atomically; returns the manifest path."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cache_dir / ARRAY_NAME, lambda f: np.savez(f, images=chosen.images, indices=chosen.indices))
+    atomic_savez(cache_dir / ARRAY_NAME, {"images": chosen.images, "indices": chosen.indices})
     manifest = dict(request, size=len(chosen), shape=list(chosen.images.shape), dtype="float32",
                     images_hash=array_fingerprint(chosen.images), indices=chosen.indices.tolist())
-    _atomic_write(cache_dir / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write_bytes(cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return cache_dir / MANIFEST_NAME
 
 
@@ -112,16 +110,3 @@ def _load_if_matching(cache_dir: Path, wanted: dict) -> CalibrationSet | None:
         return None
     return CalibrationSet(images=images, indices=indices, method=manifest["method"], seed=manifest["seed"],
                           source_size=manifest["source_shape"][0])
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

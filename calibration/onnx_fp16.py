@@ -6,12 +6,11 @@ LayerNorm and softmax stay FP32 because they overflow in FP16 on ViTs (export_an
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.errors import BackendUnavailableError, ExportError
+from singer_deploy.io import atomic_path
 
 
 def convert_onnx_fp16(onnx_path: str | Path, output_path: str | Path,
@@ -42,13 +41,7 @@ def convert_onnx_fp16(onnx_path: str | Path, output_path: str | Path,
     OnnxModel(converted).topological_sort()
     # Its value_info keeps some pre-conversion element types, which full shape inference rejects; re-inferred.
     del converted.graph.value_info[:]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.stem}.", suffix=".onnx", dir=output_path.parent)
-    os.close(fd)
-    try:
-        onnx.save(converted, tmp)
+    with atomic_path(output_path) as tmp:
+        onnx.save(converted, str(tmp))
         check_onnx(tmp)
-        os.replace(tmp, output_path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return output_path

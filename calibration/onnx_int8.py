@@ -7,8 +7,6 @@ runs, so the same file is checked here and deployed on a GPU.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import numpy as np
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
+from singer_deploy.io import atomic_path
 
 # ORT's static quantizer refuses opset >= 21 (export_anchors.md, P-MISC); the exporter writes 18.
 _MAX_OPSET = 20
@@ -70,20 +69,17 @@ def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibrati
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibrate_method]
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, **args["extra_options"]}
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.stem}.", suffix=".onnx", dir=output_path.parent)
-    os.close(fd)
     try:
-        quantize_static(str(onnx_path), tmp, _reader(calibration.images, input_name, batch, fixed_batch is not None),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=per_channel, calibrate_method=method,
-                        op_types_to_quantize=args["op_types_to_quantize"], nodes_to_exclude=args["nodes_to_exclude"],
-                        extra_options=extra)
-        os.replace(tmp, output_path)
+        with atomic_path(output_path) as tmp:
+            quantize_static(str(onnx_path), str(tmp),
+                            _reader(calibration.images, input_name, batch, fixed_batch is not None),
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, per_channel=per_channel, calibrate_method=method,
+                            op_types_to_quantize=args["op_types_to_quantize"],
+                            nodes_to_exclude=args["nodes_to_exclude"], extra_options=extra)
+    except (ConfigError, ExportError):
+        raise
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, (ConfigError, ExportError)):
-            raise
         raise ExportError("ONNX Runtime static INT8 quantization failed", expected="a float ONNX student",
                           found=f"{type(exc).__name__}: {exc}", fix="quantize the FP32 export of export_onnx") from exc
     return output_path

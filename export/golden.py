@@ -14,7 +14,6 @@ import io
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from singer_deploy.errors import DataError, ExportError
 from singer_deploy.export.formats import format_for_path
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner
+from singer_deploy.io import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 ARRAYS_NAME = "golden.npz"
@@ -73,17 +73,6 @@ def module_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class GoldenBundle:
     inputs: np.ndarray
@@ -101,12 +90,11 @@ def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_output
                         found=f"{type(inputs).__name__} {getattr(inputs, 'dtype', '')} "
                               f"{getattr(inputs, 'shape', '')}", fix="pass the parity images as float32")
     bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
     arrays = {_INPUT_KEY: inputs, **{_OUTPUT_PREFIX + k: np.asarray(v, np.float32)
                                      for k, v in reference_outputs.items()}}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _atomic_write_bytes(bundle_dir / ARRAYS_NAME, buffer.getvalue())
+    atomic_write_bytes(bundle_dir / ARRAYS_NAME, buffer.getvalue())
     manifest = {
         "schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "precision": policy.precision, "policy": policy.to_dict(),
@@ -118,7 +106,7 @@ def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_output
         "model_sha256": None if model is None else module_sha256(model),
         "environment": environment_fingerprint(device), **(extra or {}),
     }
-    _atomic_write_bytes(bundle_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
+    atomic_write_bytes(bundle_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
     return bundle_dir
 
 

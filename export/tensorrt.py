@@ -20,9 +20,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
 from singer_deploy.export.formats import normalize_precision
 from singer_deploy.export.runner import Runner, require_file
+from singer_deploy.io import atomic_write_bytes
 
 SIDECAR_SUFFIX = ".json"
 LAYERS_SUFFIX = ".layers.json"
@@ -70,22 +69,11 @@ def sidecar_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_sidecar(engine_path: str | Path, metadata: dict) -> Path:
     """Write `<engine>.json` next to the engine (atomically); the engine file itself stays a plain plan."""
     path = sidecar_path(engine_path)
-    _atomic_write(path, json.dumps({"format": "tensorrt", **metadata}, indent=2, sort_keys=True,
-                                   default=str).encode())
+    atomic_write_bytes(path, json.dumps({"format": "tensorrt", **metadata}, indent=2, sort_keys=True,
+                                        default=str).encode())
     return path
 
 
@@ -288,13 +276,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
                           found="build_serialized_network returned None (see the TensorRT log above)",
                           fix="raise workspace_bytes or check the parser/builder warnings")
     plan = bytes(plan)
-    _atomic_write(engine_path, plan)
+    atomic_write_bytes(engine_path, plan)
     if cache_path:
-        _atomic_write(cache_path, bytes(cfg.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(cfg.get_timing_cache().serialize()))
     seconds = time.perf_counter() - start
     layer_info = _engine_layer_information(trt, plan, logger)
     layers_path = engine_path.with_name(engine_path.name + LAYERS_SUFFIX)
-    _atomic_write(layers_path, json.dumps(layer_info, indent=1).encode())
+    atomic_write_bytes(layers_path, json.dumps(layer_info, indent=1).encode())
     check = check_engine_precision(layer_info, precision)
     import torch
 

@@ -12,8 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from singer_deploy.errors import ConfigError, DataError
+from singer_deploy.io import atomic_savez
 
 PatchDtype = Literal["float16", "float32"]
 # Bumped whenever the cached layout changes, so stale caches are never read back as valid.
@@ -305,22 +304,14 @@ def _compute(run: Callable[[np.ndarray], Mapping[str, Any]], source: Any, data: 
 
 
 def _save(path: Path, features: FeatureSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"cls": features.cls, "pooled": features.pooled, "labels": features.labels,
               "grid": np.asarray(features.grid), "fingerprint": np.asarray(features.fingerprint)}
     if features.patches is not None:
         arrays["patches"] = features.patches
     if features.patch_masks is not None:
         arrays["patch_masks"] = features.patch_masks
-    # Write next to the target and rename: a crash or a concurrent reader never sees a half-written cache.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic: a crash or a concurrent reader never sees a half-written cache.
+    atomic_savez(path, arrays)
 
 
 def _load(path: Path, key: str) -> FeatureSet | None:

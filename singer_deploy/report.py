@@ -11,8 +11,6 @@ import dataclasses
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +22,7 @@ import yaml
 
 from singer_deploy import __version__, plots
 from singer_deploy.errors import DataError
+from singer_deploy.io import atomic_write_text
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -93,7 +92,7 @@ def write_report(out_path: str | Path, data: ReportData) -> Path:
         path = path / "report.html"
     bodies = [(anchor, heading, render(data)) for anchor, heading, render in _SECTIONS]
     document = _document(data.title, bodies)
-    _write_atomic(path, document)
+    atomic_write_text(path, document)
     return path
 
 
@@ -134,12 +133,10 @@ def _summary_section(data: ReportData) -> str | _NotRun:
 def _norm_maps_section(data: ReportData) -> str | _NotRun:
     if not data.norm_maps:
         return _NotRun("no per-patch norm maps were given")
-    maps = {name: _first(array, data.max_images) for name, array in data.norm_maps.items()}
-    png = plots.norm_maps_png(maps, _first(data.images, data.max_images))
-    return _figure(png, "per-patch L2 norm maps",
-                   "Rows are images; the maps in one row share a colour scale (the bar on the right), so a bright "
-                   "patch in the raw teacher that is dark in the refined teacher is an outlier the refinement removed. "
-                   "Under each map: its max/median norm ratio.")
+    return _per_image_figure(data, data.norm_maps, plots.norm_maps_png, "per-patch L2 norm maps",
+                             "Rows are images; the maps in one row share a colour scale (the bar on the right), so "
+                             "a bright patch in the raw teacher that is dark in the refined teacher is an outlier the "
+                             "refinement removed. Under each map: its max/median norm ratio.")
 
 
 def _norm_histograms_section(data: ReportData) -> str | _NotRun:
@@ -155,12 +152,10 @@ def _norm_histograms_section(data: ReportData) -> str | _NotRun:
 def _pca_section(data: ReportData) -> str | _NotRun:
     if not data.pca_tokens:
         return _NotRun("no patch tokens were given for PCA")
-    tokens = {name: _first(array, data.max_images) for name, array in data.pca_tokens.items()}
-    png = plots.pca_png(tokens, _first(data.images, data.max_images))
-    return _figure(png, "PCA feature maps",
-                   "Top-3 principal components of each source's patch tokens as RGB (one PCA per source, fitted on "
-                   "all its images). Clean features follow object layout; artifact tokens show as isolated "
-                   "saturated patches.")
+    return _per_image_figure(data, data.pca_tokens, plots.pca_png, "PCA feature maps",
+                             "Top-3 principal components of each source's patch tokens as RGB (one PCA per source, "
+                             "fitted on all its images). Clean features follow object layout; artifact tokens show "
+                             "as isolated saturated patches.")
 
 
 def _training_section(data: ReportData) -> str | _NotRun:
@@ -327,16 +322,11 @@ def _first(array: Any, count: int) -> np.ndarray | None:
     return None if array is None else np.asarray(array)[:count]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+def _per_image_figure(data: ReportData, sources: Mapping[str, Any],
+                      plot: Callable[[dict[str, np.ndarray], np.ndarray | None], bytes], title: str,
+                      caption: str) -> str:
+    """A figure of per-source arrays over the first `max_images` images, drawn beside those images."""
+    png = plot({name: _first(array, data.max_images) for name, array in sources.items()},
+               _first(data.images, data.max_images))
+    return _figure(png, title, caption)
+
