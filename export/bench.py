@@ -1,9 +1,9 @@
 """Latency / throughput benchmark of runners on the same inputs, as rows, a markdown table and JSON.
 
 Every runner is timed with the same batch: warm-up runs first (first-call allocation and kernel selection are not
-latency), then per-call wall time at batch 1 (p50/p90/p99) and images/s at a larger batch. Peak memory is the
-process's peak RSS (`resource.getrusage`), which only grows: it is reported after each runner, so compare the
-increase between rows, not the absolute value of later rows.
+latency), then per-call wall time at batch 1 (p50/p90/p99/min) and images/s at a larger batch. Peak memory is the
+process's peak RSS (`resource.getrusage`) right after each runner is loaded; it only grows, so compare the increase
+between rows, not the absolute value of later rows.
 """
 
 from __future__ import annotations
@@ -35,36 +35,54 @@ def artifact_size_mb(path: str | Path | None) -> float | None:
     return sum(p.stat().st_size for p in parts if p.is_file()) / (1024 * 1024)
 
 
-def benchmark_runner(runner: Runner, images: np.ndarray, *, label: str | None = None, warmup: int = 5,
-                     iters: int = 30, throughput_batch: int = 8, throughput_iters: int = 5,
-                     artifact: str | Path | None = None, build_seconds: float | None = None) -> dict:
-    """Time one runner: batch-1 latency percentiles (ms) and throughput (images/s) at `throughput_batch`."""
+def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup: int = 5, iters: int = 30,
+                      rounds: int = 3, throughput_batch: int = 8, throughput_iters: int = 5,
+                      artifacts: dict[str, str | Path] | None = None,
+                      build_seconds: dict[str, float] | None = None) -> list[dict]:
+    """Time runners on the same inputs: batch-1 latency percentiles (ms) and throughput (images/s).
+
+    Timed calls run in `rounds` blocks per runner, interleaved (A A A, B B B, C C C, A A A ...), so that load
+    from other processes on a shared machine falls on every runner alike instead of on whichever ran during a
+    busy spell; blocks rather than single calls because runtimes keep their thread pools spinning briefly after
+    a call, which would tax the next runner. `min_ms` is the least disturbed call.
+    """
     if images.ndim != 4 or len(images) < 1:
         raise ConfigError("Benchmark images must be a (B, C, H, W) batch", expected="B >= 1",
                           found=str(images.shape), fix="pass at least one image")
-    start = time.perf_counter()
-    runner.load()
-    load_seconds = time.perf_counter() - start
+    artifacts, build_seconds = artifacts or {}, build_seconds or {}
     one = images[:1]
-    for _ in range(warmup):
-        runner.run(one)
-    latencies = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        runner.run(one)
-        latencies.append((time.perf_counter() - t0) * 1000)
-    reps = int(np.ceil(throughput_batch / len(images)))
-    big = np.concatenate([images] * reps)[:throughput_batch]
-    runner.run(big)   # warm-up at the larger shape
-    t0 = time.perf_counter()
+    big = np.concatenate([images] * int(np.ceil(throughput_batch / len(images))))[:throughput_batch]
+    loaded: dict[str, dict] = {}
+    for label, runner in runners.items():
+        start = time.perf_counter()
+        runner.load()
+        loaded[label] = {"load_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        for _ in range(warmup):
+            runner.run(one)
+        runner.run(big)   # first call at the larger shape allocates
+    latencies: dict[str, list[float]] = {label: [] for label in runners}
+    per_block = int(np.ceil(iters / max(rounds, 1)))
+    for _ in range(max(rounds, 1)):
+        for label, runner in runners.items():
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                runner.run(one)
+                latencies[label].append((time.perf_counter() - t0) * 1000)
+    spent = {label: 0.0 for label in runners}
     for _ in range(throughput_iters):
-        runner.run(big)
-    throughput = throughput_batch * throughput_iters / (time.perf_counter() - t0)
-    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-    return {"runner": label or runner.name, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-            "throughput_ips": float(throughput), "throughput_batch": throughput_batch,
-            "size_mb": artifact_size_mb(artifact), "build_s": build_seconds, "load_s": load_seconds,
-            "peak_rss_mb": peak_rss_mb(), "info": dict(runner.info)}
+        for label, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.run(big)
+            spent[label] += time.perf_counter() - t0
+    rows = []
+    for label, runner in runners.items():
+        p50, p90, p99 = np.percentile(latencies[label], [50, 90, 99])
+        rows.append({"runner": label, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+                     "min_ms": float(min(latencies[label])),
+                     "throughput_ips": throughput_batch * throughput_iters / spent[label],
+                     "throughput_batch": throughput_batch, "size_mb": artifact_size_mb(artifacts.get(label)),
+                     "build_s": build_seconds.get(label), **loaded[label], "info": dict(runner.info)})
+    return rows
 
 
 def add_ratios(rows: list[dict], baseline: str) -> list[dict]:

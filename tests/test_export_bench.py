@@ -5,15 +5,16 @@ import pytest
 
 from export_fixtures import shape_images, tiny_vit
 from singer_deploy.errors import ConfigError
-from singer_deploy.export.bench import add_ratios, benchmark_runner, markdown_table, peak_rss_mb, to_json
+from singer_deploy.export.bench import add_ratios, benchmark_runners, markdown_table, peak_rss_mb, to_json
 from singer_deploy.export.runner import TorchRunner
 
 
 def test_benchmark_rows_table_and_json():
     images = shape_images(3, 32, 16)
     runner = TorchRunner(tiny_vit("vit_tiny_patch16_224", img_size=32))
-    row = benchmark_runner(runner, images, warmup=1, iters=5, throughput_batch=4, throughput_iters=2)
-    assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    (row,) = benchmark_runners({"torch": runner}, images, warmup=1, iters=5, throughput_batch=4,
+                               throughput_iters=2)
+    assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
     assert row["throughput_ips"] > 0 and row["peak_rss_mb"] == pytest.approx(peak_rss_mb(), rel=0.5)
     slower = {**row, "runner": "slow", "p50_ms": 2 * row["p50_ms"]}
     rows = add_ratios([row, slower], baseline="torch")
@@ -24,4 +25,4 @@ def test_benchmark_rows_table_and_json():
     with pytest.raises(ConfigError, match="baseline"):
         add_ratios(rows, baseline="tensorrt")
     with pytest.raises(ConfigError):
-        benchmark_runner(runner, np.zeros((3, 32, 32), np.float32))
+        benchmark_runners({"torch": runner}, np.zeros((3, 32, 32), np.float32))

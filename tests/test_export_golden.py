@@ -72,9 +72,8 @@ def test_environment_fingerprint_has_the_runtime_versions():
     assert env["device"] == "CPU" and env["openvino"] and env["python"]
 
 
-def test_golden_check_fixture_passes_and_fails(golden_check, bundle, reg_artifacts, reg_student, tmp_path):
+def test_golden_check_fixture_passes_and_fails(golden_check, bundle, reg_artifacts):
     report = golden_check(reg_artifacts["ov_fp32"], bundle)
     assert report.passed
-    fp16_report_fails_fp32_gate = pytest.raises(pytest.fail.Exception, match="FAIL")
-    with fp16_report_fails_fp32_gate:
+    with pytest.raises(pytest.fail.Exception, match="FAIL"):
         golden_check(reg_artifacts["ov_fp16"], bundle)    # FP16 weights do not meet the bundle's FP32 gate
