@@ -205,17 +205,18 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
 
 
 def bench(result: DistillResult, exported, eval_images: np.ndarray) -> list[dict]:
-    """Latency per exported artifact next to eager PyTorch, same inputs, same run."""
-    from singer_deploy.export.bench import add_ratios, benchmark_runner
+    """Latency per exported artifact next to eager PyTorch, same inputs, same run (runners use parity settings)."""
+    from singer_deploy.export.bench import add_ratios, benchmark_runners
+    from singer_deploy.export.golden import open_runner
     from singer_deploy.export.runner import TorchRunner
     from singer_deploy.export.student import ExportableStudent
-    from singer_deploy.export.golden import open_runner
 
     wrapper = ExportableStudent(result.student.model.eval(), result.projectors.proj[str(result.teacher_layers[-1])])
-    rows = [benchmark_runner(TorchRunner(wrapper), eval_images, label="pytorch/fp32", iters=20)]
-    for key, record in exported.artifacts.items():
-        rows.append(benchmark_runner(open_runner(record.path), eval_images, label=key, iters=20,
-                                     artifact=record.path, build_seconds=record.seconds))
+    runners = {"pytorch/fp32": TorchRunner(wrapper)}
+    runners.update({key: open_runner(record.path) for key, record in exported.artifacts.items()})
+    rows = benchmark_runners(runners, eval_images, iters=20,
+                             artifacts={key: record.path for key, record in exported.artifacts.items()},
+                             build_seconds={key: record.seconds for key, record in exported.artifacts.items()})
     return add_ratios(rows, "pytorch/fp32")
 
 
