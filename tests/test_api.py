@@ -18,6 +18,8 @@ TINY = {
     "train": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2},
     "export": {"formats": ["onnx", "openvino"]},
 }
+# For tests about run directories: one format, no latency benchmark.
+QUICK_EXPORT = {"formats": ["onnx"], "benchmark": False}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_report_holds_pictures_and_tables(finished):
 
 
 def test_a_finished_run_is_not_clobbered(finished):
-    again = distill_and_export(TINY, out_dir=str(finished.out_dir), progress=False,
+    again = distill_and_export(TINY, out_dir=str(finished.out_dir), progress=False, export=QUICK_EXPORT,
                                train={**TINY["train"], "steps": 2})
     assert again.out_dir == finished.out_dir.parent / f"{finished.out_dir.name}-2"
     assert json.loads((finished.out_dir / "manifest.json").read_text())["config"]["train"]["steps"] == 4
@@ -61,10 +63,10 @@ def test_an_interrupted_run_resumes(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed after distillation wrote its final checkpoint
     monkeypatch.setattr(api, "export", crash)
     with pytest.raises(KeyboardInterrupt):
-        distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False)
+        distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False, export=QUICK_EXPORT)
     monkeypatch.undo()
     lines_before = (tmp_path / "r" / "metrics.jsonl").read_text().count("\n")
-    result = distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False)
+    result = distill_and_export(TINY, out_dir=str(tmp_path / "r"), progress=False, export=QUICK_EXPORT)
     assert result.out_dir == tmp_path / "r"
     # The resumed run found the finished checkpoint and trained no further step.
     assert (tmp_path / "r" / "metrics.jsonl").read_text().count("\n") == lines_before
