@@ -345,7 +345,7 @@ def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: 
     state = torch.load(path, map_location="cpu", weights_only=True)
     # What defines the run: anything else (lr, logging, device ...) may change between a kill and a resume.
     saved = {k: v for k, v in state["train"].items() if k in ("method", "steps", "batch_size", "seed")}
-    saved.update(singer=state["singer"], layers=state["layers"])
+    saved.update(singer=state.get("singer"), layers=state.get("layers"))
     wanted = {k: getattr(train, k) for k in ("method", "steps", "batch_size", "seed")}
     wanted["layers"] = {"teacher": module.teacher_layers, "student": module.student_layers}
     if train.method == "singer":  # FitNet never reads the SiNGER settings

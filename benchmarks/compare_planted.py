@@ -1,0 +1,89 @@
+"""SiNGER vs FitNet on the planted-artifact teacher at two artifact shares, plus the quantile-target trap.
+
+Runs `singer_deploy.compare.compare_methods` with the settings measured in method.md (64 px, patch 8, D=96, 8 blocks,
+artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3e-3, adapter lr 1e-2) and prints one
+table. The planted teacher has random weights apart from the planted circuit, so probe scores sit at chance for every
+row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
+
+    python benchmarks/compare_planted.py [--steps 300] [--out DIR]
+
+"HNR last" / "E_out last": a student's own last block, a teacher's block 7. "tgt cos@5": the refined layer-4 target
+vs the raw one after teacher block 5, on normal tokens. Rerunning with the same --out reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from singer_deploy.backbone import load_backbone
+from singer_deploy.compare import compare_methods
+from singer_deploy.config import SingerConfig
+from singer_deploy.data import SyntheticShapes
+from singer_deploy.distill import TrainConfig
+from singer_deploy.planted import build_planted_teacher
+
+LAYER = 4
+# (share, outlier target, methods): the quantile run shows the trap at 8% (> 1 - alpha = 3% of patches are artifacts).
+RUNS = ((0.08, "median", ("fitnet", "singer")), (0.08, "quantile", ("singer",)), (0.02, "median", ("fitnet", "singer")))
+COLUMNS = (("method", "method"), ("target", "target"), ("share", "share"),
+           ("target_hnr_4@4", "tgt HNR@4"), ("target_e_out@4", "tgt E_out@4"), ("target_cos@4", "tgt cos@4"),
+           ("target_next_cos@4", "tgt cos@5"), ("target_cos@7", "tgt cos@7"),
+           ("hnr_4@4", "teacher HNR@4"), ("hnr_4", "HNR last"), ("e_out", "E_out last"),
+           ("proj_hnr_4@4", "proj HNR@4"), ("proj_e_out@4", "proj E_out@4"),
+           ("proj_hnr_4@7", "proj HNR@7"), ("proj_e_out@7", "proj E_out@7"),
+           ("normal_cos_raw@4", "proj cos raw@4"), ("normal_cos_clean@4", "proj cos clean@4"),
+           ("knn_acc", "kNN"), ("linear_acc", "linear"), ("miou", "mIoU"))
+
+
+def make_student():
+    return load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--train-images", type=int, default=2048)
+    parser.add_argument("--eval-images", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="compare_planted_"))
+    planted = build_planted_teacher()
+    train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
+    table, notes = [], set()
+    for share, target, methods in RUNS:
+        singer = SingerConfig(rank=8, outlier_target=target, detach_target=True, info_variant="paper")
+        began = time.perf_counter()
+        result = compare_methods(planted.backbone, make_student,
+                                 SyntheticShapes(args.train_images, 64, 8, flat_share=share, seed=0),
+                                 SyntheticShapes(args.eval_images, 64, 8, flat_share=share, seed=1),
+                                 out / f"share{share:g}_{target}", layers=[LAYER], singer=singer, train=train,
+                                 clean_teacher=planted.clean, methods=methods)
+        print(f"share {share:g}, target {target}: {time.perf_counter() - began:.0f} s -> {result.files['markdown']}",
+              flush=True)
+        notes.update(note for note in result.notes if "chance" in note)
+        for row in result.rows:
+            if row["role"] == "reference" and target != "median":
+                continue  # the teacher rows of a share are printed once
+            table.append({**row, "share": share, "target": target if row["method"] == "singer" else "—"})
+    print()
+    print("| " + " | ".join(header for _, header in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in table:
+        print("| " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |")
+    for note in sorted(notes):
+        print(f"\n- {note}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

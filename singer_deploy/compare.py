@@ -1,0 +1,268 @@
+"""SiNGER vs FitNet: the same student (same initial weights), data, steps and seed, distilled both ways, then judged
+side by side with the raw teacher (and its clean twin, when there is one) as reference rows.
+
+Columns (report.py renders the first six by name; the rest follow):
+  method, hnr_4, e_out      artifacts of the DEPLOYED features: a student's own last block, a teacher's deepest
+                            distilled layer (raw block outputs, patch tokens, k = 4 x the per-image median norm)
+  knn_acc, linear_acc       image probes on the CLS token of the same block; miou: dense per-class probe
+  proj_*@L                  the trained projector's output for teacher layer L (what L_kd compared; discarded later)
+  normal_cos_raw@L          cosine to the raw teacher on its normal (not high-norm) patch tokens at layer L
+  normal_cos_clean@L        the same against the clean twin
+  target_*@L (SiNGER)       the refined target: its artifacts, and its cosine to the raw teacher on normal tokens at
+                            layer L and after the next teacher block (how little refinement disturbs the rest)
+Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (method.md, "Traps").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from singer_deploy.backbone import Backbone
+from singer_deploy.config import SingerConfig
+from singer_deploy.distill import DistillResult, TrainConfig, distill
+from singer_deploy.errors import ConfigError
+from singer_deploy.features import as_image_data
+from singer_deploy.io import atomic_write_json, atomic_write_text
+from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
+from singer_deploy.probes import evaluate_backbone
+
+METHODS = ("fitnet", "singer")
+MARKDOWN, JSON = "comparison.md", "comparison.json"
+MAIN_COLUMNS = ("method", "hnr_4", "e_out", "knn_acc", "linear_acc", "miou")
+# evaluate_features keys behind the headline columns; the other probe scores are kept as extras.
+_PROBE_COLUMNS = {"knn_cls_acc": "knn_acc", "linear_cls_acc": "linear_acc", "dense_class_miou": "miou",
+                  "knn_pooled_acc": "knn_pooled_acc", "linear_pooled_acc": "linear_pooled_acc",
+                  "dense_fg_miou": "dense_fg_miou"}
+
+_LAYER_COLUMNS = ("hnr_4", "e_out", "proj_hnr_4", "proj_e_out", "normal_cos_raw", "normal_cos_clean", "target_hnr_4",
+                  "target_e_out", "target_cos", "target_next_cos")
+
+
+@dataclass
+class ComparisonResult:
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    runs: dict[str, DistillResult]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def row(self, method: str) -> dict[str, Any]:
+        return next(row for row in self.rows if row["method"] == method)
+
+
+def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], train_data: Dataset, eval_data: Dataset,
+                    out_dir: str | Path, *, layers: Sequence[int] = (), singer: SingerConfig | None = None,
+                    train: TrainConfig | None = None, clean_teacher: Backbone | None = None,
+                    methods: Sequence[str] = METHODS, batch_size: int = 64,
+                    progress: bool = False) -> ComparisonResult:
+    """Distil `make_student()` with each method into out_dir/<method>, evaluate everything on `eval_data` (items
+    with "image", "label" and optionally "fg_mask" for the dense probe) and write comparison.md / comparison.json.
+
+    `make_student` is called once per method right after `torch.manual_seed(train.seed)` and must then build the
+    same weights (checked). Finished runs in out_dir are reused, killed ones resumed (see `distill`).
+    """
+    singer, train = singer or SingerConfig(), train or TrainConfig()
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError("Unknown comparison methods", expected=f"a non-empty subset of {list(METHODS)}",
+                          found=str(list(methods)), fix="pass methods=('fitnet', 'singer')")
+    out_dir = Path(out_dir)
+    runs, init_hash = {}, None
+    for method in methods:
+        torch.manual_seed(train.seed)
+        student = make_student()
+        digest = _weights_hash(student)
+        if init_hash is not None and digest != init_hash:
+            raise ConfigError("make_student built different initial weights for the two methods",
+                              expected="the same weights after torch.manual_seed(train.seed)",
+                              found="different weight hashes", fix="build the student from the global torch RNG "
+                              "only (e.g. timm.create_model), or load fixed initial weights inside the factory")
+        init_hash = digest
+        runs[method] = distill(teacher, student, train_data, out_dir / method, layers=layers, singer=singer,
+                               train=replace(train, method=method), progress=progress)
+
+    first = next(iter(runs.values()))
+    data = as_image_data(eval_data)  # rendered once, shared by the metrics and every probe
+    images = torch.from_numpy(data.images)
+    if clean_teacher is not None:
+        clean_teacher = clean_teacher.to(_device(teacher))
+    scored = [(_student_row(method, run, teacher, clean_teacher, images, batch_size), run.student, -1)
+              for method, run in runs.items()]
+    references = [("teacher (raw)", teacher)]
+    if clean_teacher is not None:
+        references.append(("teacher (clean twin)", clean_teacher))
+    scored += [(_teacher_row(name, source, teacher, first.teacher_layers, images, batch_size), source,
+                first.teacher_layers[-1]) for name, source in references]
+    for row, source, layer in scored:
+        scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=train.seed)
+        row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
+        row["n_test"] = int(scores["n_test"])
+    rows = [_ordered(row) for row, _, _ in scored]
+
+    notes = _notes(rows, data.labels, first)
+    settings = {"methods": list(methods), "teacher_layers": first.teacher_layers,
+                "student_layers": first.student_layers, "eval_images": len(data.labels), "singer": asdict(singer),
+                "train": asdict(train)}
+    result = ComparisonResult(rows, notes, runs)
+    result.files = {"json": atomic_write_json(out_dir / JSON, {"rows": rows, "notes": notes, "settings": settings}),
+                    "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes))}
+    return result
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    """One table: the headline columns first, then every other key in order of first appearance."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [key for key in _ordered(row) if key not in keys]
+    keys = [key for key in MAIN_COLUMNS if key in keys] + [key for key in keys if key not in MAIN_COLUMNS]
+    lines = ["# SiNGER vs FitNet", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for key in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- rows
+
+@torch.no_grad()
+def _student_row(method: str, run: DistillResult, teacher: Backbone, clean: Backbone | None, images: Tensor,
+                 batch_size: int) -> dict[str, Any]:
+    student, projectors, refiner = run.student, run.projectors, run.refiner
+    device = _device(teacher)
+    student.eval()
+    keeps_cls = projectors.aligner.keeps_cls
+    acc = _Averages()
+    for batch in images.split(batch_size):
+        batch = batch.to(device)
+        raw = teacher.forward_taps(batch, run.teacher_layers)
+        clean_taps = clean.forward_taps(batch, run.teacher_layers) if clean is not None else {}
+        taps = student.forward_taps(batch, sorted({*run.student_layers, student.depth - 1}))
+        own = student.split(taps[student.depth - 1])[1]
+        acc.add_metrics("", artifact_metrics(own), len(batch))
+        for layer, s_layer in zip(run.teacher_layers, run.student_layers):
+            raw_patches = teacher.split(raw[layer])[1]
+            normal = ~high_norm_mask(raw_patches)
+            projected = projectors(layer, taps[s_layer])
+            projected = projected[:, 1:] if keeps_cls else projected
+            acc.add_metrics("proj_", artifact_metrics(projected), len(batch), suffix=f"@{layer}")
+            acc.add_cosine(f"normal_cos_raw@{layer}", projected, raw_patches, normal)
+            if layer in clean_taps:
+                acc.add_cosine(f"normal_cos_clean@{layer}", projected, clean.split(clean_taps[layer])[1], normal)
+            if refiner is not None:
+                refined = refiner(layer, raw[layer])
+                refined_patches = teacher.split(refined)[1]
+                acc.add_metrics("target_", artifact_metrics(refined_patches), len(batch), suffix=f"@{layer}")
+                acc.add_cosine(f"target_cos@{layer}", refined_patches, raw_patches, normal)
+                if layer + 1 < teacher.depth:
+                    after = teacher.split(teacher.run_blocks(refined, layer + 1, layer + 2))[1]
+                    before = teacher.split(teacher.run_blocks(raw[layer], layer + 1, layer + 2))[1]
+                    acc.add_cosine(f"target_next_cos@{layer}", after, before, normal)
+    return {"method": method, "role": "student", "measured_at": f"student block {student.depth - 1}",
+            **acc.values()}
+
+
+@torch.no_grad()
+def _teacher_row(name: str, source: Backbone, raw_teacher: Backbone, layers: Sequence[int], images: Tensor,
+                 batch_size: int) -> dict[str, Any]:
+    device = _device(raw_teacher)
+    deepest = layers[-1]
+    acc = _Averages()
+    for batch in images.split(batch_size):
+        batch = batch.to(device)
+        taps = source.forward_taps(batch, layers)
+        raw = raw_teacher.forward_taps(batch, layers) if source is not raw_teacher else taps
+        acc.add_metrics("", artifact_metrics(source.split(taps[deepest])[1]), len(batch))
+        for layer in layers:
+            patches, raw_patches = source.split(taps[layer])[1], raw_teacher.split(raw[layer])[1]
+            acc.add_metrics("", artifact_metrics(patches), len(batch), suffix=f"@{layer}")
+            if source is not raw_teacher:
+                acc.add_cosine(f"normal_cos_raw@{layer}", patches, raw_patches, ~high_norm_mask(raw_patches))
+    return {"method": name, "role": "reference", "measured_at": f"teacher block {deepest}", **acc.values()}
+
+
+class _Averages:
+    """Running means: artifact metrics weighted by images (they are per-image means), cosines by normal tokens."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def _add(self, key: str, value: float, weight: float) -> None:
+        self._sums[key] = self._sums.get(key, 0.0) + value * weight
+        self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def add_metrics(self, prefix: str, metrics: dict[str, float], images: int, suffix: str = "") -> None:
+        names = {"hnr": f"hnr_{DEFAULT_K:g}", "e_out": "e_out"}  # r_max is dominated by single tokens; left out
+        for key, name in names.items():
+            self._add(f"{prefix}{name}{suffix}", metrics[key], images)
+
+    def add_cosine(self, key: str, a: Tensor, b: Tensor, normal: Tensor) -> None:
+        cos = F.cosine_similarity(a.float(), b.float(), dim=-1)[normal]
+        if cos.numel():
+            self._add(key, cos.sum().item() / cos.numel(), cos.numel())
+
+    def values(self) -> dict[str, float]:
+        return {key: self._sums[key] / self._weights[key] for key in self._sums}
+
+
+# --------------------------------------------------------------------------- notes and helpers
+
+def _notes(rows: list[dict[str, Any]], labels: np.ndarray, run: DistillResult) -> list[str]:
+    notes = [f"Same student init, data, steps and seed for every method; distilled teacher layers "
+             f"{run.teacher_layers} -> student blocks {run.student_layers}.",
+             "hnr_4 / e_out: a student's OWN last block (what is deployed) or a teacher's deepest distilled layer; "
+             "proj_* columns are the projector outputs L_kd saw (the projector is discarded after training)."]
+    teacher = next(row for row in rows if row["method"] == "teacher (raw)")
+    _, counts = np.unique(labels, return_counts=True)
+    chance = counts.max() / counts.sum()
+    n_test = max(teacher["n_test"], 1)
+    margin = max(0.05, 2.0 * math.sqrt(chance * (1.0 - chance) / n_test))
+    scores = [teacher.get("knn_acc"), teacher.get("linear_acc")]
+    if all(score is not None and score <= chance + margin for score in scores):
+        notes.append(f"The raw teacher's image probes are at chance (kNN {scores[0]:.3f}, linear {scores[1]:.3f}; "
+                     f"chance = majority-class share {chance:.3f}, {n_test} test images, noise ~{margin:.3f}): its "
+                     "features do not encode these labels (e.g. random or planted weights), so the probe columns "
+                     "cannot rank the methods here. Judge them by the artifact and fidelity columns.")
+    return notes
+
+
+def _ordered(row: dict[str, Any]) -> dict[str, Any]:
+    """Headline columns, then per-layer columns grouped by layer, then the other probe scores."""
+    def rank(key: str) -> tuple:
+        if key in MAIN_COLUMNS:
+            return (0, MAIN_COLUMNS.index(key))
+        if "@" in key:
+            base, layer = key.split("@")
+            return (2, int(layer), _LAYER_COLUMNS.index(base) if base in _LAYER_COLUMNS else len(_LAYER_COLUMNS))
+        return (1 if key in ("role", "measured_at") else 3, 0)
+    return {key: row[key] for key in sorted(row, key=rank)}  # sorted() is stable: ties keep insertion order
+
+
+def _device(backbone: Backbone) -> torch.device:
+    return next(backbone.parameters()).device
+
+
+def _weights_hash(backbone: Backbone) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in backbone.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
