@@ -67,11 +67,8 @@ def analyse_artifacts(teacher: Backbone, refined, result, images: Tensor, plante
 
 
 def _headline(rows: list[dict], layer: int) -> dict:
+    """HNR_4 and E_out per source at the teacher's last distilled layer (the student's matched last block)."""
     at = {r["method"]: r for r in rows if r["layer"] == layer}
-    headline = {f"hnr_4 raw teacher (layer {layer})": round(at["raw teacher"]["hnr_4"], 4),
-                f"e_out raw teacher (layer {layer})": round(at["raw teacher"]["e_out"], 4)}
-    for name in ("refined teacher", "clean twin", "student", "student (projected)"):
-        if name in at:
-            headline[f"hnr_4 {name}"] = round(at[name]["hnr_4"], 4)
-            headline[f"e_out {name}"] = round(at[name]["e_out"], 4)
-    return headline
+    return {"layer": layer,
+            "hnr_4": {name: round(row["hnr_4"], 4) for name, row in at.items()},
+            "e_out": {name: round(row["e_out"], 4) for name, row in at.items()}}

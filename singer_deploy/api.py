@@ -254,7 +254,7 @@ def _summary(analysis: ArtifactAnalysis, exported, parity_rows, latency_rows, re
     summary = {"method": "singer" if result.refiner is not None else "fitnet",
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
-    summary.update(analysis.headline)
+    summary["artifacts"] = analysis.headline
     summary["parity"] = {key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
                          for key, rec in exported.artifacts.items()}
     if latency_rows:

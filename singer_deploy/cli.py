@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from importlib import resources
@@ -116,7 +115,9 @@ def _run(config: dict, overrides: dict, args) -> int:
 def format_summary(result) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
-        lines.append(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        lines.append(f"  {key}: {value}")
     lines.append(f"  report: {result.files.get('report')}")
     return "\n".join(lines)
 

@@ -38,6 +38,9 @@ def test_pipeline_writes_a_self_explaining_run_directory(finished):
     assert manifest["config"]["train"]["steps"] == 4 and manifest["passed"] is True
     assert {"torch", "timm", "onnxruntime", "openvino"} <= set(manifest["versions"])
     assert set(finished.summary["parity"]) == {"onnx/fp32", "openvino/fp32", "openvino/fp16"}
+    artifacts = finished.summary["artifacts"]
+    assert artifacts["layer"] == 7
+    assert artifacts["hnr_4"]["raw teacher"] > 0.05 and artifacts["hnr_4"]["clean twin"] < 0.01
     assert {row["runner"] for row in finished.latency} >= {"pytorch/fp32", "onnx/fp32"}
 
 
