@@ -81,7 +81,8 @@ def activation_range_stats(model: nn.Module, images: np.ndarray | torch.Tensor, 
     """Range statistics of the chosen layers' inputs (default: every nn.Linear, what INT8 activation quantizers
     see) or outputs (`capture="output"`, e.g. with layers=residual_blocks) over `images`, in forward order."""
     if capture not in ("input", "output"):
-        raise ConfigError("Unknown capture point", expected="'input' or 'output'", found=repr(capture))
+        raise ConfigError("Unknown capture point", expected="'input' or 'output'", found=repr(capture),
+                          fix="capture='input' for Linear inputs, 'output' with layers=residual_blocks")
     chosen = layers(model) if callable(layers) else layers
     per_batch = max(1, _RESERVOIR // -(-len(images) // batch_size))  # equal share per batch: a uniform sample
     collectors = {name: _Collector(seed + i, per_batch) for i, name in enumerate(chosen)}

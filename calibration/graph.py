@@ -130,7 +130,8 @@ def load_graph(model: Any) -> OpGraph:
     return openvino_graph(model)
 
 
-def onnx_graph(model) -> OpGraph:
+def onnx_graph(model: Any) -> OpGraph:
+    """An OpGraph of an onnx.ModelProto (dtypes from shape inference where it succeeds)."""
     from onnx import helper, shape_inference
 
     try:
@@ -175,7 +176,8 @@ def _ov_dtype(element_type) -> str:
             "u4": "uint4", "i32": "int32", "i64": "int64", "boolean": "bool"}.get(name, name)
 
 
-def openvino_graph(model) -> OpGraph:
+def openvino_graph(model: Any) -> OpGraph:
+    """An OpGraph of an openvino.Model (Parameters count as graph inputs, Results mark the outputs)."""
     nodes: dict[str, OpNode] = {}
     key = {}
     for op in model.get_ordered_ops():

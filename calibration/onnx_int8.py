@@ -53,7 +53,7 @@ def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibrati
 
     if calibrate_method not in CALIBRATE_METHODS:
         raise ConfigError(f"Unknown calibration method {calibrate_method!r}", expected=f"one of {CALIBRATE_METHODS}",
-                          found=repr(calibrate_method))
+                          found=repr(calibrate_method), fix="use calibrate_method='minmax'")
     onnx_path, output_path = Path(onnx_path), Path(output_path)
     model = onnx.load(str(onnx_path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

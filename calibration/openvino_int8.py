@@ -18,7 +18,7 @@ from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.openvino import export_openvino, import_openvino
 
 
-def load_openvino_model(source: Any):
+def load_openvino_model(source: Any) -> Any:
     """An ov.Model from an ov.Model, an IR .xml or an ONNX file."""
     ov = import_openvino()
     if isinstance(source, ov.Model):
@@ -43,7 +43,8 @@ def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: Cal
     subset = subset_size or len(calibration)
     if subset < 1 or len(calibration) == 0:
         raise ConfigError("NNCF needs calibration images", expected="a non-empty calibration set",
-                          found=f"{len(calibration)} images, subset_size={subset_size}")
+                          found=f"{len(calibration)} images, subset_size={subset_size}",
+                          fix="select calibration images first and leave subset_size=None (all of them)")
     # One image per step: batched statistics make NNCF warn and skew transformer ranges (nncf quantize_model.py).
     dataset = nncf.Dataset([calibration.images[i:i + 1] for i in range(len(calibration))])
     previous = nncf.nncf_logger.level

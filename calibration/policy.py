@@ -42,13 +42,14 @@ class PrecisionPolicy:
         overlap = sorted(set(self.low_precision_roles) & set(self.high_precision_roles))
         if unknown or overlap:
             raise ConfigError("Invalid precision policy", expected=f"roles from {ROLES}, each either low or high",
-                              found=f"unknown {unknown}" if unknown else f"in both lists: {overlap}")
+                              found=f"unknown {unknown}" if unknown else f"in both lists: {overlap}",
+                              fix="list each role once, spelled as in graph.ROLES")
         for pattern in self.keep_name_patterns:
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError("Invalid node-name pattern in the precision policy", expected="a Python regex",
-                                  found=f"{pattern!r}: {err}") from err
+                                  found=f"{pattern!r}: {err}", fix="escape special characters (re.escape)") from err
 
     def _kept_by_name(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.keep_name_patterns)

@@ -16,7 +16,6 @@ from singer_deploy.calibration.graph import OpGraph, load_graph
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.errors import ExportError
 
-PRECISIONS = ("int8", "mixed", "fp16", "fp32")
 _LOW_INT = {"int8", "uint8", "int4", "uint4"}
 _QUANT_OPS = {"DequantizeLinear", "FakeQuantize"}
 _FLOAT = {"float32", "float16", "bfloat16"}

@@ -37,11 +37,6 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batches(self, batch_size: int):
-        """Consecutive float32 batches; the last one may be shorter."""
-        for start in range(0, len(self.images), batch_size):
-            yield self.images[start:start + batch_size]
-
 
 def random_selection(count: int, size: int, seed: int) -> np.ndarray:
     """`size` distinct indices out of `count`, the same for the same seed."""
@@ -85,10 +80,10 @@ def select_calibration_set(source: ImageSource, *, size: int = DEFAULT_CALIBRATI
     """
     if method not in METHODS:
         raise ConfigError(f"Unknown calibration selection method {method!r}", expected=f"one of {METHODS}",
-                          found=repr(method))
+                          found=repr(method), fix="use method='random' or 'kcenter'")
     if size < 1:
         raise ConfigError("Calibration size must be positive", expected=">= 1 (default "
-                          f"{DEFAULT_CALIBRATION_SIZE})", found=str(size))
+                          f"{DEFAULT_CALIBRATION_SIZE})", found=str(size), fix=f"pass size={DEFAULT_CALIBRATION_SIZE}")
     if method == "kcenter" and embed_fn is None:
         raise ConfigError("k-center selection needs an embedding function", expected="embed_fn=images -> embeddings "
                           "(e.g. the FP32 student)", found="embed_fn=None", fix="pass embed_fn or use method='random'")

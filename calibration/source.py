@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ ImageSource = Any  # np.ndarray | torch.Tensor | Dataset/Sequence of tensors or 
 _ARRAY_SUFFIXES = {".npy", ".npz"}
 
 
-def load_calibration_images(source: ImageSource, *, transform=None) -> np.ndarray:
+def load_calibration_images(source: ImageSource, *, transform: Callable | None = None) -> np.ndarray:
     """Return the source's images as a contiguous float32 (N, C, H, W) array, or raise DataError.
 
     `source` may be an array or tensor (N, C, H, W), a dataset / sequence whose items are image tensors or dicts
@@ -38,7 +38,7 @@ def load_calibration_images(source: ImageSource, *, transform=None) -> np.ndarra
     return _validated(images)
 
 
-def _open_path(path: Path, transform) -> Any:
+def _open_path(path: Path, transform: Callable | None) -> Any:
     if not path.exists():
         raise DataError("The calibration source does not exist",
                         expected="an array file, an image folder or a list file", found=str(path), fix="check the path")

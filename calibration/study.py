@@ -18,7 +18,7 @@ from singer_deploy.calibration.activation_stats import activation_range_stats, r
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.quantize import artifact_runner, reduce_precision, run_all
 from singer_deploy.calibration.selection import CalibrationSet
-from singer_deploy.calibration.source import load_calibration_images
+from singer_deploy.calibration.source import ImageSource, load_calibration_images
 from singer_deploy.export.onnx import export_onnx
 from singer_deploy.export.openvino import export_openvino
 from singer_deploy.export.parity import compare_outputs
@@ -63,7 +63,7 @@ def _study_one(model: nn.Module, projector: nn.Module | None, calibration: Calib
     return result
 
 
-def int8_artifact_study(model_a: nn.Module, model_b: nn.Module, calib_images, eval_images, *,
+def int8_artifact_study(model_a: nn.Module, model_b: nn.Module, calib_images: ImageSource, eval_images: ImageSource, *,
                         names: tuple[str, str] = ("a", "b"), projectors: tuple[nn.Module | None, nn.Module | None]
                         = (None, None), backends: tuple[str, ...] = ("openvino", "onnx"),
                         policy: PrecisionPolicy = DEFAULT_POLICY, k: float = DEFAULT_K,

@@ -111,7 +111,7 @@ def check_precision(fmt: ExportFormat, precision: str) -> str:
     if key not in fmt.precisions:
         raise ConfigError(f"Format {fmt.name} cannot carry precision {key}",
                           expected=f"one of {', '.join(fmt.precisions)}", found=key,
-                          fix=f"choose a listed precision or another format")
+                          fix="choose a listed precision or another format")
     return key
 
 

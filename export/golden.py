@@ -36,7 +36,8 @@ _PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu",
              "torch-tensorrt", "singer-deploy")
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution (pip name), or None when it is not installed."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -47,7 +48,7 @@ def environment_fingerprint(device: str = "cpu") -> dict:
     """What produced / ran the numbers: interpreter, platform, runtime versions, device."""
     return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "device": device,
-            **{pkg: _package_version(pkg) for pkg in _PACKAGES}}
+            **{pkg: package_version(pkg) for pkg in _PACKAGES}}
 
 
 def artifact_sha256(path: str | Path) -> str:

@@ -58,10 +58,10 @@ def explicit_attention(module: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
-def _example_batch(wrapper: ExportableStudent, batch: int) -> torch.Tensor:
-    in_chans = int(getattr(wrapper.vit.patch_embed.proj, "in_channels", 3))
+def example_batch(wrapper: ExportableStudent, batch: int) -> torch.Tensor:
+    """A seeded random (batch, C, H, W) input to trace the student with."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, in_chans, *wrapper.img_size, generator=generator)
+    return torch.randn(batch, *wrapper.input_chw, generator=generator)
 
 
 def _export_dynamo(wrapper: ExportableStudent, x: torch.Tensor, path: Path, opset: int, dynamic: bool) -> None:
@@ -137,7 +137,7 @@ def export_onnx(student: nn.Module, path: str | Path, *, projector: nn.Module | 
     wrapper = wrapper.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = _example_batch(wrapper, trace_batch)
+    x = example_batch(wrapper, trace_batch)
     start = time.perf_counter()
     exporter, fallback_reason = "dynamo", None
     with explicit_attention(wrapper), torch.no_grad():

@@ -13,13 +13,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import nn
 
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
-from singer_deploy.export.onnx import explicit_attention
+from singer_deploy.export.onnx import example_batch, explicit_attention
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
 
@@ -28,7 +29,7 @@ PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "f
                    "default": None}
 
 
-def import_openvino():
+def import_openvino() -> ModuleType:
     try:
         return importlib.import_module("openvino")
     except ImportError as exc:
@@ -51,9 +52,8 @@ def _convert(source: nn.Module | str | Path, *, projector: nn.Module | None):
         return ov.convert_model(str(path)), "onnx"
     wrapper = source if isinstance(source, ExportableStudent) else ExportableStudent(source, projector)
     wrapper = wrapper.eval()
-    in_chans = int(getattr(wrapper.vit.patch_embed.proj, "in_channels", 3))
-    h, w = wrapper.img_size
-    example = torch.randn(2, in_chans, h, w, generator=torch.Generator().manual_seed(0))
+    in_chans, h, w = wrapper.input_chw
+    example = example_batch(wrapper, 2)
     with explicit_attention(wrapper), torch.no_grad(), warnings.catch_warnings():
         # OpenVINO traces torch modules with torch.jit.trace, whose deprecation / tracer notices are not ours.
         warnings.simplefilter("ignore")

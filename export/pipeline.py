@@ -15,19 +15,23 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from torch import nn
 
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
-from singer_deploy.export.golden import runner_device, write_golden
-from singer_deploy.export.onnx import export_onnx
+from singer_deploy.export.golden import open_runner, runner_device, write_golden
+from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.precision_hooks import converter_for
-from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
+from singer_deploy.export.runner import TorchRunner, validate_batch
 from singer_deploy.export.student import ExportableStudent
+from singer_deploy.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from singer_deploy.export.tensorrt import TensorRTBuildConfig
 
 MANIFEST_NAME = "export_manifest.json"
 
@@ -119,8 +123,8 @@ def _plan(formats: Sequence[str], precision: str) -> list[str]:
 def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[str] = ("onnx", "openvino"), *,
                    img_size: int | Sequence[int], projector: nn.Module | None = None, precision: str = "fp32",
                    calib_images: np.ndarray | None = None, parity_images: np.ndarray,
-                   policy: ParityPolicy | None = None, opset: int = 18, stem: str = "student",
-                   tensorrt_config=None, write_goldens: bool = True) -> ExportResult:
+                   policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
+                   tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True) -> ExportResult:
     """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
     `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
     golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
@@ -146,7 +150,8 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
 
     records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config)
     for record in records:
-        runner = _runner_for(record)
+        # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
+        runner = open_runner(record.path).load()
         gate = policy if (policy is not None and record.precision == precision) else \
             ParityPolicy.for_precision(record.precision)
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
@@ -159,12 +164,13 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                                              extra={"artifact_key": record.key, "exporter": record.exporter})
     result = ExportResult(out_dir, {r.key: r for r in records})
     result.manifest_path = out_dir / MANIFEST_NAME
-    result.manifest_path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    atomic_write_text(result.manifest_path, json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
-                opset: int, calib_images: np.ndarray | None, tensorrt_config) -> list[ArtifactRecord]:
+                opset: int, calib_images: np.ndarray | None,
+                tensorrt_config: TensorRTBuildConfig | None) -> list[ArtifactRecord]:
     records: list[ArtifactRecord] = []
     onnx_fp32 = None
     if {"onnx", "openvino", "tensorrt"} & set(names):
@@ -214,8 +220,3 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
         records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
                                       "singer_deploy.calibration", time.perf_counter() - start))
     return records
-
-
-def _runner_for(record: ArtifactRecord) -> Runner:
-    # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
-    return resolve_format(record.format).runner_class()(record.path).load()

@@ -44,7 +44,8 @@ def validate_batch(batch: object, chw: tuple[int, int, int] | None, runner: str)
         raise DataError(f"{runner} takes a batch of images", expected="rank 4 (B, C, H, W)",
                         found=f"shape {tuple(batch.shape)}", fix="add the batch axis with batch[None]")
     if batch.shape[0] < 1:
-        raise DataError(f"{runner} got an empty batch", expected="B >= 1", found=f"shape {tuple(batch.shape)}")
+        raise DataError(f"{runner} got an empty batch", expected="B >= 1", found=f"shape {tuple(batch.shape)}",
+                        fix="pass at least one image")
     if chw is not None and tuple(batch.shape[1:]) != tuple(chw):
         raise DataError(f"{runner}: the artifact was exported for a fixed image size",
                         expected=f"(B, {chw[0]}, {chw[1]}, {chw[2]})", found=f"shape {tuple(batch.shape)}",
@@ -95,9 +96,7 @@ class TorchRunner(Runner):
 
     def _load(self) -> None:
         self.module = self.module.eval().to(self.device)
-        proj = self.module.vit.patch_embed.proj
-        in_chans = int(getattr(proj, "in_channels", 3))
-        self.input_chw = (in_chans, *self.module.img_size)
+        self.input_chw = self.module.input_chw
         self.output_names = self.module.output_names
         self.info = {"runtime": f"torch {torch.__version__}", "device": str(self.device),
                      "cls_source": self.module.cls_source}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from singer_deploy.backbone import has_class_token
 from singer_deploy.errors import ModelError
 
 INPUT_NAME = "images"
@@ -44,7 +45,7 @@ class ExportableStudent(nn.Module):
         self.vit = _unwrap_vit(student)
         self.projector = projector
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
-        self.has_class_token = getattr(self.vit, "cls_token", None) is not None
+        self.has_class_token = has_class_token(self.vit)
         self.last_block = len(self.vit.blocks) - 1
         if projector is not None and isinstance(projector, nn.Linear):
             embed_dim = int(getattr(self.vit, "embed_dim", projector.in_features))
@@ -66,6 +67,11 @@ class ExportableStudent(nn.Module):
     def img_size(self) -> tuple[int, int]:
         size = self.vit.patch_embed.img_size
         return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+    @property
+    def input_chw(self) -> tuple[int, int, int]:
+        """(C, H, W) of the one fixed input size the graph takes."""
+        return (int(getattr(self.vit.patch_embed.proj, "in_channels", 3)), *self.img_size)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # timm's public intermediates API: raw block output (norm=False), prefix tokens split off by

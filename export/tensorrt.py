@@ -17,18 +17,19 @@ functions are written against the documented TensorRT 10/11 Python API and are u
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
 from singer_deploy.export.formats import normalize_precision
+from singer_deploy.export.golden import artifact_sha256
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.io import atomic_write_bytes
 
@@ -168,7 +169,7 @@ def check_engine_precision(layer_info: str | dict | list, requested: str, *,
 
 # ------------------------------------------------------------------------------------------- runtime-facing
 
-def import_tensorrt():
+def import_tensorrt() -> ModuleType:
     """TensorRT and a CUDA device, or BackendUnavailableError saying which is missing."""
     try:
         trt = importlib.import_module("tensorrt")
@@ -291,7 +292,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         "input_name": inp.name, "input_chw": list(shapes["opt"][1:]),
         "profile": {k: list(v) for k, v in shapes.items()},
         "output_names": [network.get_output(i).name for i in range(network.num_outputs)],
-        "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(), "tf32": config.allow_tf32,
+        "onnx_sha256": artifact_sha256(onnx_path), "tf32": config.allow_tf32,
         "workspace_bytes": config.workspace_bytes, "optimization_level": config.optimization_level,
         "device": torch.cuda.get_device_name(), "compute_capability": list(torch.cuda.get_device_capability()),
         "build_seconds": seconds, "layers_file": layers_path.name})
@@ -335,7 +336,7 @@ class TensorRTRunner(Runner):
         self.input_chw = tuple(int(d) for d in engine.get_tensor_shape(self._input_name))[1:]
         self._max_batch = int(engine.get_tensor_profile_shape(self._input_name, 0)[2][0])
         self._engine, self._context = engine, engine.create_execution_context()
-        sidecar = read_sidecar(self.path) if self.path.with_name(self.path.name + SIDECAR_SUFFIX).is_file() else {}
+        sidecar = read_sidecar(self.path) if sidecar_path(self.path).is_file() else {}
         self.info = {"runtime": f"tensorrt {trt.__version__}", "device": "cuda", "max_batch": self._max_batch,
                      "precision": sidecar.get("precision"), "path": str(self.path)}
 

@@ -11,6 +11,7 @@ import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from singer_deploy.export.tensorrt import profile_shapes
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def import_torch_tensorrt():
+def import_torch_tensorrt() -> ModuleType:
     try:
         ttrt = importlib.import_module("torch_tensorrt")
     except ImportError as exc:
@@ -68,8 +69,7 @@ def compile_torch_tensorrt(student: nn.Module, path: str | Path, *, projector: n
     precision = check_precision(FORMATS["torch_tensorrt"], precision)
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     wrapper = wrapper.eval().cuda()
-    chw = (int(getattr(wrapper.vit.patch_embed.proj, "in_channels", 3)), *wrapper.img_size)
-    shapes = profile_shapes(chw, min_batch, opt_batch, max_batch)
+    shapes = profile_shapes(wrapper.input_chw, min_batch, opt_batch, max_batch)
     inputs = [ttrt.Input(min_shape=shapes["min"], opt_shape=shapes["opt"], max_shape=shapes["max"],
                          dtype=torch.float32)]
     extra = {"workspace_size": int(workspace_bytes)} if workspace_bytes else {}

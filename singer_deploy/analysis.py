@@ -7,6 +7,7 @@ tokens for PCA maps). Metrics come from singer_deploy.metrics; nothing here is r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,11 @@ from torch import Tensor
 
 from singer_deploy.backbone import Backbone
 from singer_deploy.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
+
+if TYPE_CHECKING:
+    from singer_deploy.distill import DistillResult
+    from singer_deploy.planted import PlantedTeacher
+    from singer_deploy.refine import RefinedTeacher
 
 
 @dataclass
@@ -26,7 +32,8 @@ class ArtifactAnalysis:
 
 
 @torch.inference_mode()
-def analyse_artifacts(teacher: Backbone, refined, result, images: Tensor, planted=None) -> ArtifactAnalysis:
+def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result: DistillResult, images: Tensor,
+                      planted: PlantedTeacher | None = None) -> ArtifactAnalysis:
     """`refined`: RefinedTeacher or None (FitNet); `result`: DistillResult; `planted`: PlantedTeacher or None."""
     layers = result.teacher_layers
     p_t = teacher.num_prefix_tokens

@@ -10,12 +10,11 @@ refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,13 +23,17 @@ from torch.utils.data import Dataset
 from singer_deploy import __version__
 from singer_deploy.analysis import ArtifactAnalysis, analyse_artifacts
 from singer_deploy.backbone import Backbone, load_backbone
-from singer_deploy.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images, teacher_transform
+from singer_deploy.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images,
+                                teacher_transform)
 from singer_deploy.distill import DistillResult, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
 from singer_deploy.refine import RefinedTeacher, Refiner
 from singer_deploy.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config
+
+if TYPE_CHECKING:
+    from singer_deploy.export.pipeline import ExportResult
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,7 @@ def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:
     return refined
 
 
-def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig):
+def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig) -> ExportResult:
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
     from singer_deploy.export.pipeline import export_student
 
@@ -204,7 +207,7 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
                           calib_images=calib, parity_images=eval_images)
 
 
-def bench(result: DistillResult, exported, eval_images: np.ndarray) -> list[dict]:
+def bench(result: DistillResult, exported: ExportResult, eval_images: np.ndarray) -> list[dict]:
     """Latency per exported artifact next to eager PyTorch, same inputs, same run (runners use parity settings)."""
     from singer_deploy.export.bench import add_ratios, benchmark_runners
     from singer_deploy.export.golden import open_runner
@@ -263,15 +266,12 @@ def _summary(analysis: ArtifactAnalysis, exported, parity_rows, latency_rows, re
 
 
 def environment() -> dict:
-    import timm
-    versions = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-                "timm": timm.__version__, "cuda": torch.cuda.is_available()}
-    for name in ("onnx", "onnxruntime", "openvino", "nncf", "peft"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    return versions
+    """The golden bundles' environment fingerprint plus the training-side packages (one definition of "versions")."""
+    from singer_deploy.export.golden import environment_fingerprint, package_version
+
+    cuda = torch.cuda.is_available()
+    return {**environment_fingerprint("cuda" if cuda else "cpu"), "cuda": cuda,
+            **{name: package_version(name) for name in ("peft", "nncf")}}
 
 
 def _sha256(path) -> str:

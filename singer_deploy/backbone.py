@@ -50,13 +50,7 @@ class Backbone(nn.Module):
 
     def check_layer(self, layer: int) -> int:
         """Return a non-negative block index; negative indices count from the last block."""
-        index = layer + self.depth if layer < 0 else layer
-        if not 0 <= index < self.depth:
-            raise ModelError(
-                f"Layer index {layer} is out of range",
-                expected=f"a block index in [-{self.depth}, {self.depth - 1}] (the model has {self.depth} blocks)",
-                found=str(layer), fix="choose a block that exists, e.g. -1 for the last block")
-        return index
+        return check_block_index(layer, self.depth)
 
     def embed(self, images: Tensor) -> Tensor:
         """Tokens entering block 0: patch embedding, prefix tokens and position embedding."""
@@ -99,6 +93,22 @@ class Backbone(nn.Module):
     def data_config(self) -> dict:
         """Input size, mean, std and interpolation timm uses for this model."""
         return resolve_data_config({}, model=self.model)
+
+
+def check_block_index(layer: int, depth: int, who: str = "model") -> int:
+    """Non-negative index of block `layer` in a stack of `depth` blocks (negative counts from the last block)."""
+    index = layer + depth if layer < 0 else layer
+    if not 0 <= index < depth:
+        raise ModelError(f"{who.capitalize()} layer {layer} is out of range",
+                         expected=f"a block index in [-{depth}, {depth - 1}] (the {who} has {depth} blocks)",
+                         found=str(layer), fix="choose a block that exists, e.g. -1 for the last block")
+    return index
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether a timm ViT (or a Backbone around one) puts a CLS token first; registers alone are not one."""
+    model = getattr(model, "model", model)
+    return bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
 
 
 def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, pretrained: bool = False,

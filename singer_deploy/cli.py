@@ -8,9 +8,13 @@ import logging
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataError, ModelError, ParityError,
                                   SingerDeployError, TrainingError)
+
+if TYPE_CHECKING:
+    from singer_deploy.api import PipelineResult
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_BACKEND, EXIT_TRAINING = 0, 1, 2, 3, 4
 
@@ -112,7 +116,7 @@ def _run(config: dict, overrides: dict, args) -> int:
     return EXIT_OK
 
 
-def format_summary(result) -> str:
+def format_summary(result: PipelineResult) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
         if isinstance(value, dict):

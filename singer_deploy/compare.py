@@ -15,7 +15,6 @@ Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (method
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +31,7 @@ from singer_deploy.backbone import Backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.distill import DistillResult, TrainConfig, distill
 from singer_deploy.errors import ConfigError
-from singer_deploy.features import as_image_data
+from singer_deploy.features import as_image_data, module_fingerprint
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
 from singer_deploy.probes import evaluate_backbone
@@ -81,7 +80,7 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     for method in methods:
         torch.manual_seed(train.seed)
         student = make_student()
-        digest = _weights_hash(student)
+        digest = module_fingerprint(student.model)
         if init_hash is not None and digest != init_hash:
             raise ConfigError("make_student built different initial weights for the two methods",
                               expected="the same weights after torch.manual_seed(train.seed)",
@@ -250,14 +249,6 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
 
 def _device(backbone: Backbone) -> torch.device:
     return next(backbone.parameters()).device
-
-
-def _weights_hash(backbone: Backbone) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in backbone.model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _fmt(value: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -169,7 +169,7 @@ class ImageFolder(Dataset):
     image 9,000; an empty or all-bad source is an error.
     """
 
-    def __init__(self, source: str | Path, transform=None):
+    def __init__(self, source: str | Path, transform: Callable[[Image.Image], torch.Tensor] | None = None):
         self.source = Path(source).expanduser()
         self.transform = transform
         candidates = self._candidates()
@@ -210,7 +210,7 @@ class ImageFolder(Dataset):
         return {"image": tensor, "path": str(self.files[index])}
 
 
-def teacher_transform(data_config: dict):
+def teacher_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform (resize, centre crop, normalise) timm uses for a model's data config."""
     from timm.data import create_transform
     return create_transform(**data_config, is_training=False)

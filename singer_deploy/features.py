@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from singer_deploy.backbone import has_class_token
 from singer_deploy.errors import ConfigError, DataError
 from singer_deploy.io import atomic_savez
 
@@ -164,9 +165,8 @@ class _BackboneExtractor:
         else:
             raise ConfigError("Cannot resolve the block to read", expected="a backbone with 'depth' and a layer "
                               "inside it", found=f"layer={layer}, depth={depth}", fix="pass a valid layer index")
-        model = getattr(backbone, "model", backbone)
         # Models without a class token (registers only, or none) have no CLS: pool the patches instead.
-        self.has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+        self.has_cls = has_class_token(backbone)
         self.grid = tuple(getattr(backbone, "grid_size", ())) or None
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -178,7 +178,8 @@ class _BackboneExtractor:
         return {"cls": cls.float().cpu().numpy(), "patch_tokens": patches.float().cpu().numpy()}
 
 
-def _module_hash(module: nn.Module) -> str:
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's type, parameter and buffer names, shapes, dtypes and values."""
     digest = hashlib.sha256(type(module).__qualname__.encode())
     for name, tensor in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -195,7 +196,7 @@ def source_fingerprint(source: Any, source_id: str | None = None) -> str:
     if isinstance(declared, str) and declared:
         return declared
     if isinstance(source, nn.Module):
-        return _module_hash(source)
+        return module_fingerprint(source)
     raise ConfigError("Cannot fingerprint this feature source for caching",
                       expected="an nn.Module, a source with a 'fingerprint' string, or source_id=...",
                       found=type(source).__name__, fix="pass source_id (e.g. the model file's hash) or cache_dir=None")

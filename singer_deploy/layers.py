@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from singer_deploy.backbone import check_block_index, has_class_token
 from singer_deploy.errors import ModelError
 
 
@@ -26,7 +27,7 @@ def resolve_teacher_layers(layers: Sequence[int], depth: int, *, append_last: bo
 
     Negative indices count from the end (-1 = last block). The last entry is the "final" layer of the losses.
     """
-    resolved = sorted({_check_index(layer, depth, "teacher") for layer in layers})
+    resolved = sorted({check_block_index(layer, depth, "teacher") for layer in layers})
     if append_last and depth - 1 not in resolved:
         resolved.append(depth - 1)
     if not resolved:
@@ -44,7 +45,7 @@ def map_layers(teacher_layers: Sequence[int], teacher_depth: int, student_depth:
     untrained; force_last pins the teacher's last block (L_T - 1), when distilled, to the student's last block
     and assigns the rest among the remaining student blocks.
     """
-    teacher = [_check_index(layer, teacher_depth, "teacher") for layer in teacher_layers]
+    teacher = [check_block_index(layer, teacher_depth, "teacher") for layer in teacher_layers]
     if len(teacher) > student_depth:
         raise ModelError("More teacher layers than student blocks", expected=f"at most {student_depth} layers "
                          f"(the student has {student_depth} blocks)", found=str(teacher),
@@ -74,9 +75,7 @@ class TokenLayout:
     @classmethod
     def of(cls, backbone: nn.Module) -> TokenLayout:
         """Layout of a lead `Backbone` (or anything with `.model`, `.num_prefix_tokens`, `.grid_size`)."""
-        model = getattr(backbone, "model", backbone)
-        has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
-        return cls(int(backbone.num_prefix_tokens), has_cls, tuple(backbone.grid_size))
+        return cls(int(backbone.num_prefix_tokens), has_class_token(backbone), tuple(backbone.grid_size))
 
     def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(prefix tokens, patch tokens)."""
@@ -134,12 +133,3 @@ class Projectors(nn.Module):
     def forward(self, layer: int, student_tokens: Tensor) -> Tensor:
         """Student block output (B, prefix_S + N_S, d_S) -> (B, [1] + N_T, d_T) in the L_kd layout."""
         return self.aligner.student(self.proj[str(layer)](student_tokens))
-
-
-def _check_index(layer: int, depth: int, who: str) -> int:
-    index = layer + depth if layer < 0 else layer
-    if not 0 <= index < depth:
-        raise ModelError(f"{who.capitalize()} layer {layer} is out of range",
-                         expected=f"a block index in [-{depth}, {depth - 1}] (the {who} has {depth} blocks)",
-                         found=str(layer), fix="choose a block that exists, e.g. -1 for the last block")
-    return index

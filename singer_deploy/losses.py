@@ -19,10 +19,10 @@ from torch import Tensor
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ModelError
 from singer_deploy.layers import TokenAligner
-from singer_deploy.metrics import cosine_gram, high_norm_mask
+from singer_deploy.metrics import DEFAULT_K, cosine_gram, high_norm_mask
 
 # Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
-TRAP_K = 4.0
+TRAP_K = DEFAULT_K
 
 
 def kd_loss(student: Tensor, target: Tensor, *, detach_target: bool = False) -> Tensor:

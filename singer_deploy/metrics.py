@@ -6,9 +6,6 @@ which flags 3% of tokens by construction before and after refinement (see shared
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -62,15 +59,6 @@ def relative_change(new: Tensor, old: Tensor, normal: Tensor | None = None) -> f
     if normal is not None:
         diff, ref = diff[normal], ref[normal]
     return (diff.sum() / ref.sum().clamp_min(1e-12)).item()
-
-
-def next_block_relative_change(block: Callable[[Tensor], Tensor], refined: Tensor, raw: Tensor,
-                               num_prefix_tokens: int, normal: Tensor | None = None) -> float:
-    """Relative change of the next block's output on normal patch tokens when its input is refined."""
-    with torch.no_grad():
-        new = block(refined)[:, num_prefix_tokens:]
-        old = block(raw)[:, num_prefix_tokens:]
-    return relative_change(new, old, normal)
 
 
 def linear_cka(a: Tensor, b: Tensor) -> float:

@@ -16,7 +16,7 @@ It validates mechanics (taps, prefix handling, nullspace maths, losses, metrics)
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -79,9 +79,6 @@ class PlantedTeacher:
     def artifact_mask(self, images: Tensor) -> Tensor:
         """Ground-truth artifact tokens (B, N): patches that are exactly flat, where the register neurons fire."""
         return _flat_patches(images, self.config.patch_size)
-
-    def metadata(self) -> dict:
-        return {"config": asdict(self.config), "alpha": self.alpha, "register_neurons": list(self.register_neurons)}
 
 
 def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher:

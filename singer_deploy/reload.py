@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
 from singer_deploy.api import MANIFEST, build_data, build_models
+from singer_deploy.backbone import Backbone
 from singer_deploy.errors import ConfigError
-from singer_deploy.runconfig import load_run_config
+from singer_deploy.runconfig import RunConfig, load_run_config
+
+if TYPE_CHECKING:
+    from singer_deploy.export.pipeline import ExportResult
 
 
-def load_run(run_dir: Path):
+def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Linear, np.ndarray]:
     """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images)."""
     manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
@@ -32,7 +37,8 @@ def load_run(run_dir: Path):
     return config, models.student.eval(), projector.eval(), eval_images
 
 
-def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None):
+def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None) -> ExportResult:
+    """Export a finished run's student (+ last-layer projector) with parity on its held-out images."""
     from singer_deploy.export.pipeline import export_student
 
     config, student, projector, eval_images = load_run(run_dir)
