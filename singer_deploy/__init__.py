@@ -5,7 +5,9 @@ from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataErro
 
 __version__ = "0.1.0"
 
+from singer_deploy.api import distill_and_export  # noqa: E402  (api reads __version__ above)
+
 __all__ = [
     "BackendUnavailableError", "ConfigError", "DataError", "ExportError", "ModelError", "ParityError",
-    "SingerDeployError", "TrainingError", "__version__",
+    "SingerDeployError", "TrainingError", "__version__", "distill_and_export",
 ]

@@ -9,6 +9,7 @@ refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy import __version__
@@ -58,15 +60,24 @@ class Models:
     planted: PlantedTeacher | None
 
 
-def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, overwrite: bool = False,
-                       progress: bool = True, **overrides: Any) -> PipelineResult:
+def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, teacher: str | dict | None = None,
+                       student: str | dict | None = None, data: str | dict | None = None,
+                       out_dir: str | Path | None = None, layers: Sequence[int] | None = None,
+                       formats: Sequence[str] | None = None, precision: str | None = None,
+                       method: str | None = None, overwrite: bool = False, progress: bool = True,
+                       **sections: Any) -> PipelineResult:
     """Distil, merge, export, check parity, write goldens, benchmark and report, in one call.
 
-    `config` is a RunConfig, a dict, or a YAML path; keyword overrides replace top-level sections
-    (e.g. `out_dir="runs/x"`, `layers=[17]`). A finished run in out_dir is never overwritten silently: the run goes
-    to a new numbered directory unless overwrite=True; an unfinished one resumes.
+    `config` is a RunConfig, a dict, or a YAML path (default: the RunConfig defaults). The keywords override it:
+    `teacher` / `student` take a timm name or a ModelSpec mapping, `data` an image folder, "synthetic" or a DataSpec
+    mapping; `formats` / `precision` set the export section, `method` ("singer" or "fitnet") the training method;
+    any other keyword replaces a whole top-level section (e.g. `train={...}`). With `formats=[]` the run stops after
+    distillation, merge and the report. A finished run in out_dir is never overwritten silently: the run goes to a new
+    numbered directory unless overwrite=True; an unfinished one resumes.
     """
-    config = _resolve_config(config, overrides)
+    shortcuts = dict(teacher=teacher, student=student, data=data, out_dir=out_dir, layers=layers, formats=formats,
+                     precision=precision, method=method)
+    config = _resolve_config(config, shortcuts, sections)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -88,20 +99,24 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, o
     if refined is not None:
         files["refined_teacher"] = out_dir / "refined_teacher.safetensors"
 
-    clock = time.perf_counter()
-    exported = export(result, out_dir / "export", eval_images, config)
-    timings["export_s"] = time.perf_counter() - clock
-    parity_rows = _parity_rows(exported)
-
-    clock = time.perf_counter()
-    latency_rows = bench(result, exported, eval_images) if config.export.benchmark else []
-    timings["bench_s"] = time.perf_counter() - clock
+    exported, parity_rows, latency_rows = None, [], []
+    if config.export.formats:
+        clock = time.perf_counter()
+        exported = export(result, out_dir / "export", eval_images, config)
+        timings["export_s"] = time.perf_counter() - clock
+        parity_rows = _parity_rows(exported)
+        files["export_manifest"] = exported.manifest_path
+        if config.export.benchmark:
+            clock = time.perf_counter()
+            latency_rows = bench(result.student.model, _last_projector(result), exported.paths, eval_images,
+                                 {key: record.seconds for key, record in exported.artifacts.items()})
+            timings["bench_s"] = time.perf_counter() - clock
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
-    summary = _summary(analysis, exported, parity_rows, latency_rows, result)
-    files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images)
-    files["export_manifest"] = exported.manifest_path
-    passed = exported.passed
+    summary = _summary(analysis, exported, latency_rows, result)
+    files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
+                             display_normalisation(config, models.teacher))
+    passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
                 "timings": timings, "passed": passed, "summary": summary, "parity": parity_rows,
@@ -111,20 +126,42 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, o
     return PipelineResult(out_dir, passed, summary, files, parity_rows, latency_rows, timings)
 
 
-def _resolve_config(config, overrides: dict) -> RunConfig:
+def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
+    """Merge a config source with keyword overrides, then validate the whole of it once."""
     if config is None:
-        config = {}
-    if isinstance(config, RunConfig):
-        config = config.to_dict()
-    elif not isinstance(config, dict):
-        return load_run_config(config) if not overrides else load_run_config(
-            {**_yaml_dict(config), **overrides})
-    return load_run_config({**config, **overrides})
+        raw: dict = {}
+    elif isinstance(config, RunConfig):
+        raw = config.to_dict()
+    elif isinstance(config, dict):
+        raw = copy.deepcopy(config)
+    else:
+        raw = _yaml_dict(config)
+    raw.update(sections)
+    for role in ("teacher", "student"):
+        if shortcuts[role] is not None:
+            raw[role] = {"name": shortcuts[role]} if isinstance(shortcuts[role], str) else shortcuts[role]
+    if shortcuts["data"] is not None:
+        raw["data"] = {"source": str(shortcuts["data"])} if isinstance(shortcuts["data"], (str, Path)) \
+            else shortcuts["data"]
+    for key in ("out_dir", "layers"):
+        if shortcuts[key] is not None:
+            raw[key] = str(shortcuts[key]) if key == "out_dir" else list(shortcuts[key])
+    for key in ("formats", "precision"):
+        if shortcuts[key] is not None:
+            raw["export"] = {**raw.get("export", {}), key: shortcuts[key]}
+    if shortcuts["method"] is not None:
+        raw["train"] = {**raw.get("train", {}), "method": shortcuts["method"]}
+    return load_run_config(raw)
 
 
 def _yaml_dict(path) -> dict:
     import yaml
-    return yaml.safe_load(Path(path).read_text()) or {}
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
+                          fix="check the path (examples/ has working configs)")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def prepare_run_dir(out_dir: Path, *, overwrite: bool = False) -> Path:
@@ -200,35 +237,48 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
     from singer_deploy.export.pipeline import export_student
 
-    projector = result.projectors.proj[str(result.teacher_layers[-1])]
+    projector = _last_projector(result)
     calib = eval_images[:config.export.calibration_size] if config.export.precision == "int8" else None
     return export_student(result.student.model.eval(), out_dir, config.export.formats,
                           img_size=result.student.img_size, projector=projector, precision=config.export.precision,
                           calib_images=calib, parity_images=eval_images)
 
 
-def bench(result: DistillResult, exported: ExportResult, eval_images: np.ndarray) -> list[dict]:
+def bench(student: nn.Module, projector: nn.Module | None, artifacts: dict[str, Path], eval_images: np.ndarray,
+          build_seconds: dict[str, float] | None = None) -> list[dict]:
     """Latency per exported artifact next to eager PyTorch, same inputs, same run (runners use parity settings)."""
     from singer_deploy.export.bench import add_ratios, benchmark_runners
     from singer_deploy.export.golden import open_runner
     from singer_deploy.export.runner import TorchRunner
     from singer_deploy.export.student import ExportableStudent
 
-    wrapper = ExportableStudent(result.student.model.eval(), result.projectors.proj[str(result.teacher_layers[-1])])
-    runners = {"pytorch/fp32": TorchRunner(wrapper)}
-    runners.update({key: open_runner(record.path) for key, record in exported.artifacts.items()})
-    rows = benchmark_runners(runners, eval_images, iters=20,
-                             artifacts={key: record.path for key, record in exported.artifacts.items()},
-                             build_seconds={key: record.seconds for key, record in exported.artifacts.items()})
+    runners = {"pytorch/fp32": TorchRunner(ExportableStudent(student.eval(), projector))}
+    runners.update({key: open_runner(path) for key, path in artifacts.items()})
+    rows = benchmark_runners(runners, eval_images, iters=20, artifacts=artifacts, build_seconds=build_seconds)
     return add_ratios(rows, "pytorch/fp32")
 
 
+def _last_projector(result: DistillResult) -> nn.Module:
+    """The projector of the teacher's last distilled layer: it maps the exported last block into teacher space."""
+    return result.projectors.proj[str(result.teacher_layers[-1])]
+
+
+def display_normalisation(config: RunConfig, teacher: Backbone) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) the evaluation images were normalised with, to show them in their true colours."""
+    if config.data.source == "synthetic":
+        return IMAGENET_MEAN, IMAGENET_STD
+    data_config = teacher.data_config()
+    return data_config["mean"], data_config["std"]
+
+
 def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_rows: list[dict],
-           latency_rows: list[dict], summary: dict, eval_images: np.ndarray) -> Path:
+           latency_rows: list[dict], summary: dict, eval_images: np.ndarray,
+           normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Path:
     from singer_deploy.report import ReportData, write_report
 
     shown = slice(0, 6)
-    pixels = eval_images[shown].transpose(0, 2, 3, 1) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    mean, std = normalisation
+    pixels = eval_images[shown].transpose(0, 2, 3, 1) * np.array(std) + np.array(mean)
     data = ReportData(
         title="singer-deploy run", summary=summary, config=config.to_dict(), versions=environment(),
         images=np.clip(pixels, 0, 1), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
@@ -253,13 +303,14 @@ def _parity_rows(exported) -> list[dict]:
     return rows
 
 
-def _summary(analysis: ArtifactAnalysis, exported, parity_rows, latency_rows, result: DistillResult) -> dict:
+def _summary(analysis: ArtifactAnalysis, exported, latency_rows: list[dict], result: DistillResult) -> dict:
     summary = {"method": "singer" if result.refiner is not None else "fitnet",
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
     summary["artifacts"] = analysis.headline
-    summary["parity"] = {key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
-                         for key, rec in exported.artifacts.items()}
+    summary["parity"] = {} if exported is None else {
+        key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
+        for key, rec in exported.artifacts.items()}
     if latency_rows:
         summary["latency_p50_ms"] = {r["runner"]: round(r["p50_ms"], 2) for r in latency_rows}
     return summary

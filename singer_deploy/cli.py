@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     _common_run_flags(run)
     run.set_defaults(handler=_cmd_run)
 
+    distill = sub.add_parser("distill", help="distil and merge only (no export): student, refined teacher, report")
+    distill.add_argument("config", help="YAML config (see examples/)")
+    distill.add_argument("--out-dir", default=None, help="override out_dir from the config")
+    _common_run_flags(distill)
+    distill.set_defaults(handler=_cmd_distill)
+
     check = sub.add_parser("check-config", help="validate a YAML config without running anything")
     check.add_argument("config")
     check.set_defaults(handler=_cmd_check)
@@ -74,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or int8")
     export.add_argument("--out", default=None, help="output folder (default RUN_DIR/export-PRECISION)")
     export.set_defaults(handler=_cmd_export)
+
+    bench = sub.add_parser("bench", help="latency of a run's exported artifacts next to eager PyTorch, as a table")
+    bench.add_argument("run_dir", help="a finished run directory with an export/ folder")
+    bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    bench.set_defaults(handler=_cmd_bench)
 
     verify = sub.add_parser("verify", help="re-run an exported artifact against a golden bundle; non-zero on drift")
     verify.add_argument("artifact", help=".onnx, .xml (OpenVINO IR) or .engine file")
@@ -101,6 +112,26 @@ def _cmd_demo(args) -> int:
 def _cmd_run(args) -> int:
     overrides = {"out_dir": args.out_dir} if args.out_dir else {}
     return _run(_load_yaml(Path(args.config)), overrides, args)
+
+
+def _cmd_distill(args) -> int:
+    overrides = {"out_dir": args.out_dir} if args.out_dir else {}
+    config = _load_yaml(Path(args.config))
+    config["export"] = {**config.get("export", {}), "formats": []}
+    return _run(config, overrides, args)
+
+
+def _cmd_bench(args) -> int:
+    from singer_deploy.export.bench import markdown_table, to_json
+    from singer_deploy.io import atomic_write_text
+    from singer_deploy.reload import bench_run
+
+    rows = bench_run(Path(args.run_dir))
+    print(markdown_table(rows, ["runner", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "size_mb",
+                                "speedup_vs_pytorch/fp32"]))
+    if args.json:
+        atomic_write_text(args.json, to_json(rows))
+    return EXIT_OK
 
 
 def _run(config: dict, overrides: dict, args) -> int:

@@ -78,9 +78,23 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"TrainConfig.{key} must be a positive integer", expected="an int >= 1",
                                   found=repr(value), fix=f"set {key} to a positive integer")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError("TrainConfig.lr must be a positive number", expected="lr > 0", found=repr(self.lr),
-                              fix="e.g. lr=1e-3 for AdamW")
+        numbers = {"lr": (self.lr, False, "e.g. lr=1e-3 for AdamW"),
+                   "adapter_lr": (self.adapter_lr, True, "leave it unset to use lr"),
+                   "grad_clip": (self.grad_clip, True, "e.g. grad_clip=1.0, or unset to disable clipping")}
+        for key, (value, optional, fix) in numbers.items():
+            if value is None and optional:
+                continue
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ConfigError(f"TrainConfig.{key} must be a positive number", expected=f"{key} > 0",
+                                  found=repr(value), fix=fix)
+        if not (self.weight_decay >= 0 and 0 <= self.momentum < 1):
+            raise ConfigError("TrainConfig.weight_decay / momentum out of range",
+                              expected="weight_decay >= 0 and 0 <= momentum < 1",
+                              found=f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}",
+                              fix="published SGD recipe: weight_decay=1e-4, momentum=0.9")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError("TrainConfig.warmup_steps must be an integer >= 0", expected="an int >= 0",
+                              found=repr(self.warmup_steps), fix="e.g. warmup_steps=10")
 
 
 @dataclass

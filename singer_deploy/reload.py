@@ -10,7 +10,7 @@ import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
-from singer_deploy.api import MANIFEST, build_data, build_models
+from singer_deploy.api import MANIFEST, bench, build_data, build_models
 from singer_deploy.backbone import Backbone
 from singer_deploy.errors import ConfigError
 from singer_deploy.runconfig import RunConfig, load_run_config
@@ -46,3 +46,16 @@ def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: P
     calib = eval_images[:config.export.calibration_size] if precision == "int8" else None
     return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
                          precision=precision, calib_images=calib, parity_images=eval_images)
+
+
+def bench_run(run_dir: Path) -> list[dict]:
+    """Benchmark the artifacts a run exported (listed in export/export_manifest.json) next to eager PyTorch."""
+    from singer_deploy.export.pipeline import MANIFEST_NAME
+
+    listing = run_dir / "export" / MANIFEST_NAME
+    if not listing.is_file():
+        raise ConfigError("The run has no exported artifacts", expected=str(listing), found="no export manifest",
+                          fix="run `singer-deploy export RUN_DIR` first")
+    _, student, projector, eval_images = load_run(run_dir)
+    artifacts = {key: Path(a["path"]) for key, a in json.loads(listing.read_text())["artifacts"].items()}
+    return bench(student.model, projector, artifacts, eval_images)

@@ -100,10 +100,31 @@ def test_cli_verify_fails_on_a_perturbed_artifact(tmp_path, finished):
     assert main(["verify", str(perturbed), str(golden)]) == EXIT_PARITY
 
 
+def test_keyword_shortcuts_and_a_distill_only_run(tmp_path):
+    import singer_deploy
+
+    result = singer_deploy.distill_and_export(
+        TINY, teacher="planted", out_dir=tmp_path / "short", formats=[], method="fitnet", progress=False,
+        train={**TINY["train"], "steps": 2})
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["config"]["train"]["method"] == "fitnet" and manifest["config"]["export"]["formats"] == []
+    assert result.passed and result.parity == [] and not (result.out_dir / "export").exists()
+    assert "not run" in (result.out_dir / "report.html").read_text().lower()
+
+
+def test_cli_bench_and_export_on_a_finished_run(finished, tmp_path, capsys):
+    assert main(["bench", str(finished.out_dir), "--json", str(tmp_path / "bench.json")]) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "pytorch/fp32" in table and "openvino/fp16" in table
+    assert json.loads((tmp_path / "bench.json").read_text())[0]["runner"] == "pytorch/fp32"
+    assert main(["export", str(finished.out_dir), "--formats", "ov", "--out", str(tmp_path / "ov")]) == EXIT_OK
+    assert (tmp_path / "ov" / "student_fp32.xml").is_file()
+
+
 def test_cli_help_reads_well(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "run", "export", "verify", "check-config"):
+    for command in ("demo", "run", "distill", "export", "bench", "verify", "check-config"):
         assert command in out
