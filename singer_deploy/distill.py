@@ -396,5 +396,18 @@ def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, trai
         files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
     atomic_write_json(files["distill_config"], {
         "teacher_layers": module.teacher_layers, "student_layers": module.student_layers,
-        "singer": asdict(singer), "train": asdict(train)})
+        "singer": asdict(singer), "train": asdict(train), "diagnostics": _diagnostics(module)})
     return files
+
+
+def _diagnostics(module: DistillStep) -> dict:
+    """What the run decided on its own, kept next to the weights: the nullspace selection per layer (k = number of
+    singular values below tau, the rule, padding) and the quantile-trap check of L_out."""
+    if module.refiner is None:
+        return {}
+    nullspace = {str(layer): {"rule": b.rule, "tau": b.tau, "k_below_tau": b.k, "rank": b.rank,
+                              "num_padded": b.num_padded, "sigma_max_selected": float(b.sigmas.max())}
+                 for layer, b in module.refiner.init_report.items()}
+    traps = {str(layer): {"high_norm_share": c.share, "limit": c.limit, "fired": c.fired}
+             for layer, c in module.singer_loss.trap_checks.items()}
+    return {"nullspace": nullspace, "quantile_trap": traps}

@@ -41,6 +41,7 @@ def test_pipeline_writes_a_self_explaining_run_directory(finished):
     artifacts = finished.summary["artifacts"]
     assert artifacts["layer"] == 7
     assert artifacts["hnr_4"]["raw teacher"] > 0.05 and artifacts["hnr_4"]["clean twin"] < 0.01
+    assert set(finished.summary["nullspace k below tau"]) == {"4", "7"}
     assert {row["runner"] for row in finished.latency} >= {"pytorch/fp32", "onnx/fp32"}
 
 
