@@ -147,14 +147,22 @@ def _run(config: dict, overrides: dict, args) -> int:
     return EXIT_OK
 
 
-def format_summary(result: PipelineResult) -> str:
+def format_summary(result) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        lines.append(f"  {key}: {value}")
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            lines.append(f"  {key}:")  # nested tables (e.g. HNR_4 per source) get a line each
+            lines += [f"    {k}: {_inline(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"  {key}: {_inline(value)}")
     lines.append(f"  report: {result.files.get('report')}")
     return "\n".join(lines)
+
+
+def _inline(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def _cmd_check(args) -> int:
