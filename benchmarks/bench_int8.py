@@ -5,8 +5,9 @@
 Model: randomly initialised timm vit_small_patch16_224 (no weights are downloaded), 224 px. Calibration and parity
 images are crops of the colour photos scikit-image ships (astronaut, chelsea, coffee, rocket, ...), calibration and
 evaluation crops drawn with different seeds. FP32 and INT8 IRs are compiled with INFERENCE_PRECISION_HINT=f32 (so the
-speed-up is INT8 vs FP32, not vs the CPU's default bf16) and timed in alternating rounds so load from other
-processes hits both alike. ONNX Runtime FP32 vs Q/DQ INT8 is reported alongside. Target: >= 1.7x at cosine >= 0.99.
+speed-up is INT8 vs FP32, not vs the CPU's default bf16) and timed by `singer_deploy.export.bench.benchmark_runners`
+in interleaved rounds so load from other processes hits all runners alike. ONNX Runtime FP32 vs Q/DQ INT8 is
+reported alongside. Target: >= 1.7x at cosine >= 0.99 (speed-up = ratio of batch-1 p50 latencies).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,33 +27,17 @@ from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.calibration.quantize import reduce_precision
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.data import bundled_photos, normalise
-from singer_deploy.export.bench import markdown_table
+from singer_deploy.export.bench import benchmark_runners, markdown_table
 from singer_deploy.export.onnx import OnnxRuntimeRunner, export_onnx
 from singer_deploy.export.openvino import OpenVINORunner, export_openvino
-from singer_deploy.export.runner import Runner, TorchRunner
+from singer_deploy.export.runner import TorchRunner
+
+LATENCY_COLUMNS = ["runner", "p50_ms", "p90_ms", "p99_ms", "min_ms", "throughput_ips", "load_s"]
 
 
 def photo_batch(crops_per_photo: int, seed: int, size: int = 224) -> np.ndarray:
     pixels = bundled_photos(size, crops_per_photo=crops_per_photo, seed=seed)
     return torch.stack([normalise(p) for p in pixels]).numpy()
-
-
-def alternating_latency(runners: dict[str, Runner], image: np.ndarray, *, warmup: int, rounds: int,
-                        per_round: int) -> dict[str, dict]:
-    """Batch-1 wall time per call, runners interleaved round by round so background load affects all alike."""
-    for runner in runners.values():
-        runner.load()
-        for _ in range(warmup):
-            runner.run(image)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                runner.run(image)
-                times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: {"p50_ms": float(np.median(t)), "mean_ms": float(np.mean(t)), "p90_ms": float(np.percentile(t, 90)),
-                   "calls": len(t)} for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib-per-photo", type=int, default=16, help="calibration crops per bundled photo")
     parser.add_argument("--eval-per-photo", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=10, help="batch-1 calls per runner per round")
+    parser.add_argument("--throughput-iters", type=int, default=3, help="batch-8 calls per runner (images/s)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
             results[backend] = reduce_precision(source, precision="int8", backend=backend, output_dir=out,
                                                 calibration=calibration, policy=DEFAULT_POLICY, eval_images=evals,
                                                 reference=reference, strict=False)
-        image = evals[:1]
         runners = {
             "openvino_fp32": OpenVINORunner(fp32_xml, inference_precision="f32", num_threads=args.threads),
             "openvino_int8": OpenVINORunner(results["openvino"].artifact, inference_precision="f32",
@@ -100,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
             "onnxruntime_int8_qdq": OnnxRuntimeRunner(results["onnx"].artifact, providers=["CPUExecutionProvider"],
                                                       num_threads=args.threads),
         }
-        latency = alternating_latency(runners, image, warmup=5, rounds=args.rounds, per_round=args.per_round)
+        # Batch-1 latency on evals[:1]; throughput on a batch of 8 eval images.
+        timed = benchmark_runners(runners, evals, warmup=5, iters=args.rounds * args.per_round, rounds=args.rounds,
+                                  throughput_iters=args.throughput_iters)
+        latency = {row["runner"]: row for row in timed}
     rows = []
     for backend, fp32_key, int8_key in (("openvino", "openvino_fp32", "openvino_int8"),
                                         ("onnx", "onnxruntime_fp32", "onnxruntime_int8_qdq")):
@@ -120,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                   loadavg_before=load_before, loadavg_after=os.getloadavg())
     print(markdown_table([{k: (f"{v:.5f}" if "cos" in k or k == "knn_overlap" else v) for k, v in r.items()}
                           for r in rows]))
-    print(markdown_table([{"runner": name, **values} for name, values in latency.items()]))
+    print(markdown_table(timed, LATENCY_COLUMNS))
     print(f"OpenVINO INT8 vs FP32 with the CPU's default precision hint (not f32): {default_hint:.2f}x")
     print(f"load average before {load_before[0]:.2f}, after {report['loadavg_after'][0]:.2f} "
           f"({os.cpu_count()} CPUs; other processes may share them)")

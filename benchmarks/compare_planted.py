@@ -5,7 +5,10 @@ artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3
 table. The planted teacher has random weights apart from the planted circuit, so probe scores sit at chance for every
 row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
 
-    python benchmarks/compare_planted.py [--steps 300] [--out DIR]
+Each SiNGER student is also exported (ONNX, OpenVINO FP32 + FP16 IR, where installed) and probed through every
+artifact's runner; a second table shows those scores and their differences from eager PyTorch's.
+
+    python benchmarks/compare_planted.py [--steps 300] [--out DIR] [--export-formats onnx,openvino | none]
 
 "HNR last" / "E_out last": a student's own last block, a teacher's block 7. "tgt cos@5": the refined layer-4 target
 vs the raw one after teacher block 5, on normal tokens. Rerunning with the same --out reuses finished runs.
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 from singer_deploy.backbone import load_backbone
-from singer_deploy.compare import compare_methods
+from singer_deploy.compare import RUNNER_COLUMNS, compare_methods, installed_export_formats
 from singer_deploy.config import SingerConfig
 from singer_deploy.data import SyntheticShapes
 from singer_deploy.distill import TrainConfig
@@ -48,11 +51,15 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
+    parser.add_argument("--export-formats", default=",".join(installed_export_formats()) or "none",
+                        help="formats the SiNGER student is exported to and probed through (default: the installed "
+                             "ones), or 'none'")
     args = parser.parse_args()
+    formats = () if args.export_formats == "none" else tuple(args.export_formats.split(","))
     out = args.out or Path(tempfile.mkdtemp(prefix="compare_planted_"))
     planted = build_planted_teacher()
     train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
-    table, notes = [], set()
+    table, runner_table, notes = [], [], set()
     for share, target, methods in RUNS:
         singer = SingerConfig(rank=8, outlier_target=target, detach_target=True, info_variant="paper")
         began = time.perf_counter()
@@ -60,7 +67,7 @@ def main() -> None:
                                  SyntheticShapes(args.train_images, 64, 8, flat_share=share, seed=0),
                                  SyntheticShapes(args.eval_images, 64, 8, flat_share=share, seed=1),
                                  out / f"share{share:g}_{target}", layers=[LAYER], singer=singer, train=train,
-                                 clean_teacher=planted.clean, methods=methods)
+                                 clean_teacher=planted.clean, methods=methods, export_formats=formats)
         print(f"share {share:g}, target {target}: {time.perf_counter() - began:.0f} s -> {result.files['markdown']}",
               flush=True)
         notes.update(note for note in result.notes if "chance" in note)
@@ -68,20 +75,29 @@ def main() -> None:
             if row["role"] == "reference" and target != "median":
                 continue  # the teacher rows of a share are printed once
             table.append({**row, "share": share, "target": target if row["method"] == "singer" else "—"})
+        runner_table += [{"share": share, "target": target, **row} for row in result.runner_rows]
     print()
-    print("| " + " | ".join(header for _, header in COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for row in table:
-        print("| " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |")
+    _print_table(table, COLUMNS)
+    if runner_table:
+        print("\nSiNGER student through each runner (differences are absolute, vs pytorch/fp32):\n")
+        _print_table(runner_table, [("share", "share"), ("target", "target")] + [(k, k) for k in RUNNER_COLUMNS])
     for note in sorted(notes):
         print(f"\n- {note}")
 
 
-def _fmt(value) -> str:
+def _print_table(rows: list[dict], columns) -> None:
+    print("| " + " | ".join(header for _, header in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_fmt(row.get(key), key) for key, _ in columns) + " |")
+
+
+def _fmt(value, key: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        # A float-rounding feature gap must not print as 0.000.
+        return f"{value:.1e}" if "diff" in key and value != 0.0 else f"{value:.3f}"
     return str(value)
 
 

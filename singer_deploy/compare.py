@@ -11,12 +11,18 @@ Columns (report.py renders the first six by name; the rest follow):
   target_*@L (SiNGER)       the refined target: its artifacts, and its cosine to the raw teacher on normal tokens at
                             layer L and after the next teacher block (how little refinement disturbs the rest)
 Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (method.md, "Traps").
+
+Runner agreement (`runner_probe_agreement`, a second section of comparison.md): the SiNGER student is exported
+(ONNX, OpenVINO FP32 + FP16 IR), its features are read through each artifact's runner and the eager PyTorch runner,
+and the same probes run on each; one row per runner with its scores and their differences from PyTorch's.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,17 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from singer_deploy.backbone import Backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.distill import DistillResult, TrainConfig, distill
 from singer_deploy.errors import ConfigError
-from singer_deploy.features import as_image_data, module_fingerprint
+from singer_deploy.export.golden import artifact_sha256, open_runner
+from singer_deploy.export.pipeline import export_student
+from singer_deploy.export.runner import TorchRunner
+from singer_deploy.export.student import ExportableStudent
+from singer_deploy.features import FeatureSet, PatchDtype, as_image_data, extract_features, module_fingerprint
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
-from singer_deploy.probes import evaluate_backbone
+from singer_deploy.probes import evaluate_backbone, evaluate_features
 
 METHODS = ("fitnet", "singer")
 MARKDOWN, JSON = "comparison.md", "comparison.json"
@@ -43,6 +53,15 @@ MAIN_COLUMNS = ("method", "hnr_4", "e_out", "knn_acc", "linear_acc", "miou")
 _PROBE_COLUMNS = {"knn_cls_acc": "knn_acc", "linear_cls_acc": "linear_acc", "dense_class_miou": "miou",
                   "knn_pooled_acc": "knn_pooled_acc", "linear_pooled_acc": "linear_pooled_acc",
                   "dense_fg_miou": "dense_fg_miou"}
+
+# Formats whose runner needs an optional runtime: compare_methods checks them by default where it is installed.
+EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
+REFERENCE_RUNNER = "pytorch/fp32"
+# Identical predictions give bit-identical scores (same probe code, same order of sums); one flipped prediction
+# moves an accuracy by 1/n_test. So any tolerance far below 1/n_test means "the same predictions".
+SCORE_TOLERANCE = 1e-6
+RUNNER_COLUMNS = ("runner", "knn_acc", "linear_acc", "miou", "diff_knn_acc", "diff_linear_acc",
+                  "diff_miou", "max_score_diff", "feature_max_abs_diff", "scores_match", "parity_passed")
 
 _LAYER_COLUMNS = ("hnr_4", "e_out", "proj_hnr_4", "proj_e_out", "normal_cos_raw", "normal_cos_clean", "target_hnr_4",
                   "target_e_out", "target_cos", "target_next_cos")
@@ -54,6 +73,7 @@ class ComparisonResult:
     notes: list[str]
     runs: dict[str, DistillResult]
     files: dict[str, Path] = field(default_factory=dict)
+    runner_rows: list[dict[str, Any]] = field(default_factory=list)  # runner_probe_agreement of the SiNGER student
 
     def row(self, method: str) -> dict[str, Any]:
         return next(row for row in self.rows if row["method"] == method)
@@ -63,12 +83,16 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
                     out_dir: str | Path, *, layers: Sequence[int] = (), singer: SingerConfig | None = None,
                     train: TrainConfig | None = None, clean_teacher: Backbone | None = None,
                     methods: Sequence[str] = METHODS, batch_size: int = 64,
-                    progress: bool = False) -> ComparisonResult:
+                    export_formats: Sequence[str] | None = None, progress: bool = False) -> ComparisonResult:
     """Distil `make_student()` with each method into out_dir/<method>, evaluate everything on `eval_data` (items
     with "image", "label" and optionally "fg_mask" for the dense probe) and write comparison.md / comparison.json.
 
     `make_student` is called once per method right after `torch.manual_seed(train.seed)` and must then build the
     same weights (checked). Finished runs in out_dir are reused, killed ones resumed (see `distill`).
+
+    `export_formats`: the SiNGER student is exported to these formats into out_dir/singer_export and probed through
+    each artifact's runner (`runner_probe_agreement`); None = every format in EXPORT_RUNTIMES whose runtime is
+    installed, () = none.
     """
     singer, train = singer or SingerConfig(), train or TrainConfig()
     unknown = [m for m in methods if m not in METHODS]
@@ -108,27 +132,110 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
         row["n_test"] = int(scores["n_test"])
     rows = [_ordered(row) for row, _, _ in scored]
 
-    notes = _notes(rows, data.labels, first)
+    formats = installed_export_formats() if export_formats is None else tuple(export_formats)
+    runner_rows = []
+    if formats and "singer" in runs:
+        run = runs["singer"]
+        # With the projector, as api.export ships it, so the artifact checked here is the deployable one.
+        projector = run.projectors.proj[str(run.teacher_layers[-1])]
+        runner_rows = runner_probe_agreement(run.student, data, out_dir / "singer_export", projector=projector,
+                                             formats=formats, batch_size=batch_size, seed=train.seed)
+
+    notes = _notes(rows, data.labels, first) + _runner_notes(runner_rows)
     settings = {"methods": list(methods), "teacher_layers": first.teacher_layers,
                 "student_layers": first.student_layers, "eval_images": len(data.labels), "singer": asdict(singer),
-                "train": asdict(train)}
-    result = ComparisonResult(rows, notes, runs)
-    result.files = {"json": atomic_write_json(out_dir / JSON, {"rows": rows, "notes": notes, "settings": settings}),
-                    "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes))}
+                "train": asdict(train), "export_formats": list(formats) if "singer" in runs else []}
+    result = ComparisonResult(rows, notes, runs, runner_rows=runner_rows)
+    document = {"rows": rows, "notes": notes, "settings": settings, "runner_agreement": runner_rows}
+    result.files = {"json": atomic_write_json(out_dir / JSON, document),
+                    "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes, runner_rows))}
     return result
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> str:
-    """One table: the headline columns first, then every other key in order of first appearance."""
+def installed_export_formats() -> tuple[str, ...]:
+    """The formats of EXPORT_RUNTIMES whose runtime is importable here (checked without importing it)."""
+    return tuple(fmt for fmt, module in EXPORT_RUNTIMES.items() if importlib.util.find_spec(module) is not None)
+
+
+def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path | None = None, *,
+                           projector: nn.Module | None = None, formats: Sequence[str] = ("onnx", "openvino"),
+                           artifacts: Mapping[str, str | Path] | None = None, batch_size: int = 64, seed: int = 0,
+                           patch_dtype: PatchDtype = "float32", tolerance: float = SCORE_TOLERANCE,
+                           cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Probe scores of the exported student, read through each artifact's runner, next to eager PyTorch's.
+
+    Exports `student` (+ `projector`, as deployed) to `formats` into `out_dir` with `export_student`, or opens the
+    given `artifacts` ({label: path}) instead. Every runner, the eager `TorchRunner` first, is a feature source for
+    `extract_features`; `evaluate_features` runs the same probes on the same split. One row per runner: its
+    scores, `diff_<score>` = |score - PyTorch's|, `max_score_diff`, `feature_max_abs_diff` (CLS and patch tokens
+    vs PyTorch's), `scores_match` (max_score_diff <= tolerance) and `parity_passed` (export gate; None for given
+    artifacts and PyTorch). `patch_dtype` defaults to float32 so that only the runtime, not float16 storage of the
+    patch tokens, can move the dense scores.
+    """
+    data = as_image_data(dataset)
+    # export_student and TorchRunner move the module to the CPU in place; the caller's student stays where it is.
+    wrapper = ExportableStudent(copy.deepcopy(student), copy.deepcopy(projector)).cpu().eval()
+    parity: dict[str, bool | None] = {}
+    if artifacts is None:
+        if out_dir is None:
+            raise ConfigError("Nowhere to export the student", expected="out_dir, or artifacts={label: path}",
+                              found="neither", fix="pass out_dir=... (or the paths of existing artifacts)")
+        exported = export_student(wrapper, out_dir, formats, img_size=wrapper.img_size,
+                                  parity_images=data.images[:16], write_goldens=False)
+        artifacts = exported.paths
+        parity = {key: report.passed for key, report in exported.reports.items()}
+    runners = {REFERENCE_RUNNER: (TorchRunner(wrapper), f"torch:{module_fingerprint(wrapper)}")}
+    runners.update({label: (open_runner(path), f"{label}:{artifact_sha256(path)}") for label, path in
+                    artifacts.items()})
+    scored = []
+    for label, (runner, source_id) in runners.items():
+        features = extract_features(runner, data, batch_size=batch_size, patch_dtype=patch_dtype,
+                                    cache_dir=cache_dir, source_id=source_id)
+        scores = evaluate_features(features, seed=seed)
+        row = {"runner": label, **{name: scores.get(key) for key, name in _PROBE_COLUMNS.items()},
+               "n_test": int(scores["n_test"])}
+        scored.append((row, features))
+    reference_row, reference = scored[0]
+    return [_with_differences(row, features, reference_row, reference, tolerance, parity.get(row["runner"]))
+            for row, features in scored]
+
+
+def _with_differences(row: dict[str, Any], features: FeatureSet, reference_row: dict[str, Any],
+                      reference: FeatureSet, tolerance: float, parity_passed: bool | None) -> dict[str, Any]:
+    diffs = {f"diff_{name}": abs(row[name] - reference_row[name]) for name in _PROBE_COLUMNS.values()
+             if row[name] is not None and reference_row[name] is not None}
+    gaps = [np.abs(features.cls - reference.cls).max()]
+    if features.patches is not None and reference.patches is not None:
+        gaps.append(np.abs(features.patches.astype(np.float32) - reference.patches.astype(np.float32)).max())
+    max_diff = max(diffs.values(), default=0.0)
+    return {**row, **diffs, "max_score_diff": max_diff, "feature_max_abs_diff": float(max(gaps)),
+            "scores_match": bool(max_diff <= tolerance), "parity_passed": parity_passed}
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], notes: Sequence[str] = (),
+                runner_rows: Sequence[dict[str, Any]] = ()) -> str:
+    """The comparison table (headline columns first, then every other key in order of first appearance) and, when
+    given, the runner-agreement table of the exported SiNGER student."""
     keys: list[str] = []
     for row in rows:
         keys += [key for key in _ordered(row) if key not in keys]
     keys = [key for key in MAIN_COLUMNS if key in keys] + [key for key in keys if key not in MAIN_COLUMNS]
     lines = ["# SiNGER vs FitNet", ""]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row.get(key)) for key in keys) + " |" for row in rows]
+    lines += ["", *_table(rows, keys)]
+    if runner_rows:
+        lines += ["", "## Exported SiNGER student: probe scores through each runner", "",
+                  f"Scores and their absolute difference from {REFERENCE_RUNNER} (eager PyTorch on the exported "
+                  "graph), same probes and split; feature_max_abs_diff: CLS and patch tokens.", "",
+                  *_table(runner_rows, [key for key in RUNNER_COLUMNS if any(key in row for row in runner_rows)],
+                          _fmt_difference)]
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: Sequence[dict[str, Any]], keys: Sequence[str],
+           fmt: Callable[[str, Any], str] = lambda key, value: _fmt(value)) -> list[str]:
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(fmt(key, row.get(key)) for key in keys) + " |" for row in rows)]
 
 
 # --------------------------------------------------------------------------- rows
@@ -235,6 +342,17 @@ def _notes(rows: list[dict[str, Any]], labels: np.ndarray, run: DistillResult) -
     return notes
 
 
+def _runner_notes(runner_rows: list[dict[str, Any]]) -> list[str]:
+    if not runner_rows:
+        return []
+    artifacts = runner_rows[1:]
+    same = [row["runner"] for row in artifacts if row["scores_match"]]
+    moved = [f"{row['runner']} (max {row['max_score_diff']:.4f})" for row in artifacts if not row["scores_match"]]
+    note = (f"Exported SiNGER student through its runners: probe scores equal {REFERENCE_RUNNER}'s for "
+            f"{', '.join(same) or 'none'}")
+    return [note + (f"; differ for {', '.join(moved)}." if moved else ".")]
+
+
 def _ordered(row: dict[str, Any]) -> dict[str, Any]:
     """Headline columns, then per-layer columns grouped by layer, then the other probe scores."""
     def rank(key: str) -> tuple:
@@ -249,6 +367,13 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
 
 def _device(backbone: Backbone) -> torch.device:
     return next(backbone.parameters()).device
+
+
+def _fmt_difference(key: str, value: Any) -> str:
+    """Differences in scientific notation: a float-rounding gap of 1e-7 must not print as a clean 0.0000."""
+    if "diff" in key and isinstance(value, float) and value != 0.0:
+        return f"{value:.1e}"
+    return _fmt(value)
 
 
 def _fmt(value: Any) -> str:

@@ -1,9 +1,10 @@
 """Frozen features for probes: extract CLS, pooled and patch tokens once per (source, data, layer) and cache them.
 
 A source is either a lead `Backbone` / teacher (anything with `forward_taps(images, layers)` and `split(tokens)`),
-an exported-model Runner (`run(batch_np) -> {"cls": (B, D), "patch_tokens": (B, N, D)}`), or a plain callable with
-the Runner's contract. Probes never see the source, only the `FeatureSet`, so PyTorch, ONNX Runtime, OpenVINO and
-TensorRT students are evaluated by the same code.
+a holder of one in `.backbone` (a `PlantedTeacher` stands for its backbone; a `RefinedTeacher`, which has its own
+`forward_taps`, is read as its refined features), an exported-model Runner (`run(batch_np) -> {"cls": (B, D),
+"patch_tokens": (B, N, D)}`), or a plain callable with the Runner's contract. Probes never see the source, only the
+`FeatureSet`, so PyTorch, ONNX Runtime, OpenVINO and TensorRT students are evaluated by the same code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from singer_deploy.backbone import has_class_token
-from singer_deploy.errors import ConfigError, DataError
+from singer_deploy.errors import ConfigError, DataError, ModelError
 from singer_deploy.io import atomic_savez
 
 PatchDtype = Literal["float16", "float32"]
@@ -151,11 +152,19 @@ def _infer_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
 
 
 class _BackboneExtractor:
-    """Reads one block's raw residual stream (before the final norm) from a Backbone-like teacher or student."""
+    """Reads one block's residual stream (before the final norm) from a Backbone-like teacher or student.
 
-    def __init__(self, backbone: Any, layer: int | None):
+    `taps`: a holder that computes its own features on top of `backbone` (a `RefinedTeacher`: merged adapters on
+    the teacher's blocks) is read through its own `forward_taps`; `backbone` still gives the layer range, the token
+    layout (`split`) and the grid. Such a holder may serve only some blocks (its `layers`): the default is then its
+    deepest one, as its `forward` does, and any other block is refused here rather than mid-extraction.
+    """
+
+    def __init__(self, backbone: Any, layer: int | None, taps: Any = None):
         self.backbone = backbone
-        wanted = -1 if layer is None else layer  # default: the last block
+        self.taps = backbone if taps is None else taps
+        served = None if taps is None else getattr(taps, "layers", None)
+        wanted = layer if layer is not None else (max(served) if served else -1)  # default: the last block
         check = getattr(backbone, "check_layer", None)
         depth = getattr(backbone, "depth", None)
         if callable(check):
@@ -165,14 +174,18 @@ class _BackboneExtractor:
         else:
             raise ConfigError("Cannot resolve the block to read", expected="a backbone with 'depth' and a layer "
                               "inside it", found=f"layer={layer}, depth={depth}", fix="pass a valid layer index")
+        if served is not None and self.layer not in served:
+            raise ModelError(f"{type(taps).__name__} does not serve block {self.layer}",
+                             expected=f"a layer in {sorted(served)} (its refined blocks)", found=f"layer={layer}",
+                             fix="pass one of those layers, or the raw Backbone (its .backbone) for raw features")
         # Models without a class token (registers only, or none) have no CLS: pool the patches instead.
         self.has_cls = has_class_token(backbone)
         self.grid = tuple(getattr(backbone, "grid_size", ())) or None
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        params = next(iter(self.backbone.parameters()), None) if isinstance(self.backbone, nn.Module) else None
+        params = next(iter(self.taps.parameters()), None) if isinstance(self.taps, nn.Module) else None
         device = params.device if params is not None else torch.device("cpu")
-        tokens = self.backbone.forward_taps(torch.from_numpy(images).to(device), [self.layer])[self.layer]
+        tokens = self.taps.forward_taps(torch.from_numpy(images).to(device), [self.layer])[self.layer]
         prefix, patches = self.backbone.split(tokens)
         cls = prefix[:, 0] if self.has_cls and prefix.shape[1] > 0 else patches.mean(dim=1)
         return {"cls": cls.float().cpu().numpy(), "patch_tokens": patches.float().cpu().numpy()}
@@ -202,15 +215,29 @@ def source_fingerprint(source: Any, source_id: str | None = None) -> str:
                       found=type(source).__name__, fix="pass source_id (e.g. the model file's hash) or cache_dir=None")
 
 
-def _unwrap(source: Any) -> Any:
-    """A holder of a backbone (e.g. `PlantedTeacher`, whose `.backbone` is the teacher) stands for that backbone."""
+def _inner_backbone(source: Any) -> Any:
+    """The Backbone a holder keeps in `.backbone`, or None when `source` is a backbone itself or holds none."""
     inner = getattr(source, "backbone", None)
-    return inner if not _is_backbone(source) and _is_backbone(inner) else source
+    return inner if not _is_backbone(source) and _is_backbone(inner) else None
+
+
+def _computes_own_taps(source: Any) -> bool:
+    """A holder with its own `forward_taps` (e.g. `RefinedTeacher`) is not its backbone: its features differ."""
+    return _inner_backbone(source) is not None and callable(getattr(source, "forward_taps", None))
+
+
+def _unwrap(source: Any) -> Any:
+    """A plain holder of a backbone (e.g. `PlantedTeacher`, whose `.backbone` is the teacher) stands for that
+    backbone. A holder that computes its own taps stays itself, so its own features are read and cached under its
+    own weights, never the raw backbone's."""
+    inner = _inner_backbone(source)
+    return inner if inner is not None and not _computes_own_taps(source) else source
 
 
 def _resolve(source: Any, layer: int | None) -> tuple[Callable[[np.ndarray], Mapping[str, Any]], tuple | None]:
-    if _is_backbone(source):
-        extractor = _BackboneExtractor(source, layer)
+    if _is_backbone(source) or _computes_own_taps(source):
+        extractor = (_BackboneExtractor(source, layer) if _is_backbone(source)
+                     else _BackboneExtractor(_inner_backbone(source), layer, taps=source))
         return extractor, extractor.grid
     if layer is not None:
         raise ConfigError("'layer' only applies to Backbone sources", expected="layer=None for a Runner/callable",

@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from singer_deploy.backbone import load_backbone
-from singer_deploy.compare import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods
+from singer_deploy.compare import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods, runner_probe_agreement
 from singer_deploy.config import SingerConfig
 from singer_deploy.data import SyntheticShapes
 from singer_deploy.distill import TrainConfig
@@ -27,12 +30,17 @@ def planted():
                                                null_dim=4))
 
 
+def eval_data():
+    return SyntheticShapes(32, 32, 8, flat_share=0.08, seed=2)
+
+
 @pytest.fixture(scope="module")
 def comparison(planted, tmp_path_factory):
+    pytest.importorskip("openvino", reason="the comparison fixture also checks the OpenVINO runner")
     out = tmp_path_factory.mktemp("compare")
     return compare_methods(planted.backbone, make_student, SyntheticShapes(16, 32, 8, flat_share=0.08, seed=1),
-                           SyntheticShapes(32, 32, 8, flat_share=0.08, seed=2), out, layers=[2], singer=SINGER,
-                           train=TRAIN, clean_teacher=planted.clean)
+                           eval_data(), out, layers=[2], singer=SINGER, train=TRAIN, clean_teacher=planted.clean,
+                           export_formats=("onnx", "openvino"))
 
 
 def test_writes_markdown_and_json_with_method_and_reference_rows(comparison):
@@ -89,3 +97,44 @@ def test_students_start_from_the_same_weights(planted, tmp_path):
         compare_methods(planted.backbone, drifting_factory, SyntheticShapes(8, 32, 8, flat_share=0.08, seed=1),
                         SyntheticShapes(8, 32, 8, flat_share=0.08, seed=2), tmp_path, layers=[2], singer=SINGER,
                         train=TrainConfig(steps=1, batch_size=4, warmup_steps=1, device="cpu"))
+
+
+def test_exported_student_probe_scores_match_pytorch(comparison):
+    rows = {row["runner"]: row for row in comparison.runner_rows}
+    assert list(rows) == ["pytorch/fp32", "onnx/fp32", "openvino/fp32", "openvino/fp16"]
+    # The reference is the exported graph run eagerly: it reads the same features the table's SiNGER row probed
+    # (its dense scores differ only by the table's float16 patch storage, so the image probes are compared).
+    torch_row = rows["pytorch/fp32"]
+    assert torch_row["knn_acc"] == comparison.row("singer")["knn_acc"]
+    assert torch_row["linear_acc"] == comparison.row("singer")["linear_acc"]
+    for key in ("onnx/fp32", "openvino/fp32"):
+        row = rows[key]
+        # FP32 runtimes differ from eager PyTorch by float rounding only (~1e-6), far inside every probe's
+        # decision margins here, so the predictions and hence the scores are identical: any flipped prediction
+        # would move an accuracy by 1/n_test (1/7 here), so 1e-6 only allows float noise in the arithmetic.
+        assert row["parity_passed"] is True and row["scores_match"] is True
+        assert row["feature_max_abs_diff"] < 1e-3
+        for name in ("knn_acc", "linear_acc", "miou", "knn_pooled_acc", "linear_pooled_acc", "dense_fg_miou"):
+            assert row[name] == pytest.approx(torch_row[name], abs=1e-6) and row[f"diff_{name}"] <= 1e-6
+    assert rows["openvino/fp16"]["feature_max_abs_diff"] > 0  # FP16 weights really are another model
+    stored = json.loads(comparison.files["json"].read_text())
+    assert stored["runner_agreement"] == json.loads(json.dumps(comparison.runner_rows))
+    markdown = comparison.files["markdown"].read_text()
+    assert "## Exported SiNGER student" in markdown and "| openvino/fp32 |" in markdown
+    assert any("equal pytorch/fp32's for onnx/fp32, openvino/fp32" in note for note in comparison.notes)
+
+
+def test_a_perturbed_artifact_is_caught(comparison, tmp_path):
+    model = onnx.load(comparison.files["json"].parent / "singer_export" / "student.onnx")
+    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight matrix
+    values = numpy_helper.to_array(weight)
+    noise = np.random.default_rng(0).normal(scale=values.std(), size=values.shape).astype(values.dtype)
+    weight.CopyFrom(numpy_helper.from_array(values + noise, weight.name))
+    onnx.save(model, tmp_path / "perturbed.onnx")
+    student = comparison.runs["singer"].student
+    rows = runner_probe_agreement(student, eval_data(), artifacts={"onnx/perturbed": tmp_path / "perturbed.onnx"},
+                                  cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 2  # each runner cached under its own id
+    assert [row["runner"] for row in rows] == ["pytorch/fp32", "onnx/perturbed"]
+    assert rows[1]["feature_max_abs_diff"] > 0.1 and rows[1]["parity_passed"] is None
+    assert not rows[1]["scores_match"] and rows[1]["max_score_diff"] >= 1 / rows[1]["n_test"]

@@ -6,6 +6,7 @@ from singer_deploy.backbone import load_backbone
 from singer_deploy.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, DataError, ModelError
 from singer_deploy.features import as_image_data, downsample_masks, extract_features, source_fingerprint
+from singer_deploy.refine import RefinedTeacher
 
 
 class CountingSource:
@@ -179,3 +180,22 @@ def test_holder_of_a_backbone_stands_for_it(tiny_backbone, tmp_path):
     direct = extract_features(tiny_backbone, dataset, cache_dir=tmp_path)
     held = extract_features(Holder(), dataset, cache_dir=tmp_path)
     assert held.fingerprint == direct.fingerprint and np.array_equal(held.cls, direct.cls)
+
+
+def test_refined_teacher_is_read_as_its_refined_features(tiny_backbone, tmp_path):
+    # A RefinedTeacher also holds the teacher in .backbone; reading that would silently score the raw teacher.
+    torch.manual_seed(1)
+    adapter = torch.nn.Linear(48, 48, bias=False)
+    refined = RefinedTeacher(tiny_backbone, {0: adapter})
+    dataset = SyntheticShapes(4, img_size=32, patch_size=8)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    features = extract_features(refined, dataset, cache_dir=tmp_path, patch_dtype="float32")  # default: block 0
+    with torch.no_grad():
+        prefix, patches = tiny_backbone.split(refined.forward_taps(images, [0])[0])
+    np.testing.assert_allclose(features.patches, patches.numpy(), atol=1e-5)
+    np.testing.assert_allclose(features.cls, prefix[:, 0].numpy(), atol=1e-5)
+    raw = extract_features(tiny_backbone, dataset, cache_dir=tmp_path, layer=0, patch_dtype="float32")
+    assert raw.fingerprint != features.fingerprint        # cached apart from the raw teacher
+    assert not np.allclose(raw.patches, features.patches, atol=1e-3)
+    with pytest.raises(ModelError, match="does not serve block 1"):
+        extract_features(refined, dataset, layer=-1)
