@@ -90,6 +90,12 @@ def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Ten
     return F.mse_loss(next_block(refined), target)
 
 
+def surrogate_block(layer: int, depth: int) -> int:
+    """The block that reads layer `layer`: the next one, or the layer's own block for the teacher's last block (the
+    same surrogate the nullspace initialisation uses, refine.Refiner.from_teacher)."""
+    return layer + 1 if layer + 1 < depth else layer
+
+
 def gram_info_loss(patches: Tensor, reference: Tensor) -> Tensor:
     """MSE between the cosine Gram matrices (B, N, N) of two patch-token sets of the same teacher."""
     return F.mse_loss(cosine_gram(patches), cosine_gram(reference))
@@ -98,8 +104,9 @@ def gram_info_loss(patches: Tensor, reference: Tensor) -> Tensor:
 class SingerLoss:
     """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
 
-    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens); it is used, not owned, so
-    this is a plain callable and never adds teacher parameters anywhere. `aligner` selects the L_kd tokens of the
+    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, and depth when
+    `last_block_info` is on); it is used, not owned, so this is a plain callable and never adds teacher parameters
+    anywhere. `aligner` selects the L_kd tokens of the
     teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
     patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
     """
@@ -133,14 +140,20 @@ class SingerLoss:
             terms[f"out@{layer}"] = outlier_loss(refined[layer][:, p:], alpha=cfg.alpha, target=cfg.outlier_target,
                                                  median_k=cfg.median_k)
             if layer != final:
-                terms[f"info@{layer}"] = next_block_info_loss(
-                    refined[layer], raw[layer], lambda tokens, l=layer: self.backbone.run_blocks(tokens, l + 1, l + 2))
+                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw)
             else:
                 terms[f"info@{layer}"] = gram_info_loss(refined[layer][:, p:], self._gram_reference(refined, raw))
+                if cfg.last_block_info:
+                    terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(
+                        layer, surrogate_block(layer, self.backbone.depth), refined, raw)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
         return {**out, **terms}
+
+    def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor]) -> Tensor:
+        return next_block_info_loss(refined[layer], raw[layer],
+                                    lambda tokens: self.backbone.run_blocks(tokens, block, block + 1))
 
     def _gram_reference(self, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor]) -> Tensor:
         # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.

@@ -12,7 +12,7 @@ from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.layers import TokenAligner, TokenLayout
 from singer_deploy.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
-                                  outlier_loss)
+                                  outlier_loss, surrogate_block)
 from singer_deploy.refine import Refiner
 
 
@@ -151,9 +151,43 @@ def test_single_layer_uses_paper_gram(tiny_teacher):
     assert terms["info"].item() == pytest.approx(gram_info_loss(refined[2][:, 1:], raw[2][:, 1:]).item())
 
 
+class _ScalingTeacher:
+    """Stand-in teacher: block b multiplies tokens by b + 1, so every block term has a hand value."""
+
+    num_prefix_tokens, depth = 1, 3
+
+    def run_blocks(self, tokens, start, stop):
+        for block in range(start, stop):
+            tokens = (block + 1) * tokens
+        return tokens
+
+
+@pytest.mark.parametrize(("layers", "block_gain"), [([0, 2], 3.0), ([0, 1], 3.0)])
+def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
+    # One image, CLS + 2 patches, width 2. The refined patches are 2x the raw ones: the cosine Gram term is exactly
+    # 0 (scale-invariant: the blind spot this option covers). Surrogate block of the final layer: block 2 (its own
+    # block when it is the teacher's last, the next block otherwise) -> gain 3. Patch difference 1 per element:
+    # MSE over 3 tokens x 2 channels = (4 elements * 3^2) / 6 = 6.
+    assert surrogate_block(2, 3) == 2 and surrogate_block(1, 3) == 2 and surrogate_block(0, 3) == 1
+    final = layers[-1]
+    raw = {layer: torch.ones(1, 3, 2) for layer in layers}
+    refined = {layer: torch.cat([raw[layer][:, :1], 2.0 * raw[layer][:, 1:]], dim=1) for layer in layers}
+    layout = TokenLayout(1, True, (1, 2))
+    aligner = TokenAligner(layout, layout)
+    plain = SingerLoss(SingerConfig(rank=1, info_variant="paper"), layers, _ScalingTeacher(), aligner)
+    held = SingerLoss(SingerConfig(rank=1, info_variant="paper", last_block_info=True), layers, _ScalingTeacher(),
+                      aligner)
+    assert plain(refined, refined, raw)[f"info@{final}"].item() == pytest.approx(0.0, abs=1e-6)
+    terms = held(refined, refined, raw)
+    assert terms[f"info@{final}"].item() == pytest.approx(4 * block_gain ** 2 / 6, rel=1e-5)
+    # The intermediate layer is unchanged: block 1 (gain 2) -> 4 * 2^2 / 6.
+    assert terms["info@0"].item() == pytest.approx(4 * 4.0 / 6, rel=1e-5)
+
+
 def test_config_validation_names_the_key():
     assert SingerConfig().rank == 64 and SingerConfig().rule == "smallest"
     for key, value in (("rank", 0), ("tau", -1.0), ("alpha", 1.0), ("w_out", float("nan")),
-                       ("rule", "largest"), ("outlier_target", "mean"), ("info_variant", "gram")):
+                       ("rule", "largest"), ("outlier_target", "mean"), ("info_variant", "gram"),
+                       ("last_block_info", 1)):
         with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
             SingerConfig(**{key: value})
