@@ -9,6 +9,7 @@ Each SiNGER student is also exported (ONNX, OpenVINO FP32 + FP16 IR, where insta
 artifact's runner; a second table shows those scores and their differences from eager PyTorch's.
 
     python benchmarks/compare_planted.py [--steps 300] [--out DIR] [--export-formats onnx,openvino | none]
+                                         [--paper-last-layer]
 
 "HNR last" / "E_out last": a student's own last block, a teacher's block 7. "tgt cos@5": the refined layer-4 target
 vs the raw one after teacher block 5, on normal tokens. Rerunning with the same --out reuses finished runs.
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--export-formats", default=",".join(installed_export_formats()) or "none",
                         help="formats the SiNGER student is exported to and probed through (default: the installed "
                              "ones), or 'none'")
+    parser.add_argument("--paper-last-layer", action="store_true",
+                        help="last-layer L_info as published (cosine Gram only); default adds the next-block MSE "
+                             "(SingerConfig.last_block_info), which keeps last-layer normal tokens faithful")
     args = parser.parse_args()
     formats = () if args.export_formats == "none" else tuple(args.export_formats.split(","))
     out = args.out or Path(tempfile.mkdtemp(prefix="compare_planted_"))
@@ -61,7 +65,8 @@ def main() -> None:
     train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
     table, runner_table, notes = [], [], set()
     for share, target, methods in RUNS:
-        singer = SingerConfig(rank=8, outlier_target=target, detach_target=True, info_variant="paper")
+        singer = SingerConfig(rank=8, outlier_target=target, detach_target=True, info_variant="paper",
+                              last_block_info=not args.paper_last_layer)
         began = time.perf_counter()
         result = compare_methods(planted.backbone, make_student,
                                  SyntheticShapes(args.train_images, 64, 8, flat_share=share, seed=0),

@@ -20,6 +20,7 @@ from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ModelError
 from singer_deploy.layers import TokenAligner
 from singer_deploy.metrics import DEFAULT_K, cosine_gram, high_norm_mask
+from singer_deploy.nullspace import surrogate_block
 
 # Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
 TRAP_K = DEFAULT_K
@@ -88,12 +89,6 @@ def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Ten
     with torch.no_grad():
         target = next_block(raw)
     return F.mse_loss(next_block(refined), target)
-
-
-def surrogate_block(layer: int, depth: int) -> int:
-    """The block that reads layer `layer`: the next one, or the layer's own block for the teacher's last block (the
-    same surrogate the nullspace initialisation uses, refine.Refiner.from_teacher)."""
-    return layer + 1 if layer + 1 < depth else layer
 
 
 def gram_info_loss(patches: Tensor, reference: Tensor) -> Tensor:

@@ -148,3 +148,11 @@ def _unknown_mlp(mlp: nn.Module) -> ModelError:
                       expected="timm Mlp (fc1, fc2), SwiGLU (fc1_g, fc1_x, fc2) or GluMlp/SwiGLUPacked (fused fc1)",
                       found=type(mlp).__name__,
                       fix="use a teacher whose blocks have a standard timm MLP, or extend surrogate_matrix")
+
+
+def surrogate_block(layer: int, depth: int) -> int:
+    """The block that reads layer `layer`: the next one, or the layer's own block for the teacher's last block.
+
+    Its FFN is the nullspace surrogate of the layer (Refiner.from_teacher) and, with last_block_info, its output is
+    what the last layer's L_info compares."""
+    return layer + 1 if layer + 1 < depth else layer

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
-from singer_deploy.nullspace import NullspaceBasis, block_nullspace
+from singer_deploy.nullspace import NullspaceBasis, block_nullspace, surrogate_block
 
 _FORMAT = "singer-refiner/1"
 _ADAPTER = "default"
@@ -63,7 +63,7 @@ class Refiner(nn.Module):
         blocks = backbone.model.blocks
         report = {}
         for layer in indices:
-            source = layer + 1 if layer + 1 < len(blocks) else layer
+            source = surrogate_block(layer, len(blocks))
             report[layer] = block_nullspace(blocks[source], rank, rule=rule, tau=tau, seed=seed + layer,
                                             label=f"layer {layer} (FFN of block {source})")
         refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens,

@@ -12,7 +12,8 @@ from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.layers import TokenAligner, TokenLayout
 from singer_deploy.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
-                                  outlier_loss, surrogate_block)
+                                  outlier_loss)
+from singer_deploy.nullspace import surrogate_block
 from singer_deploy.refine import Refiner
 
 
