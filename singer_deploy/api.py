@@ -309,12 +309,14 @@ def _summary(analysis: ArtifactAnalysis, exported, latency_rows: list[dict], res
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
     summary["artifacts"] = analysis.headline
-    diagnostics = json.loads(result.files["distill_config"].read_text()).get("diagnostics", {})
+    recorded = json.loads(result.files["distill_config"].read_text())
+    diagnostics = recorded.get("diagnostics", {})
     if diagnostics:
         summary["nullspace k below tau"] = {layer: f"{d['k_below_tau']} ({d['rule']} rule, rank {d['rank']})"
                                             for layer, d in diagnostics["nullspace"].items()}
         summary["quantile trap"] = {layer: "FIRED" if d["fired"] else "no"
-                                    for layer, d in diagnostics["quantile_trap"].items()} or "not checked"
+                                    for layer, d in diagnostics["quantile_trap"].items()} or \
+            f"not applicable (outlier_target {recorded['singer']['outlier_target']})"
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}
