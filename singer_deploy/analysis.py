@@ -49,7 +49,7 @@ def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result:
     taps = student.forward_taps(images, result.student_layers)
     p_s = student.num_prefix_tokens
     sources["student"] = {t: taps[s][:, p_s:] for t, s in zip(layers, result.student_layers)}
-    sources["student (projected)"] = {t: result.projectors(t, taps[s])[:, -raw[t].shape[1]:]
+    sources["student (projected)"] = {t: result.projectors.patches(t, taps[s])
                                       for t, s in zip(layers, result.student_layers)}
     rows = []
     for name, feats in sources.items():

@@ -246,7 +246,6 @@ def _student_row(method: str, run: DistillResult, teacher: Backbone, clean: Back
     student, projectors, refiner = run.student, run.projectors, run.refiner
     device = _device(teacher)
     student.eval()
-    keeps_cls = projectors.aligner.keeps_cls
     acc = _Averages()
     for batch in images.split(batch_size):
         batch = batch.to(device)
@@ -258,8 +257,7 @@ def _student_row(method: str, run: DistillResult, teacher: Backbone, clean: Back
         for layer, s_layer in zip(run.teacher_layers, run.student_layers):
             raw_patches = teacher.split(raw[layer])[1]
             normal = ~high_norm_mask(raw_patches)
-            projected = projectors(layer, taps[s_layer])
-            projected = projected[:, 1:] if keeps_cls else projected
+            projected = projectors.patches(layer, taps[s_layer])
             acc.add_metrics("proj_", artifact_metrics(projected), len(batch), suffix=f"@{layer}")
             acc.add_cosine(f"normal_cos_raw@{layer}", projected, raw_patches, normal)
             if layer in clean_taps:

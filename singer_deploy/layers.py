@@ -133,3 +133,8 @@ class Projectors(nn.Module):
     def forward(self, layer: int, student_tokens: Tensor) -> Tensor:
         """Student block output (B, prefix_S + N_S, d_S) -> (B, [1] + N_T, d_T) in the L_kd layout."""
         return self.aligner.student(self.proj[str(layer)](student_tokens))
+
+    def patches(self, layer: int, student_tokens: Tensor) -> Tensor:
+        """Only the projected patch tokens (B, N_T, d_T) on the teacher's grid (the kept CLS token dropped)."""
+        aligned = self(layer, student_tokens)
+        return aligned[:, 1:] if self.aligner.keeps_cls else aligned

@@ -72,6 +72,7 @@ def test_aligner_with_patch14_teacher_and_patch16_student():
     torch.testing.assert_close(target[:, 0], t_tokens[:, 0])                   # CLS compared ...
     torch.testing.assert_close(target[:, 1:], t_tokens[:, 5:])                 # ... registers are not
     torch.testing.assert_close(aligned[:, 0], projectors.proj["3"](s_tokens[:, 0]))
+    torch.testing.assert_close(projectors.patches(3, s_tokens), aligned[:, 1:])  # CLS dropped, grid kept
 
 
 def test_aligner_drops_cls_when_student_has_none():
