@@ -33,7 +33,7 @@ from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
 from singer_deploy.refine import RefinedTeacher, Refiner
-from singer_deploy.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config
+from singer_deploy.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config, read_config_file
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
@@ -136,7 +136,7 @@ def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
     elif isinstance(config, dict):
         raw = copy.deepcopy(config)
     else:
-        raw = _yaml_dict(config)
+        raw = read_config_file(config)
     raw.update(sections)
     for role in ("teacher", "student"):
         if shortcuts[role] is not None:
@@ -153,16 +153,6 @@ def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
     if shortcuts["method"] is not None:
         raw["train"] = {**raw.get("train", {}), "method": shortcuts["method"]}
     return load_run_config(raw)
-
-
-def _yaml_dict(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
-                          fix="check the path (examples/ has working configs)")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def prepare_run_dir(out_dir: Path, *, overwrite: bool = False) -> Path:

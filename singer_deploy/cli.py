@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataError, ModelError, ParityError,
                                   SingerDeployError, TrainingError)
+from singer_deploy.runconfig import read_config_file
 
 if TYPE_CHECKING:
     from singer_deploy.api import PipelineResult
@@ -103,7 +104,7 @@ def _cmd_demo(args) -> int:
     overrides = {}
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    config = _load_yaml(demo_config_path())
+    config = read_config_file(demo_config_path())
     if args.steps:
         config["train"]["steps"] = args.steps
     return _run(config, overrides, args)
@@ -111,12 +112,12 @@ def _cmd_demo(args) -> int:
 
 def _cmd_run(args) -> int:
     overrides = {"out_dir": args.out_dir} if args.out_dir else {}
-    return _run(_load_yaml(Path(args.config)), overrides, args)
+    return _run(read_config_file(Path(args.config)), overrides, args)
 
 
 def _cmd_distill(args) -> int:
     overrides = {"out_dir": args.out_dir} if args.out_dir else {}
-    config = _load_yaml(Path(args.config))
+    config = read_config_file(Path(args.config))
     config["export"] = {**config.get("export", {}), "formats": []}
     return _run(config, overrides, args)
 
@@ -147,7 +148,7 @@ def _run(config: dict, overrides: dict, args) -> int:
     return EXIT_OK
 
 
-def format_summary(result) -> str:
+def format_summary(result: PipelineResult) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
         if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
@@ -190,15 +191,6 @@ def _cmd_verify(args) -> int:
     print(report.markdown())
     report.raise_if_failed()
     return EXIT_OK
-
-
-def _load_yaml(path: Path) -> dict:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
-                          fix="check the path (examples/ has working configs)")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 if __name__ == "__main__":

@@ -68,23 +68,26 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_run_config(source: str | Path | dict) -> RunConfig:
-    """Parse and validate a YAML file or a dict into a RunConfig."""
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
-                              fix="check the path (examples/ has working configs)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML", expected="a YAML mapping", found=str(err).splitlines()[0],
-                              fix="fix the YAML syntax") from err
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file (not yet validated), with clear errors for a missing or broken file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
+                          fix="check the path (examples/ has working configs)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML", expected="a YAML mapping", found=str(err).splitlines()[0],
+                          fix="fix the YAML syntax") from err
     if not isinstance(raw, dict):
         raise ConfigError("The config must be a mapping", expected="key: value pairs at the top level",
                           found=type(raw).__name__, fix="see examples/demo.yaml")
+    return raw
+
+
+def load_run_config(source: str | Path | dict) -> RunConfig:
+    """Parse and validate a YAML file or a dict into a RunConfig."""
+    raw = source if isinstance(source, dict) else read_config_file(source)
     config = _build(RunConfig, raw, "")
     _check_combinations(config)
     return config
