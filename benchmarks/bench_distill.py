@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from singer_deploy.backbone import Backbone, load_backbone
+from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.distill import DistillStep
-from singer_deploy.layers import map_layers, resolve_teacher_layers
+from singer_deploy.train.loop import DistillStep
+from singer_deploy.method.alignment import map_layers, resolve_teacher_layers
 
 TINY_TEACHER = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
 TINY_STUDENT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

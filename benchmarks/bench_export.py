@@ -20,7 +20,7 @@ import numpy as np
 import timm
 import torch
 
-from singer_deploy.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.export.bench import add_ratios, benchmark_runners, markdown_table
 from singer_deploy.export.onnx import OnnxRuntimeRunner, export_onnx
 from singer_deploy.export.openvino import OpenVINORunner, export_openvino

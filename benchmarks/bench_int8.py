@@ -26,7 +26,7 @@ import torch
 from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.calibration.quantize import reduce_precision
 from singer_deploy.calibration.selection import CalibrationSet
-from singer_deploy.data import bundled_photos, normalise
+from singer_deploy.models.data import bundled_photos, normalise
 from singer_deploy.export.bench import benchmark_runners, markdown_table
 from singer_deploy.export.onnx import OnnxRuntimeRunner, export_onnx
 from singer_deploy.export.openvino import OpenVINORunner, export_openvino

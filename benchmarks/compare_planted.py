@@ -1,6 +1,6 @@
 """SiNGER vs FitNet on the planted-artifact teacher at two artifact shares, plus the quantile-target trap.
 
-Runs `singer_deploy.compare.compare_methods` with the settings measured in method.md (64 px, patch 8, D=96, 8 blocks,
+Runs `singer_deploy.evaluation.study.compare_methods` with the settings measured in method.md (64 px, patch 8, D=96, 8 blocks,
 artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3e-3, adapter lr 1e-2) and prints one
 table. The planted teacher has random weights apart from the planted circuit, so probe scores sit at chance for every
 row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from singer_deploy.backbone import load_backbone
-from singer_deploy.compare import RUNNER_COLUMNS, compare_methods, installed_export_formats
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.evaluation.study import RUNNER_COLUMNS, compare_methods, installed_export_formats
 from singer_deploy.config import SingerConfig
-from singer_deploy.data import SyntheticShapes
-from singer_deploy.distill import TrainConfig
-from singer_deploy.planted import build_planted_teacher
+from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.train.loop import TrainConfig
+from singer_deploy.models.planted import build_planted_teacher
 
 LAYER = 4
 # (share, outlier target, methods): the quantile run shows the trap at 8% (> 1 - alpha = 3% of patches are artifacts).

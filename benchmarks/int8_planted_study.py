@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from singer_deploy.api import build_data, build_models
+from singer_deploy.pipeline.api import build_data, build_models
 from singer_deploy.calibration.study import int8_artifact_study
-from singer_deploy.cli import demo_config_path
-from singer_deploy.distill import distill
+from singer_deploy.pipeline.cli import demo_config_path
+from singer_deploy.train.loop import distill
 from singer_deploy.io import atomic_write_json
-from singer_deploy.runconfig import load_run_config
+from singer_deploy.pipeline.runconfig import load_run_config
 
 
 def main() -> None:

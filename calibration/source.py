@@ -25,7 +25,7 @@ def load_calibration_images(source: ImageSource, *, transform: Callable | None =
 
     `source` may be an array or tensor (N, C, H, W), a dataset / sequence whose items are image tensors or dicts
     with an "image" entry (SyntheticShapes, ImageFolder), a .npy/.npz file, or an image folder / list file
-    (read with singer_deploy.data.ImageFolder and `transform`, which must give every image the same size).
+    (read with singer_deploy.models.data.ImageFolder and `transform`, which must give every image the same size).
     """
     if isinstance(source, (str, Path)):
         source = _open_path(Path(source), transform)
@@ -43,7 +43,7 @@ def _open_path(path: Path, transform: Callable | None) -> Any:
         raise DataError("The calibration source does not exist",
                         expected="an array file, an image folder or a list file", found=str(path), fix="check the path")
     if path.suffix.lower() not in _ARRAY_SUFFIXES:
-        from singer_deploy.data import ImageFolder
+        from singer_deploy.models.data import ImageFolder
         return ImageFolder(path, transform=transform)
     try:
         loaded = np.load(path, allow_pickle=False)

@@ -23,7 +23,7 @@ from singer_deploy.export.onnx import export_onnx
 from singer_deploy.export.openvino import export_openvino
 from singer_deploy.export.parity import compare_outputs
 from singer_deploy.export.student import ExportableStudent
-from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask, normal_token_cosine
+from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, high_norm_mask, normal_token_cosine
 
 
 def _token_cosines(ref: np.ndarray, cand: np.ndarray, k: float) -> dict[str, float]:

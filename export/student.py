@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from singer_deploy.backbone import has_class_token
+from singer_deploy.models.backbone import has_class_token
 from singer_deploy.errors import ModelError
 
 INPUT_NAME = "images"

@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.layers import LayerScale
 
-from singer_deploy.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes
 
 
 def tiny_vit(name: str = "vit_small_patch14_reg4_dinov2", img_size: int = 28, seed: int = 0) -> torch.nn.Module:

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from singer_deploy.api import distill_and_export
-from singer_deploy.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
+from singer_deploy.pipeline.api import distill_and_export
+from singer_deploy.pipeline.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
 
 TINY = {
     "teacher": {"name": "planted"},
@@ -61,7 +61,7 @@ def test_a_finished_run_is_not_clobbered(finished):
 
 
 def test_an_interrupted_run_resumes(tmp_path, monkeypatch):
-    import singer_deploy.api as api
+    import singer_deploy.pipeline.api as api
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed after distillation wrote its final checkpoint

@@ -3,7 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from singer_deploy.backbone import Backbone, load_backbone
+from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.errors import ModelError
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)

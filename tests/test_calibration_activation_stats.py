@@ -53,7 +53,7 @@ def test_vit_stats_cover_every_linear_in_forward_order():
 
 def test_int8_artifact_study_reports_both_students(tmp_path):
     from singer_deploy.calibration.study import int8_artifact_study
-    from singer_deploy.data import SyntheticShapes
+    from singer_deploy.models.data import SyntheticShapes
 
     data = SyntheticShapes(n=40, img_size=32, patch_size=8, seed=0)
     images = np.stack([data[i]["image"].numpy() for i in range(40)]).astype(np.float32)

@@ -12,7 +12,7 @@ from singer_deploy.calibration.cache import cached_calibration_set
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.quantize import quantize_student, reduce_precision
 from singer_deploy.calibration.realised import realised_precision, require_policy_held
-from singer_deploy.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.runner import TorchRunner
 

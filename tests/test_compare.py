@@ -8,13 +8,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from singer_deploy.backbone import load_backbone
-from singer_deploy.compare import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods, runner_probe_agreement
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.evaluation.study import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods, runner_probe_agreement
 from singer_deploy.config import SingerConfig
-from singer_deploy.data import SyntheticShapes
-from singer_deploy.distill import TrainConfig
+from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.train.loop import TrainConfig
 from singer_deploy.errors import ConfigError
-from singer_deploy.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
 SINGER = SingerConfig(rank=4, outlier_target="median")
 TRAIN = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from singer_deploy.data import ImageFolder, SyntheticShapes, bundled_photos
+from singer_deploy.models.data import ImageFolder, SyntheticShapes, bundled_photos
 from singer_deploy.errors import DataError
 
 

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from singer_deploy.backbone import load_backbone
+from singer_deploy.models.backbone import load_backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.data import SyntheticShapes
-from singer_deploy.distill import CHECKPOINT, METRICS_LOG, TrainConfig, distill
+from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, TrainConfig, distill
 from singer_deploy.errors import ConfigError, TrainingError
-from singer_deploy.metrics import artifact_metrics
-from singer_deploy.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.method.metrics import artifact_metrics
+from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
 TINY_TEACHER = PlantedConfig(img_size=32, patch_size=8, embed_dim=64, depth=4, artifact_layer=2, null_dim=4)
 SINGER = SingerConfig(rank=4, outlier_target="median")
@@ -217,11 +217,11 @@ _TORCHRUN_SCRIPT = """
     import sys
     import torch
     import torch.distributed as dist
-    from singer_deploy.backbone import load_backbone
+    from singer_deploy.models.backbone import load_backbone
     from singer_deploy.config import SingerConfig
-    from singer_deploy.data import SyntheticShapes
-    from singer_deploy.distill import TrainConfig, distill
-    from singer_deploy.planted import PlantedConfig, build_planted_teacher
+    from singer_deploy.models.data import SyntheticShapes
+    from singer_deploy.train.loop import TrainConfig, distill
+    from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
     teacher = build_planted_teacher(PlantedConfig(**{config})).backbone
     data = SyntheticShapes(16, 32, 8, flat_share=0.08, seed=1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from export_fixtures import tiny_vit
-from singer_deploy.backbone import load_backbone
+from singer_deploy.models.backbone import load_backbone
 from singer_deploy.errors import ModelError
 from singer_deploy.export.student import OUTPUT_NAMES, ExportableStudent
 

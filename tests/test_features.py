@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from singer_deploy.backbone import load_backbone
-from singer_deploy.data import SyntheticShapes
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, DataError, ModelError
-from singer_deploy.features import as_image_data, downsample_masks, extract_features, source_fingerprint
-from singer_deploy.refine import RefinedTeacher
+from singer_deploy.evaluation.features import as_image_data, downsample_masks, extract_features, source_fingerprint
+from singer_deploy.method.refine import RefinedTeacher
 
 
 class CountingSource:

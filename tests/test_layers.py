@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from singer_deploy.backbone import load_backbone
+from singer_deploy.models.backbone import load_backbone
 from singer_deploy.errors import ModelError
-from singer_deploy.layers import (Projectors, TokenAligner, TokenLayout, map_layers, resample_grid,
+from singer_deploy.method.alignment import (Projectors, TokenAligner, TokenLayout, map_layers, resample_grid,
                                   resolve_teacher_layers)
 
 

@@ -7,14 +7,14 @@ import warnings
 import pytest
 import torch
 
-from singer_deploy.backbone import load_backbone
+from singer_deploy.models.backbone import load_backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError
-from singer_deploy.layers import TokenAligner, TokenLayout
-from singer_deploy.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
+from singer_deploy.method.alignment import TokenAligner, TokenLayout
+from singer_deploy.method.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
                                   outlier_loss)
-from singer_deploy.nullspace import surrogate_block
-from singer_deploy.refine import Refiner
+from singer_deploy.method.nullspace import surrogate_block
+from singer_deploy.method.refine import Refiner
 
 
 def _norm_tokens(norms: list[list[float]]) -> torch.Tensor:

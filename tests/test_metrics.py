@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from singer_deploy.metrics import (artifact_metrics, gram_relative_distance, high_norm_mask, linear_cka,
+from singer_deploy.method.metrics import (artifact_metrics, gram_relative_distance, high_norm_mask, linear_cka,
                                    mask_precision_recall, normal_token_cosine, relative_change)
 
 

@@ -11,7 +11,7 @@ from timm.layers.mlp import GatedMlp, GluMlp, SwiGLU, SwiGLUPacked
 from torch import nn
 
 from singer_deploy.errors import ConfigError, ModelError
-from singer_deploy.nullspace import block_nullspace, nullspace_basis, surrogate_matrix
+from singer_deploy.method.nullspace import block_nullspace, nullspace_basis, surrogate_matrix
 
 
 def _matrix_with_spectrum(sigmas: list[float], seed: int = 0) -> torch.Tensor:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from singer_deploy.data import SyntheticShapes, stack_images
-from singer_deploy.metrics import artifact_metrics, high_norm_mask, mask_precision_recall
-from singer_deploy.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, mask_precision_recall
+from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from singer_deploy.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, DataError
-from singer_deploy.features import FeatureSet
-from singer_deploy.probes import (dense_probe, dense_targets, evaluate_backbone, evaluate_features, knn_accuracy,
+from singer_deploy.evaluation.features import FeatureSet
+from singer_deploy.evaluation.probes import (dense_probe, dense_targets, evaluate_backbone, evaluate_features, knn_accuracy,
                                   linear_probe, mean_iou, split_indices)
 
 M, N, D, C = 400, 16, 32, 4

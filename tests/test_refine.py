@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from singer_deploy.backbone import load_backbone
+from singer_deploy.models.backbone import load_backbone
 from singer_deploy.errors import ModelError
-from singer_deploy.layers import resolve_teacher_layers
-from singer_deploy.nullspace import block_nullspace
-from singer_deploy.refine import RefinedTeacher, Refiner
+from singer_deploy.method.alignment import resolve_teacher_layers
+from singer_deploy.method.nullspace import block_nullspace
+from singer_deploy.method.refine import RefinedTeacher, Refiner
 
 RANK = 4
 

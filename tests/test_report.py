@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from singer_deploy import plots
+from singer_deploy.reporting import plots
 from singer_deploy.errors import DataError
-from singer_deploy.report import ReportData, load_metrics, write_report
+from singer_deploy.reporting.report import ReportData, load_metrics, write_report
 
 _VOID = {"meta", "img", "br", "hr", "link", "input"}
 

@@ -1,12 +1,12 @@
 import pytest
 
 from singer_deploy.errors import ConfigError
-from singer_deploy.runconfig import RunConfig, load_run_config
+from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
 
 
 def test_defaults_and_demo_config_load(tmp_path):
     assert isinstance(load_run_config({}), RunConfig)
-    from singer_deploy.cli import demo_config_path
+    from singer_deploy.pipeline.cli import demo_config_path
     config = load_run_config(demo_config_path())
     assert config.teacher.name == "planted" and config.singer.outlier_target == "median"
     assert config.export.formats == ("onnx", "openvino")

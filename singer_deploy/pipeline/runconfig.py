@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from singer_deploy.config import SingerConfig
-from singer_deploy.distill import TrainConfig
+from singer_deploy.train.loop import TrainConfig
 from singer_deploy.errors import ConfigError, SingerDeployError
 
 PLANTED = "planted"
@@ -157,13 +157,13 @@ def _check_combinations(config: RunConfig) -> None:
         raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
                           found=config.data.source, fix="check the path")
     if config.teacher.name == PLANTED:
-        from singer_deploy.planted import PlantedConfig
+        from singer_deploy.models.planted import PlantedConfig
 
         try:
             planted = PlantedConfig(**config.teacher.planted)
         except TypeError as err:
             raise ConfigError(f"teacher.planted: {err}", expected="PlantedConfig fields",
-                              found=str(sorted(config.teacher.planted)), fix="see singer_deploy.planted") from err
+                              found=str(sorted(config.teacher.planted)), fix="see singer_deploy.models.planted") from err
         for layer in config.layers:
             if not -planted.depth <= layer < planted.depth:
                 raise ConfigError("layers: index beyond the teacher's depth",

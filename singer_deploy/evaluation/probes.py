@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from singer_deploy.errors import ConfigError, DataError
-from singer_deploy.features import FeatureSet, extract_features
+from singer_deploy.evaluation.features import FeatureSet, extract_features
 
 DenseTarget = Literal["fg", "class", "mask"]
 # Ridge strengths relative to the sample count (standardised features: trace(X^T X) ~ n x D).
@@ -308,7 +308,7 @@ def evaluate_backbone(source: Any, dataset: Any, *, layer: int | None = None, ca
                       source_id: str | None = None, batch_size: int = 64, **probe_kwargs: Any) -> dict[str, float]:
     """Extract (or reuse cached) frozen features of `source` on `dataset`, then run every probe.
 
-    `source`: a Backbone / teacher, a Runner or a callable (see `singer_deploy.features`); `probe_kwargs` go to
+    `source`: a Backbone / teacher, a Runner or a callable (see `singer_deploy.evaluation.features`); `probe_kwargs` go to
     `evaluate_features` (split, seed, test_fraction, k, temperature, lambdas, dense).
     """
     features = extract_features(source, dataset, layer=layer, batch_size=batch_size, cache_dir=cache_dir,

@@ -24,14 +24,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from singer_deploy.backbone import Backbone
+from singer_deploy.models.backbone import Backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
-from singer_deploy.layers import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
-from singer_deploy.losses import SingerLoss, kd_loss
-from singer_deploy.metrics import artifact_metrics
-from singer_deploy.refine import Refiner
+from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
+from singer_deploy.method.losses import SingerLoss, kd_loss
+from singer_deploy.method.metrics import artifact_metrics
+from singer_deploy.method.refine import Refiner
 
 log = logging.getLogger(__name__)
 

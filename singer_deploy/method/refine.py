@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
-from singer_deploy.nullspace import NullspaceBasis, block_nullspace, surrogate_block
+from singer_deploy.method.nullspace import NullspaceBasis, block_nullspace, surrogate_block
 
 _FORMAT = "singer-refiner/1"
 _ADAPTER = "default"

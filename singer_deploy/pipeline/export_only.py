@@ -10,10 +10,10 @@ import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
-from singer_deploy.api import MANIFEST, bench, build_data, build_models
-from singer_deploy.backbone import Backbone
+from singer_deploy.pipeline.api import MANIFEST, bench, build_data, build_models
+from singer_deploy.models.backbone import Backbone
 from singer_deploy.errors import ConfigError
-from singer_deploy.runconfig import RunConfig, load_run_config
+from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ModelError
-from singer_deploy.layers import TokenAligner
-from singer_deploy.metrics import DEFAULT_K, cosine_gram, high_norm_mask
-from singer_deploy.nullspace import surrogate_block
+from singer_deploy.method.alignment import TokenAligner
+from singer_deploy.method.metrics import DEFAULT_K, cosine_gram, high_norm_mask
+from singer_deploy.method.nullspace import surrogate_block
 
 # Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
 TRAP_K = DEFAULT_K

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from singer_deploy.backbone import has_class_token
+from singer_deploy.models.backbone import has_class_token
 from singer_deploy.errors import ConfigError, DataError, ModelError
 from singer_deploy.io import atomic_savez
 
@@ -78,7 +78,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def as_image_data(dataset: Any) -> ImageData:
     """Accept an `ImageData`, a tuple `(images, labels[, masks])`, or a sequence of dicts
-    {"image", "label", optional "fg_mask"} (the shape of `singer_deploy.data.SyntheticShapes` items)."""
+    {"image", "label", optional "fg_mask"} (the shape of `singer_deploy.models.data.SyntheticShapes` items)."""
     if isinstance(dataset, ImageData):
         return dataset
     if isinstance(dataset, tuple) and len(dataset) in (2, 3):

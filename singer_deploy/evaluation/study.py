@@ -33,18 +33,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from singer_deploy.backbone import Backbone
+from singer_deploy.models.backbone import Backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.distill import DistillResult, TrainConfig, distill
+from singer_deploy.train.loop import DistillResult, TrainConfig, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.export.golden import artifact_sha256, open_runner
 from singer_deploy.export.pipeline import export_student
 from singer_deploy.export.runner import TorchRunner
 from singer_deploy.export.student import ExportableStudent
-from singer_deploy.features import FeatureSet, PatchDtype, as_image_data, extract_features, module_fingerprint
+from singer_deploy.evaluation.features import FeatureSet, PatchDtype, as_image_data, extract_features, module_fingerprint
 from singer_deploy.io import atomic_write_json, atomic_write_text
-from singer_deploy.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
-from singer_deploy.probes import evaluate_backbone, evaluate_features
+from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
+from singer_deploy.evaluation.probes import evaluate_backbone, evaluate_features
 
 METHODS = ("fitnet", "singer")
 MARKDOWN, JSON = "comparison.md", "comparison.json"

@@ -24,16 +24,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy import __version__
-from singer_deploy.analysis import ArtifactAnalysis, analyse_artifacts
-from singer_deploy.backbone import Backbone, load_backbone
-from singer_deploy.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images,
+from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifacts
+from singer_deploy.models.backbone import Backbone, load_backbone
+from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images,
                                 teacher_transform)
-from singer_deploy.distill import DistillResult, distill
+from singer_deploy.train.loop import DistillResult, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
-from singer_deploy.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
-from singer_deploy.refine import RefinedTeacher, Refiner
-from singer_deploy.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config, read_config_file
+from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
+from singer_deploy.method.refine import RefinedTeacher, Refiner
+from singer_deploy.pipeline.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config, read_config_file
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
@@ -265,7 +265,7 @@ def display_normalisation(config: RunConfig, teacher: Backbone) -> tuple[Sequenc
 def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_rows: list[dict],
            latency_rows: list[dict], summary: dict, eval_images: np.ndarray,
            normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Path:
-    from singer_deploy.report import ReportData, write_report
+    from singer_deploy.reporting.report import ReportData, write_report
 
     shown = slice(0, 6)
     mean, std = normalisation

@@ -1,7 +1,7 @@
 """Artifact analysis of a finished run: raw teacher, refined teacher, clean twin and student, side by side.
 
 Produces the numbers (rows and a headline) and the arrays the report draws (patch-norm maps, norm histograms,
-tokens for PCA maps). Metrics come from singer_deploy.metrics; nothing here is recomputed differently.
+tokens for PCA maps). Metrics come from singer_deploy.method.metrics; nothing here is recomputed differently.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from singer_deploy.backbone import Backbone
-from singer_deploy.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
+from singer_deploy.models.backbone import Backbone
+from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
 
 if TYPE_CHECKING:
-    from singer_deploy.distill import DistillResult
-    from singer_deploy.planted import PlantedTeacher
-    from singer_deploy.refine import RefinedTeacher
+    from singer_deploy.train.loop import DistillResult
+    from singer_deploy.models.planted import PlantedTeacher
+    from singer_deploy.method.refine import RefinedTeacher
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataError, ModelError, ParityError,
                                   SingerDeployError, TrainingError)
-from singer_deploy.runconfig import read_config_file
+from singer_deploy.pipeline.runconfig import read_config_file
 
 if TYPE_CHECKING:
-    from singer_deploy.api import PipelineResult
+    from singer_deploy.pipeline.api import PipelineResult
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_BACKEND, EXIT_TRAINING = 0, 1, 2, 3, 4
 
@@ -125,7 +125,7 @@ def _cmd_distill(args) -> int:
 def _cmd_bench(args) -> int:
     from singer_deploy.export.bench import markdown_table, to_json
     from singer_deploy.io import atomic_write_text
-    from singer_deploy.reload import bench_run
+    from singer_deploy.pipeline.export_only import bench_run
 
     rows = bench_run(Path(args.run_dir))
     print(markdown_table(rows, ["runner", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "size_mb",
@@ -136,7 +136,7 @@ def _cmd_bench(args) -> int:
 
 
 def _run(config: dict, overrides: dict, args) -> int:
-    from singer_deploy.api import distill_and_export
+    from singer_deploy.pipeline.api import distill_and_export
 
     result = distill_and_export(config, overwrite=args.overwrite, progress=not args.no_progress, **overrides)
     print(format_summary(result))
@@ -167,7 +167,7 @@ def _inline(value) -> str:
 
 
 def _cmd_check(args) -> int:
-    from singer_deploy.runconfig import load_run_config
+    from singer_deploy.pipeline.runconfig import load_run_config
 
     load_run_config(Path(args.config))
     print(f"{args.config}: ok")
@@ -175,7 +175,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from singer_deploy.reload import export_run
+    from singer_deploy.pipeline.export_only import export_run
 
     result = export_run(Path(args.run_dir), args.formats, args.precision, Path(args.out) if args.out else None)
     for key, record in result.artifacts.items():

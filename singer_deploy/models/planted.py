@@ -22,8 +22,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from singer_deploy.backbone import Backbone
-from singer_deploy.data import SyntheticShapes, stack_images
+from singer_deploy.models.backbone import Backbone
+from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.errors import ConfigError
 
 _TEXTURE_FILTERS = 6

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from singer_deploy.backbone import check_block_index, has_class_token
+from singer_deploy.models.backbone import check_block_index, has_class_token
 from singer_deploy.errors import ModelError
 
 

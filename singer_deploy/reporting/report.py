@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from singer_deploy import __version__, plots
+from singer_deploy import __version__
+from singer_deploy.reporting import plots
 from singer_deploy.errors import DataError
 from singer_deploy.io import atomic_write_text
 
