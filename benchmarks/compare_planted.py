@@ -1,9 +1,9 @@
 """SiNGER vs FitNet on the planted-artifact teacher at two artifact shares, plus the quantile-target trap.
 
-Runs `singer_deploy.evaluation.study.compare_methods` with the settings measured in method.md (64 px, patch 8, D=96, 8 blocks,
-artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3e-3, adapter lr 1e-2) and prints one
-table. The planted teacher has random weights apart from the planted circuit, so probe scores sit at chance for every
-row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
+Runs `singer_deploy.evaluation.study.compare_methods` with the settings of docs/method.md, "Traps" (64 px, patch 8,
+D=96, 8 blocks, artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3e-3, adapter lr
+1e-2) and prints one table. The planted teacher has random weights apart from the planted circuit, so probe scores
+sit at chance for every row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
 
 Each SiNGER student is also exported (ONNX, OpenVINO FP32 + FP16 IR, where installed) and probed through every
 artifact's runner; a second table shows those scores and their differences from eager PyTorch's.

@@ -1,7 +1,7 @@
 """FP16 ONNX cast graph: FP16 weights and compute except where the policy keeps FP32, with FP32 inputs/outputs.
 
 Uses ONNX Runtime's own converter (onnxruntime.transformers.float16), which inserts the Casts around blocked ops;
-LayerNorm and softmax stay FP32 because they overflow in FP16 on ViTs (export_anchors.md, P-LN).
+LayerNorm and softmax stay FP32 because they overflow in FP16 on ViTs (docs/export.md, "Precision pitfalls on ViTs").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Explicit Q/DQ INT8 ONNX with ONNX Runtime's static quantizer.
 
 Symmetric INT8 activations and per-channel symmetric INT8 weights in QuantizeLinear/DequantizeLinear pairs: the form
-a strongly typed TensorRT 10/11 build consumes (export_anchors.md §2.3, P-T11) and that ONNX Runtime CPU already
+a strongly typed TensorRT 10/11 build consumes (docs/export.md, "TensorRT") and that ONNX Runtime CPU already
 runs, so the same file is checked here and deployed on a GPU.
 """
 
@@ -16,7 +16,7 @@ from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.io import atomic_path
 
-# ORT's static quantizer refuses opset >= 21 (export_anchors.md, P-MISC); the exporter writes 18.
+# ORT's static quantizer refuses opset >= 21 (docs/export.md, "Precision pitfalls on ViTs"); the exporter writes 18.
 _MAX_OPSET = 20
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 _DEFAULT_BATCH = 8

@@ -1,7 +1,7 @@
 """OpenVINO INT8 through NNCF post-training quantization, and the FP16-compressed IR.
 
 `ModelType.TRANSFORMER` is the single biggest accuracy lever for ViTs (SmoothQuant first, MIXED preset; see
-export_anchors.md §2.5 and nncf#4172); the policy's IgnoredScope keeps LayerNorm, softmax, GELU, the patch
+docs/export.md, "OpenVINO"); the policy's IgnoredScope keeps LayerNorm, softmax, GELU, the patch
 embedding and output projections out of INT8. The INT8 IR is saved without FP16 weight compression so the layers
 the policy keeps high precision really stay FP32.
 """

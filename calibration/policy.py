@@ -1,10 +1,10 @@
 """One ViT precision policy, compiled into each backend's own dialect.
 
-Which ops may run in reduced precision and which must stay FP32 is decided once, by ViT role (see graph.py):
-the linear layers and attention products carry almost all FLOPs and tolerate INT8 / FP16; LayerNorm, softmax and
-GELU overflow or lose range in FP16 and collapse under per-tensor INT8 (export_anchors.md, P-LN / P-INT8); the
-patch-embedding convolution sees raw pixels, and the output projections write the features users compare, so both
-stay FP32 too. The policy is then translated into NNCF's IgnoredScope, ONNX Runtime's quantize_static arguments
+Which ops may run in reduced precision and which must stay FP32 is decided once, by ViT role (see graph.py): the
+linear layers and attention products carry almost all FLOPs and tolerate INT8 / FP16; LayerNorm, softmax and GELU
+overflow or lose range in FP16 and collapse under per-tensor INT8 (docs/export.md, "Precision pitfalls on ViTs");
+the patch-embedding convolution sees raw pixels, and the output projections write the features users compare, so
+both stay FP32 too. The policy is then translated into NNCF's IgnoredScope, ONNX Runtime's quantize_static arguments
 and the FP16 converter's block lists, all resolved to node names of the concrete graph.
 """
 

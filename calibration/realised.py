@@ -1,6 +1,6 @@
 """What precision each op of a produced graph really runs in, and whether the policy held.
 
-Flags are not evidence: other SDKs shipped FP32 engines that were asked for FP16 (export_anchors.md, P-T11). So
+Flags are not evidence: other SDKs shipped FP32 engines that were asked for FP16 (docs/export.md, "TensorRT"). So
 the produced file is read back: in ONNX an op is INT8 when its inputs come from DequantizeLinear and FP16 when
 its inputs are float16 tensors; in an OpenVINO IR an op is INT8 when its activations pass a FakeQuantize (or its
 weights are stored as int8) and FP16 when its weights are stored as f16 constants.

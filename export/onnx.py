@@ -1,6 +1,6 @@
 """ONNX export of the student (torch.onnx dynamo exporter, TorchScript only as a recorded fallback) and its runner.
 
-Facts this follows (shared/research/export_anchors.md §3.1, §7): trace with batch >= 2 because torch.export
+Facts this follows (docs/export.md, "ONNX"): trace with batch >= 2 because torch.export
 specialises size-1 dims; opset >= 18 so LayerNormalization stays one node (TensorRT keeps its precision); explicit
 attention (timm's `exportable` behaviour) so runtimes see a plain MatMul-Softmax-MatMul; one fixed resolution per
 file because bicubic+antialias position-embedding resampling does not export faithfully.

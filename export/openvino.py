@@ -1,6 +1,6 @@
 """OpenVINO IR export (FP32 for parity, FP16-compressed for deployment) and its runner.
 
-Two OpenVINO defaults bite parity (export_anchors.md §2.5, §7): `save_model` compresses weights to FP16 unless told
+Two OpenVINO defaults bite parity (docs/export.md, "OpenVINO"): `save_model` compresses weights to FP16 unless told
 otherwise, and the CPU plugin may execute in bf16 on CPUs that support it. So the FP32 IR is saved with
 compress_to_fp16=False and parity runs compile with INFERENCE_PRECISION_HINT=f32; the platform default hint is a
 separate, explicitly named speed setting.

@@ -24,8 +24,8 @@ class ParityPolicy:
     """Gates one precision must pass. `None` means measured and reported, not gated.
 
     Defaults (PRECISION_GATES) start from the field conventions (OpenVINO/Polygraphy FP32 1e-4, Torch-TensorRT
-    cosine 0.99, research notes §4) and were checked against noise measured here on tiny trained-like ViTs
-    (depth 2, dim 48, 56-64 px, with and without registers, 32 synthetic-shape images, worst output):
+    cosine 0.99; docs/export.md, "Parity tolerances") and were checked against noise measured here on tiny
+    trained-like ViTs (depth 2, dim 48, 56-64 px, with and without registers, 32 synthetic-shape images, worst output):
       ORT / OpenVINO f32 vs eager:  max_abs_rel <= 1e-6, rel_err_p99 <= 8e-7, 1 - cosine <= 4e-13
       OpenVINO FP16-compressed IR:  max_abs_rel 4e-4, rel_err_p99 5e-4, 1 - cosine 1.3e-7, norm_rel_err 2e-4
       OpenVINO bf16 execution:      max_abs_rel 4e-3, rel_err_p99 5e-3, 1 - cosine 1.7e-5, kNN overlap >= 0.997

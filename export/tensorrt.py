@@ -4,7 +4,7 @@ TensorRT 11 removed the precision builder flags (FP16/INT8/BF16), precision cons
 networks are strongly typed, so the precision must already be in the ONNX (FP16 cast graph or INT8 Q/DQ, produced by
 singer_deploy.calibration). The same code runs on 10.x by asking for a STRONGLY_TYPED network. Because other SDKs
 shipped FP32 engines after that change without noticing, the precision the engine *actually* runs is read back with
-the engine inspector and checked (export_anchors.md §0, §2.3, §7 P-T11).
+the engine inspector and checked (docs/export.md, "TensorRT").
 
 Metadata lives in a sidecar JSON (`model.engine.json`), never prepended to the plan, so trtexec and Polygraphy can
 still open the engine.

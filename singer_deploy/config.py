@@ -18,7 +18,7 @@ class SingerConfig:
 
     Source of the defaults: the authors' main config `configs/imagenet/vit/singer.yaml` (RANK 64, NULL_THRES 0.05,
     OUTLIER_Q 0.97, FEAT_WEIGHT 1.0) plus `engine/cfg.py` for OUTLIER_WEIGHT 0.01 and INFO_WEIGHT 1.0 (never
-    overridden), as summarised in shared/research/paper.md sections 3-4.
+    overridden); see docs/method.md, "Defaults and their source".
 
     rank: adapter rank r per distilled layer (must not exceed the teacher width).
     tau: absolute singular-value threshold; k = #(sigma < tau) is logged per layer, and the "official" rule

@@ -22,7 +22,7 @@ def test_resolve_teacher_layers_appends_last_and_normalises():
 
 
 @pytest.mark.parametrize("teacher, t_depth, s_depth, expected", [
-    ([17, 23], 24, 12, [8, 11]),            # ViT-L -> ViT-S/T (paper.md 5.3)
+    ([17, 23], 24, 12, [8, 11]),            # ViT-L -> ViT-S/T (docs/method.md, layer mapping)
     ([8, 11], 12, 12, [7, 10]),             # the reference quirk: the student's last block is not distilled
     ([23, 31], 32, 12, [8, 11]),
     ([23, 31], 32, 24, [17, 22]),

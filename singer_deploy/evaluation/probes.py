@@ -1,7 +1,8 @@
-"""Frozen-feature probes (artifacts.md M5): kNN and linear probes on image features, a dense linear probe on patches.
+"""Frozen-feature probes: kNN and linear probes on image features, a dense linear probe on patches.
 
-Offline stand-ins for the paper's IN-1k (image) and ADE20K (dense) linear probes. All are closed-form or
-non-parametric, seeded and CPU-fast, so two students can be compared in the same run without any training noise.
+Offline stand-ins for the paper's IN-1k (image) and ADE20K (dense) linear probes (docs/method.md, "Probes"). All are
+closed-form or non-parametric, seeded and CPU-fast, so two students can be compared in the same run without any
+training noise.
 
 Linear probes are closed-form ridge regressions to one-hot targets on standardised features rather than an LBFGS
 logistic regression: one eigendecomposition of the feature covariance gives the whole regularisation path, so

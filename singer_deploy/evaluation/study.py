@@ -10,7 +10,7 @@ Columns (report.py renders the first six by name; the rest follow):
   normal_cos_clean@L        the same against the clean twin
   target_*@L (SiNGER)       the refined target: its artifacts, and its cosine to the raw teacher on normal tokens at
                             layer L and after the next teacher block (how little refinement disturbs the rest)
-Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (method.md, "Traps").
+Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (docs/method.md, "Traps").
 
 Runner agreement (`runner_probe_agreement`, a second section of comparison.md): the SiNGER student is exported
 (ONNX, OpenVINO FP32 + FP16 IR), its features are read through each artifact's runner and the eager PyTorch runner,

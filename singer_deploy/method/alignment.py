@@ -40,7 +40,8 @@ def map_layers(teacher_layers: Sequence[int], teacher_depth: int, student_depth:
                force_last: bool = False) -> list[int]:
     """Student block for each teacher layer: Hungarian assignment on relative depth, distinct student blocks.
 
-    Reference-code rule (paper.md 5.3): teacher position l / L_T, student position k / (L_S - 1), cost |t - s|.
+    Reference-code rule (docs/method.md, "Distilled layers and the layer mapping"): teacher position l / L_T,
+    student position k / (L_S - 1), cost |t - s|.
     The asymmetric normalisation maps 12 -> 12 blocks {8, 11} to {7, 10}, leaving the student's last block
     untrained; force_last pins the teacher's last block (L_T - 1), when distilled, to the student's last block
     and assigns the rest among the remaining student blocks.

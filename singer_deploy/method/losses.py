@@ -1,9 +1,9 @@
 """SiNGER losses: L_kd (student vs refined target), L_out (shrink high-norm patches), L_info (keep what the teacher
 computes). Each term is averaged over the distilled layers D; total = w_kd L_kd + w_out L_out + w_info L_info.
 
-Gradient paths follow the reference code (paper.md 3.5, T9, T10): the refined target is not detached in L_kd by
-default, L_info back-propagates through the frozen next teacher block into the adapter, and the refined intermediate
-layer stays attached in the reference-variant Gram term.
+Gradient paths follow the reference code (docs/method.md, "Gradient paths"): the refined target is not detached in
+L_kd by default, L_info back-propagates through the frozen next teacher block into the adapter, and the refined
+intermediate layer stays attached in the reference-variant Gram term.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Artifact and fidelity metrics on patch tokens (B, N, D) of raw block outputs.
 
 Every metric is threshold-relative per image (k x the median patch norm), never the loss's own top-(1-alpha) set,
-which flags 3% of tokens by construction before and after refinement (see shared/research/artifacts.md, section 2).
+which flags 3% of tokens by construction before and after refinement (docs/method.md, "Metrics").
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 SiNGER initialises each refinement adapter with W_d = N^T, W_u = N, where the rows of N span input directions that a
 linear surrogate of the FFN nearly annihilates. The surrogate is M = (fc2.weight @ fc1.weight)^T (d x d) in the row
-convention x -> x M, ignoring norms, activation, biases and LayerScale (paper.md 3.2, trap T3). Its LEFT singular
-vectors u_i satisfy ||u_i^T M|| = sigma_i, so small sigma_i means "the FFN ignores this direction".
+convention x -> x M, ignoring norms, activation, biases and LayerScale (docs/method.md, "Nullspace initialisation").
+Its LEFT singular vectors u_i satisfy ||u_i^T M|| = sigma_i, so small sigma_i means "the FFN ignores this direction".
 """
 
 from __future__ import annotations

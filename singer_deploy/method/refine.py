@@ -2,7 +2,8 @@
 
 Each adapter is a peft LoRA over a frozen identity nn.Linear(d, d, bias=False) with lora_alpha = r (scaling 1), no
 dropout, no bias. peft computes base(x) + lora_B(lora_A(x)) = x + x A^T B^T, so W_d = A^T and W_u = B^T. Nullspace
-initialisation (paper.md 3.2, trap T1: NOT zero) sets A = N (r x d) and B = N^T (d x r), hence F_hat = F + F N^T N.
+initialisation (NOT zero; docs/method.md, "Nullspace initialisation") sets A = N (r x d) and B = N^T (d x r),
+hence F_hat = F + F N^T N.
 Prefix tokens (CLS and registers, timm `num_prefix_tokens`) pass unchanged.
 
 Each tapped layer is refined on its own: the refined layer l is a training target, it is never fed back into the

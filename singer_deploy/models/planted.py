@@ -1,6 +1,6 @@
 """A tiny timm ViT with planted high-norm artifacts and known ground truth (tests and the offline demo).
 
-It imitates how real artifacts arise (shared/research/artifacts.md, section 3):
+It imitates how real artifacts arise (docs/planted_teacher.md):
   patch embedding  -> zero-mean high-pass filters write texture responses into reserved channels;
   block 0 MLP      -> texture energy  E = sum |response|;
   block 1 MLP      -> flatness f = 1 on patches with no texture energy at all (0 elsewhere);

@@ -152,7 +152,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             resume: bool = True, progress: bool = True) -> DistillResult:
     """Distil `student` from `teacher` on `data` (items are dicts with an "image" tensor); write files to out_dir.
 
-    layers: the user's teacher layers; the teacher's last block is always added (method.md). A killed run
+    layers: the user's teacher layers; the teacher's last block is always added (docs/method.md). A killed run
     resumes from `out_dir/checkpoint.pt` when resume is True.
     """
     singer, train = singer or SingerConfig(), train or TrainConfig()
