@@ -1,8 +1,9 @@
 """Explicit Q/DQ INT8 ONNX with ONNX Runtime's static quantizer.
 
-Symmetric INT8 activations and per-channel symmetric INT8 weights in QuantizeLinear/DequantizeLinear pairs: the form
-a strongly typed TensorRT 10/11 build consumes (docs/export.md, "TensorRT") and that ONNX Runtime CPU already
-runs, so the same file is checked here and deployed on a GPU.
+Per-channel symmetric INT8 weights in QuantizeLinear/DequantizeLinear pairs; the activation encoding and the weight
+range follow the consumer and target (int8_scheme.py): for TensorRT symmetric INT8 activations (the form a strongly
+typed TensorRT 10/11 build consumes, docs/export.md "TensorRT"); for ONNX Runtime on a CPU asymmetric UINT8
+activations, with 7-bit weights where the CPU has no VNNI, as ONNX Runtime's quantize_static guidance says.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
@@ -46,8 +48,9 @@ def _reader(images: np.ndarray, input_name: str, batch: int, fixed: bool):
 
 def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibration: CalibrationSet,
                        policy: PrecisionPolicy = DEFAULT_POLICY, *, calibrate_method: str = "minmax",
-                       per_channel: bool = True) -> Path:
-    """Write a Q/DQ INT8 copy of `onnx_path` calibrated on `calibration`, quantizing only what `policy` allows."""
+                       per_channel: bool = True, scheme: Int8Scheme | None = None) -> Path:
+    """Write a Q/DQ INT8 copy of `onnx_path` calibrated on `calibration`, quantizing only what `policy` allows,
+    encoded per `scheme` (default: int8_scheme("onnxruntime") for this host)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -68,13 +71,17 @@ def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibrati
     args = policy.onnx_quantize_static_args(model)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibrate_method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, **args["extra_options"]}
+    scheme = scheme or int8_scheme("onnxruntime")
+    symmetric = scheme.symmetric_activations
+    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, **args["extra_options"]}
     try:
         with atomic_path(output_path) as tmp:
             quantize_static(str(onnx_path), str(tmp),
                             _reader(calibration.images, input_name, batch, fixed_batch is not None),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=per_channel, calibrate_method=method,
+                            quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=per_channel,
+                            reduce_range=scheme.half_range_weights, calibrate_method=method,
                             op_types_to_quantize=args["op_types_to_quantize"],
                             nodes_to_exclude=args["nodes_to_exclude"], extra_options=extra)
     except (ConfigError, ExportError):

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
@@ -34,9 +35,11 @@ def load_openvino_model(source: Any) -> Any:
 
 def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: CalibrationSet,
                            policy: PrecisionPolicy = DEFAULT_POLICY, *, subset_size: int | None = None,
-                           fast_bias_correction: bool = True) -> Path:
-    """nncf.quantize the FP32 model on `calibration` (one image per step) and save the INT8 IR."""
+                           fast_bias_correction: bool = True, scheme: Int8Scheme | None = None) -> Path:
+    """nncf.quantize the FP32 model on `calibration` (one image per step) and save the INT8 IR. `scheme` (default:
+    int8_scheme("openvino") for this host) sets NNCF's overflow fix for the CPU the IR will run on."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     ov = import_openvino()
     model = load_openvino_model(source)
@@ -47,11 +50,13 @@ def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: Cal
                           fix="select calibration images first and leave subset_size=None (all of them)")
     # One image per step: batched statistics make NNCF warn and skew transformer ranges (nncf quantize_model.py).
     dataset = nncf.Dataset([calibration.images[i:i + 1] for i in range(len(calibration))])
+    scheme = scheme or int8_scheme("openvino")
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(scheme.nncf_overflow_fix))
     previous = nncf.nncf_logger.level
     nncf.set_log_level(logging.WARNING)   # NNCF logs one INFO line per ignored op
     try:
         quantized = nncf.quantize(model, dataset, subset_size=subset, fast_bias_correction=fast_bias_correction,
-                                  **policy.nncf_args(model))
+                                  advanced_parameters=advanced, **policy.nncf_args(model))
     except Exception as exc:
         raise ExportError("NNCF INT8 quantization failed", expected="an FP32 OpenVINO student",
                           found=f"{type(exc).__name__}: {exc}", fix="quantize the FP32 IR (student_fp32.xml)") from exc

@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from singer_deploy.calibration.cache import cached_calibration_set
+from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
 from singer_deploy.calibration.onnx_fp16 import convert_onnx_fp16
 from singer_deploy.calibration.onnx_int8 import quantize_onnx_int8
 from singer_deploy.calibration.openvino_int8 import openvino_fp16, quantize_openvino_int8
@@ -29,6 +30,7 @@ from singer_deploy.calibration.selection import DEFAULT_CALIBRATION_SIZE, Calibr
 from singer_deploy.calibration.source import ImageSource, load_calibration_images
 from singer_deploy.errors import ConfigError
 from singer_deploy.export.formats import normalize_precision
+from singer_deploy.export.hardware import CpuCapabilities
 from singer_deploy.export.parity import ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner, TorchRunner
 
@@ -49,11 +51,13 @@ class ReducedModel:
     parity_images: str          # which images the parity ran on: "held-out", "given" or "calibration (in-sample)"
     calibration: dict | None    # method, seed, size of the calibration set (INT8 only)
     seconds: float              # time spent producing the artifact
+    int8_scheme: Int8Scheme | None = None   # INT8 encoding chosen for the target (INT8 only)
 
     def to_dict(self) -> dict:
         return {"artifact": str(self.artifact), "backend": self.backend, "precision": self.precision,
                 "realised": self.realised.to_dict(), "parity": self.parity.to_dict() if self.parity else None,
-                "parity_images": self.parity_images, "calibration": self.calibration, "seconds": self.seconds}
+                "parity_images": self.parity_images, "calibration": self.calibration, "seconds": self.seconds,
+                "int8_scheme": None if self.int8_scheme is None else self.int8_scheme.to_dict()}
 
 
 def run_all(runner: Runner, images: np.ndarray, batch: int = _RUN_BATCH) -> dict[str, np.ndarray]:
@@ -89,22 +93,24 @@ def _check_request(model: Any, precision: str, backend: str, calibration: Calibr
 
 
 def _produce(model: Any, precision: str, backend: str, out: Path, calibration: CalibrationSet | None,
-             policy: PrecisionPolicy, stem: str) -> Path:
+             policy: PrecisionPolicy, stem: str, scheme: Int8Scheme) -> Path:
     if backend == "onnx":
         if precision == "fp16":
             return convert_onnx_fp16(model, out / f"{stem}_fp16.onnx", policy)
-        return quantize_onnx_int8(model, out / f"{stem}_int8_qdq.onnx", calibration, policy)
+        return quantize_onnx_int8(model, out / f"{stem}_int8_qdq.onnx", calibration, policy, scheme=scheme)
     if precision == "fp16":
         return openvino_fp16(model, out, stem=stem)
-    return quantize_openvino_int8(model, out / f"{stem}_int8.xml", calibration, policy)
+    return quantize_openvino_int8(model, out / f"{stem}_int8.xml", calibration, policy, scheme=scheme)
 
 
 def reduce_precision(model: str | Path, *, precision: str, backend: str, output_dir: str | Path,
                      calibration: CalibrationSet | None = None, policy: PrecisionPolicy = DEFAULT_POLICY,
                      eval_images: np.ndarray | None = None, reference: Runner | dict | None = None,
-                     stem: str = "student", check: bool = True, strict: bool = True) -> ReducedModel:
+                     stem: str = "student", check: bool = True, strict: bool = True,
+                     target: str | CpuCapabilities | None = None) -> ReducedModel:
     """Make the FP16 / INT8 artifact of an FP32 ONNX file (either backend) or IR .xml (OpenVINO).
 
+    INT8 is encoded for `target` (an export.target name; default: this host), see int8_scheme.py.
     The realised precision is read back from the produced file and must honour `policy` (ExportError if not).
     When `check`, outputs are compared with `reference` (a Runner or precomputed outputs; default: the FP32 input
     artifact on the same backend) on `eval_images` (default: the calibration images, reported as in-sample);
@@ -113,8 +119,9 @@ def reduce_precision(model: str | Path, *, precision: str, backend: str, output_
     precision = _check_request(model, precision, backend, calibration)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scheme = int8_scheme("onnxruntime" if backend == "onnx" else "openvino", target) if precision == "int8" else None
     start = time.perf_counter()
-    artifact = _produce(model, precision, backend, out, calibration, policy, stem)
+    artifact = _produce(model, precision, backend, out, calibration, policy, stem, scheme)
     seconds = time.perf_counter() - start
     realised = realised_precision(artifact, policy)
     require_policy_held(realised, precision, weights_only=(backend == "openvino" and precision == "fp16"))
@@ -133,7 +140,8 @@ def reduce_precision(model: str | Path, *, precision: str, backend: str, output_
             parity.raise_if_failed()
     calib_info = None if calibration is None else {"method": calibration.method, "seed": calibration.seed,
                                                    "size": len(calibration), "source_size": calibration.source_size}
-    return ReducedModel(Path(artifact), backend, precision, realised, parity, parity_images, calib_info, seconds)
+    return ReducedModel(Path(artifact), backend, precision, realised, parity, parity_images, calib_info, seconds,
+                        scheme)
 
 
 def _parity_images(eval_images: np.ndarray | None, calibration: CalibrationSet | None) -> tuple[np.ndarray, str]:
@@ -149,9 +157,11 @@ def quantize_student(student: nn.Module, output_dir: str | Path, calibration_sou
                      backend: str = "openvino", precision: str = "int8", projector: nn.Module | None = None,
                      size: int = DEFAULT_CALIBRATION_SIZE, method: Method = "random", seed: int = 0,
                      cache_dir: str | Path | None = None, eval_images: np.ndarray | None = None,
-                     policy: PrecisionPolicy = DEFAULT_POLICY, strict: bool = True) -> ReducedModel:
-    """Export `student` (timm ViT) to ONNX, calibrate on its distillation images, reduce, and gate parity against
-    eager PyTorch. Without `eval_images`, up to 64 source images left out of calibration are the parity set."""
+                     policy: PrecisionPolicy = DEFAULT_POLICY, strict: bool = True,
+                     target: str | CpuCapabilities | None = None) -> ReducedModel:
+    """Export `student` (timm ViT) to ONNX, calibrate on its distillation images, reduce for `target` (default:
+    this host), and gate parity against eager PyTorch. Without `eval_images`, up to 64 source images left out of
+    calibration are the parity set."""
     from singer_deploy.export.onnx import export_onnx
     from singer_deploy.export.openvino import export_openvino
     from singer_deploy.export.student import ExportableStudent
@@ -167,7 +177,8 @@ def quantize_student(student: nn.Module, output_dir: str | Path, calibration_sou
         held_out = np.setdiff1d(np.arange(len(images)), calibration.indices)[:_HELD_OUT]
         eval_images = images[held_out] if len(held_out) >= 2 else None
     result = reduce_precision(source, precision=precision, backend=backend, output_dir=out, calibration=calibration,
-                              policy=policy, eval_images=eval_images, reference=TorchRunner(wrapper), strict=strict)
+                              policy=policy, eval_images=eval_images, reference=TorchRunner(wrapper), strict=strict,
+                              target=target)
     if eval_images is not None and result.parity_images == "given":
         result.parity_images = "held-out"
     return result

@@ -23,6 +23,7 @@ from torch import nn
 
 from singer_deploy.errors import DataError, ExportError
 from singer_deploy.export.formats import format_for_path
+from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner
 from singer_deploy.io import atomic_write_bytes
@@ -45,9 +46,10 @@ def package_version(name: str) -> str | None:
 
 
 def environment_fingerprint(device: str = "cpu") -> dict:
-    """What produced / ran the numbers: interpreter, platform, runtime versions, device."""
+    """What produced / ran the numbers: interpreter, platform, CPU capabilities (INT8 / BF16 kernels), runtime
+    versions, device."""
     return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "device": device,
+            "cpu_count": os.cpu_count(), "cpu_capabilities": host_capabilities().to_dict(), "device": device,
             **{pkg: package_version(pkg) for pkg in _PACKAGES}}
 
 

@@ -14,6 +14,7 @@ from singer_deploy.calibration.quantize import quantize_student, reduce_precisio
 from singer_deploy.calibration.realised import realised_precision, require_policy_held
 from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, ExportError
+from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.export.runner import TorchRunner
 
 PROTECTED = ("layernorm", "softmax", "gelu", "patch_embedding", "output_projection")
@@ -77,6 +78,8 @@ def test_int8_passes_the_int8_gate_and_keeps_protected_ops_fp32(backend, student
     assert counts["linear"] == {"int8": 4 * 2}          # qkv, proj, fc1, fc2 in each of the 2 blocks
     assert result.realised.share("int8") >= 0.8
     assert result.calibration == {"method": "random", "seed": 0, "size": 48, "source_size": 64}
+    # Built for this host: 7-bit weights exactly when its INT8 kernels saturate (no VNNI / AMX).
+    assert result.int8_scheme.half_range_weights == (not host_capabilities().int8_without_saturation)
 
 
 def test_onnx_fp16_passes_the_fp16_gate_with_fp32_io_and_protected_ops(student, exported, eval_images):
