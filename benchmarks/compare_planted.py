@@ -26,7 +26,7 @@ from singer_deploy.models.backbone import load_backbone
 from singer_deploy.evaluation.study import RUNNER_COLUMNS, compare_methods, installed_export_formats
 from singer_deploy.config import SingerConfig
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.train.loop import TrainConfig
+from singer_deploy.config import TrainConfig
 from singer_deploy.models.planted import build_planted_teacher
 
 LAYER = 4

@@ -38,7 +38,7 @@ def main() -> None:
         train = dict(config.to_dict()["train"], method=method, steps=args.steps)
         result = distill(models.teacher, models.student, train_data, Path(args.out) / method, layers=config.layers,
                          singer=config.singer, train=type(config.train)(**train), progress=False)
-        students[method] = (result.student.model.eval(), result.projectors.proj[str(result.teacher_layers[-1])])
+        students[method] = (result.student.model.eval(), result.projectors.last)
     calib = build_data(config, models.teacher)[0]
     calib_images = torch.stack([calib[i]["image"] for i in range(args.calibration)]).numpy()
     study = int8_artifact_study(students["fitnet"][0], students["singer"][0], calib_images, eval_images,

@@ -3,13 +3,12 @@
 from singer_deploy.export.formats import FORMATS, ExportFormat, format_for_path, resolve_format
 from singer_deploy.export.golden import load_golden, verify, write_golden
 from singer_deploy.export.parity import PRECISION_GATES, ParityPolicy, ParityReport, compare_outputs
-from singer_deploy.export.pipeline import ExportResult, export_student
-from singer_deploy.export.precision_hooks import converter_for, register_converter
+from singer_deploy.export.pipeline import Converter, ExportResult, export_student
 from singer_deploy.export.runner import Runner, TorchRunner
 from singer_deploy.export.student import INPUT_NAME, OUTPUT_NAMES, ExportableStudent
 
 __all__ = [
-    "FORMATS", "INPUT_NAME", "OUTPUT_NAMES", "PRECISION_GATES", "ExportFormat", "ExportResult", "ExportableStudent",
-    "ParityPolicy", "ParityReport", "Runner", "TorchRunner", "compare_outputs", "converter_for", "export_student",
-    "format_for_path", "load_golden", "register_converter", "resolve_format", "verify", "write_golden",
+    "FORMATS", "INPUT_NAME", "OUTPUT_NAMES", "PRECISION_GATES", "Converter", "ExportFormat", "ExportResult",
+    "ExportableStudent", "ParityPolicy", "ParityReport", "Runner", "TorchRunner", "compare_outputs", "export_student",
+    "format_for_path", "load_golden", "resolve_format", "verify", "write_golden",
 ]

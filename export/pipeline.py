@@ -5,8 +5,12 @@
             -> parity of each artifact against eager PyTorch on the caller's real images, gated per precision
             -> a golden bundle per artifact and an export manifest (JSON)
 
-Reduced-precision ONNX / TensorRT / OpenVINO-INT8 artifacts come from converters registered by
-singer_deploy.calibration (see precision_hooks); without one, asking for them is a ConfigError before any work.
+Reduced-precision ONNX / TensorRT / OpenVINO-INT8 artifacts come from the `converters` the caller passes, keyed
+by (format, precision); the pipeline layer passes singer_deploy.calibration's. Export itself knows no converter:
+asking for a precision nobody converts to is a ConfigError before any work.
+
+The result keeps every runner it opened for parity (and the eager reference), so a benchmark of the same run reuses
+them instead of opening each artifact again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -25,8 +29,7 @@ from singer_deploy.export.formats import check_precision, normalize_precision, r
 from singer_deploy.export.golden import open_runner, runner_device, write_golden
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
-from singer_deploy.export.precision_hooks import converter_for
-from singer_deploy.export.runner import TorchRunner, validate_batch
+from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
 from singer_deploy.export.student import ExportableStudent
 from singer_deploy.io import atomic_write_text
 
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
     from singer_deploy.export.tensorrt import TensorRTBuildConfig
 
 MANIFEST_NAME = "export_manifest.json"
+
+# fn(fp32_artifact, out_path, calib_images or None) -> the path written. "onnx" converters also feed TensorRT.
+Converter = Callable[[Path, Path, "np.ndarray | None"], Path]
+Converters = Mapping[tuple[str, str], Converter]
 
 
 @dataclass
@@ -47,6 +54,7 @@ class ArtifactRecord:
     parity: ParityReport | None = None
     golden_dir: Path | None = None
     runner_info: dict = field(default_factory=dict)
+    runner: Runner | None = field(default=None, repr=False, compare=False)   # opened for parity, kept for reuse
 
     def to_dict(self) -> dict:
         return {"key": self.key, "format": self.format, "precision": self.precision, "path": str(self.path),
@@ -60,6 +68,7 @@ class ExportResult:
     out_dir: Path
     artifacts: dict[str, ArtifactRecord]
     manifest_path: Path | None = None
+    reference: TorchRunner | None = field(default=None, repr=False, compare=False)   # the eager PyTorch runner
 
     @property
     def passed(self) -> bool:
@@ -72,6 +81,15 @@ class ExportResult:
     @property
     def reports(self) -> dict[str, ParityReport]:
         return {k: a.parity for k, a in self.artifacts.items() if a.parity is not None}
+
+    @property
+    def runners(self) -> dict[str, Runner]:
+        """The loaded runner of every artifact, as parity used it (same options a benchmark wants)."""
+        return {k: a.runner for k, a in self.artifacts.items() if a.runner is not None}
+
+    def parity_rows(self) -> list[dict]:
+        """Every artifact's ParityReport.table_rows(), unchanged: one row per artifact and output."""
+        return [row for a in self.artifacts.values() if a.parity is not None for row in a.parity.table_rows()]
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "passed": self.passed,
@@ -94,7 +112,24 @@ def _img_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _plan(formats: Sequence[str], precision: str) -> list[str]:
+def _converter_table(converters: Converters | None) -> dict[tuple[str, str], Converter]:
+    """The caller's converters under canonical (format, precision) names ("ov", "INT8" -> "openvino", "int8")."""
+    return {(resolve_format(fmt).name, normalize_precision(prec)): fn
+            for (fmt, prec), fn in (converters or {}).items()}
+
+
+def _converter(converters: dict[tuple[str, str], Converter], fmt: str, precision: str) -> Converter:
+    if (fmt, precision) not in converters:
+        raise ConfigError(f"No converter produces {precision} {fmt} artifacts here",
+                          expected=f"export_student(converters={{('{fmt}', '{precision}'): fn, ...}}), e.g. "
+                                   "singer_deploy.calibration.converters.export_converters()",
+                          found=f"converters for: {', '.join('/'.join(k) for k in sorted(converters)) or 'none'}",
+                          fix="use precision='fp32' (OpenVINO also writes an FP16 IR), or pass the converters "
+                              "(distill_and_export and `singer-deploy export` pass calibration's)")
+    return converters[(fmt, precision)]
+
+
+def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, str], Converter]) -> list[str]:
     """Resolve names and fail on impossible requests before anything is exported."""
     names = list(dict.fromkeys(resolve_format(f).name for f in formats))
     if not names:
@@ -116,7 +151,7 @@ def _plan(formats: Sequence[str], precision: str) -> list[str]:
         needs_converter = (name in ("onnx", "tensorrt") and precision != "fp32") or \
                           (name == "openvino" and precision not in ("fp32", "fp16"))
         if needs_converter:
-            converter_for("openvino" if name == "openvino" else "onnx", precision)
+            _converter(converters, "openvino" if name == "openvino" else "onnx", precision)
     return names
 
 
@@ -124,15 +159,19 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                    img_size: int | Sequence[int], projector: nn.Module | None = None, precision: str = "fp32",
                    calib_images: np.ndarray | None = None, parity_images: np.ndarray,
                    policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
-                   tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True) -> ExportResult:
+                   tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True,
+                   converters: Converters | None = None) -> ExportResult:
     """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
     `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
     golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
     is `precision`; other artifacts (e.g. the OpenVINO FP16 IR) use their precision's default gate.
+    `converters` maps (format, precision) to the FP32 -> reduced-precision converter, needed for ONNX / TensorRT
+    below FP32 and OpenVINO INT8 (e.g. singer_deploy.calibration.converters.export_converters()).
     Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
     """
     precision = normalize_precision(precision)
-    names = _plan(formats, precision)
+    converters = _converter_table(converters)
+    names = _plan(formats, precision, converters)
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     wrapper = wrapper.eval()
     hw = _img_hw(img_size)
@@ -148,7 +187,8 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_outputs = reference.run(parity_images)
 
-    records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config)
+    records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config,
+                          converters)
     for record in records:
         # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
         runner = open_runner(record.path).load()
@@ -156,13 +196,13 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
             ParityPolicy.for_precision(record.precision)
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
                                         candidate_name=record.key)
-        record.runner_info = dict(runner.info)
+        record.runner_info, record.runner = dict(runner.info), runner
         if write_goldens:
             record.golden_dir = write_golden(out_dir / "goldens" / record.key.replace("/", "-"),
                                              inputs=parity_images, reference_outputs=ref_outputs, policy=gate,
                                              artifact_path=record.path, model=wrapper, device=runner_device(runner),
                                              extra={"artifact_key": record.key, "exporter": record.exporter})
-    result = ExportResult(out_dir, {r.key: r for r in records})
+    result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference)
     result.manifest_path = out_dir / MANIFEST_NAME
     atomic_write_text(result.manifest_path, json.dumps(result.to_dict(), indent=2, default=str))
     return result
@@ -170,7 +210,8 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
 
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
                 opset: int, calib_images: np.ndarray | None,
-                tensorrt_config: TensorRTBuildConfig | None) -> list[ArtifactRecord]:
+                tensorrt_config: TensorRTBuildConfig | None,
+                converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     records: list[ArtifactRecord] = []
     onnx_fp32 = None
     if {"onnx", "openvino", "tensorrt"} & set(names):
@@ -180,13 +221,14 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     onnx_target = onnx_fp32
     if onnx_fp32 is not None and precision != "fp32" and {"onnx", "tensorrt"} & set(names):
         start = time.perf_counter()
-        path = converter_for("onnx", precision)(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
-        onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path),
-                                     "singer_deploy.calibration", time.perf_counter() - start)
+        convert = converters[("onnx", precision)]
+        path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
+        onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path), _converter_name(convert),
+                                     time.perf_counter() - start)
     if "onnx" in names:
         records.append(onnx_target)
     if "openvino" in names:
-        records += _export_openvino(onnx_fp32, out_dir, stem, precision, calib_images)
+        records += _export_openvino(onnx_fp32, out_dir, stem, precision, calib_images, converters)
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
@@ -204,8 +246,15 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     return records
 
 
+def _converter_name(convert: Converter) -> str:
+    """What produced a converted artifact, for the record's `exporter`: the converter's import path."""
+    name = getattr(convert, "__qualname__", type(convert).__qualname__)
+    return f"{getattr(convert, '__module__', type(convert).__module__)}.{name}"
+
+
 def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precision: str,
-                     calib_images: np.ndarray | None) -> list[ArtifactRecord]:
+                     calib_images: np.ndarray | None,
+                     converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     from singer_deploy.export.openvino import export_openvino
 
     ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
@@ -216,7 +265,8 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
                               ir.seconds)]
     if precision == "int8":
         start = time.perf_counter()
-        path = converter_for("openvino", precision)(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
+        convert = converters[("openvino", precision)]
+        path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
         records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
-                                      "singer_deploy.calibration", time.perf_counter() - start))
+                                      _converter_name(convert), time.perf_counter() - start))
     return records

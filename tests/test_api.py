@@ -22,10 +22,25 @@ TINY = {
 QUICK_EXPORT = {"formats": ["onnx"], "benchmark": False}
 
 
+# Every runner the module's finished run loaded (a runner loads once; opening an artifact again is a new runner).
+LOADED_RUNNERS: list = []
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    from singer_deploy.export.runner import Runner
+
     out = tmp_path_factory.mktemp("run") / "tiny"
-    return distill_and_export(TINY, out_dir=str(out), progress=False)
+    original = Runner.load
+
+    def recording_load(self):
+        if not self._loaded:
+            LOADED_RUNNERS.append(self)
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Runner, "load", recording_load)
+        return distill_and_export(TINY, out_dir=str(out), progress=False)
 
 
 def test_pipeline_writes_a_self_explaining_run_directory(finished):
@@ -43,6 +58,31 @@ def test_pipeline_writes_a_self_explaining_run_directory(finished):
     assert artifacts["hnr_4"]["raw teacher"] > 0.05 and artifacts["hnr_4"]["clean twin"] < 0.01
     assert set(finished.summary["nullspace k below tau"]) == {"4", "7"}
     assert {row["runner"] for row in finished.latency} >= {"pytorch/fp32", "onnx/fp32"}
+
+
+def test_the_benchmark_reuses_the_runners_the_export_opened(finished):
+    artifacts = set(finished.summary["parity"])
+    assert {row["runner"] for row in finished.latency} == artifacts | {"pytorch/fp32"}
+    # One runner per artifact plus the eager reference: no ONNX Runtime session or OpenVINO model opened twice.
+    assert len(LOADED_RUNNERS) == len(artifacts) + 1
+    assert {row["runner"]: row["info"] for row in finished.latency}["onnx/fp32"] == \
+        next(r.info for r in LOADED_RUNNERS if r.info.get("provider"))
+
+
+def test_parity_and_latency_rows_keep_the_producers_schema_to_the_manifest(finished):
+    manifest = json.loads((finished.out_dir / "manifest.json").read_text())
+    export_manifest = json.loads((finished.out_dir / "export" / "export_manifest.json").read_text())
+    assert manifest["parity"] == json.loads(json.dumps(finished.parity))
+    assert manifest["latency"] == json.loads(json.dumps(finished.latency, default=str))
+    assert {(row["candidate"], row["output"]) for row in manifest["parity"]} == {
+        (key, output) for key, a in export_manifest["artifacts"].items() for output in a["parity"]["outputs"]}
+    for row in manifest["parity"]:   # the same names and numbers as each artifact's ParityReport
+        stored = export_manifest["artifacts"][row["candidate"]]["parity"]
+        assert row["precision"] == stored["precision"] and row["passed"] == stored["outputs"][row["output"]]["passed"]
+        metrics = stored["outputs"][row["output"]]["metrics"]
+        assert {k: v for k, v in row.items() if k not in ("candidate", "precision", "output", "passed")} == \
+            {k: metrics[k] for k in row if k in metrics}
+    assert {"runner", "p50_ms", "throughput_ips", "speedup_vs_pytorch/fp32"} <= set(manifest["latency"][0])
 
 
 def test_report_holds_pictures_and_tables(finished):

@@ -12,7 +12,7 @@ from singer_deploy.models.backbone import load_backbone
 from singer_deploy.evaluation.study import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods, runner_probe_agreement
 from singer_deploy.config import SingerConfig
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.train.loop import TrainConfig
+from singer_deploy.config import TrainConfig
 from singer_deploy.errors import ConfigError
 from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 

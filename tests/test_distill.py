@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, TrainConfig, distill
+from singer_deploy.config import TrainConfig
+from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.method.metrics import artifact_metrics
 from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
@@ -220,7 +221,8 @@ _TORCHRUN_SCRIPT = """
     from singer_deploy.models.backbone import load_backbone
     from singer_deploy.config import SingerConfig
     from singer_deploy.models.data import SyntheticShapes
-    from singer_deploy.train.loop import TrainConfig, distill
+    from singer_deploy.config import TrainConfig
+    from singer_deploy.train.loop import distill
     from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
     teacher = build_planted_teacher(PlantedConfig(**{config})).backbone

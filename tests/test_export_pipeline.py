@@ -1,4 +1,4 @@
-"""export_student end to end on a tiny student, the reduced-precision hook, and early failures."""
+"""export_student end to end on a tiny student, the reduced-precision converters it is given, and early failures."""
 
 import json
 import shutil
@@ -8,7 +8,6 @@ import pytest
 
 from export_fixtures import shape_images, tiny_vit
 from singer_deploy.errors import BackendUnavailableError, ConfigError, DataError, ParityError
-from singer_deploy.export import precision_hooks
 from singer_deploy.export.golden import verify
 from singer_deploy.export.pipeline import export_student
 
@@ -50,7 +49,23 @@ def test_a_policy_override_gates_its_precision_only_and_raises(exported, tmp_pat
         result.raise_if_failed()
 
 
-def test_reduced_precision_onnx_goes_through_the_registered_hook(exported, tmp_path, monkeypatch):
+def test_the_result_keeps_the_runners_parity_opened(exported):
+    _, images, result = exported
+    assert set(result.runners) == set(result.artifacts)
+    for key, runner in result.runners.items():
+        assert runner is result.artifacts[key].runner and runner.info == result.artifacts[key].runner_info
+    assert result.reference is not None and result.reference.output_names
+    assert set(result.reference.run(images[:1])) == set(result.runners["onnx/fp32"].run(images[:1]))
+
+
+def test_parity_rows_are_the_reports_table_rows(exported):
+    _, _, result = exported
+    rows = result.parity_rows()
+    assert rows == [row for a in result.artifacts.values() for row in a.parity.table_rows()]
+    assert {row["candidate"] for row in rows} == set(result.artifacts)
+
+
+def test_reduced_precision_onnx_goes_through_the_given_converter(exported, tmp_path):
     student, images, result = exported
     calls = []
 
@@ -60,19 +75,20 @@ def test_reduced_precision_onnx_goes_through_the_registered_hook(exported, tmp_p
         shutil.copy(fp32_onnx, out_path)
         return out_path
 
-    monkeypatch.setattr(precision_hooks, "_CONVERTERS", {("onnx", "fp16"): fake_fp16})
     out = export_student(student, tmp_path, ("onnx",), img_size=32, precision="fp16", calib_images=images[:4],
-                         parity_images=images, write_goldens=False)
+                         parity_images=images, write_goldens=False, converters={("ort", "FP16"): fake_fp16})
     assert calls == [("student.onnx", "student_fp16.onnx", (4, 3, 32, 32))]
     assert set(out.artifacts) == {"onnx/fp16"} and out.passed
+    assert out.artifacts["onnx/fp16"].exporter.endswith("fake_fp16")
 
 
-def test_impossible_requests_fail_before_any_work(exported, tmp_path, monkeypatch):
+def test_impossible_requests_fail_before_any_work(exported, tmp_path):
     student, images, _ = exported
-    monkeypatch.setattr(precision_hooks, "_CONVERTERS", {})
-    monkeypatch.setattr(precision_hooks.importlib, "import_module", lambda name: None)
     with pytest.raises(ConfigError, match="No converter produces int8 onnx"):
         export_student(student, tmp_path, ("onnx",), img_size=32, precision="int8", parity_images=images)
+    with pytest.raises(ConfigError, match="No converter produces int8 openvino"):
+        export_student(student, tmp_path, ("ov",), img_size=32, precision="int8", parity_images=images,
+                       converters={("onnx", "int8"): lambda *args: None})
     with pytest.raises(ConfigError, match="Unknown export format"):
         export_student(student, tmp_path, ("tflite",), img_size=32, parity_images=images)
     with pytest.raises(ConfigError, match="img_size"):

@@ -67,12 +67,12 @@ def _assert_well_formed(checker: _Checker) -> None:
     assert all(ref.startswith("#") for ref in checker.hrefs)
 
 
-PARITY = [
-    {"format": "onnx", "precision": "fp32", "cos_min": 0.9999871, "cos_p1": 0.99999, "cos_mean": 0.9999993,
-     "max_abs": 1.25e-5, "knn_overlap": 1.0, "passed": True},
-    {"format": "openvino", "precision": "int8", "cos_min": 0.9123, "cos_p1": 0.95, "cos_mean": 0.981,
-     "max_abs": 0.731, "knn_overlap": 0.875, "passed": False},
-    {"format": "tensorrt", "precision": "fp16", "cos_min": None, "passed": None,
+PARITY = [   # keys as ParityReport.table_rows writes them
+    {"candidate": "onnx/fp32", "precision": "fp32", "output": "patch_tokens", "token_cos_min": 0.9999871,
+     "token_cos_p1": 0.99999, "max_abs": 1.25e-5, "knn_overlap": 1.0, "passed": True},
+    {"candidate": "openvino/int8", "precision": "int8", "output": "patch_tokens", "token_cos_min": 0.9123,
+     "token_cos_p1": 0.95, "max_abs": 0.731, "knn_overlap": 0.875, "passed": False},
+    {"candidate": "tensorrt/fp16", "precision": "fp16", "token_cos_min": None, "passed": None,
      "status": "skipped: TensorRT is not installed"},
 ]
 
@@ -101,8 +101,8 @@ def full_report(tmp_path_factory) -> Path:
                     "student": rng.normal(size=(n, grid, grid, dim))},
         metrics=metrics,
         parity=PARITY,
-        latency=[{"format": "onnx", "precision": "fp32", "p50_ms": 3.21, "p90_ms": 3.9, "p99_ms": 5.5,
-                  "throughput": 311.5, "size_mb": 22.1, "ratio_vs_eager": 1.84}],
+        latency=[{"runner": "onnx/fp32", "p50_ms": 3.21, "p90_ms": 3.9, "p99_ms": 5.5, "throughput_ips": 311.5,
+                  "size_mb": 22.1, "speedup_vs_pytorch/fp32": 1.84}],
         comparison=[{"method": "SiNGER", "hnr_4": 0.002, "e_out": 0.01, "knn_acc": 0.71}],
     )
     return write_report(out / "report.html", data)
@@ -125,7 +125,7 @@ def test_full_report_tables_hold_the_given_values(full_report):
         assert expected in cell_text, expected
     assert ("pass", "PASS") in checker.cells and ("fail", "FAIL") in checker.cells and ("skip", "n/a") in checker.cells
     assert checker.row_classes.count("pass") == 1 and checker.row_classes.count("fail") == 1
-    assert "cosine min" in text and "artifact rate.before" in text
+    assert "token cosine min" in text and "artifact rate.before" in text
     assert "Sections not run" not in text
     assert "<details>" in text and "out_dir: /tmp/run" in text
 
@@ -207,3 +207,61 @@ def test_load_metrics_rejects_a_corrupt_middle_line(tmp_path):
     series = plots.metric_series(load_metrics(path) + [{"step": 2, "loss": 0.25, "ok": True, "tag": "x"}])
     assert list(series) == ["loss"]
     np.testing.assert_array_equal(series["loss"][0], [0, 1, 2])
+
+
+def _section_table(text: str, anchor: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows of cells) of the one table in a report section, as plain text."""
+    import html
+    import re
+
+    section = text.split(f'<section id="{anchor}">', 1)[1].split("</section>", 1)[0]
+    rows = [[html.unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", section)]
+    return rows[0], rows[1:]
+
+
+def _rendered(key: str, value) -> str:
+    from singer_deploy.reporting.report import _fmt
+
+    if key == "passed":
+        return {True: "PASS", False: "FAIL", None: "n/a"}[value]
+    return _fmt(value)
+
+
+def test_the_report_shows_parity_and_latency_rows_exactly_as_the_export_code_writes_them(tmp_path):
+    from singer_deploy.export.bench import add_ratios, benchmark_runners
+    from singer_deploy.export.parity import compare_outputs
+    from singer_deploy.export.runner import Runner
+    from singer_deploy.reporting.report import _LATENCY_COLUMNS, _PARITY_COLUMNS
+
+    rng = np.random.default_rng(0)
+    reference = {"patch_tokens": rng.normal(size=(12, 16, 8)), "cls": rng.normal(size=(12, 8))}
+    noisy = {k: v + rng.normal(scale=0.05, size=v.shape) for k, v in reference.items()}
+    parity = (compare_outputs(reference, reference, "fp32", candidate_name="onnx/fp32").table_rows()
+              + compare_outputs(reference, noisy, "int8", candidate_name="openvino/int8").table_rows())
+
+    class Scale(Runner):   # a minimal runner: the benchmark only sees the Runner contract
+        name = "scale"
+
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def _load(self):
+            self.input_chw, self.info = (3, 8, 8), {"runtime": "numpy"}
+
+        def _run(self, batch):
+            return {"out": batch * self.factor}
+
+    images = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    latency = add_ratios(benchmark_runners({"pytorch/fp32": Scale(1.0), "onnx/fp32": Scale(2.0)}, images,
+                                           warmup=1, iters=3, rounds=1, throughput_iters=1), "pytorch/fp32")
+    # Every column the report names is one the producer fills: nothing renamed, no column left empty.
+    assert set(_PARITY_COLUMNS) <= set(parity[0]) and set(_LATENCY_COLUMNS) <= set(latency[0])
+
+    text = write_report(tmp_path, ReportData(parity=parity, latency=latency)).read_text(encoding="utf-8")
+    for anchor, rows, known in (("parity", parity, _PARITY_COLUMNS), ("latency", latency, _LATENCY_COLUMNS)):
+        header, body = _section_table(text, anchor)
+        keys = [next((k for k, label in known.items() if label == cell), cell) for cell in header]
+        assert set(keys) == set(rows[0])     # every key the producer wrote is shown
+        assert body == [[_rendered(key, row[key]) for key in keys] for row in rows]

@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.train.loop import DistillResult, TrainConfig, distill
+from singer_deploy.config import TrainConfig
+from singer_deploy.train.loop import DistillResult, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.export.golden import artifact_sha256, open_runner
 from singer_deploy.export.pipeline import export_student
@@ -137,7 +138,7 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     if formats and "singer" in runs:
         run = runs["singer"]
         # With the projector, as api.export ships it, so the artifact checked here is the deployable one.
-        projector = run.projectors.proj[str(run.teacher_layers[-1])]
+        projector = run.projectors.last
         runner_rows = runner_probe_agreement(run.student, data, out_dir / "singer_export", projector=projector,
                                              formats=formats, batch_size=batch_size, seed=train.seed)
 

@@ -9,7 +9,7 @@ to match. The student's projected patch grid is resampled bilinearly to the teac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +123,8 @@ def resample_grid(patches: Tensor, source: tuple[int, int], target: tuple[int, i
 class Projectors(nn.Module):
     """Per-layer student -> teacher projectors P_l = Linear(d_S, d_T) with bias, followed by token alignment.
 
-    Trained with the student and discarded after training. Keys of `proj` are str(teacher layer).
+    Trained with the student. The last one (`last`) is exported with it, as the `projected` output; the others are
+    training-only. Keys of `proj` are str(teacher layer).
     """
 
     def __init__(self, teacher_layers: Sequence[int], student_dim: int, teacher_dim: int, aligner: TokenAligner):
@@ -135,7 +136,28 @@ class Projectors(nn.Module):
         """Student block output (B, prefix_S + N_S, d_S) -> (B, [1] + N_T, d_T) in the L_kd layout."""
         return self.aligner.student(self.proj[str(layer)](student_tokens))
 
+    @property
+    def last(self) -> nn.Linear:
+        return last_projector(self.proj)
+
     def patches(self, layer: int, student_tokens: Tensor) -> Tensor:
         """Only the projected patch tokens (B, N_T, d_T) on the teacher's grid (the kept CLS token dropped)."""
         aligned = self(layer, student_tokens)
         return aligned[:, 1:] if self.aligner.keeps_cls else aligned
+
+
+def last_projector(proj: Mapping[str, nn.Module]) -> nn.Module:
+    """The projector of the deepest distilled teacher layer (keys are str(teacher layer)): it maps the student's last
+    block into teacher space, and the export ships it as the `projected` output."""
+    return proj[str(max(int(layer) for layer in proj))]
+
+
+def load_projectors(state: Mapping[str, Tensor]) -> nn.ModuleDict:
+    """The `proj` Linear layers back from a saved Projectors state dict ("proj.<layer>.weight" / ".bias")."""
+    layers = sorted({int(key.split(".")[1]) for key in state if key.startswith("proj.")})
+    proj = nn.ModuleDict()
+    for layer in layers:
+        weight = state[f"proj.{layer}.weight"]
+        proj[str(layer)] = nn.Linear(weight.shape[1], weight.shape[0])
+        proj[str(layer)].load_state_dict({"weight": weight, "bias": state[f"proj.{layer}.bias"]})
+    return proj

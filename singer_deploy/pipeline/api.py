@@ -10,13 +10,12 @@ refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,10 +36,12 @@ from singer_deploy.pipeline.runconfig import PLANTED, ModelSpec, RunConfig, load
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
+    from singer_deploy.export.runner import Runner
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+EAGER = "pytorch/fp32"   # the benchmark's label for the eager PyTorch reference
 
 
 @dataclass
@@ -105,16 +106,16 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
         clock = time.perf_counter()
         exported = export(result, out_dir / "export", eval_images, config)
         timings["export_s"] = time.perf_counter() - clock
-        parity_rows = _parity_rows(exported)
+        parity_rows = exported.parity_rows()
         files["export_manifest"] = exported.manifest_path
         if config.export.benchmark:
             clock = time.perf_counter()
-            latency_rows = bench(result.student.model, _last_projector(result), exported.paths, eval_images,
-                                 {key: record.seconds for key, record in exported.artifacts.items()})
+            latency_rows = bench(exported.reference, exported.runners, eval_images, artifacts=exported.paths,
+                                 build_seconds={key: record.seconds for key, record in exported.artifacts.items()})
             timings["bench_s"] = time.perf_counter() - clock
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
-    summary = _summary(analysis, exported, latency_rows, result)
+    summary = _summary(analysis, exported, latency_rows, result, config)
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
     passed = exported is None or exported.passed
@@ -226,32 +227,35 @@ def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:
 
 def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig) -> ExportResult:
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
+    return export_model(result.student, result.projectors.last, out_dir, eval_images,
+                        formats=config.export.formats, precision=config.export.precision,
+                        calibration_size=config.export.calibration_size)
+
+
+def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_images: np.ndarray, *,
+                 formats: Sequence[str], precision: str, calibration_size: int) -> ExportResult:
+    """export_student with calibration's reduced-precision converters: where the pipeline composes the two."""
+    from singer_deploy.calibration.converters import export_converters
+    from singer_deploy.export.formats import normalize_precision
     from singer_deploy.export.pipeline import export_student
 
-    projector = _last_projector(result)
-    calib = eval_images[:config.export.calibration_size] if config.export.precision == "int8" else None
-    return export_student(result.student.model.eval(), out_dir, config.export.formats,
-                          img_size=result.student.img_size, projector=projector, precision=config.export.precision,
-                          calib_images=calib, parity_images=eval_images)
+    calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None
+    return export_student(student.model.eval(), out_dir, formats, img_size=student.img_size, projector=projector,
+                          precision=precision, calib_images=calib, parity_images=eval_images,
+                          converters=export_converters())
 
 
-def bench(student: nn.Module, projector: nn.Module | None, artifacts: dict[str, Path], eval_images: np.ndarray,
-          build_seconds: dict[str, float] | None = None) -> list[dict]:
-    """Latency per exported artifact next to eager PyTorch, same inputs, same run (runners use parity settings)."""
+def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndarray, *,
+          artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None) -> list[dict]:
+    """Latency of each runner next to the eager PyTorch `reference` ("pytorch/fp32"), same inputs, same run.
+
+    Pass the runners an export already opened (ExportResult.runners / .reference): they hold parity's settings.
+    """
     from singer_deploy.export.bench import add_ratios, benchmark_runners
-    from singer_deploy.export.golden import open_runner
-    from singer_deploy.export.runner import TorchRunner
-    from singer_deploy.export.student import ExportableStudent
 
-    runners = {"pytorch/fp32": TorchRunner(ExportableStudent(student.eval(), projector))}
-    runners.update({key: open_runner(path) for key, path in artifacts.items()})
-    rows = benchmark_runners(runners, eval_images, iters=20, artifacts=artifacts, build_seconds=build_seconds)
-    return add_ratios(rows, "pytorch/fp32")
-
-
-def _last_projector(result: DistillResult) -> nn.Module:
-    """The projector of the teacher's last distilled layer: it maps the exported last block into teacher space."""
-    return result.projectors.proj[str(result.teacher_layers[-1])]
+    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=20, artifacts=dict(artifacts or {}),
+                             build_seconds=dict(build_seconds or {}))
+    return add_ratios(rows, EAGER)
 
 
 def display_normalisation(config: RunConfig, teacher: Backbone) -> tuple[Sequence[float], Sequence[float]]:
@@ -274,39 +278,23 @@ def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_
         title="singer-deploy run", summary=summary, config=config.to_dict(), versions=environment(),
         images=np.clip(pixels, 0, 1), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
         norm_histograms=analysis.norms, pca_tokens={k: v[shown] for k, v in analysis.tokens.items()},
-        metrics=out_dir / "metrics.jsonl", parity=parity_rows,
-        latency=[{**r, "format": r["runner"], "throughput": r["throughput_ips"],
-                  "ratio_vs_eager": r.get("speedup_vs_pytorch/fp32")} for r in latency_rows],
-        comparison=analysis.rows)
+        metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows, comparison=analysis.rows)
     return write_report(out_dir / "report.html", data)
 
 
-def _parity_rows(exported) -> list[dict]:
-    rows = []
-    for key, record in exported.artifacts.items():
-        if record.parity is None:
-            continue
-        for row in record.parity.table_rows():
-            rows.append({"format": record.format, "precision": record.precision, "output": row["output"],
-                         "cos_min": row["token_cos_min"], "cos_p1": row["token_cos_p1"],
-                         "image_cos_min": row["image_cos_min"], "max_abs": row["max_abs"],
-                         "knn_overlap": row["knn_overlap"], "passed": row["passed"]})
-    return rows
-
-
-def _summary(analysis: ArtifactAnalysis, exported, latency_rows: list[dict], result: DistillResult) -> dict:
+def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_rows: list[dict],
+             result: DistillResult, config: RunConfig) -> dict:
     summary = {"method": "singer" if result.refiner is not None else "fitnet",
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
     summary["artifacts"] = analysis.headline
-    recorded = json.loads(result.files["distill_config"].read_text())
-    diagnostics = recorded.get("diagnostics", {})
+    diagnostics = result.diagnostics
     if diagnostics:
         summary["nullspace k below tau"] = {layer: f"{d['k_below_tau']} ({d['rule']} rule, rank {d['rank']})"
                                             for layer, d in diagnostics["nullspace"].items()}
         summary["quantile trap"] = {layer: "FIRED" if d["fired"] else "no"
                                     for layer, d in diagnostics["quantile_trap"].items()} or \
-            f"not applicable (outlier_target {recorded['singer']['outlier_target']})"
+            f"not applicable (outlier_target {config.singer.outlier_target})"
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}

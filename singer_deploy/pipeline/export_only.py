@@ -10,16 +10,17 @@ import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
-from singer_deploy.pipeline.api import MANIFEST, bench, build_data, build_models
-from singer_deploy.models.backbone import Backbone
 from singer_deploy.errors import ConfigError
+from singer_deploy.method.alignment import last_projector, load_projectors
+from singer_deploy.models.backbone import Backbone
+from singer_deploy.pipeline.api import MANIFEST, bench, build_data, build_models, export_model
 from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Linear, np.ndarray]:
+def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]:
     """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images)."""
     manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
@@ -28,29 +29,23 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Linear, np.ndarray]
     config = load_run_config(json.loads(manifest_path.read_text())["config"])
     models = build_models(config)
     models.student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
-    layers = json.loads((run_dir / "distill_config.json").read_text())["teacher_layers"]
-    projectors = load_file(str(run_dir / "projectors.safetensors"))
-    weight = projectors[f"proj.{layers[-1]}.weight"]
-    projector = nn.Linear(weight.shape[1], weight.shape[0])
-    projector.load_state_dict({"weight": weight, "bias": projectors[f"proj.{layers[-1]}.bias"]})
+    projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
     _, eval_images = build_data(config, models.teacher)
     return config, models.student.eval(), projector.eval(), eval_images
 
 
 def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None) -> ExportResult:
     """Export a finished run's student (+ last-layer projector) with parity on its held-out images."""
-    from singer_deploy.export.pipeline import export_student
-
     config, student, projector, eval_images = load_run(run_dir)
-    out_dir = out_dir or run_dir / f"export-{precision}"
-    calib = eval_images[:config.export.calibration_size] if precision == "int8" else None
-    return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
-                         precision=precision, calib_images=calib, parity_images=eval_images)
+    return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images,
+                        formats=formats, precision=precision, calibration_size=config.export.calibration_size)
 
 
 def bench_run(run_dir: Path) -> list[dict]:
     """Benchmark the artifacts a run exported (listed in export/export_manifest.json) next to eager PyTorch."""
+    from singer_deploy.export.golden import open_runner
     from singer_deploy.export.pipeline import MANIFEST_NAME
+    from singer_deploy.export.runner import TorchRunner
 
     listing = run_dir / "export" / MANIFEST_NAME
     if not listing.is_file():
@@ -58,4 +53,5 @@ def bench_run(run_dir: Path) -> list[dict]:
                           fix="run `singer-deploy export RUN_DIR` first")
     _, student, projector, eval_images = load_run(run_dir)
     artifacts = {key: Path(a["path"]) for key, a in json.loads(listing.read_text())["artifacts"].items()}
-    return bench(student.model, projector, artifacts, eval_images)
+    return bench(TorchRunner(student.model.eval(), projector=projector),
+                 {key: open_runner(path) for key, path in artifacts.items()}, eval_images, artifacts=artifacts)

@@ -16,8 +16,7 @@ from typing import Any
 
 import yaml
 
-from singer_deploy.config import SingerConfig
-from singer_deploy.train.loop import TrainConfig
+from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, SingerDeployError
 
 PLANTED = "planted"

@@ -45,8 +45,8 @@ class ReportData:
     norm_histograms: Mapping[str, Any] | None = None  # source -> patch-token norms, any shape (flattened)
     pca_tokens: Mapping[str, Any] | None = None      # source -> (n, N, D) with square N, or (n, gh, gw, D)
     metrics: str | Path | Rows | None = None         # JSON-lines file of training records, or the records
-    parity: Rows | None = None                       # one row per (format, precision)
-    latency: Rows | None = None                      # one row per (format, precision)
+    parity: Rows | None = None                       # ParityReport.table_rows(): one per artifact and output
+    latency: Rows | None = None                      # export.bench.benchmark_runners rows: one per runner
     comparison: Rows | None = None                   # one row per method
     max_images: int = 6
 
@@ -56,13 +56,17 @@ class _NotRun:
     reason: str
 
 
-# Column order and readable headers for the keys the export/benchmark code writes; unknown keys still show, after.
-_PARITY_COLUMNS = {"format": "format", "precision": "precision", "cos_min": "cosine min", "cos_p1": "cosine p1",
-                   "cos_mean": "cosine mean", "max_abs": "max abs diff", "knn_overlap": "kNN overlap",
-                   "passed": "passed"}
-_LATENCY_COLUMNS = {"format": "format", "precision": "precision", "p50_ms": "p50 ms", "p90_ms": "p90 ms",
-                    "p99_ms": "p99 ms", "throughput": "throughput img/s", "size_mb": "size MB",
-                    "ratio_vs_eager": "ratio vs eager"}
+# Column order and readable headers for the keys the export code writes (ParityReport.table_rows and
+# export.bench.benchmark_runners, taken as they are); any other key still shows, after these.
+_PARITY_COLUMNS = {"candidate": "artifact", "precision": "precision", "output": "output",
+                   "token_cos_min": "token cosine min", "token_cos_p1": "token cosine p1",
+                   "image_cos_min": "image cosine min", "max_abs": "max abs diff", "max_abs_rel": "max abs / scale",
+                   "rel_err_p99": "rel. error p99", "knn_overlap": "kNN overlap", "norm_corr": "norm-map corr",
+                   "norm_rel_err_max": "norm rel. error max", "nonfinite": "NaN/Inf", "passed": "passed"}
+_LATENCY_COLUMNS = {"runner": "runner", "p50_ms": "p50 ms", "p90_ms": "p90 ms", "p99_ms": "p99 ms",
+                    "min_ms": "min ms", "throughput_ips": "throughput img/s", "throughput_batch": "at batch",
+                    "size_mb": "size MB", "build_s": "build s", "load_s": "load s", "peak_rss_mb": "peak RSS MB",
+                    "speedup_vs_pytorch/fp32": "speed-up vs eager"}
 _COMPARISON_COLUMNS = {"method": "method", "hnr_4": "HNR_4", "e_out": "E_out", "knn_acc": "kNN acc",
                        "linear_acc": "linear acc", "miou": "mIoU"}
 

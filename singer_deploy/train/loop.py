@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from singer_deploy.models.backbone import Backbone
-from singer_deploy.config import SingerConfig
+from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
@@ -35,66 +35,8 @@ from singer_deploy.method.refine import Refiner
 
 log = logging.getLogger(__name__)
 
-METHODS = ("singer", "fitnet")
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training-loop knobs. Defaults suit short CPU runs; the published SiNGER recipe is
-    SGD lr 0.2, momentum 0.9, wd 1e-4, step schedule x0.1 at 30/60/90% of 100 epochs, batch 512 (an AdamW
-    lr 1e-3 cosine recipe exists in the reference configs too)."""
-
-    method: str = "singer"
-    steps: int = 300
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    adapter_lr: float | None = None  # refinement adapters' lr; None = lr. They start at +1x the null component and
-                                     # must travel to about -1x to cancel an artifact, so short runs need more.
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_steps: int = 10
-    milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
-    grad_clip: float | None = 1.0
-    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 50
-    device: str = "auto"
-
-    def __post_init__(self):
-        choices = {"method": METHODS, "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
-                   "precision": ("auto", "fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"TrainConfig.{key} has an unknown value", expected=" or ".join(allowed),
-                                  found=repr(getattr(self, key)), fix=f"set {key}={allowed[0]!r}")
-        for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TrainConfig.{key} must be a positive integer", expected="an int >= 1",
-                                  found=repr(value), fix=f"set {key} to a positive integer")
-        numbers = {"lr": (self.lr, False, "e.g. lr=1e-3 for AdamW"),
-                   "adapter_lr": (self.adapter_lr, True, "leave it unset to use lr"),
-                   "grad_clip": (self.grad_clip, True, "e.g. grad_clip=1.0, or unset to disable clipping")}
-        for key, (value, optional, fix) in numbers.items():
-            if value is None and optional:
-                continue
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ConfigError(f"TrainConfig.{key} must be a positive number", expected=f"{key} > 0",
-                                  found=repr(value), fix=fix)
-        if not (self.weight_decay >= 0 and 0 <= self.momentum < 1):
-            raise ConfigError("TrainConfig.weight_decay / momentum out of range",
-                              expected="weight_decay >= 0 and 0 <= momentum < 1",
-                              found=f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}",
-                              fix="published SGD recipe: weight_decay=1e-4, momentum=0.9")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError("TrainConfig.warmup_steps must be an integer >= 0", expected="an int >= 0",
-                              found=repr(self.warmup_steps), fix="e.g. warmup_steps=10")
 
 
 @dataclass
@@ -108,6 +50,7 @@ class DistillResult:
     steps: int
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)   # what distill_config.json records under "diagnostics"
 
 
 class DistillStep(nn.Module):
@@ -216,11 +159,12 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
         if rank == 0 and (done % train.checkpoint_every == 0 or done == train.steps):
             _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, train, singer)
     seconds = time.perf_counter() - began
-    files = _save_outputs(out_dir, module, singer, train) if rank == 0 else {}
+    diagnostics = _diagnostics(module)
+    files = _save_outputs(out_dir, module, singer, train, diagnostics) if rank == 0 else {}
     if world > 1:
         dist.barrier()
     return DistillResult(out_dir, teacher_layers, student_layers, module.student, module.projectors,
-                         module.refiner, train.steps, seconds, files)
+                         module.refiner, train.steps, seconds, files, diagnostics)
 
 
 class StreamSampler:
@@ -387,7 +331,8 @@ def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: 
     return int(state["step"])
 
 
-def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig) -> dict[str, Path]:
+def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig,
+                  diagnostics: dict) -> dict[str, Path]:
     files = {"student": out_dir / "student.safetensors", "projectors": out_dir / "projectors.safetensors",
              "distill_config": out_dir / "distill_config.json"}
     atomic_save_safetensors(module.student.model.state_dict(), files["student"])
@@ -396,7 +341,7 @@ def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, trai
         files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
     atomic_write_json(files["distill_config"], {
         "teacher_layers": module.teacher_layers, "student_layers": module.student_layers,
-        "singer": asdict(singer), "train": asdict(train), "diagnostics": _diagnostics(module)})
+        "singer": asdict(singer), "train": asdict(train), "diagnostics": diagnostics})
     return files
 
 

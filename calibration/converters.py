@@ -1,7 +1,8 @@
-"""Plug the reduced-precision converters into the export pipeline (singer_deploy.export.precision_hooks).
+"""The reduced-precision converters this package offers singer_deploy.export's pipeline.
 
-The pipeline hands each converter the FP32 artifact, the path to write and the user's calibration images; both INT8
-backends draw their calibration set from the same cache beside the output, so they calibrate on the same images.
+`export_student(..., converters=export_converters())` hands each converter the FP32 artifact, the path to write and
+the user's calibration images; both INT8 backends draw their calibration set from the same cache beside the output,
+so they calibrate on the same images. The pipeline layer passes them explicitly: export never imports calibration.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.calibration.realised import realised_precision, require_policy_held
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError
+from singer_deploy.export.pipeline import Converter
 
 CACHE_DIR_NAME = "calibration"
 
@@ -46,9 +48,7 @@ def openvino_int8_converter(fp32: Path, out_path: Path, calib_images: np.ndarray
     return _checked(quantize_openvino_int8(fp32, out_path, _calibration(calib_images, Path(out_path))), "int8")
 
 
-def register_export_converters() -> None:
-    from singer_deploy.export.precision_hooks import register_converter
-
-    register_converter("onnx", "fp16", onnx_fp16_converter)
-    register_converter("onnx", "int8", onnx_int8_converter)
-    register_converter("openvino", "int8", openvino_int8_converter)
+def export_converters() -> dict[tuple[str, str], Converter]:
+    """(format, precision) -> converter, for export_student(converters=...). "onnx" ones also feed TensorRT."""
+    return {("onnx", "fp16"): onnx_fp16_converter, ("onnx", "int8"): onnx_int8_converter,
+            ("openvino", "int8"): openvino_int8_converter}
