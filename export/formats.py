@@ -21,10 +21,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 class ExportFormat:
     name: str
     suffix: str                   # file suffix of the artifact a runner opens
-    cpu: bool                     # runs on a CPU-only machine
-    gpu: bool                     # can run on an NVIDIA GPU
     precisions: tuple[str, ...]   # precisions this format can carry (some produced by singer_deploy.calibration)
-    options: tuple[str, ...]      # keyword options its exporter / builder accepts
     runner: str                   # "module:Class" of its Runner, imported on demand
     pip: str                      # what to install when its runtime is missing
 
@@ -34,19 +31,14 @@ class ExportFormat:
 
 
 FORMATS: dict[str, ExportFormat] = {
-    "onnx": ExportFormat("onnx", ".onnx", True, True, ("fp32", "fp16", "int8"),
-                         ("opset", "dynamic_batch", "trace_batch", "simplify"),
-                         "singer_deploy.export.onnx:OnnxRuntimeRunner", "pip install onnx onnxscript onnxruntime"),
-    "openvino": ExportFormat("openvino", ".xml", True, False, ("fp32", "fp16", "int8"),
-                             ("compress_to_fp16", "inference_precision"),
+    "onnx": ExportFormat("onnx", ".onnx", ("fp32", "fp16", "int8"), "singer_deploy.export.onnx:OnnxRuntimeRunner",
+                         "pip install onnx onnxscript onnxruntime"),
+    "openvino": ExportFormat("openvino", ".xml", ("fp32", "fp16", "int8"),
                              "singer_deploy.export.openvino:OpenVINORunner", "pip install openvino"),
-    "tensorrt": ExportFormat("tensorrt", ".engine", False, True, ("fp32", "fp16", "bf16", "int8"),
-                             ("workspace_bytes", "min_batch", "opt_batch", "max_batch", "timing_cache",
-                              "optimization_level", "allow_tf32"),
+    "tensorrt": ExportFormat("tensorrt", ".engine", ("fp32", "fp16", "bf16", "int8"),
                              "singer_deploy.export.tensorrt:TensorRTRunner",
                              "pip install tensorrt (needs an NVIDIA GPU with CUDA)"),
-    "torch_tensorrt": ExportFormat("torch_tensorrt", ".ep", False, True, ("fp32", "fp16", "bf16"),
-                                   ("min_batch", "opt_batch", "max_batch", "workspace_bytes"),
+    "torch_tensorrt": ExportFormat("torch_tensorrt", ".ep", ("fp32", "fp16", "bf16"),
                                    "singer_deploy.export.torch_tensorrt:TorchTensorRTRunner",
                                    "pip install torch-tensorrt (matching your torch version; needs CUDA)"),
 }
@@ -114,11 +106,3 @@ def check_precision(fmt: ExportFormat, precision: str) -> str:
                           fix="choose a listed precision or another format")
     return key
 
-
-def check_options(fmt: ExportFormat, options: dict) -> None:
-    """Reject options the format's exporter does not take (typos would otherwise be ignored silently)."""
-    unknown = sorted(set(options) - set(fmt.options))
-    if unknown:
-        raise ConfigError(f"Option(s) {', '.join(unknown)} do not apply to format {fmt.name}",
-                          expected=f"a subset of {', '.join(fmt.options)}", found=", ".join(unknown),
-                          fix="drop them or pick the format they belong to")

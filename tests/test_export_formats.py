@@ -3,7 +3,7 @@ import warnings
 import pytest
 
 from singer_deploy.errors import ConfigError
-from singer_deploy.export.formats import (FORMATS, check_options, check_precision, format_for_path,
+from singer_deploy.export.formats import (FORMATS, check_precision, format_for_path,
                                           normalize_precision, resolve_format)
 
 
@@ -45,12 +45,6 @@ def test_precision_rules():
     assert check_precision(FORMATS["tensorrt"], "bf16") == "bf16"
     with pytest.raises(ConfigError, match="cannot carry"):
         check_precision(FORMATS["openvino"], "bf16")
-
-
-def test_options_are_whitelisted_per_format():
-    check_options(FORMATS["tensorrt"], {"workspace_bytes": 1 << 30, "max_batch": 8})
-    with pytest.raises(ConfigError, match="workspace_bytes"):
-        check_options(FORMATS["onnx"], {"workspace_bytes": 1})
 
 
 def test_runner_classes_resolve_lazily():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from singer_deploy.method.metrics import (artifact_metrics, gram_relative_distance, high_norm_mask, linear_cka,
-                                   mask_precision_recall, normal_token_cosine, relative_change)
+from singer_deploy.method.metrics import (artifact_metrics, high_norm_mask, mask_precision_recall,
+                                          normal_token_cosine)
 
 
 def _tokens_with_outliers(n_tokens=50, n_out=2, ratio=10.0):
@@ -42,13 +42,4 @@ def test_fidelity_metrics():
     b = a.clone()
     b[:, 0] = -b[:, 0]
     assert normal_token_cosine(a, b, normal) == pytest.approx(1.0)
-    assert relative_change(1.1 * a, a) == pytest.approx(0.01, rel=1e-4)
-    assert gram_relative_distance(a, 2 * a) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(normal_token_cosine(a, b, torch.zeros_like(normal)))
-
-
-def test_linear_cka_is_invariant_to_rotation_and_scale_but_not_to_noise():
-    x = torch.randn(200, 12, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
-    assert linear_cka(x, 5 * x @ q) == pytest.approx(1.0, abs=1e-9)
-    assert linear_cka(x, torch.randn(200, 12, dtype=torch.float64)) < 0.3

@@ -26,6 +26,13 @@ def refiner(teacher):
     return Refiner.from_teacher(teacher, resolve_teacher_layers([0], teacher.depth), rank=RANK, rule="smallest")
 
 
+def _factors(refiner: Refiner, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_d (d x r), W_u (r x d)) read from the peft LoRA layer: W_d = lora_A.weight^T, W_u = lora_B.weight^T."""
+    adapter = refiner.adapter(layer)
+    (a,), (b,) = adapter.lora_A.values(), adapter.lora_B.values()
+    return a.weight.T, b.weight.T
+
+
 def _perturb(refiner: Refiner, seed: int = 1) -> None:
     """Stand-in for training: move the factors away from the nullspace init."""
     g = torch.Generator().manual_seed(seed)
@@ -39,18 +46,19 @@ def test_init_uses_next_block_and_own_block_for_the_last(teacher, refiner):
     blocks = teacher.model.blocks
     for layer, source in ((0, 1), (2, 2)):
         expected = block_nullspace(blocks[source], RANK).basis.float()
-        torch.testing.assert_close(refiner.w_up(layer), expected)
-        torch.testing.assert_close(refiner.w_down(layer), expected.T)
+        w_down, w_up = _factors(refiner, layer)
+        torch.testing.assert_close(w_up, expected)
+        torch.testing.assert_close(w_down, expected.T)
         assert refiner.init_report[layer].k >= 0
 
 
 def test_adapter_output_is_f_plus_f_wd_wu(teacher, refiner):
     tokens = torch.randn(2, teacher.num_prefix_tokens + 4, 48)
     patches = tokens[:, teacher.num_prefix_tokens:]
-    n = refiner.w_up(0)
+    n = _factors(refiner, 0)[1]
     torch.testing.assert_close(refiner(0, tokens)[:, teacher.num_prefix_tokens:], patches + patches @ n.T @ n)
     _perturb(refiner)
-    wd, wu = refiner.w_down(2), refiner.w_up(2)
+    wd, wu = _factors(refiner, 2)
     torch.testing.assert_close(refiner(2, tokens)[:, teacher.num_prefix_tokens:], patches + (patches @ wd) @ wu)
 
 

@@ -52,33 +52,10 @@ def normal_token_cosine(a: Tensor, b: Tensor, normal: Tensor | None = None) -> f
     return cos[normal].mean().item()
 
 
-def relative_change(new: Tensor, old: Tensor, normal: Tensor | None = None) -> float:
-    """||new - old||^2 / ||old||^2 over the selected tokens (e.g. next-block outputs of refined vs raw input)."""
-    diff = (new.float() - old.float()).square().sum(-1)
-    ref = old.float().square().sum(-1)
-    if normal is not None:
-        diff, ref = diff[normal], ref[normal]
-    return (diff.sum() / ref.sum().clamp_min(1e-12)).item()
-
-
-def linear_cka(a: Tensor, b: Tensor) -> float:
-    """Linear CKA between two token sets (M, D1) and (M, D2) (rows are matching tokens)."""
-    a = a.double() - a.double().mean(0, keepdim=True)
-    b = b.double() - b.double().mean(0, keepdim=True)
-    cross = (a.T @ b).norm().square()
-    return (cross / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-30)).item()
-
-
 def cosine_gram(patches: Tensor) -> Tensor:
     """Cosine-similarity Gram matrix of patch tokens per image: (B, N, N)."""
     unit = F.normalize(patches.float(), dim=-1)
     return unit @ unit.transpose(1, 2)
-
-
-def gram_relative_distance(a: Tensor, b: Tensor) -> float:
-    """||G(a) - G(b)||_F / ||G(b)||_F of the cosine Gram matrices, averaged over images."""
-    ga, gb = cosine_gram(a), cosine_gram(b)
-    return ((ga - gb).flatten(1).norm(dim=1) / gb.flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item()
 
 
 def mask_precision_recall(predicted: Tensor, truth: Tensor) -> tuple[float, float]:

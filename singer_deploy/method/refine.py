@@ -79,14 +79,6 @@ class Refiner(nn.Module):
                              found=str(layer), fix="refine only the layers the Refiner was built for")
         return self.lora.model[_name(layer)]
 
-    def w_down(self, layer: int) -> Tensor:
-        """W_d (d x r) = lora_A.weight^T."""
-        return self.adapter(layer).lora_A[_ADAPTER].weight.T
-
-    def w_up(self, layer: int) -> Tensor:
-        """W_u (r x d) = lora_B.weight^T."""
-        return self.adapter(layer).lora_B[_ADAPTER].weight.T
-
     @torch.no_grad()
     def set_factors(self, layer: int, *, down: Tensor, up: Tensor) -> None:
         """Write W_d (d x r) and W_u (r x d) into the LoRA factors."""
