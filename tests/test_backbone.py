@@ -24,6 +24,11 @@ def test_taps_equal_timm_intermediates(tiny):
         torch.testing.assert_close(taps[layer], torch.cat([prefix, patches], 1), rtol=0, atol=0)
 
 
+def test_last_tap_is_forward_features_before_the_final_norm(tiny):
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(tiny.model.norm(tiny.forward(x)), tiny.model.forward_features(x), rtol=0, atol=0)
+
+
 def test_truncation_is_exact_and_skips_later_blocks(tiny):
     x = torch.randn(2, 3, 32, 32)
     calls = []
@@ -47,6 +52,16 @@ def test_register_model_keeps_registers_out_of_patches():
     assert backbone.num_prefix_tokens == 5
     prefix, patches = backbone.split(backbone.forward(torch.randn(2, 3, 28, 28)))
     assert prefix.shape == (2, 5, 48) and patches.shape == (2, 4, 48)
+
+
+def test_model_without_prefix_tokens_taps_patches_only():
+    torch.manual_seed(0)
+    backbone = load_backbone("vit_tiny_patch16_224", class_token=False, global_pool="avg", **TINY)
+    x = torch.randn(2, 3, 32, 32)
+    assert backbone.num_prefix_tokens == 0
+    torch.testing.assert_close(backbone.model.norm(backbone.forward(x)), backbone.model.forward_features(x),
+                               rtol=0, atol=0)
+    assert backbone.forward_taps(x, [1])[1].shape == (2, 16, 48)
 
 
 def test_negative_and_out_of_range_layers(tiny):

@@ -3,6 +3,10 @@
 SiNGER distils the block outputs BEFORE the final norm (timm `forward_intermediates(norm=False)`), and the teacher only
 has to run up to the deepest block a loss needs. `Backbone` exposes exactly that, plus the token layout facts
 (`num_prefix_tokens` = CLS + registers, patch grid) every later stage depends on.
+
+Taps go through timm's public `forward_intermediates(..., norm=False, stop_early=True)`. `prune_intermediate_layers`
+is not needed: the teacher's last block is always distilled (docs/method.md), so no block could be pruned, and
+`stop_early` already leaves blocks after the deepest tap unrun.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from singer_deploy.errors import ModelError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
-# Attributes timm's VisionTransformer family (vit_*, deit3_*, *_dinov2, *_reg4_*, *_clip_*) shares; Backbone needs them.
-_VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens", "norm_pre", "patch_drop")
+# Public API timm's VisionTransformer family (vit_*, deit3_*, *_dinov2, *_reg4_*, *_clip_*) shares; Backbone needs it.
+_VIT_PARTS = ("patch_embed", "blocks", "num_prefix_tokens", "embed_dim", "forward_intermediates")
 
 
 class Backbone(nn.Module):
@@ -52,15 +56,11 @@ class Backbone(nn.Module):
         """Return a non-negative block index; negative indices count from the last block."""
         return check_block_index(layer, self.depth)
 
-    def embed(self, images: Tensor) -> Tensor:
-        """Tokens entering block 0: patch embedding, prefix tokens and position embedding."""
+    def _check_images(self, images: Tensor) -> None:
         expected = (self.model.patch_embed.proj.in_channels, *self.img_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ModelError("Input images have the wrong shape", expected=f"(B, {', '.join(map(str, expected))})",
                              found=str(tuple(images.shape)), fix="resize/crop images to the model's input size")
-        model = self.model
-        tokens = model._pos_embed(model.patch_embed(images))
-        return model.norm_pre(model.patch_drop(tokens))
 
     def run_blocks(self, tokens: Tensor, start: int, stop: int) -> Tensor:
         """Apply blocks[start:stop] to tokens."""
@@ -74,13 +74,15 @@ class Backbone(nn.Module):
         if not wanted:
             raise ModelError("No layers were requested", expected="at least one block index", found="[]",
                              fix="pass layers=[-1] for the last block")
-        taps: dict[int, Tensor] = {}
-        tokens = self.embed(images)
-        for index in range(wanted[-1] + 1):
-            tokens = self.model.blocks[index](tokens)
-            if index in wanted:
-                taps[index] = tokens
-        return taps
+        self._check_images(images)
+        # timm's public tap API: raw block outputs (norm=False), blocks after the deepest index not run (stop_early),
+        # each tap split into (patch tokens, prefix tokens), which are joined back into the (B, prefix + N, D) layout.
+        outputs = self.model.forward_intermediates(images, indices=wanted, norm=False, stop_early=True,
+                                                   output_fmt="NLC", intermediates_only=True,
+                                                   return_prefix_tokens=self.num_prefix_tokens > 0)
+        if self.num_prefix_tokens == 0:
+            return dict(zip(wanted, outputs))
+        return {layer: torch.cat([prefix, patches], dim=1) for layer, (patches, prefix) in zip(wanted, outputs)}
 
     def forward(self, images: Tensor) -> Tensor:
         """Raw last-block tokens (before the final norm)."""

@@ -194,8 +194,7 @@ def _write_energy_neurons(model: VisionTransformer, channels) -> None:
 
 def _pair_difference(model: VisionTransformer, images: Tensor, block: int, pair: tuple[int, int]) -> Tensor:
     """LayerNorm-ed pair difference the given block's MLP sees, per patch token: (B, N)."""
-    backbone = Backbone(model)
-    tokens = backbone.run_blocks(backbone.embed(images), 0, block)
+    tokens = Backbone(model).forward_taps(images, [block - 1])[block - 1]   # the input of `block` (block >= 1)
     blk = model.blocks[block]
     tokens = tokens + blk.ls1(blk.attn(blk.norm1(tokens)))
     normed = blk.norm2(tokens)[:, model.num_prefix_tokens:]
