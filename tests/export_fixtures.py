@@ -1,12 +1,8 @@
-"""Shared fixtures of the export tests: tiny random-init timm ViTs, image batches, one exported artifact set.
-
-Test modules import what they use from here (`from export_fixtures import ...`); tests/conftest.py is not ours.
-"""
+"""Helpers of the export tests: tiny random-init timm ViTs and image batches (the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import timm
 import torch
 from timm.layers import LayerScale
@@ -39,27 +35,3 @@ def shape_images(n: int, img_size: int, patch_size: int, seed: int = 0) -> np.nd
     data = SyntheticShapes(n=n, img_size=img_size, patch_size=patch_size, seed=seed)
     return np.stack([data[i]["image"].numpy() for i in range(n)]).astype(np.float32)
 
-
-@pytest.fixture(scope="session")
-def reg_student() -> tuple[torch.nn.Module, torch.nn.Linear]:
-    student = tiny_vit()
-    torch.manual_seed(1)
-    return student, torch.nn.Linear(48, 64)
-
-
-@pytest.fixture(scope="session")
-def reg_images() -> np.ndarray:
-    return shape_images(16, 28, 14)
-
-
-@pytest.fixture(scope="session")
-def reg_artifacts(reg_student, tmp_path_factory) -> dict:
-    """The register-token student (with projector) exported once: ONNX, OpenVINO FP32 IR and FP16 IR."""
-    from singer_deploy.export.onnx import export_onnx
-    from singer_deploy.export.openvino import export_openvino
-
-    student, projector = reg_student
-    out = tmp_path_factory.mktemp("reg_artifacts")
-    onnx_export = export_onnx(student, out / "student.onnx", projector=projector)
-    ir = export_openvino(onnx_export.path, out, stem="student")
-    return {"dir": out, "onnx": onnx_export, "ov_fp32": ir.fp32_xml, "ov_fp16": ir.fp16_xml}

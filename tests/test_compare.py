@@ -14,7 +14,6 @@ from singer_deploy.config import SingerConfig
 from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.config import TrainConfig
 from singer_deploy.errors import ConfigError
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
 SINGER = SingerConfig(rank=4, outlier_target="median")
 TRAIN = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
@@ -25,9 +24,8 @@ def make_student():
 
 
 @pytest.fixture(scope="module")
-def planted():
-    return build_planted_teacher(PlantedConfig(img_size=32, patch_size=8, embed_dim=64, depth=4, artifact_layer=2,
-                                               null_dim=4))
+def planted(small_planted):
+    return small_planted
 
 
 def eval_data():

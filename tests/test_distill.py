@@ -20,9 +20,7 @@ from singer_deploy.config import TrainConfig
 from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.method.metrics import artifact_metrics
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
-TINY_TEACHER = PlantedConfig(img_size=32, patch_size=8, embed_dim=64, depth=4, artifact_layer=2, null_dim=4)
 SINGER = SingerConfig(rank=4, outlier_target="median")
 LAYERS = [2]  # + the teacher's last block (3); student blocks 0 and 1
 
@@ -60,8 +58,8 @@ class Faulty(Dataset):
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return build_planted_teacher(TINY_TEACHER).backbone
+def teacher(small_planted):
+    return small_planted.backbone
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +238,9 @@ _TORCHRUN_SCRIPT = """
 """
 
 
-def test_torchrun_two_gloo_processes(teacher, data, tmp_path):
+def test_torchrun_two_gloo_processes(small_planted, teacher, data, tmp_path):
     script = tmp_path / "ddp_distill.py"
-    config = {k: getattr(TINY_TEACHER, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
+    config = {k: getattr(small_planted.config, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
                                                     "artifact_layer", "null_dim")}
     script.write_text(textwrap.dedent(_TORCHRUN_SCRIPT.format(config=config)))
     out = tmp_path / "out"

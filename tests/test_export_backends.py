@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from export_fixtures import reg_artifacts, reg_images, reg_student  # noqa: F401  (pytest fixtures)
 from singer_deploy.errors import ConfigError, DataError, ExportError
 from singer_deploy.export.golden import open_runner
 from singer_deploy.export.onnx import OnnxRuntimeRunner

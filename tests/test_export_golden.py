@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from export_fixtures import reg_artifacts, reg_images, reg_student  # noqa: F401  (pytest fixtures)
 from singer_deploy.errors import ExportError
 from singer_deploy.export.golden import environment_fingerprint, load_golden, verify, write_golden
 from singer_deploy.export.onnx import export_onnx
