@@ -20,7 +20,7 @@ import numpy as np
 import timm
 import torch
 
-from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes, image_array
 from singer_deploy.export.bench import add_ratios, benchmark_runners, markdown_table
 from singer_deploy.export.onnx import OnnxRuntimeRunner, export_onnx
 from singer_deploy.export.openvino import OpenVINORunner, export_openvino
@@ -32,7 +32,7 @@ REFERENCE_SPEEDUP = {"onnxruntime": 2.0, "openvino_fp32_f32hint": 2.4, "openvino
 
 def _images(n: int, size: int, patch: int) -> np.ndarray:
     data = SyntheticShapes(n=n, img_size=size, patch_size=patch, seed=0)
-    return np.stack([data[i]["image"].numpy() for i in range(n)]).astype(np.float32)
+    return image_array(data)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from singer_deploy.calibration.study import int8_artifact_study
 from singer_deploy.pipeline.cli import demo_config_path
 from singer_deploy.train.loop import distill
 from singer_deploy.io import atomic_write_json
+from singer_deploy.models.data import image_array
 from singer_deploy.pipeline.runconfig import load_run_config
 
 
@@ -40,7 +41,7 @@ def main() -> None:
                          singer=config.singer, train=type(config.train)(**train), progress=False)
         students[method] = (result.student.model.eval(), result.projectors.last)
     calib = build_data(config, models.teacher)[0]
-    calib_images = torch.stack([calib[i]["image"] for i in range(args.calibration)]).numpy()
+    calib_images = image_array(calib, range(args.calibration))
     study = int8_artifact_study(students["fitnet"][0], students["singer"][0], calib_images, eval_images,
                                 names=("fitnet", "singer"),
                                 projectors=(students["fitnet"][1], students["singer"][1]))

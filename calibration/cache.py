@@ -8,7 +8,6 @@ points at a half-written array.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
@@ -20,6 +19,7 @@ import torch
 from singer_deploy.calibration.selection import (DEFAULT_CALIBRATION_SIZE, CalibrationSet, EmbedFn, Method,
                                                  select_calibration_set)
 from singer_deploy.calibration.source import ImageSource, load_calibration_images
+from singer_deploy.hashing import array_sha256, module_sha256
 from singer_deploy.io import atomic_savez, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -29,23 +29,12 @@ MANIFEST_NAME = "calibration.json"
 FORMAT_VERSION = 1
 
 
-def array_fingerprint(array: np.ndarray) -> str:
-    """sha256 over dtype, shape and bytes: equal arrays, equal fingerprints."""
-    digest = hashlib.sha256(f"{array.dtype}{tuple(array.shape)}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
 def embedder_fingerprint(embed_fn: EmbedFn | None) -> str | None:
     """Identify the embedder k-center ran on: a module by its weights, any other callable by its name."""
     if embed_fn is None:
         return None
     if isinstance(embed_fn, torch.nn.Module):
-        digest = hashlib.sha256()
-        for name, tensor in sorted(embed_fn.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return f"module:{digest.hexdigest()}"
+        return f"module:{module_sha256(embed_fn)}"
     return f"callable:{getattr(embed_fn, '__module__', '?')}.{getattr(embed_fn, '__qualname__', repr(embed_fn))}"
 
 
@@ -62,7 +51,7 @@ def cached_calibration_set(source: ImageSource, cache_dir: str | Path, *, size: 
         "method": method,
         "seed": int(seed),
         "requested_size": int(size),
-        "source_hash": array_fingerprint(images),
+        "source_hash": array_sha256(images),
         "source_shape": list(images.shape),
         "embedder": (embedder_id or embedder_fingerprint(embed_fn)) if method == "kcenter" else None,
     }
@@ -80,7 +69,7 @@ def save_calibration_set(chosen: CalibrationSet, cache_dir: str | Path, request:
     cache_dir = Path(cache_dir)
     atomic_savez(cache_dir / ARRAY_NAME, {"images": chosen.images, "indices": chosen.indices})
     manifest = dict(request, size=len(chosen), shape=list(chosen.images.shape), dtype="float32",
-                    images_hash=array_fingerprint(chosen.images), indices=chosen.indices.tolist())
+                    images_hash=array_sha256(chosen.images), indices=chosen.indices.tolist())
     atomic_write_bytes(cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return cache_dir / MANIFEST_NAME
 
@@ -105,7 +94,7 @@ def _load_if_matching(cache_dir: Path, wanted: dict) -> CalibrationSet | None:
         # A cache is derived data: a damaged one is rebuilt, never trusted and never fatal.
         log.warning("Calibration cache in %s is unreadable (%s); selecting again", cache_dir, err)
         return None
-    if array_fingerprint(images) != manifest.get("images_hash"):
+    if array_sha256(images) != manifest.get("images_hash"):
         log.warning("Calibration cache in %s does not match its manifest; selecting again", cache_dir)
         return None
     return CalibrationSet(images=images, indices=indices, method=manifest["method"], seed=manifest["seed"],

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from singer_deploy.errors import DataError
+from singer_deploy.models.data import ImageFolder, image_array
 
 ImageSource = Any  # np.ndarray | torch.Tensor | Dataset/Sequence of tensors or {"image": tensor} | str | Path
 
@@ -43,7 +44,6 @@ def _open_path(path: Path, transform: Callable | None) -> Any:
         raise DataError("The calibration source does not exist",
                         expected="an array file, an image folder or a list file", found=str(path), fix="check the path")
     if path.suffix.lower() not in _ARRAY_SUFFIXES:
-        from singer_deploy.models.data import ImageFolder
         return ImageFolder(path, transform=transform)
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -71,22 +71,7 @@ def _stack_items(items: Iterable) -> np.ndarray:
     if count == 0:
         raise DataError("The calibration source is empty", expected="at least one image", found="0 items",
                         fix="point calibration at the distillation images")
-    arrays = []
-    for index in range(count):
-        item = items[index]  # type: ignore[index]
-        image = item["image"] if isinstance(item, dict) else item
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().float().numpy()
-        if not isinstance(image, np.ndarray):
-            raise DataError(f"Calibration item {index} is not an image", expected="a tensor or {'image': tensor}",
-                            found=type(image).__name__, fix="make the dataset return image tensors")
-        arrays.append(image)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise DataError("Calibration images differ in shape", expected="one (C, H, W) shape for every image",
-                        found=f"shapes {sorted(shapes)[:4]}", fix="resize / crop them to the export resolution "
-                        "(for a folder pass transform=teacher_transform(data_config))")
-    return np.stack(arrays)
+    return image_array(items)
 
 
 def _validated(images: np.ndarray) -> np.ndarray:

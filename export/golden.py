@@ -26,6 +26,7 @@ from singer_deploy.export.formats import format_for_path
 from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner
+from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
@@ -63,16 +64,6 @@ def artifact_sha256(path: str | Path) -> str:
             with part.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
-    return digest.hexdigest()
-
-
-def module_sha256(module: nn.Module) -> str:
-    """Hash of a module's state dict (names, dtypes, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        array = tensor.detach().cpu().contiguous().numpy()
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
     return digest.hexdigest()
 
 

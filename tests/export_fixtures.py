@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.layers import LayerScale
 
-from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes, image_array
 
 
 def tiny_vit(name: str = "vit_small_patch14_reg4_dinov2", img_size: int = 28, seed: int = 0) -> torch.nn.Module:
@@ -33,5 +33,5 @@ def tiny_vit(name: str = "vit_small_patch14_reg4_dinov2", img_size: int = 28, se
 def shape_images(n: int, img_size: int, patch_size: int, seed: int = 0) -> np.ndarray:
     """Normalised synthetic images (shapes on smooth backgrounds): image-like inputs, not white noise."""
     data = SyntheticShapes(n=n, img_size=img_size, patch_size=patch_size, seed=seed)
-    return np.stack([data[i]["image"].numpy() for i in range(n)]).astype(np.float32)
+    return image_array(data)
 

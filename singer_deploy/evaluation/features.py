@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from singer_deploy.models.backbone import has_class_token
+from singer_deploy.models.data import image_array
 from singer_deploy.errors import ConfigError, DataError, ModelError
+from singer_deploy.hashing import array_sha256, module_sha256
 from singer_deploy.io import atomic_savez
 
 PatchDtype = Literal["float16", "float32"]
@@ -65,8 +67,7 @@ class ImageData:
         for name, array in (("images", self.images), ("labels", self.labels), ("masks", self.masks)):
             digest.update(name.encode())
             if array is not None:
-                digest.update(f"{array.dtype}{array.shape}".encode())
-                digest.update(np.ascontiguousarray(array).tobytes())
+                digest.update(array_sha256(array).encode())
         return digest.hexdigest()
 
 
@@ -99,7 +100,7 @@ def as_image_data(dataset: Any) -> ImageData:
             raise DataError("Dataset items must be dicts with 'image' and 'label'",
                             expected="{'image': CxHxW, 'label': int, optional 'fg_mask': HxW}",
                             found=type(items[0]).__name__, fix="wrap items as dicts or pass an arrays tuple")
-        images = np.stack([_to_numpy(item["image"]) for item in items])
+        images = image_array(items)
         labels = np.asarray([int(_to_numpy(item["label"])) for item in items])
         with_mask = ["fg_mask" in item for item in items]
         if any(with_mask) and not all(with_mask):
@@ -191,15 +192,6 @@ class _BackboneExtractor:
         return {"cls": cls.float().cpu().numpy(), "patch_tokens": patches.float().cpu().numpy()}
 
 
-def module_fingerprint(module: nn.Module) -> str:
-    """sha256 of a module's type, parameter and buffer names, shapes, dtypes and values."""
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def source_fingerprint(source: Any, source_id: str | None = None) -> str:
     """A stable id for the source: `source_id` when given, the source's `fingerprint` attribute, or a hash of an
     nn.Module's weights. Plain callables have none and must be named by the caller."""
@@ -209,7 +201,7 @@ def source_fingerprint(source: Any, source_id: str | None = None) -> str:
     if isinstance(declared, str) and declared:
         return declared
     if isinstance(source, nn.Module):
-        return module_fingerprint(source)
+        return module_sha256(source)
     raise ConfigError("Cannot fingerprint this feature source for caching",
                       expected="an nn.Module, a source with a 'fingerprint' string, or source_id=...",
                       found=type(source).__name__, fix="pass source_id (e.g. the model file's hash) or cache_dir=None")

@@ -42,7 +42,8 @@ from singer_deploy.export.golden import artifact_sha256, open_runner
 from singer_deploy.export.pipeline import export_student
 from singer_deploy.export.runner import TorchRunner
 from singer_deploy.export.student import ExportableStudent
-from singer_deploy.evaluation.features import FeatureSet, PatchDtype, as_image_data, extract_features, module_fingerprint
+from singer_deploy.evaluation.features import FeatureSet, PatchDtype, as_image_data, extract_features
+from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
 from singer_deploy.evaluation.probes import evaluate_backbone, evaluate_features
@@ -105,7 +106,7 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     for method in methods:
         torch.manual_seed(train.seed)
         student = make_student()
-        digest = module_fingerprint(student.model)
+        digest = module_sha256(student.model)
         if init_hash is not None and digest != init_hash:
             raise ConfigError("make_student built different initial weights for the two methods",
                               expected="the same weights after torch.manual_seed(train.seed)",
@@ -185,7 +186,7 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
                                   parity_images=data.images[:16], write_goldens=False)
         artifacts = exported.paths
         parity = {key: report.passed for key, report in exported.reports.items()}
-    runners = {REFERENCE_RUNNER: (TorchRunner(wrapper), f"torch:{module_fingerprint(wrapper)}")}
+    runners = {REFERENCE_RUNNER: (TorchRunner(wrapper), f"torch:{module_sha256(wrapper)}")}
     runners.update({label: (open_runner(path), f"{label}:{artifact_sha256(path)}") for label, path in
                     artifacts.items()})
     scored = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import numpy as np
@@ -133,10 +134,35 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.nda
     return colour_a[None, None, :] * mix[..., None] + colour_b[None, None, :] * (1 - mix[..., None])
 
 
+def image_array(items, indices: Sequence[int] | None = None) -> np.ndarray:
+    """Images of the given items as one (B, C, H, W) array: the one place where dataset items become arrays.
+
+    Items are dicts with an "image" entry (SyntheticShapes, ImageFolder) or bare images, each a tensor or an array.
+    Floating tensors become float32 (numpy has no bfloat16); other dtypes are kept for the caller to judge.
+    """
+    indices = range(len(items)) if indices is None else indices
+    arrays = []
+    for index in indices:
+        item = items[index]
+        image = item["image"] if isinstance(item, Mapping) else item
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu()
+            image = (image.float() if image.is_floating_point() else image).numpy()
+        if not isinstance(image, np.ndarray):
+            raise DataError(f"Item {index} is not an image", expected="a tensor / array or {'image': tensor}",
+                            found=type(image).__name__, fix="make the dataset return image tensors")
+        arrays.append(image)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError("Images differ in shape", expected="one (C, H, W) shape for every image",
+                        found=f"shapes {sorted(shapes)[:4]}", fix="resize / crop them to one resolution "
+                        "(for a folder pass transform=teacher_transform(data_config))")
+    return np.stack(arrays)
+
+
 def stack_images(dataset: Dataset, indices: Sequence[int] | None = None) -> torch.Tensor:
-    """Images of the given items as one (B, 3, H, W) tensor."""
-    indices = range(len(dataset)) if indices is None else indices
-    return torch.stack([dataset[i]["image"] for i in indices])
+    """Images of the given items as one (B, C, H, W) tensor (see `image_array`)."""
+    return torch.from_numpy(image_array(dataset, indices))
 
 
 def bundled_photos(img_size: int, crops_per_photo: int = 4, seed: int = 0) -> np.ndarray:
