@@ -35,6 +35,31 @@ def _images(n: int, size: int, patch: int) -> np.ndarray:
     return image_array(data)
 
 
+def _print_report(args, rows: list[dict], parity: list[dict], load: tuple, onnx_export, work: Path) -> None:
+    """Latency table, speed-ups vs the reference figures and vs a plain timm export, and the parity table."""
+    load_before, load_after = load
+    print(f"# {args.model} @ {args.img_size}px, batch 1, {args.threads} threads, {args.iters} timed runs")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min; > {args.threads} means "
+          f"other processes shared the CPU)\n")
+    print(markdown_table(rows, ["runner", "p50_ms", "p90_ms", "p99_ms", "min_ms", "speedup_vs_torch",
+                                "throughput_ips",
+                                "size_mb", "build_s", "peak_rss_mb"]))
+    print("\nspeed-up vs the reference figures (target: within 10%):")
+    for row in rows:
+        target = REFERENCE_SPEEDUP.get(row["runner"])
+        if target:
+            print(f"  {row['runner']}: {row['speedup_vs_torch']:.2f}x vs {target:.1f}x "
+                  f"({(row['speedup_vs_torch'] / target - 1) * 100:+.0f}%)")
+    p50 = {row["runner"]: row["p50_ms"] for row in rows}
+    print("\nour export vs a plain timm export, same run (p50; > 1 means ours is slower):")
+    print(f"  onnxruntime: {p50['onnxruntime'] / p50['plain_timm_onnxruntime']:.2f}x; "
+          f"openvino f32: {p50['openvino_fp32_f32hint'] / p50['plain_timm_openvino_f32hint']:.2f}x")
+    print("\nparity vs eager on synthetic-shape images:")
+    print(markdown_table(parity, ["candidate", "precision", "output", "max_abs_rel", "rel_err_p99",
+                                  "token_cos_min", "image_cos_min", "knn_overlap", "norm_corr", "passed"]))
+    print(f"\nexporter: {onnx_export.exporter} (opset {onnx_export.opset}); artifacts in {work}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -87,26 +112,7 @@ def main() -> None:
     rows = add_ratios(rows, baseline="torch")
     load_after = os.getloadavg()
 
-    print(f"# {args.model} @ {args.img_size}px, batch 1, {args.threads} threads, {args.iters} timed runs")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min; > {args.threads} means "
-          f"other processes shared the CPU)\n")
-    print(markdown_table(rows, ["runner", "p50_ms", "p90_ms", "p99_ms", "min_ms", "speedup_vs_torch",
-                                "throughput_ips",
-                                "size_mb", "build_s", "peak_rss_mb"]))
-    print("\nspeed-up vs the reference figures (target: within 10%):")
-    for row in rows:
-        target = REFERENCE_SPEEDUP.get(row["runner"])
-        if target:
-            print(f"  {row['runner']}: {row['speedup_vs_torch']:.2f}x vs {target:.1f}x "
-                  f"({(row['speedup_vs_torch'] / target - 1) * 100:+.0f}%)")
-    p50 = {row["runner"]: row["p50_ms"] for row in rows}
-    print("\nour export vs a plain timm export, same run (p50; > 1 means ours is slower):")
-    print(f"  onnxruntime: {p50['onnxruntime'] / p50['plain_timm_onnxruntime']:.2f}x; "
-          f"openvino f32: {p50['openvino_fp32_f32hint'] / p50['plain_timm_openvino_f32hint']:.2f}x")
-    print("\nparity vs eager on synthetic-shape images:")
-    print(markdown_table(parity, ["candidate", "precision", "output", "max_abs_rel", "rel_err_p99",
-                                  "token_cos_min", "image_cos_min", "knn_overlap", "norm_corr", "passed"]))
-    print(f"\nexporter: {onnx_export.exporter} (opset {onnx_export.opset}); artifacts in {work}")
+    _print_report(args, rows, parity, (load_before, load_after), onnx_export, work)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "parity": parity, "load": [load_before, load_after],
                                          "when": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))

@@ -40,6 +40,25 @@ def photo_batch(crops_per_photo: int, seed: int, size: int = 224) -> np.ndarray:
     return torch.stack([normalise(p) for p in pixels]).numpy()
 
 
+def _backend_rows(results: dict, latency: dict, report: dict) -> list[dict]:
+    """One row per backend: FP32 vs INT8 latency and the INT8 artifact's parity; details go into `report`."""
+    rows = []
+    for backend, fp32_key, int8_key in (("openvino", "openvino_fp32", "openvino_int8"),
+                                        ("onnx", "onnxruntime_fp32", "onnxruntime_int8_qdq")):
+        result = results[backend]
+        tokens = result.parity.outputs["patch_tokens"].metrics
+        cls = result.parity.outputs["cls"].metrics
+        rows.append({"backend": backend, "fp32_p50_ms": latency[fp32_key]["p50_ms"],
+                     "int8_p50_ms": latency[int8_key]["p50_ms"],
+                     "speedup": latency[fp32_key]["p50_ms"] / latency[int8_key]["p50_ms"],
+                     "token_cos_mean": tokens["token_cos_mean"], "token_cos_min": tokens["token_cos_min"],
+                     "cls_cos_min": cls["token_cos_min"], "knn_overlap": tokens["knn_overlap"],
+                     "int8_gate": result.parity.passed, "int8_share": result.realised.share("int8"),
+                     "quantize_s": result.seconds})
+        report[backend] = {"parity": result.parity.to_dict(), "realised": result.realised.to_dict()}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -88,20 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         timed = benchmark_runners(runners, evals, warmup=5, iters=args.rounds * args.per_round, rounds=args.rounds,
                                   throughput_iters=args.throughput_iters)
         latency = {row["runner"]: row for row in timed}
-    rows = []
-    for backend, fp32_key, int8_key in (("openvino", "openvino_fp32", "openvino_int8"),
-                                        ("onnx", "onnxruntime_fp32", "onnxruntime_int8_qdq")):
-        result = results[backend]
-        tokens = result.parity.outputs["patch_tokens"].metrics
-        cls = result.parity.outputs["cls"].metrics
-        rows.append({"backend": backend, "fp32_p50_ms": latency[fp32_key]["p50_ms"],
-                     "int8_p50_ms": latency[int8_key]["p50_ms"],
-                     "speedup": latency[fp32_key]["p50_ms"] / latency[int8_key]["p50_ms"],
-                     "token_cos_mean": tokens["token_cos_mean"], "token_cos_min": tokens["token_cos_min"],
-                     "cls_cos_min": cls["token_cos_min"], "knn_overlap": tokens["knn_overlap"],
-                     "int8_gate": result.parity.passed, "int8_share": result.realised.share("int8"),
-                     "quantize_s": result.seconds})
-        report[backend] = {"parity": result.parity.to_dict(), "realised": result.realised.to_dict()}
+    rows = _backend_rows(results, latency, report)
     default_hint = latency["openvino_fp32_default_hint"]["p50_ms"] / latency["openvino_int8_default_hint"]["p50_ms"]
     report.update(rows=rows, latency=latency, openvino_speedup_default_hint=default_hint,
                   loadavg_before=load_before, loadavg_after=os.getloadavg())

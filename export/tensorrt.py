@@ -239,6 +239,23 @@ def _engine_layer_information(trt, plan: bytes, logger) -> dict:
     return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+def _builder_config(trt, builder, input_name: str, shapes: dict, config: TensorRTBuildConfig,
+                    cache_path: Path | None):
+    """Builder settings: workspace, optimisation level, detailed profiling, TF32, batch profile, timing cache."""
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
+    cfg.builder_optimization_level = int(config.optimization_level)
+    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED   # the inspector needs it for per-layer datatypes
+    if not config.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        cfg.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    cfg.add_optimization_profile(profile)
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cfg.set_timing_cache(cfg.create_timing_cache(cache_bytes), False)
+    return cfg
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
                  config: TensorRTBuildConfig | None = None, strict: bool = True) -> TensorRTBuild:
     """ONNX (precision already in the graph) -> strongly typed engine + sidecar + layer report.
@@ -259,18 +276,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     _parse_onnx(trt, network, logger, onnx_path)
     inp = network.get_input(0)
     shapes = profile_shapes(tuple(inp.shape)[1:], config.min_batch, config.opt_batch, config.max_batch)
-    cfg = builder.create_builder_config()
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
-    cfg.builder_optimization_level = int(config.optimization_level)
-    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED   # the inspector needs it for per-layer datatypes
-    if not config.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        cfg.clear_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
-    cfg.add_optimization_profile(profile)
     cache_path = Path(config.timing_cache) if config.timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cfg.set_timing_cache(cfg.create_timing_cache(cache_bytes), False)
+    cfg = _builder_config(trt, builder, inp.name, shapes, config, cache_path)
     plan = builder.build_serialized_network(network, cfg)
     if plan is None:
         raise ExportError("TensorRT could not build the engine", expected="a serialized plan",

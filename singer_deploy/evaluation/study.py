@@ -102,20 +102,7 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
         raise ConfigError("Unknown comparison methods", expected=f"a non-empty subset of {list(METHODS)}",
                           found=str(list(methods)), fix="pass methods=('fitnet', 'singer')")
     out_dir = Path(out_dir)
-    runs, init_hash = {}, None
-    for method in methods:
-        torch.manual_seed(train.seed)
-        student = make_student()
-        digest = module_sha256(student.model)
-        if init_hash is not None and digest != init_hash:
-            raise ConfigError("make_student built different initial weights for the two methods",
-                              expected="the same weights after torch.manual_seed(train.seed)",
-                              found="different weight hashes", fix="build the student from the global torch RNG "
-                              "only (e.g. timm.create_model), or load fixed initial weights inside the factory")
-        init_hash = digest
-        runs[method] = distill(teacher, student, train_data, out_dir / method, layers=layers, singer=singer,
-                               train=replace(train, method=method), progress=progress)
-
+    runs = _distil_each(methods, teacher, make_student, train_data, out_dir, layers, singer, train, progress)
     first = next(iter(runs.values()))
     data = as_image_data(eval_data)  # rendered once, shared by the metrics and every probe
     images = torch.from_numpy(data.images)
@@ -152,6 +139,26 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     result.files = {"json": atomic_write_json(out_dir / JSON, document),
                     "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes, runner_rows))}
     return result
+
+
+def _distil_each(methods: Sequence[str], teacher: Backbone, make_student: Callable[[], Backbone],
+                 train_data: Dataset, out_dir: Path, layers: Sequence[int], singer: SingerConfig,
+                 train: TrainConfig, progress: bool) -> dict[str, DistillResult]:
+    """One distillation per method, each from the same initial student weights (checked by their hash)."""
+    runs, init_hash = {}, None
+    for method in methods:
+        torch.manual_seed(train.seed)
+        student = make_student()
+        digest = module_sha256(student.model)
+        if init_hash is not None and digest != init_hash:
+            raise ConfigError("make_student built different initial weights for the two methods",
+                              expected="the same weights after torch.manual_seed(train.seed)",
+                              found="different weight hashes", fix="build the student from the global torch RNG "
+                              "only (e.g. timm.create_model), or load fixed initial weights inside the factory")
+        init_hash = digest
+        runs[method] = distill(teacher, student, train_data, out_dir / method, layers=layers, singer=singer,
+                               train=replace(train, method=method), progress=progress)
+    return runs
 
 
 def installed_export_formats() -> tuple[str, ...]:

@@ -97,6 +97,9 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
 
     layers: the user's teacher layers; the teacher's last block is always added (docs/method.md). A killed run
     resumes from `out_dir/checkpoint.pt` when resume is True.
+
+    About 60 lines on purpose: setup, then the step loop (forward, finite check, backward, log, checkpoint), read
+    top to bottom in one place like a plain training script.
     """
     singer, train = singer or SingerConfig(), train or TrainConfig()
     out_dir = Path(out_dir)
@@ -111,12 +114,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     _freeze_unreached(student, max(student_layers))
     module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method).to(device)
     module.student.train()
-    groups = [{"params": [p for m in (module.student.model, module.projectors) for p in m.parameters()
-                          if p.requires_grad]}]
-    if module.refiner is not None:
-        groups.append({"params": module.refiner.trainable_parameters(), "lr": train.adapter_lr or train.lr})
-    params = [p for group in groups for p in group["params"]]
-    optimizer = _optimizer(train, groups)
+    optimizer = _optimizer(train, module)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
     start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, singer, resume)
     if rank == 0 and start > 0:
@@ -136,14 +135,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
         images = torch.stack([data[i]["image"] for i in sampler.batch(step)]).to(device, non_blocking=True)
         with autocast:
             terms = runner(images)
-        loss = terms["total"]
-        if not torch.isfinite(loss):
-            raise TrainingError(f"The loss became non-finite at step {step + 1} of {train.steps}",
-                                expected="finite loss terms",
-                                found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
-                                                if isinstance(v, Tensor) and v.ndim == 0),
-                                fix=f"lower the learning rate ({train.lr:g}) or use fp32; the last good checkpoint "
-                                    f"in {out_dir} is kept and `resume` continues from it")
+        loss = _finite_loss(terms, step, train, out_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip:
@@ -233,7 +225,25 @@ def _autocast(train: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def _finite_loss(terms: dict[str, Tensor], step: int, train: TrainConfig, out_dir: Path) -> Tensor:
+    """The total loss, or a TrainingError naming every scalar term when it is NaN or Inf."""
+    loss = terms["total"]
+    if not torch.isfinite(loss):
+        raise TrainingError(f"The loss became non-finite at step {step + 1} of {train.steps}",
+                            expected="finite loss terms",
+                            found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
+                                            if isinstance(v, Tensor) and v.ndim == 0),
+                            fix=f"lower the learning rate ({train.lr:g}) or use fp32; the last good checkpoint "
+                                f"in {out_dir} is kept and `resume` continues from it")
+    return loss
+
+
+def _optimizer(train: TrainConfig, module: DistillStep) -> torch.optim.Optimizer:
+    """One optimiser for everything trained: student + projectors, and the adapters at their own learning rate."""
+    groups = [{"params": [p for m in (module.student.model, module.projectors) for p in m.parameters()
+                          if p.requires_grad]}]
+    if module.refiner is not None:
+        groups.append({"params": module.refiner.trainable_parameters(), "lr": train.adapter_lr or train.lr})
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
