@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.config import TrainConfig
 from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
 from singer_deploy.errors import ConfigError, TrainingError
@@ -150,7 +150,7 @@ def test_method_flag_outputs_and_metrics_log(teacher, data, reference):
         # No loss reaches the student's final norm; it is frozen (DDP needs every trained parameter used).
         assert not run.student.model.norm.weight.requires_grad
 
-    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    images = stack_images(data)
     with torch.no_grad():
         raw = teacher.forward_taps(images, [2])[2][:, teacher.num_prefix_tokens:]
     raw_hnr = artifact_metrics(raw)["hnr"]

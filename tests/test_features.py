@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from singer_deploy.models.backbone import load_backbone
-from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.errors import ConfigError, DataError, ModelError
 from singer_deploy.evaluation.features import as_image_data, downsample_masks, extract_features, source_fingerprint
 from singer_deploy.method.refine import RefinedTeacher
@@ -86,7 +86,7 @@ def test_backbone_source_reads_the_last_block_raw(tiny_backbone, tmp_path):
     tiny_backbone.train()
     features = extract_features(tiny_backbone, dataset, cache_dir=tmp_path, patch_dtype="float32")
     assert tiny_backbone.training, "the caller's train/eval mode must be restored"
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    images = stack_images(dataset)
     tiny_backbone.eval()
     with torch.no_grad():
         prefix, patches = tiny_backbone.split(tiny_backbone.forward_taps(images, [1])[1])
@@ -188,7 +188,7 @@ def test_refined_teacher_is_read_as_its_refined_features(tiny_backbone, tmp_path
     adapter = torch.nn.Linear(48, 48, bias=False)
     refined = RefinedTeacher(tiny_backbone, {0: adapter})
     dataset = SyntheticShapes(4, img_size=32, patch_size=8)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    images = stack_images(dataset)
     features = extract_features(refined, dataset, cache_dir=tmp_path, patch_dtype="float32")  # default: block 0
     with torch.no_grad():
         prefix, patches = tiny_backbone.split(refined.forward_taps(images, [0])[0])
