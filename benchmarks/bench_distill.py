@@ -15,16 +15,19 @@ on them. Each configuration is timed with and without torch.compile unless --com
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.config import SingerConfig
-from singer_deploy.train.loop import DistillStep
+from singer_deploy.devices import autocast_for, compute_dtype
+from singer_deploy.config import TrainConfig
+from singer_deploy.train.loop import DistillStep, make_optimizer, train_step
 from singer_deploy.method.alignment import map_layers, resolve_teacher_layers
 
 TINY_TEACHER = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
@@ -47,7 +50,8 @@ def main() -> None:
     img_size = TINY_TEACHER["img_size"] if args.tiny else args.img_size
     if not args.tiny:
         teacher_kwargs = student_kwargs = dict(img_size=img_size)
-    teacher = load_backbone(args.teacher, **teacher_kwargs).to(device).requires_grad_(False).eval()
+    # Stays on the CPU in fp32: each DistillStep takes its own truncated copy to the device (as distill() does).
+    teacher = load_backbone(args.teacher, **teacher_kwargs).requires_grad_(False).eval()
     images = torch.randn(args.batch, 3, img_size, img_size, device=device)
     compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
     print(f"device {_device_name(device)}, torch {torch.__version__}, precision {precision}, teacher {args.teacher} "
@@ -76,29 +80,33 @@ def main() -> None:
                 del student
     print()
     _print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": _device_name(device), "torch": torch.__version__,
+                                               "precision": precision, "teacher": args.teacher,
+                                               "student": args.student, "img_size": img_size, "batch": args.batch,
+                                               "rows": rows}, indent=2))
 
 
 def _measure(teacher: Backbone, student: Backbone, teacher_layers: list[int], student_layers: list[int],
              singer: SingerConfig, method: str, images: torch.Tensor, precision: str, compiled: bool, steps: int,
              warmup: int) -> Timing:
+    """Our full step is `train_step` of singer_deploy.train.loop (what `distill()` runs) on the same DistillStep;
+    the bound runs the step's own frozen teacher copy (bf16 weights under bf16, truncated) and the same student."""
     device = images.device
-    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, method).to(device)
+    train = TrainConfig(precision=precision, device=device.type, lr=1e-4, compile=compiled)
+    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, method,
+                         teacher_dtype=compute_dtype(precision, device)).to(device)
     module.student.train()
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else nullcontext())
+    optimizer = make_optimizer(train, [{"params": params}], device)
+    autocast = autocast_for(precision, device)
     runner = torch.compile(module) if compiled else module
-    teacher_forward = torch.compile(teacher.forward_taps) if compiled else teacher.forward_taps
+    frozen = module.teacher
+    teacher_forward = torch.compile(frozen.forward_taps) if compiled else frozen.forward_taps
     student_forward = torch.compile(student.forward_taps) if compiled else student.forward_taps
 
     def distill_step():
-        with autocast:
-            loss = runner(images)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        train_step(runner, images, optimizer, None, params, train.grad_clip, autocast)
 
     def teacher_step():
         with torch.no_grad(), autocast:
@@ -186,6 +194,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--compile", default="both", choices=["both", "on", "off"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="also write the rows to this JSON file (benchmarks/gpu_check.py reads it)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random ViTs (32 px, teacher 4 blocks, student 2), layers 2 and 2,last, batch 8, "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from singer_deploy.devices import on_cpu
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
@@ -134,7 +135,7 @@ def export_onnx(student: nn.Module, path: str | Path, *, projector: nn.Module | 
         raise ConfigError("A dynamic batch must be traced with batch >= 2", expected="trace_batch >= 2",
                           found=str(trace_batch), fix="torch.export specialises size-1 dims; use trace_batch=2")
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
-    wrapper = wrapper.eval()
+    wrapper = on_cpu(wrapper)   # traced on the CPU in fp32 (singer_deploy.devices)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = example_batch(wrapper, trace_batch)

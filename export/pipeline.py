@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
 from singer_deploy.export.golden import open_runner, runner_device, write_golden
@@ -173,7 +174,9 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     converters = _converter_table(converters)
     names = _plan(formats, precision, converters)
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
-    wrapper = wrapper.eval()
+    # Device rule (singer_deploy.devices): exporters, the eager reference and the goldens work on an fp32 CPU copy,
+    # wherever the caller's student lives (e.g. still on the training GPU); the caller's module is not touched.
+    wrapper = cpu_copy(wrapper)
     hw = _img_hw(img_size)
     if wrapper.img_size != hw:
         raise ConfigError("img_size does not match the student", expected=f"{wrapper.img_size} (the student's)",

@@ -6,6 +6,7 @@ the documented Torch-TensorRT 2.x API and unverified here (no CUDA, no torch_ten
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import time
@@ -68,7 +69,7 @@ def compile_torch_tensorrt(student: nn.Module, path: str | Path, *, projector: n
     ttrt = import_torch_tensorrt()
     precision = check_precision(FORMATS["torch_tensorrt"], precision)
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
-    wrapper = wrapper.eval().cuda()
+    wrapper = copy.deepcopy(wrapper).eval().cuda()   # its own CUDA copy: the caller's module stays where it is
     shapes = profile_shapes(wrapper.input_chw, min_batch, opt_batch, max_batch)
     inputs = [ttrt.Input(min_shape=shapes["min"], opt_shape=shapes["opt"], max_shape=shapes["max"],
                          dtype=torch.float32)]

@@ -114,7 +114,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
-    device: str = "auto"
+    device: str = "auto"             # where training runs (singer_deploy/devices.py: the device rule)
+    workers: int | None = None       # DataLoader worker processes; None: 0 on CPU, up to 8 per GPU process
 
     def __post_init__(self):
         choices = {"method": METHODS, "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
@@ -142,6 +143,10 @@ class TrainConfig:
                               expected="weight_decay >= 0 and 0 <= momentum < 1",
                               found=f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}",
                               fix="published SGD recipe: weight_decay=1e-4, momentum=0.9")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise ConfigError("TrainConfig.workers must be an integer >= 0 or unset", expected="an int >= 0",
+                              found=repr(self.workers), fix="e.g. workers=8, or leave it unset")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.warmup_steps must be an integer >= 0", expected="an int >= 0",
                               found=repr(self.warmup_steps), fix="e.g. warmup_steps=10")

@@ -2,7 +2,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from singer_deploy.models.data import ImageFolder, SyntheticShapes, bundled_photos
+import torch
+
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.models.data import (ImageFolder, SkippedImages, SyntheticShapes, bundled_photos, default_crop_pct,
+                                       image_transform)
 from singer_deploy.errors import DataError
 
 
@@ -29,15 +33,32 @@ def test_bundled_photos_are_real_images():
     assert photos.std() > 0.05
 
 
-def test_image_folder_skips_corrupt_files_and_reports_them(tmp_path, caplog):
+def test_image_folder_lists_lazily_and_skips_bad_files_where_they_are_met(tmp_path, caplog):
     sub = tmp_path / "a" / "b"
     sub.mkdir(parents=True)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(sub / "ok.png")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     folder = ImageFolder(tmp_path)
-    assert len(folder) == 1 and len(folder.skipped) == 1
-    assert "Skipped 1 unreadable" in caplog.text
-    assert folder[0]["image"].shape == (3, 20, 20)
+    assert len(folder) == 2 and folder.skipped == {}        # listed by name: nothing opened yet
+    bad = [str(p) for p in folder.files].index(str(tmp_path / "broken.jpg"))
+    item = folder[bad]                                      # served by the next readable file, and says so
+    assert item["path"] == str(sub / "ok.png") and item["image"].shape == (3, 20, 20)
+    assert item["skipped"].split("\t")[0] == str(tmp_path / "broken.jpg")
+    assert "UnidentifiedImageError" in folder.skipped[str(tmp_path / "broken.jpg")]
+    assert "Skipping unreadable image" in caplog.text
+    assert folder[1 - bad]["skipped"] == ""
+
+
+def test_skipped_images_are_counted_across_batches_and_stop_the_run_when_too_many(tmp_path):
+    counter = SkippedImages(listed=1000)
+    counter.add({"skipped": ["a.jpg\tOSError: truncated", "", "b.jpg\tx\nc.jpg\ty"]})
+    counter.add({"skipped": ["a.jpg\tOSError: truncated"]})              # met again: counted once
+    assert counter.to_dict() == {"count": 3, "files": {"a.jpg": "OSError: truncated", "b.jpg": "x", "c.jpg": "y"}}
+    counter.check()                                                      # 3 < max(16, 5% of 1000)
+    counter.add({"skipped": [f"{i}.jpg\tbad" for i in range(60)]})
+    with pytest.raises(DataError, match="63 of 1000 images read so far are unreadable") as caught:
+        counter.check()
+    assert "resumes" in caught.value.fix
 
 
 def test_image_list_file(tmp_path):
@@ -48,10 +69,54 @@ def test_image_list_file(tmp_path):
 
 
 def test_empty_or_all_bad_sources_are_errors(tmp_path):
-    with pytest.raises(DataError, match="No readable images"):
+    with pytest.raises(DataError, match="No image files"):
         ImageFolder(tmp_path)
     (tmp_path / "bad.png").write_bytes(b"junk")
-    with pytest.raises(DataError, match="1 unreadable"):
-        ImageFolder(tmp_path)
+    with pytest.raises(DataError, match="No readable images.*all 1 files are unreadable"):
+        ImageFolder(tmp_path)[0]
     with pytest.raises(DataError, match="does not exist"):
         ImageFolder(tmp_path / "missing")
+
+
+def write_shapes_folder(folder, n: int, size: int = 64, patch: int = 8):
+    """SyntheticShapes rendered to PNG files at `size` px; returns the flat-patch masks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes, masks = SyntheticShapes(n, size, patch, flat_share=0.08, seed=3), []
+    for i in range(n):
+        pixels, _, _, flat_mask = shapes.render(i)
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+        masks.append(flat_mask)
+    return masks
+
+
+def flat_patches_kept(images: torch.Tensor, masks, patch: int = 8) -> tuple[int, int]:
+    """(patches still exactly flat, flat patches in the source) over a batch of transformed images."""
+    kept = total = 0
+    for image, mask in zip(images, masks):
+        grid = mask.reshape(mask.shape[0] // patch, patch, -1, patch).all(axis=(1, 3))
+        for r, c in zip(*np.nonzero(grid)):
+            block = image[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            kept += int((block.amax(dim=(1, 2)) - block.amin(dim=(1, 2))).abs().max() < 1e-6)
+            total += 1
+    return kept, total
+
+
+def test_transforms_take_the_models_own_size_and_crop_pct(tmp_path):
+    masks = write_shapes_folder(tmp_path / "imgs", 4)
+    student = load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    config = student.data_config()
+    assert config["input_size"] == (3, 64, 64) and config["crop_pct"] == 0.9   # timm's pretrained crop
+    folder = ImageFolder(tmp_path / "imgs")
+    assert default_crop_pct(folder, student.img_size, config["crop_pct"]) == 1.0   # images already 64 px
+    assert default_crop_pct(folder, (32, 32), config["crop_pct"]) == 0.9
+    for crop_pct, all_kept in ((1.0, True), (0.9, False)):
+        folder.transform = image_transform(student.data_config(crop_pct), training=False)
+        images = torch.stack([folder[i]["image"] for i in range(4)])
+        assert images.shape == (4, 3, 64, 64)
+        kept, total = flat_patches_kept(images, masks)
+        assert total > 0 and (kept == total) is all_kept, (crop_pct, kept, total)
+    # The training transform augments (random crop + flip) at the model's size; eval does not.
+    folder.transform = image_transform(student.data_config(1.0), training=True)
+    torch.manual_seed(0)
+    augmented = torch.stack([folder[0]["image"] for _ in range(3)])
+    assert augmented.shape == (3, 3, 64, 64) and not torch.equal(augmented[0], augmented[1])

@@ -264,3 +264,53 @@ def test_torchrun_two_gloo_processes(small_planted, teacher, data, tmp_path):
     ddp_student = load_file(str(out / "fitnet" / "student.safetensors"))
     single_student = {k: v for k, v in single.student.model.state_dict().items()}
     assert_same_tensors(ddp_student, single_student, atol=2e-5)
+
+
+_TORCHRUN_NAN_SCRIPT = """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from singer_deploy.errors import TrainingError
+    from singer_deploy.models.backbone import load_backbone
+    from singer_deploy.models.data import SyntheticShapes
+    from singer_deploy.config import TrainConfig
+    from singer_deploy.train.loop import distill
+    from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+
+    class PoisonedOnRank1(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data = data
+        def __len__(self):
+            return len(self.data)
+        def __getitem__(self, index):
+            item = self.data[index]
+            return {{**item, "image": item["image"] * float("nan")}} if dist.get_rank() == 1 else item
+
+    teacher = build_planted_teacher(PlantedConfig(**{config})).backbone
+    torch.manual_seed(0)
+    student = load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    train = TrainConfig(method="fitnet", steps=4, batch_size=2, checkpoint_every=2, log_every=2, device="cpu")
+    try:
+        distill(teacher, student, PoisonedOnRank1(SyntheticShapes(8, 32, 8, seed=1)), sys.argv[1], layers=[2],
+                train=train, progress=False)
+    except TrainingError as err:
+        print(f"rank {{dist.get_rank()}} stopped: {{err.problem}}", flush=True)
+    dist.destroy_process_group()
+"""
+
+
+def test_torchrun_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "ddp_nan.py"
+    config = {k: getattr(TINY_TEACHER, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
+                                                    "artifact_layer", "null_dim")}
+    script.write_text(textwrap.dedent(_TORCHRUN_NAN_SCRIPT.format(config=config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path / "out")]
+    # Before the all-reduced check, rank 1 raised alone and rank 0 waited in the next gradient all-reduce forever.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: The loss became non-finite at step 1 of 4" in done.stdout, done.stdout
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from singer_deploy.devices import module_device
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
 
@@ -32,21 +33,38 @@ class ArtifactAnalysis:
 
 
 @torch.inference_mode()
-def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result: DistillResult, images: Tensor,
-                      planted: PlantedTeacher | None = None) -> ArtifactAnalysis:
-    """`refined`: RefinedTeacher or None (FitNet); `result`: DistillResult; `planted`: PlantedTeacher or None."""
+def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result: DistillResult,
+                      images: Tensor | np.ndarray, planted: PlantedTeacher | None = None, *,
+                      batch_size: int = 32) -> ArtifactAnalysis:
+    """`refined`: RefinedTeacher or None (FitNet); `result`: DistillResult; `planted`: PlantedTeacher or None.
+
+    Device rule (singer_deploy.devices): runs on the device of the trained student (the training device), moving
+    the teacher, refined teacher and clean twin there, in batches of `batch_size` images wherever `images` live;
+    every array of the result is on the CPU.
+    """
+    device = module_device(result.student)
+    for module in (teacher, refined, planted.clean if planted is not None else None, result.projectors):
+        if module is not None:
+            module.to(device)
+    images = torch.as_tensor(images)
     layers = result.teacher_layers
     p_t = teacher.num_prefix_tokens
-    raw = {l: t[:, p_t:] for l, t in teacher.forward_taps(images, layers).items()}
+
+    def tokens_of(model, wanted: list[int], prefix: int) -> dict[int, Tensor]:
+        chunks = [model.forward_taps(images[i:i + batch_size].to(device), wanted)
+                  for i in range(0, len(images), batch_size)]
+        return {l: torch.cat([chunk[l] for chunk in chunks])[:, prefix:] for l in wanted}
+
+    raw = tokens_of(teacher, layers, p_t)
     # Normal tokens: not high-norm in the raw teacher (or the planted ground truth when there is one).
-    normal = ~planted.artifact_mask(images) if planted is not None else ~high_norm_mask(raw[layers[-1]])
+    normal = ~planted.artifact_mask(images).to(device) if planted is not None else ~high_norm_mask(raw[layers[-1]])
     sources: dict[str, dict[int, Tensor]] = {"raw teacher": raw}
     if planted is not None:
-        sources["clean twin"] = {l: t[:, p_t:] for l, t in planted.clean.forward_taps(images, layers).items()}
+        sources["clean twin"] = tokens_of(planted.clean, layers, p_t)
     if refined is not None:
-        sources["refined teacher"] = {l: t[:, p_t:] for l, t in refined.forward_taps(images, layers).items()}
+        sources["refined teacher"] = tokens_of(refined, layers, p_t)
     student = result.student.eval()
-    taps = student.forward_taps(images, result.student_layers)
+    taps = tokens_of(student, result.student_layers, 0)     # with prefix tokens: the projectors align them
     p_s = student.num_prefix_tokens
     sources["student"] = {t: taps[s][:, p_s:] for t, s in zip(layers, result.student_layers)}
     sources["student (projected)"] = {t: result.projectors.patches(t, taps[s])
@@ -67,9 +85,9 @@ def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result:
         norms = token_norms(patches)
         side = int(round(patches.shape[1] ** 0.5))
         shape = grid if patches.shape[1] == grid[0] * grid[1] else (side, side)
-        analysis.norm_maps[name] = norms.reshape(-1, *shape).numpy()
-        analysis.norms[name] = norms.flatten().numpy()
-        analysis.tokens[name] = patches.float().numpy()
+        analysis.norm_maps[name] = norms.reshape(-1, *shape).cpu().numpy()
+        analysis.norms[name] = norms.flatten().cpu().numpy()
+        analysis.tokens[name] = patches.float().cpu().numpy()
     return analysis
 
 

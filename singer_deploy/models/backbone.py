@@ -11,6 +11,7 @@ is not needed: the teacher's last block is always distilled (docs/method.md), so
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Sequence
@@ -60,7 +61,9 @@ class Backbone(nn.Module):
         expected = (self.model.patch_embed.proj.in_channels, *self.img_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ModelError("Input images have the wrong shape", expected=f"(B, {', '.join(map(str, expected))})",
-                             found=str(tuple(images.shape)), fix="resize/crop images to the model's input size")
+                             found=str(tuple(images.shape)),
+                             fix=f"pass images of {expected[1]}x{expected[2]} px (image folders are resized and cropped "
+                                 "to the model's input size by singer_deploy.models.data.image_transform)")
 
     def run_blocks(self, tokens: Tensor, start: int, stop: int) -> Tensor:
         """Apply blocks[start:stop] to tokens."""
@@ -92,9 +95,35 @@ class Backbone(nn.Module):
         """(prefix tokens, patch tokens): prefix = CLS + registers, never refined, never in patch metrics."""
         return tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
 
-    def data_config(self) -> dict:
-        """Input size, mean, std and interpolation timm uses for this model."""
-        return resolve_data_config({}, model=self.model)
+    def data_config(self, crop_pct: float | None = None) -> dict:
+        """Input size, mean, std, interpolation and crop_pct for this model's transforms.
+
+        Mean, std, interpolation and the default crop_pct come from timm's pretrained config; the input size is the
+        created model's own (`img_size`), never the pretrained one: a model made at 64 px takes 64 px images.
+        """
+        config = dict(resolve_data_config({}, model=self.model))
+        config["input_size"] = (int(self.model.patch_embed.proj.in_channels), *self.img_size)
+        if crop_pct is not None:
+            config["crop_pct"] = float(crop_pct)
+        return config
+
+    def frozen_copy(self, keep_through: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> "Backbone":
+        """A frozen inference copy holding blocks 0..keep_through only, in `dtype` weights on `device`.
+
+        Deeper blocks, the final norm and the head become nn.Identity and are never copied, so a ViT-L teacher
+        tapped at block 17 holds 18 blocks on the GPU; the copy keeps `depth` so block indices mean the same. Held
+        in bf16/fp16 weights, the frozen teacher is not re-cast by autocast at every step. `self` is untouched.
+        """
+        keep_through = self.check_layer(keep_through)
+        model = self.model
+        dropped = list(model.blocks[keep_through + 1:])
+        dropped += [getattr(model, name) for name in ("norm", "fc_norm", "head", "attn_pool", "head_drop")
+                    if isinstance(getattr(model, name, None), nn.Module)]
+        memo = {id(part): nn.Identity() for part in dropped}
+        clone = Backbone(copy.deepcopy(model, memo))
+        clone.to(device=device, dtype=dtype)
+        return clone.requires_grad_(False).eval()
 
 
 def check_block_index(layer: int, depth: int, who: str = "model") -> int:

@@ -6,6 +6,7 @@ probes need: a class label (shape), a foreground mask, and the exactly flat back
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def image_array(items, indices: Sequence[int] | None = None) -> np.ndarray:
     if len(shapes) > 1:
         raise DataError("Images differ in shape", expected="one (C, H, W) shape for every image",
                         found=f"shapes {sorted(shapes)[:4]}", fix="resize / crop them to one resolution "
-                        "(for a folder pass transform=teacher_transform(data_config))")
+                        "(for a folder pass transform=image_transform(backbone.data_config(), training=False))")
     return np.stack(arrays)
 
 
@@ -188,33 +189,30 @@ def bundled_photos(img_size: int, crops_per_photo: int = 4, seed: int = 0) -> np
     return np.stack(crops).astype(np.float32)
 
 
-class ImageFolder(Dataset):
-    """Images under a folder (recursive) or listed in a text file, with a timm-compatible eval transform.
+# An unreadable file is served by the next readable one; this many unreadable files in a row is an error.
+MAX_BAD_IN_A_ROW = 16
+# Share of a folder's files that may be unreadable before a run stops (fewer than MAX_BAD_IN_A_ROW always pass).
+MAX_BAD_SHARE = 0.05
 
-    Unreadable or corrupt files are skipped at scan time, counted (`skipped`) and logged, so a run never dies on
-    image 9,000; an empty or all-bad source is an error.
+
+class ImageFolder(Dataset):
+    """Images under a folder (recursive) or listed in a text file, with a timm transform.
+
+    Files are listed by name, not opened, at start-up: a large folder costs nothing until it is read, on every
+    torchrun rank. A file that cannot be decoded is skipped where it is met: the item is served from the next
+    readable file (the substitute depends only on the index, so resume stays bit-exact) and names the skipped file
+    under "skipped" ("path<TAB>reason" lines), so the training loop counts files met inside DataLoader workers too
+    (SkippedImages). `skipped` holds those met in this process.
     """
 
     def __init__(self, source: str | Path, transform: Callable[[Image.Image], torch.Tensor] | None = None):
         self.source = Path(source).expanduser()
         self.transform = transform
-        candidates = self._candidates()
-        self.files: list[Path] = []
-        self.skipped: list[tuple[Path, str]] = []
-        for path in candidates:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-                self.files.append(path)
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-                self.skipped.append((path, f"{type(err).__name__}: {err}"))
-        if self.skipped:
-            log.warning("Skipped %d unreadable image(s) in %s (first: %s)", len(self.skipped), self.source,
-                        self.skipped[0][0])
+        self.files: list[Path] = self._candidates()
+        self.skipped: dict[str, str] = {}
         if not self.files:
-            raise DataError(f"No readable images in {self.source}",
-                            expected=f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                            found=f"{len(candidates)} candidate file(s), {len(self.skipped)} unreadable",
+            raise DataError(f"No image files in {self.source}",
+                            expected=f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})", found="0 image files",
                             fix="point data at a folder or list file of images")
 
     def _candidates(self) -> list[Path]:
@@ -230,13 +228,93 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
+        skipped = []
+        for offset in range(min(MAX_BAD_IN_A_ROW, len(self.files))):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                image = read_image(path)
+            except DataError as err:
+                self.skipped[str(path)] = err.found or str(err)
+                skipped.append(f"{path}\t{self.skipped[str(path)]}")
+                log.warning("Skipping unreadable image %s (%s)", path, self.skipped[str(path)])
+                continue
             tensor = self.transform(image) if self.transform is not None else normalise(np.asarray(image) / 255.0)
-        return {"image": tensor, "path": str(self.files[index])}
+            return {"image": tensor, "path": str(path), "skipped": "\n".join(skipped)}
+        problem = (f"No readable images in {self.source}: all {len(skipped)} files are unreadable"
+                   if len(skipped) == len(self.files) else
+                   f"{len(skipped)} unreadable image files in a row in {self.source}")
+        raise DataError(problem,
+                        expected="decodable image files", found=f"e.g. {skipped[0]}",
+                        fix="check the folder holds images (and not e.g. Git LFS pointers or truncated downloads)")
+
+    def with_transform(self, transform: Callable[[Image.Image], torch.Tensor] | None) -> "ImageFolder":
+        """The same listing read with another transform (e.g. training vs evaluation), without listing again."""
+        twin = copy.copy(self)
+        twin.transform = transform   # shares `skipped`: one record of the listing's bad files
+        return twin
+
+    def first_image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the first readable file, from its header only; None when the first files fail."""
+        for path in self.files[:MAX_BAD_IN_A_ROW]:
+            try:
+                with Image.open(path) as image:
+                    return image.height, image.width
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
+                continue
+        return None
 
 
-def teacher_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform (resize, centre crop, normalise) timm uses for a model's data config."""
+def read_image(path: Path) -> Image.Image:
+    """Decode one image file to RGB, or raise a DataError naming the file and the decoder's reason."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"Cannot read image {path}", expected="a decodable image file",
+                        found=f"{type(err).__name__}: {err}", fix="remove or replace the file") from err
+
+
+class SkippedImages:
+    """Unreadable files met while training, wherever they were read (this process or a DataLoader worker).
+
+    Fed with each batch's "skipped" entries; `check` stops the run once more than MAX_BAD_SHARE of the listed files
+    (and at least MAX_BAD_IN_A_ROW) turned out unreadable.
+    """
+
+    def __init__(self, listed: int, max_share: float = MAX_BAD_SHARE):
+        self.listed, self.max_share = listed, max_share
+        self.files: dict[str, str] = {}
+
+    def add(self, batch: dict) -> None:
+        for lines in batch.get("skipped", ()):
+            for line in filter(None, lines.split("\n")):
+                path, _, reason = line.partition("\t")
+                self.files[path] = reason
+
+    def check(self) -> None:
+        limit = max(MAX_BAD_IN_A_ROW, int(self.max_share * self.listed))
+        if len(self.files) >= limit:
+            first = next(iter(self.files.items()))
+            raise DataError(f"{len(self.files)} of {self.listed} images read so far are unreadable",
+                            expected=f"fewer than {limit} ({self.max_share:.0%} of the files, at least "
+                                     f"{MAX_BAD_IN_A_ROW})", found=f"e.g. {first[0]} ({first[1]})",
+                            fix="remove or re-encode the unreadable files, then run again (the run resumes)")
+
+    def to_dict(self, listed_files: int = 20) -> dict:
+        return {"count": len(self.files), "files": dict(list(self.files.items())[:listed_files])}
+
+
+def image_transform(data_config: dict, *, training: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's transform for a model's data config (Backbone.data_config: the model's real input size).
+
+    training=True: random resized crop + horizontal flip + colour jitter (timm's ImageNet training recipe);
+    training=False: resize to size / crop_pct and centre crop (parity, analysis and report images).
+    """
     from timm.data import create_transform
-    return create_transform(**data_config, is_training=False)
+    return create_transform(**data_config, is_training=training)
+
+
+def default_crop_pct(folder: ImageFolder, img_size: Sequence[int], teacher_crop_pct: float) -> float:
+    """1.0 when the folder's images already have the model's input size (a centre crop would shift the patch grid),
+    else the teacher's pretrained crop_pct."""
+    return 1.0 if folder.first_image_size() == tuple(img_size) else float(teacher_crop_pct)

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from singer_deploy import __version__
 from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifacts
 from singer_deploy.models.backbone import Backbone, load_backbone
-from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, stack_images,
-                                teacher_transform)
+from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
+                                       image_transform, stack_images)
 from singer_deploy.train.loop import DistillResult, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
@@ -116,12 +116,17 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
     summary = _summary(analysis, exported, latency_rows, result, config)
+    data_record = _data_record(train_data, result)
+    if data_record:
+        skipped = data_record["skipped_images"]
+        summary["unreadable images skipped"] = f"{skipped['count']} of {data_record['listed']} files" + (
+            f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
     passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
-                "timings": timings, "passed": passed, "summary": summary, "parity": parity_rows,
+                "timings": timings, "passed": passed, "summary": summary, "data": data_record, "parity": parity_rows,
                 "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
                 "hashes": {k: _sha256(v) for k, v in files.items() if Path(v).is_file()}}
     files["manifest"] = atomic_write_json(out_dir / MANIFEST, manifest)
@@ -204,12 +209,29 @@ def build_data(config: RunConfig, teacher: Backbone) -> tuple[Dataset, np.ndarra
         train = SyntheticShapes(spec.n, size, patch, flat_share=spec.flat_share, seed=spec.seed)
         held_out = SyntheticShapes(spec.eval_n, size, patch, flat_share=spec.flat_share, seed=spec.seed + 1)
         return train, stack_images(held_out).numpy()
-    folder = ImageFolder(spec.source, transform=teacher_transform(teacher.data_config()))
+    folder = ImageFolder(spec.source)
+    crop_pct = spec.crop_pct if spec.crop_pct is not None else \
+        default_crop_pct(folder, teacher.img_size, teacher.data_config()["crop_pct"])
+    transform = teacher.data_config(crop_pct)   # the model's own input size, the teacher's mean/std
+    training = folder.with_transform(image_transform(transform, training=spec.augment))
+    folder = folder.with_transform(image_transform(transform, training=False))
     eval_n = min(spec.eval_n, max(len(folder) // 5, 1))
     generator = torch.Generator().manual_seed(spec.seed)
     order = torch.randperm(len(folder), generator=generator).tolist()
     held_out, train_idx = order[:eval_n], order[eval_n:] or order
-    return torch.utils.data.Subset(folder, train_idx), stack_images(folder, held_out).numpy()
+    return torch.utils.data.Subset(training, train_idx), stack_images(folder, held_out).numpy()
+
+
+def _data_record(train_data: Dataset, result: DistillResult) -> dict:
+    """For image folders: files listed, and the unreadable ones skipped wherever they were met (training on any
+    rank or DataLoader worker, evaluation images); {} for the synthetic source."""
+    listing = getattr(train_data, "dataset", train_data)
+    if not isinstance(listing, ImageFolder):
+        return {}
+    files = {**listing.skipped, **result.skipped_images.get("files", {})}
+    return {"source": str(listing.source), "listed": len(listing),
+            "skipped_images": {"count": max(len(files), result.skipped_images.get("count", 0)),
+                               "files": dict(list(files.items())[:20])}}
 
 
 def _check_layers(layers: Sequence[int], teacher: Backbone) -> None:
@@ -240,7 +262,7 @@ def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_im
     from singer_deploy.export.pipeline import export_student
 
     calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None
-    return export_student(student.model.eval(), out_dir, formats, img_size=student.img_size, projector=projector,
+    return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
                           precision=precision, calib_images=calib, parity_images=eval_images,
                           converters=export_converters())
 

@@ -42,6 +42,15 @@ class DataSpec:
     eval_n: int = 64               # held-out images for parity, metrics and the report
     flat_share: float = 0.08       # synthetic: share of exactly flat patches (where planted artifacts land)
     seed: int = 0
+    crop_pct: float | None = None  # folders: eval centre-crop fraction; None = 1.0 when the images already have the
+                                   # model's input size, else the teacher's pretrained crop_pct
+    augment: bool = True           # folders: timm's training transform (random resized crop + flip) for training
+
+    def __post_init__(self):
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError("data.crop_pct must lie in (0, 1]", expected="0 < crop_pct <= 1",
+                              found=repr(self.crop_pct),
+                              fix="use 1.0 for images already at the model's size, or leave it unset")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,14 +23,18 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from singer_deploy.devices import autocast_for, compute_dtype, training_device
 from singer_deploy.models.backbone import Backbone
+from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
 from singer_deploy.method.losses import SingerLoss, kd_loss
 from singer_deploy.method.metrics import artifact_metrics
+from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
+from singer_deploy.train.feed import StreamSampler, step_batches
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ METRICS_LOG = "metrics.jsonl"
 
 @dataclass
 class DistillResult:
+    """What training produced. `student`, `projectors` and `refiner` live on `device` (the training device) in fp32
+    weights; later stages move or copy them as they need (singer_deploy.devices)."""
+
     out_dir: Path
     teacher_layers: list[int]
     student_layers: list[int]
@@ -51,23 +57,33 @@ class DistillResult:
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)   # what distill_config.json records under "diagnostics"
+    device: torch.device = torch.device("cpu")
+    skipped_images: dict = field(default_factory=dict)   # SkippedImages.to_dict(): unreadable files met, all ranks
 
 
 class DistillStep(nn.Module):
     """One forward pass of distillation: returns the loss terms. Holds everything trained (DDP wraps this)."""
 
     def __init__(self, teacher: Backbone, student: Backbone, teacher_layers: Sequence[int],
-                 student_layers: Sequence[int], singer: SingerConfig, method: str):
+                 student_layers: Sequence[int], singer: SingerConfig, method: str,
+                 teacher_dtype: torch.dtype | None = None):
+        """`teacher` is read, never moved or cast: the step holds a frozen copy truncated after the deepest block a
+        loss runs (the last tap, or the block after it for SiNGER's L_info) in `teacher_dtype` weights (None: as
+        given). The nullspace initialisation reads the caller's full-precision teacher."""
         super().__init__()
-        self.teacher, self.student = teacher, student
         self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
+        deepest = max(self.teacher_layers)
+        if method == "singer":
+            deepest = surrogate_block(deepest, teacher.depth)
+        self.teacher = teacher.frozen_copy(deepest, dtype=teacher_dtype)
+        self.student = student
         self.method = method
         aligner = TokenAligner(TokenLayout.of(student), TokenLayout.of(teacher))
         self.aligner = aligner
         self.projectors = Projectors(self.teacher_layers, student.embed_dim, teacher.embed_dim, aligner)
         self.refiner = (Refiner.from_teacher(teacher, self.teacher_layers, rank=singer.rank, rule=singer.rule,
                                              tau=singer.tau, seed=singer.seed) if method == "singer" else None)
-        self.singer_loss = (SingerLoss(singer, self.teacher_layers, teacher, aligner)
+        self.singer_loss = (SingerLoss(singer, self.teacher_layers, self.teacher, aligner)
                             if method == "singer" else None)
 
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -96,25 +112,27 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     """Distil `student` from `teacher` on `data` (items are dicts with an "image" tensor); write files to out_dir.
 
     layers: the user's teacher layers; the teacher's last block is always added (docs/method.md). A killed run
-    resumes from `out_dir/checkpoint.pt` when resume is True.
+    resumes from `out_dir/checkpoint.pt` when resume is True. Training runs on `train.device`; the student is moved
+    there and handed back there (DistillResult.device); the teacher is only read (singer_deploy.devices).
 
-    About 60 lines on purpose: setup, then the step loop (forward, finite check, backward, log, checkpoint), read
-    top to bottom in one place like a plain training script.
+    About 60 lines on purpose: setup, then the step loop (batch, step, finite check, log, checkpoint), read top to
+    bottom in one place like a plain training script.
     """
     singer, train = singer or SingerConfig(), train or TrainConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _init_distributed()
-    device = _device(train)
+    device = training_device(train.device)
     torch.manual_seed(train.seed)
 
     teacher_layers = resolve_teacher_layers(layers, teacher.depth)
     student_layers = map_layers(teacher_layers, teacher.depth, student.depth, force_last=singer.map_last_to_last)
     teacher.requires_grad_(False).eval()
     _freeze_unreached(student, max(student_layers))
-    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method).to(device)
+    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method,
+                         teacher_dtype=compute_dtype(train.precision, device)).to(device)
     module.student.train()
-    optimizer = _optimizer(train, module)
+    optimizer = make_optimizer(train, _param_groups(train, module), device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
     start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, singer, resume)
@@ -126,29 +144,30 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
         runner = nn.parallel.DistributedDataParallel(module, find_unused_parameters=False)
     if train.compile:
         runner = torch.compile(runner)
-    autocast = _autocast(train, device)
+    autocast = autocast_for(train.precision, device)
     sampler = StreamSampler(len(data), train.batch_size, train.seed, rank, world)
+    batches = step_batches(data, sampler, start, train.steps, device, train.workers)
+    skipped, watch = SkippedImages(len(data)), NonFiniteWatch(device, train.steps)
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=not progress or rank != 0,
                desc=f"distil[{train.method}]")
     began, seen = time.perf_counter(), 0
-    for step in bar:
-        images = torch.stack([data[i]["image"] for i in sampler.batch(step)]).to(device, non_blocking=True)
-        with autocast:
-            terms = runner(images)
-        loss = _finite_loss(terms, step, train, out_dir)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+    for step, batch in zip(bar, batches):
+        images = batch["image"].to(device, non_blocking=True)
+        skipped.add(batch)
+        terms = train_step(runner, images, optimizer, scheduler, params, train.grad_clip, autocast)
+        watch.update(terms["total"], step)   # no host sync: read below, at log and checkpoint steps only
         seen += images.shape[0] * world
         done = step + 1
-        if rank == 0 and (done % train.log_every == 0 or done == train.steps):
+        log_due = done % train.log_every == 0 or done == train.steps
+        checkpoint_due = done % train.checkpoint_every == 0 or done == train.steps
+        if log_due or checkpoint_due:        # every rank, same steps: a bad loss on one rank stops them all
+            watch.raise_if_bad(terms, train, out_dir)
+            skipped.check()
+        if rank == 0 and log_due:
             record = _log_record(done, terms, scheduler, seen / (time.perf_counter() - began), module)
             _append_jsonl(out_dir / METRICS_LOG, record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
-        if rank == 0 and (done % train.checkpoint_every == 0 or done == train.steps):
+        if rank == 0 and checkpoint_due:
             _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, train, singer)
     seconds = time.perf_counter() - began
     diagnostics = _diagnostics(module)
@@ -156,33 +175,68 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     if world > 1:
         dist.barrier()
     return DistillResult(out_dir, teacher_layers, student_layers, module.student, module.projectors,
-                         module.refiner, train.steps, seconds, files, diagnostics)
+                         module.refiner, train.steps, seconds, files, diagnostics, device, _all_ranks(skipped, world))
 
 
-class StreamSampler:
-    """Batches drawn from an endless stream of per-epoch permutations, addressable by step.
+def train_step(runner: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, scheduler, params: list[Tensor],
+               grad_clip: float | None, autocast) -> dict[str, Tensor]:
+    """One optimisation step (forward under autocast, backward, clip, optimizer and scheduler step); returns the
+    loss terms as device tensors. No host sync: nothing here reads a value back. benchmarks/bench_distill.py times
+    this very function."""
+    with autocast:
+        terms = runner(images)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return terms
 
-    Batch `step` depends only on (seed, step, rank): resuming at step s replays exactly the batches an uninterrupted
-    run would have seen, and ranks read disjoint slices of each global batch.
+
+class NonFiniteWatch:
+    """The first step whose loss was not finite, kept on the device: watching costs no host sync per step.
+
+    `raise_if_bad` reads it (one sync) at log and checkpoint steps, after a MIN all-reduce over ranks under torchrun,
+    so every rank raises at the same step instead of the healthy ones waiting forever in the next all-reduce. No
+    checkpoint is written after a bad step, so the last checkpoint holds finite weights.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if n < 1:
-            raise ConfigError("The training data set is empty", expected="at least one image", found="0 images",
-                              fix="check the data source")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self._epoch, self._perm = -1, None
+    def __init__(self, device: torch.device, steps: int):
+        self.never = steps + 1
+        self.first = torch.full((), self.never, dtype=torch.int64, device=device)
 
-    def batch(self, step: int) -> list[int]:
-        start = (step * self.world + self.rank) * self.batch_size
-        return [self._at(i) for i in range(start, start + self.batch_size)]
+    def update(self, loss: Tensor, step: int) -> None:
+        self.first = torch.where(torch.isfinite(loss.detach()), self.first, self.first.clamp(max=step + 1))
 
-    def _at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
-        return int(self._perm[offset])
+    def raise_if_bad(self, terms: dict, train: TrainConfig, out_dir: Path) -> None:
+        first = self.first.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first == self.never:
+            return
+        checkpoint = out_dir / CHECKPOINT
+        kept = (f"the last good checkpoint in {out_dir} (step "
+                f"{torch.load(checkpoint, map_location='cpu', weights_only=True)['step']}) is kept and `resume` "
+                "continues from it") if checkpoint.is_file() else "no checkpoint was written before it"
+        raise TrainingError(f"The loss became non-finite at step {first} of {train.steps}",
+                            expected="finite loss terms",
+                            found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
+                                            if isinstance(v, Tensor) and v.ndim == 0) + " (this rank, latest step)",
+                            fix=f"lower the learning rate ({train.lr:g}) or use fp32, and check the teacher's "
+                                f"weights and the data are finite; {kept}")
+
+
+def _all_ranks(skipped: SkippedImages, world: int) -> dict:
+    """Unreadable files met by every rank (each rank reads its own share of the batches)."""
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, skipped.files)
+        for files in gathered:
+            skipped.files.update(files)
+    return skipped.to_dict()
 
 
 def _freeze_unreached(student: Backbone, deepest: int) -> None:
@@ -205,48 +259,22 @@ def _init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _device(train: TrainConfig) -> torch.device:
-    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
-        if dist.is_initialized() and torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _autocast(train: TrainConfig, device: torch.device):
-    precision = train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _finite_loss(terms: dict[str, Tensor], step: int, train: TrainConfig, out_dir: Path) -> Tensor:
-    """The total loss, or a TrainingError naming every scalar term when it is NaN or Inf."""
-    loss = terms["total"]
-    if not torch.isfinite(loss):
-        raise TrainingError(f"The loss became non-finite at step {step + 1} of {train.steps}",
-                            expected="finite loss terms",
-                            found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
-                                            if isinstance(v, Tensor) and v.ndim == 0),
-                            fix=f"lower the learning rate ({train.lr:g}) or use fp32; the last good checkpoint "
-                                f"in {out_dir} is kept and `resume` continues from it")
-    return loss
-
-
-def _optimizer(train: TrainConfig, module: DistillStep) -> torch.optim.Optimizer:
-    """One optimiser for everything trained: student + projectors, and the adapters at their own learning rate."""
+def _param_groups(train: TrainConfig, module: DistillStep) -> list[dict]:
+    """Everything trained: student + projectors, and the adapters at their own learning rate."""
     groups = [{"params": [p for m in (module.student.model, module.projectors) for p in m.parameters()
                           if p.requires_grad]}]
     if module.refiner is not None:
         groups.append({"params": module.refiner.trainable_parameters(), "lr": train.adapter_lr or train.lr})
+    return groups
+
+
+def make_optimizer(train: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW over the parameter groups; on CUDA the fused kernels (one launch for all parameters)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                               **fused)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **fused)
 
 
 def _lr_lambda(train: TrainConfig):
@@ -270,7 +298,7 @@ def _log_record(step: int, terms: dict, scheduler, images_per_second: float, mod
             record[key.replace("@", "_")] = value.item()
     with torch.no_grad():
         for layer, target in terms["_targets"].items():
-            metrics = artifact_metrics(target[:, module.teacher.num_prefix_tokens:].detach())
+            metrics = artifact_metrics(target[:, module.teacher.num_prefix_tokens:].detach().float())
             record.update({f"target_{name}_{layer}": value for name, value in metrics.items()})
     return record
 
