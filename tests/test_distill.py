@@ -299,9 +299,9 @@ _TORCHRUN_NAN_SCRIPT = """
 """
 
 
-def test_torchrun_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+def test_torchrun_a_non_finite_loss_on_one_rank_stops_every_rank(small_planted, tmp_path):
     script = tmp_path / "ddp_nan.py"
-    config = {k: getattr(TINY_TEACHER, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
+    config = {k: getattr(small_planted.config, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
                                                     "artifact_layer", "null_dim")}
     script.write_text(textwrap.dedent(_TORCHRUN_NAN_SCRIPT.format(config=config)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
