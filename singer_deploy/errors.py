@@ -52,3 +52,28 @@ class ParityError(SingerDeployError, AssertionError):
     def __init__(self, problem: str, *, report: dict | None = None, **kwargs):
         super().__init__(problem, **kwargs)
         self.report = report or {}
+
+
+class StorageError(SingerDeployError, OSError):
+    """A file or directory cannot be written or read: the disk is full, the place is read-only, a path that should
+    be a directory is a file, or another run holds the output directory."""
+
+
+class RunLockedError(StorageError):
+    """Another live run holds the output directory's lock."""
+
+
+# The one exit-code contract of the command line (README "Exit codes"). Exit 1 is only ever a failed parity gate.
+EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_BACKEND, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5
+# Checked in order: a subclass before its base (BackendUnavailableError is an ExportError, StorageError an OSError).
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ParityError, EXIT_PARITY), (BackendUnavailableError, EXIT_BACKEND), (TrainingError, EXIT_TRAINING),
+    (StorageError, EXIT_IO), (SingerDeployError, EXIT_INPUT), (OSError, EXIT_IO))
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The documented exit code of an error, or None when it is not one this SDK raises on purpose (a bug)."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return None

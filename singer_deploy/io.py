@@ -1,8 +1,16 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file.
+
+Writes that fail for a reason of the place (disk full, file too large, read-only, no permission, a path component
+that is a file) raise StorageError naming the path; the temporary file is removed. A process killed mid-write leaves
+a `.NAME.*.tmp` file: `remove_stale_temporaries` clears those when a run directory is taken again.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -13,14 +21,45 @@ from typing import Any
 import numpy as np
 import torch
 
+from singer_deploy.errors import StorageError
+
+TEMPORARY_SUFFIX = ".tmp"
+# errno values that describe the storage, not the program: they become StorageError (exit 5).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                   errno.EEXIST, errno.EISDIR, errno.EIO}
+
+
+def storage_error(err: OSError, path: str | Path, action: str) -> StorageError:
+    """A StorageError for an OSError met while `action`-ing `path`, with a fix that fits its cause."""
+    fixes = {errno.ENOSPC: "free disk space or choose an out_dir on another disk",
+             errno.EDQUOT: "free space within your quota or choose an out_dir elsewhere",
+             errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another file system",
+             errno.EROFS: "choose an out_dir on a writable file system",
+             errno.ENOTDIR: "a parent of this path is a file: choose another out_dir",
+             errno.EISDIR: "the path is a directory: choose a file name"}
+    fix = fixes.get(err.errno, "check that the location exists and is writable by this user")
+    return StorageError(f"Cannot {action} {path}", expected="a writable location with free space",
+                        found=f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}", fix=fix)
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0666 minus the umask): mkstemp's 0600 would hide results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` in one rename, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.fchmod(handle, _file_mode())
+        os.close(handle)
+    except OSError as err:
+        raise storage_error(err, path, "write") from err
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -28,11 +67,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with tmp_path.open("r+b") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.errno in _STORAGE_ERRNOS:
+            raise storage_error(err, path, "write") from err
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
@@ -44,8 +87,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def strict_json(payload: Any) -> str:
+    """JSON that every parser reads: a non-finite float becomes the string "NaN", "Infinity" or "-Infinity"
+    (Python's json would write a bare NaN, which is not JSON)."""
+    return json.dumps(_finite_floats(payload), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
+def _finite_floats(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {key: _finite_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_floats(item) for item in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(path, strict_json(payload))
 
 
 def atomic_savez(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
@@ -56,14 +115,27 @@ def atomic_savez(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
 
 
 def atomic_torch_save(state: Any, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    # Serialised in memory, written by Python: torch's own file writer reports a full disk as a bare RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    return Path(path)
+    from safetensors.torch import save
+    # Serialised in memory for the same reason as atomic_torch_save: the errno of a failed write must survive.
+    return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                         metadata=metadata))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files atomic writes of a killed process left under `folder`; returns them.
+
+    Only call it on a folder this process holds exclusively (a locked run directory): a live writer's temporary
+    file looks the same.
+    """
+    stale = [p for p in Path(folder).rglob(f".*{TEMPORARY_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

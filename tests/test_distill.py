@@ -180,18 +180,18 @@ def test_finished_run_is_not_trained_again(teacher, data, reference):
 
 
 @pytest.mark.parametrize("change, named", [
-    (dict(train=train_config(steps=8)), "steps"),
-    (dict(train=train_config(method="fitnet")), "method"),
-    (dict(train=train_config(seed=1)), "seed"),
-    (dict(singer=SingerConfig(rank=2, outlier_target="median")), "singer"),
-    (dict(layers=[1]), "layers"),
+    (dict(train=train_config(steps=8)), "train.steps"),
+    (dict(train=train_config(method="fitnet")), "singer.alpha"),
+    (dict(train=train_config(seed=1)), "train.seed"),
+    (dict(singer=SingerConfig(rank=2, outlier_target="median")), "singer.rank"),
+    (dict(layers=[1]), "layers.teacher"),
 ])
 def test_resuming_a_different_run_is_a_config_error(teacher, data, reference, change, named):
     arguments = dict(layers=LAYERS, singer=SINGER, train=train_config())
     arguments.update(change)
-    with pytest.raises(ConfigError, match=f"different run.*changed: {named}") as caught:
+    with pytest.raises(ConfigError, match=f"different run.*changed: .*{named}") as caught:
         distill(teacher, make_student(), data, reference["singer"].out_dir, progress=False, **arguments)
-    assert "new output directory" in caught.value.fix
+    assert "new out_dir" in caught.value.fix and "--restart" in caught.value.fix
 
 
 def test_resuming_with_another_student_architecture_is_a_config_error(teacher, data, reference):

@@ -22,8 +22,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+from singer_deploy.models.weights import check_weights_file, load_weights_strict, resolve_cached_weights
 
 # Public API timm's VisionTransformer family (vit_*, deit3_*, *_dinov2, *_reg4_*, *_clip_*) shares; Backbone needs it.
 _VIT_PARTS = ("patch_embed", "blocks", "num_prefix_tokens", "embed_dim", "forward_intermediates")
@@ -48,6 +47,7 @@ class Backbone(nn.Module):
         self.img_size: tuple[int, int] = tuple(model.patch_embed.img_size)
         self.embed_dim: int = int(model.embed_dim)
         self.depth: int = len(model.blocks)
+        self.weights_report: dict | None = None   # set when weights were loaded from a file (models/weights.py)
 
     @property
     def num_patches(self) -> int:
@@ -144,49 +144,27 @@ def has_class_token(model: nn.Module) -> bool:
 
 def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, pretrained: bool = False,
                   **timm_kwargs) -> Backbone:
-    """Build a Backbone from a timm name (random init, user cache or local file) or wrap an existing model.
+    """Build a Backbone from a timm name (random init, local cache or local file) or wrap an existing model.
 
-    Local files go through timm's own loader (`pretrained_cfg_overlay=dict(file=...)`), which reads safetensors or
-    `torch.load(weights_only=True)`: no arbitrary object is ever unpickled.
+    Weights load strictly and offline (models/weights.py): only the classifier head may differ from the file, and
+    `pretrained` reads the local caches only. `backbone.weights_report` says what was loaded.
     """
     if isinstance(name, nn.Module):
         return Backbone(name)
     timm_kwargs.setdefault("num_classes", 0)
-    if weights is not None:
-        path = _check_weights_file(weights)
-        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-        pretrained = True
+    path = check_weights_file(weights) if weights is not None else None
     _check_model_name(name)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    except RuntimeError as err:
-        if weights is not None and ("size mismatch" in str(err) or "Missing key" in str(err)
-                                    or "Unexpected key" in str(err)):
-            raise ModelError(f"The weights file {weights} does not fit {name}",
-                             expected=f"a state dict for timm '{name}'", found=str(err).splitlines()[0][:300],
-                             fix="check the architecture name matches the checkpoint (depth, width, patch size)"
-                             ) from err
-        raise
-    except (OSError, ValueError) as err:
-        if pretrained and weights is None:
-            raise ModelError(f"Pretrained weights for '{name}' are not available offline",
-                             expected="weights in the local timm/Hugging Face cache or a local file",
-                             found=f"{type(err).__name__}: {str(err)[:200]}",
-                             fix="download them on a connected machine and pass weights=PATH") from err
-        raise
-    model.eval()
-    return Backbone(model)
-
-
-def _check_weights_file(weights: str | Path) -> Path:
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ModelError("The weights file does not exist", expected="a readable file", found=str(path),
-                         fix="check the path")
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise ModelError("Unsupported weights file type", expected=" or ".join(WEIGHT_SUFFIXES),
-                         found=path.suffix or "no suffix", fix="convert the checkpoint to .safetensors")
-    return path
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    except TypeError as err:  # an argument this architecture does not take, e.g. a misspelt kwargs key
+        raise ModelError(f"timm cannot build '{name}' with these kwargs", expected="arguments of the timm model",
+                         found=f"{sorted(timm_kwargs)}: {err}", fix="remove or correct the kwargs key") from err
+    backbone = Backbone(model.eval())
+    if path is None and pretrained:
+        path = resolve_cached_weights(model, name)
+    if path is not None:
+        backbone.weights_report = load_weights_strict(model, path, name).to_dict()
+    return backbone
 
 
 def _check_model_name(name: str) -> None:

@@ -221,7 +221,14 @@ class ImageFolder(Dataset):
                             found=str(self.source), fix="check the path")
         if self.source.is_dir():
             return sorted(p for p in self.source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        lines = [line.strip() for line in self.source.read_text().splitlines() if line.strip()]
+        try:
+            text = self.source.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{self.source} is neither a folder nor a text list of image paths",
+                            expected="a folder, or a UTF-8 text file with one image path per line",
+                            found=f"binary content ({err.reason} at byte {err.start})",
+                            fix="point data.source at the image folder or at a list file") from err
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         return [(self.source.parent / line) if not Path(line).is_absolute() else Path(line) for line in lines]
 
     def __len__(self) -> int:

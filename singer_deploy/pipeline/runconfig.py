@@ -83,10 +83,24 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
                           fix="check the path (examples/ has working configs)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file", expected="a UTF-8 YAML file",
+                          found=f"binary content ({err.reason} at byte {err.start})",
+                          fix="pass the YAML config (examples/demo.yaml is one)") from err
+    except OSError as err:
+        raise ConfigError(f"Cannot read the config file {path}", expected="a readable file",
+                          found=f"{type(err).__name__}: {err.strerror or err}", fix="check the path and its "
+                          "permissions") from err
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML", expected="a YAML mapping", found=str(err).splitlines()[0],
                           fix="fix the YAML syntax") from err
+    if raw is None:
+        raise ConfigError(f"The config file {path} is empty", expected="key: value pairs (at least the teacher, "
+                          "student and data sections)", found="an empty document",
+                          fix="start from examples/demo.yaml")
     if not isinstance(raw, dict):
         raise ConfigError("The config must be a mapping", expected="key: value pairs at the top level",
                           found=type(raw).__name__, fix="see examples/demo.yaml")
@@ -142,8 +156,26 @@ def _convert(hint, value: Any, name: str):
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise _type_error(name, hint.__name__, value)
     if hint is float:
+        if isinstance(value, str) and _is_number(value):
+            # YAML 1.1 (PyYAML) reads 1e-3 as text: a float needs a dot ("1.0e-3") or the plain form ("0.001").
+            raise ConfigError(f"{name}: YAML read {value!r} as text, not a number", expected="a number",
+                              found=f"the string {value!r} (YAML needs a dot in the mantissa to read an exponent "
+                                    "as a number)", fix=f"write {name.rsplit('.', 1)[-1]}: {_yaml_float(value)}")
         raise _type_error(name, "a number", value)
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_float(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    return f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else repr(float(text))
 
 
 def _type_error(name: str, expected: str, value: Any) -> ConfigError:

@@ -14,8 +14,9 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from singer_deploy.devices import autocast_for, compute_dtype, training_device
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
-from singer_deploy.errors import ConfigError, TrainingError
+from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
 from singer_deploy.method.losses import SingerLoss, kd_loss
@@ -35,6 +36,8 @@ from singer_deploy.method.metrics import artifact_metrics
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.train.feed import StreamSampler, step_batches
+from singer_deploy.train.checkpoint import (apply_learning_rates, check_finite_teacher, fingerprint,
+                                            resume_changes, run_identity)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class DistillResult:
     diagnostics: dict = field(default_factory=dict)   # what distill_config.json records under "diagnostics"
     device: torch.device = torch.device("cpu")
     skipped_images: dict = field(default_factory=dict)   # SkippedImages.to_dict(): unreadable files met, all ranks
+    config_history: list[dict] = field(default_factory=list)  # settings changed on resume (train/checkpoint.py)
 
 
 class DistillStep(nn.Module):
@@ -108,12 +112,14 @@ class DistillStep(nn.Module):
 
 def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | Path, *,
             layers: Sequence[int] = (), singer: SingerConfig | None = None, train: TrainConfig | None = None,
-            resume: bool = True, progress: bool = True) -> DistillResult:
+            resume: bool = True, progress: bool = True, context: Mapping[str, Any] | None = None) -> DistillResult:
     """Distil `student` from `teacher` on `data` (items are dicts with an "image" tensor); write files to out_dir.
 
     layers: the user's teacher layers; the teacher's last block is always added (docs/method.md). A killed run
     resumes from `out_dir/checkpoint.pt` when resume is True. Training runs on `train.device`; the student is moved
     there and handed back there (DistillResult.device); the teacher is only read (singer_deploy.devices).
+    A resume happens only if the checkpoint belongs to the same run (train/checkpoint.py; `context` adds the
+    caller's model and data specs to what defines the run).
 
     About 60 lines on purpose: setup, then the step loop (batch, step, finite check, log, checkpoint), read top to
     bottom in one place like a plain training script.
@@ -128,6 +134,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     teacher_layers = resolve_teacher_layers(layers, teacher.depth)
     student_layers = map_layers(teacher_layers, teacher.depth, student.depth, force_last=singer.map_last_to_last)
     teacher.requires_grad_(False).eval()
+    check_finite_teacher(teacher.model)
     _freeze_unreached(student, max(student_layers))
     module = DistillStep(teacher, student, teacher_layers, student_layers, singer, train.method,
                          teacher_dtype=compute_dtype(train.precision, device)).to(device)
@@ -135,9 +142,11 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     optimizer = make_optimizer(train, _param_groups(train, module), device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
-    start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, singer, resume)
-    if rank == 0 and start > 0:
-        _trim_jsonl(out_dir / METRICS_LOG, start)
+    run = {"identity": run_identity(teacher.model, train, singer, {"teacher": teacher_layers,
+                                                                   "student": student_layers}, len(data), context)}
+    start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, run, resume)
+    if rank == 0:
+        _trim_jsonl(out_dir / METRICS_LOG, start)  # from 0 too: a restarted run must not keep the old records
 
     runner: nn.Module = module
     if world > 1:
@@ -168,14 +177,15 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             _append_jsonl(out_dir / METRICS_LOG, record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
         if rank == 0 and checkpoint_due:
-            _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, train, singer)
+            _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, run)
     seconds = time.perf_counter() - began
     diagnostics = _diagnostics(module)
-    files = _save_outputs(out_dir, module, singer, train, diagnostics) if rank == 0 else {}
+    files = _save_outputs(out_dir, module, singer, train, diagnostics, run["history"]) if rank == 0 else {}
     if world > 1:
         dist.barrier()
     return DistillResult(out_dir, teacher_layers, student_layers, module.student, module.projectors,
-                         module.refiner, train.steps, seconds, files, diagnostics, device, _all_ranks(skipped, world))
+                         module.refiner, train.steps, seconds, files, diagnostics, device, _all_ranks(skipped, world),
+                         config_history=run["history"])
 
 
 def train_step(runner: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, scheduler, params: list[Tensor],
@@ -318,8 +328,7 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step: int, train: TrainConfig,
-                     singer: SingerConfig) -> None:
+def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step: int, run: dict) -> None:
     state = {
         "step": step,
         "modules": {name: m.state_dict() for name, m in module.trained_modules().items()},
@@ -327,41 +336,40 @@ def _save_checkpoint(path: Path, module: DistillStep, optimizer, scheduler, step
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "train": asdict(train),
-        "singer": asdict(singer),
-        "layers": {"teacher": module.teacher_layers, "student": module.student_layers},
+        "identity": run["identity"],
+        "fingerprint": fingerprint(run["identity"]),
+        "history": run["history"],
     }
     atomic_torch_save(state, path)
 
 
-def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: TrainConfig, singer: SingerConfig,
+def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: TrainConfig, run: dict,
                   resume: bool) -> int:
+    """Load the checkpoint of this same run (else start at 0); sets run["history"], the config changes so far."""
+    run["history"] = []
     if not (resume and path.is_file()):
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    # What defines the run: anything else (lr, logging, device ...) may change between a kill and a resume.
-    saved = {k: v for k, v in state["train"].items() if k in ("method", "steps", "batch_size", "seed")}
-    saved.update(singer=state.get("singer"), layers=state.get("layers"))
-    wanted = {k: getattr(train, k) for k in ("method", "steps", "batch_size", "seed")}
-    wanted["layers"] = {"teacher": module.teacher_layers, "student": module.student_layers}
-    if train.method == "singer":  # FitNet never reads the SiNGER settings
-        wanted["singer"] = asdict(singer)
-    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if changed:
-        raise ConfigError(f"The checkpoint in {path.parent} belongs to a different run "
-                          f"(changed: {', '.join(changed)})", expected=str({k: wanted[k] for k in changed}),
-                          found=str({k: saved.get(k) for k in changed}),
-                          fix="use a new output directory, or resume=False to start over")
+    changes = resume_changes(state, run["identity"], path)
     for name, m in module.trained_modules().items():
         try:
             m.load_state_dict(state["modules"][name])
         except RuntimeError as err:
             raise ConfigError(f"The checkpoint in {path.parent} holds {name} weights of another shape",
                               expected=f"a {name} like the one passed in", found=str(err).splitlines()[-1][:300],
-                              fix="use the same student architecture, a new output directory, or resume=False"
+                              fix="use the same student architecture, a new output directory, or restart (CLI "
+                                  "--restart, API resume=False)"
                               ) from err
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    run["history"] = list(state.get("history", []))
+    if changes:
+        if {"train.lr", "train.adapter_lr"} & set(changes):
+            apply_learning_rates(optimizer, scheduler, [train.lr, train.adapter_lr or train.lr][:len(
+                optimizer.param_groups)])
+        run["history"].append({"step": int(state["step"]), "changed": changes})
+        log.warning("Resuming %s at step %d with changed settings: %s", path.parent, state["step"], ", ".join(
+            f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items()))
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -370,7 +378,7 @@ def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: 
 
 
 def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig,
-                  diagnostics: dict) -> dict[str, Path]:
+                  diagnostics: dict, history: list[dict]) -> dict[str, Path]:
     files = {"student": out_dir / "student.safetensors", "projectors": out_dir / "projectors.safetensors",
              "distill_config": out_dir / "distill_config.json"}
     atomic_save_safetensors(module.student.model.state_dict(), files["student"])
@@ -379,7 +387,8 @@ def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, trai
         files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
     atomic_write_json(files["distill_config"], {
         "teacher_layers": module.teacher_layers, "student_layers": module.student_layers,
-        "singer": asdict(singer), "train": asdict(train), "diagnostics": diagnostics})
+        "singer": asdict(singer), "train": asdict(train), "diagnostics": diagnostics,
+        "config_history": history})
     return files
 
 
