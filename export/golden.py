@@ -110,7 +110,7 @@ def load_golden(bundle_dir: str | Path) -> GoldenBundle:
     if not manifest_path.is_file() or not arrays_path.is_file():
         raise ExportError("Not a golden bundle", expected=f"{MANIFEST_NAME} and {ARRAYS_NAME} in the directory",
                           found=str(bundle_dir), fix="create it with write_golden (export_student writes one)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest, policy = _read_manifest(manifest_path)
     data = arrays_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest.get("arrays_sha256"):
         raise ExportError("The golden arrays do not match their manifest", expected=manifest.get("arrays_sha256"),
@@ -118,7 +118,28 @@ def load_golden(bundle_dir: str | Path) -> GoldenBundle:
     with np.load(io.BytesIO(data)) as arrays:
         inputs = arrays[_INPUT_KEY]
         outputs = {k[len(_OUTPUT_PREFIX):]: arrays[k] for k in arrays.files if k.startswith(_OUTPUT_PREFIX)}
-    return GoldenBundle(inputs, outputs, ParityPolicy.from_dict(manifest["policy"]), manifest)
+    return GoldenBundle(inputs, outputs, policy, manifest)
+
+
+def _read_manifest(path: Path) -> tuple[dict, ParityPolicy]:
+    """A bundle manifest and its policy, or a DataError saying what is wrong with it (a corrupt bundle is bad input, not a bug)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"The golden manifest {path} is not valid JSON", expected="the JSON write_golden wrote",
+                        found=f"{type(err).__name__}: {err}"[:200], fix="restore the bundle from version control, "
+                        "or write it again with `singer-deploy export`") from err
+    missing = [key for key in ("policy", "arrays_sha256") if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise DataError(f"The golden manifest {path} is incomplete", expected="the keys policy and arrays_sha256",
+                        found=f"missing {', '.join(missing)}", fix="restore the bundle from version control, or "
+                        "write it again with `singer-deploy export`")
+    try:
+        return manifest, ParityPolicy.from_dict(manifest["policy"])
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise DataError(f"The golden manifest {path} holds an unreadable parity policy", expected="the policy "
+                        "write_golden recorded", found=f"{type(err).__name__}: {err}"[:200],
+                        fix="restore the bundle from version control") from err
 
 
 def environment_diff(before: dict, after: dict) -> dict:

@@ -99,21 +99,33 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         state = load_state_dict(str(path), weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        if not _refused_by_weights_only(err):
+            raise _unreadable(path, err) from err
         raise ModelError(f"Refused to load {path}: it holds Python objects besides tensors",
                          expected="tensors only (safetensors, or a torch.save of a state dict)",
                          found=str(err).splitlines()[0][:200] + " (nothing in it was executed)",
                          fix="re-save the weights with safetensors.torch.save_file(model.state_dict(), ...)"
                          ) from err
     except Exception as err:  # noqa: BLE001 - safetensors and torch raise many unrelated types for broken files
-        raise ModelError(f"Cannot read the weights file {path}",
-                         expected="a complete .safetensors file or a torch.save'd state dict",
-                         found=f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no detail'}",
-                         fix="the file is truncated, empty or not a checkpoint: copy it again") from err
+        raise _unreadable(path, err) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} is not a state dict", expected="a mapping of names to tensors",
                          found=type(state).__name__, fix="save model.state_dict(), not the model")
     return state
+
+
+def _refused_by_weights_only(err: Exception) -> bool:
+    # torch raises UnpicklingError, or (torch >= 2.6) a RuntimeError naming weights_only, for a disallowed global.
+    return isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err)
+
+
+def _unreadable(path: Path, err: Exception) -> ModelError:
+    detail = str(err).splitlines()[0][:200] if str(err) else "no detail"
+    return ModelError(f"Cannot read the weights file {path}",
+                      expected="a complete .safetensors file or a torch.save'd state dict",
+                      found=f"{type(err).__name__}: {detail}",
+                      fix="the file is truncated, empty or not a checkpoint: copy it again")
 
 
 def resolve_cached_weights(model: nn.Module, name: str) -> Path:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -28,10 +27,11 @@ from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
                                        image_transform, stack_images)
 from singer_deploy.train.loop import DistillResult, distill
-from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
 from singer_deploy.method.refine import RefinedTeacher, Refiner
+from singer_deploy.pipeline.preflight import check_built, check_settings
+from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config, read_config_file
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 EAGER = "pytorch/fp32"   # the benchmark's label for the eager PyTorch reference
 
 
@@ -66,31 +65,52 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
                        student: str | dict | None = None, data: str | dict | None = None,
                        out_dir: str | Path | None = None, layers: Sequence[int] | None = None,
                        formats: Sequence[str] | None = None, precision: str | None = None,
-                       method: str | None = None, overwrite: bool = False, progress: bool = True,
-                       **sections: Any) -> PipelineResult:
+                       method: str | None = None, overwrite: bool = False, resume: bool = True,
+                       progress: bool = True, **sections: Any) -> PipelineResult:
     """Distil, merge, export, check parity, write goldens, benchmark and report, in one call.
 
     `config` is a RunConfig, a dict, or a YAML path (default: the RunConfig defaults). The keywords override it:
     `teacher` / `student` take a timm name or a ModelSpec mapping, `data` an image folder, "synthetic" or a DataSpec
     mapping; `formats` / `precision` set the export section, `method` ("singer" or "fitnet") the training method;
     any other keyword replaces a whole top-level section (e.g. `train={...}`). With `formats=[]` the run stops after
-    distillation, merge and the report. A finished run in out_dir is never overwritten silently: the run goes to a new
-    numbered directory unless overwrite=True; an unfinished one resumes.
+    distillation, merge and the report.
+
+    Everything (config, models, weights, data) is checked before any directory is touched (`prepare`). The run
+    directory is locked for the whole run (pipeline/rundir.py). A finished run in out_dir is never overwritten
+    silently: the run goes to a new numbered directory unless overwrite=True, which empties a directory this tool
+    created and refuses any other. An unfinished run resumes if its checkpoint belongs to the same run (else a
+    ConfigError names what changed); resume=False starts it over.
     """
     shortcuts = dict(teacher=teacher, student=student, data=data, out_dir=out_dir, layers=layers, formats=formats,
                      precision=precision, method=method)
     config = _resolve_config(config, shortcuts, sections)
-    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=overwrite)
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
+    models, train_data, eval_images = prepare(config)
+    timings = {"setup_s": time.perf_counter() - clock}
+    with open_run_dir(Path(config.out_dir), overwrite=overwrite) as run_dir:
+        return _run_in(run_dir, config, models, train_data, eval_images, timings, resume=resume, progress=progress)
+
+
+def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray]:
+    """Every check a run makes before it touches a directory; `singer-deploy check-config` runs exactly this.
+
+    Returns the built models, the training data and the held-out evaluation images (B, 3, H, W).
+    """
+    check_settings(config)
+    check_out_dir(Path(config.out_dir))
     models = build_models(config)
     train_data, eval_images = build_data(config, models.teacher)
-    _check_layers(config.layers, models.teacher)
-    timings["setup_s"] = time.perf_counter() - clock
+    check_built(config, models.teacher, models.student, len(eval_images))
+    return models, train_data, eval_images
 
+
+def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Dataset, eval_images: np.ndarray,
+            timings: dict[str, float], *, resume: bool, progress: bool) -> PipelineResult:
+    """The pipeline after `prepare`, inside a taken run directory."""
     clock = time.perf_counter()
     result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
-                     singer=config.singer, train=config.train, progress=progress)
+                     singer=config.singer, train=config.train, resume=resume, progress=progress,
+                     context=run_context(config))
     timings["distill_s"] = time.perf_counter() - clock
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         # Under torchrun only rank 0 merges, exports and reports; the other ranks only trained.
@@ -128,6 +148,10 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
                 "timings": timings, "passed": passed, "summary": summary, "data": data_record, "parity": parity_rows,
                 "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
+                "config_history": result.config_history, "weights": {
+                    role: backbone.weights_report for role, backbone in (("teacher", models.teacher),
+                                                                         ("student", models.student))
+                    if backbone.weights_report is not None},
                 "hashes": {k: _sha256(v) for k, v in files.items() if Path(v).is_file()}}
     files["manifest"] = atomic_write_json(out_dir / MANIFEST, manifest)
     return PipelineResult(out_dir, passed, summary, files, parity_rows, latency_rows, timings)
@@ -161,43 +185,27 @@ def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
     return load_run_config(raw)
 
 
-def prepare_run_dir(out_dir: Path, *, overwrite: bool = False) -> Path:
-    """A finished run is never clobbered: pick `<dir>-2`, `-3`, ... unless overwrite; unfinished runs resume."""
-    if (out_dir / MANIFEST).is_file():
-        if overwrite:
-            shutil.rmtree(out_dir)
-        else:
-            n = 2
-            while (out_dir.parent / f"{out_dir.name}-{n}" / MANIFEST).is_file():
-                n += 1
-            fresh = out_dir.parent / f"{out_dir.name}-{n}"
-            log.warning("%s holds a finished run; writing this one to %s (pass overwrite=True to replace it)",
-                        out_dir, fresh)
-            out_dir = fresh
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+def run_context(config: RunConfig) -> dict:
+    """What defines a run beyond the training loop's own settings, for the checkpoint's fingerprint
+    (train/checkpoint.py). The teacher enters there by the hash of its weights, so its spec is left out here."""
+    return {"student": asdict(config.student), "data": asdict(config.data)}
 
 
 def build_models(config: RunConfig) -> Models:
+    # The student first: it is cheap to build, so a wrong student name or kwargs fails before the teacher is built.
+    # After the seed, a teacher without weights is reproducible too (a resumed run compares its hash).
+    torch.manual_seed(config.train.seed)
+    student = _load(config.student)
     planted = None
     if config.teacher.name == PLANTED:
         planted = build_planted_teacher(PlantedConfig(**config.teacher.planted))
         teacher = planted.backbone
     else:
-        teacher = _load(config.teacher, "teacher")
-    torch.manual_seed(config.train.seed)
-    student = _load(config.student, "student")
-    if student.img_size != teacher.img_size:
-        raise ConfigError("Teacher and student take different input sizes",
-                          expected=f"student.kwargs.img_size = {teacher.img_size[0]} (the teacher's)",
-                          found=str(student.img_size), fix="create the student at the teacher's resolution")
+        teacher = _load(config.teacher)
     return Models(teacher, student, planted)
 
 
-def _load(spec: ModelSpec, role: str) -> Backbone:
-    if spec.name == PLANTED:
-        raise ConfigError(f"{role}.name: the planted model is a teacher only", expected="a timm ViT name",
-                          found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
+def _load(spec: ModelSpec) -> Backbone:
     return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
 
 
@@ -232,11 +240,6 @@ def _data_record(train_data: Dataset, result: DistillResult) -> dict:
     return {"source": str(listing.source), "listed": len(listing),
             "skipped_images": {"count": max(len(files), result.skipped_images.get("count", 0)),
                                "files": dict(list(files.items())[:20])}}
-
-
-def _check_layers(layers: Sequence[int], teacher: Backbone) -> None:
-    for layer in layers:
-        teacher.check_layer(layer)
 
 
 def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:

@@ -1,5 +1,7 @@
-"""`singer-deploy`: the command line. Exit codes: 0 ok, 1 a parity gate failed, 2 bad input or configuration,
-3 a backend is not available here, 4 training stopped (e.g. non-finite loss)."""
+"""`singer-deploy`: the command line. Exit codes (singer_deploy/errors.py, README "Exit codes"): 0 ok, 1 a parity gate
+failed, 2 bad input or configuration, 3 a backend is not available here, 4 training stopped, 5 an I/O problem (disk
+full, read-only, out_dir a file, out_dir in use), 130 interrupted, 70 an internal error (a bug). Never a traceback
+for a bad input: every error this SDK raises on purpose is a SingerDeployError with expected / found / fix."""
 
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataError, ModelError, ParityError,
-                                  SingerDeployError, TrainingError)
+from singer_deploy import __version__
+from singer_deploy.errors import (EXIT_BACKEND, EXIT_INPUT, EXIT_IO, EXIT_OK, EXIT_PARITY, EXIT_TRAINING, ParityError,
+                                  SingerDeployError, TrainingError, exit_code)
 from singer_deploy.pipeline.runconfig import read_config_file
 
 if TYPE_CHECKING:
     from singer_deploy.pipeline.api import PipelineResult
 
-EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_BACKEND, EXIT_TRAINING = 0, 1, 2, 3, 4
+__all__ = ["EXIT_BACKEND", "EXIT_INPUT", "EXIT_IO", "EXIT_OK", "EXIT_PARITY", "EXIT_TRAINING", "main"]
+EXIT_INTERRUPTED, EXIT_BUG = 130, 70   # 128 + SIGINT as shells report it; 70 = EX_SOFTWARE (sysexits.h)
 
 
 def demo_config_path() -> Path:
@@ -30,18 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.handler(args)
-    except ParityError as err:
-        print(f"singer-deploy: parity gate failed: {err}", file=sys.stderr)
-        return EXIT_PARITY
-    except BackendUnavailableError as err:
-        print(f"singer-deploy: {err}", file=sys.stderr)
-        return EXIT_BACKEND
-    except TrainingError as err:
-        print(f"singer-deploy: training stopped: {err}", file=sys.stderr)
-        return EXIT_TRAINING
-    except (ConfigError, DataError, ModelError, SingerDeployError) as err:
-        print(f"singer-deploy: {err}", file=sys.stderr)
-        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("singer-deploy: interrupted; an unfinished run resumes when started again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the exit-code contract: every error ends in a code and one message
+        code = exit_code(err)
+        if code is None:
+            logging.getLogger(__name__).info("traceback of the internal error", exc_info=True)
+            print(f"singer-deploy: internal error (a bug, please report it; -v shows the traceback): "
+                  f"{type(err).__name__}: {err}", file=sys.stderr)
+            return EXIT_BUG
+        prefix = {ParityError: "parity gate failed: ", TrainingError: "training stopped: "}.get(type(err), "")
+        if not isinstance(err, SingerDeployError):  # an OSError that reached us without a SingerDeployError
+            prefix = "I/O error: "
+        print(f"singer-deploy: {prefix}{err}", file=sys.stderr)
+        return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="singer-deploy",
         description="Distil a large ViT into a small, artifact-free student (SiNGER) and export it to "
                     "ONNX / OpenVINO / TensorRT with parity checks.",
-        epilog="Exit codes: 0 ok, 1 parity gate failed, 2 bad input/config, 3 backend unavailable, 4 training stopped.")
+        epilog="Exit codes: 0 ok, 1 parity gate failed, 2 bad input/config, 3 backend unavailable, 4 training stopped, "
+               "5 I/O problem (disk full, read-only, out_dir a file or in use), 70 internal error, 130 interrupted.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"singer-deploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the whole pipeline offline on the planted-artifact teacher (CPU, minutes)")
@@ -95,8 +104,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _common_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory "
-                        "(default: write to a new numbered directory)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in the output directory, finished "
+                        "or not (only a directory singer-deploy created; default: a finished run is kept and this "
+                        "one goes to a new numbered directory, an unfinished one resumes)")
+    parser.add_argument("--restart", action="store_true", help="start an unfinished run over instead of resuming "
+                        "it (needed when its checkpoint belongs to different settings)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -105,8 +117,8 @@ def _cmd_demo(args) -> int:
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
     config = read_config_file(demo_config_path())
-    if args.steps:
-        config["train"]["steps"] = args.steps
+    if args.steps is not None:
+        config["train"]["steps"] = args.steps  # 0 or less is refused by the config check, not ignored
     return _run(config, overrides, args)
 
 
@@ -138,7 +150,8 @@ def _cmd_bench(args) -> int:
 def _run(config: dict, overrides: dict, args) -> int:
     from singer_deploy.pipeline.api import distill_and_export
 
-    result = distill_and_export(config, overwrite=args.overwrite, progress=not args.no_progress, **overrides)
+    result = distill_and_export(config, overwrite=args.overwrite, resume=not args.restart,
+                                progress=not args.no_progress, **overrides)
     print(format_summary(result))
     if not result.passed:
         failed = [k for k, v in result.summary["parity"].items() if v != "pass"]
@@ -167,10 +180,13 @@ def _inline(value) -> str:
 
 
 def _cmd_check(args) -> int:
+    from singer_deploy.pipeline.api import prepare
     from singer_deploy.pipeline.runconfig import load_run_config
 
-    load_run_config(Path(args.config))
-    print(f"{args.config}: ok")
+    config = load_run_config(Path(args.config))
+    models, train_data, eval_images = prepare(config)  # what `run` checks before it touches a directory
+    print(f"{args.config}: ok (teacher {config.teacher.name}, student {config.student.name}, "
+          f"{len(train_data)} training / {len(eval_images)} evaluation images)")
     return EXIT_OK
 
 
@@ -189,6 +205,12 @@ def _cmd_verify(args) -> int:
 
     report = verify(args.artifact, args.bundle)
     print(report.markdown())
+    if report.notes.get("artifact_changed"):
+        print("note: the artifact bytes differ from the golden's (a rebuilt or modified artifact)")
+    changed = report.notes.get("environment_diff") or {}
+    if changed:
+        print("note: the environment differs from the golden's: " + ", ".join(
+            f"{key} {values['golden']} -> {values['now']}" for key, values in changed.items()))
     report.raise_if_failed()
     return EXIT_OK
 

@@ -13,7 +13,8 @@ from torch import nn
 from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
-from singer_deploy.pipeline.api import MANIFEST, bench, build_data, build_models, export_model
+from singer_deploy.pipeline.api import bench, build_data, build_models, export_model
+from singer_deploy.pipeline.rundir import MANIFEST
 from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
 
 if TYPE_CHECKING:

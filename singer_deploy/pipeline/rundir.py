@@ -22,7 +22,6 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -41,12 +40,6 @@ RUN_ENTRIES = {MANIFEST, MARKER, LOCK, "checkpoint.pt", "metrics.jsonl", "distil
 RUN_FOLDER_PREFIX = "export"               # export/ and export-PRECISION/ (singer-deploy export RUN_DIR)
 
 
-@dataclass
-class RunDir:
-    path: Path
-    resumable: bool      # False when this call created or emptied the directory
-
-
 def check_out_dir(out_dir: Path) -> None:
     """Fail before any work when out_dir cannot be a run directory (exit 5): a file, or a path under a file."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -61,19 +54,20 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 @contextmanager
-def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[RunDir]:
-    """Take a run directory for the duration of the `with` block (see the module docstring).
+def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Take a run directory for the duration of the `with` block and yield its path (see the module docstring).
 
     A finished run (manifest.json) is never clobbered: without `overwrite` the run goes to `<dir>-2`, `-3`, ...
     Under torchrun only rank 0 takes the directory; the other ranks only train and write nothing.
     """
     check_out_dir(out_dir)
     if int(os.environ.get("RANK", "0")) != 0:
-        yield RunDir(out_dir, resumable=True)
+        yield out_dir
         return
     if (out_dir / MANIFEST).is_file() and not overwrite:
         out_dir = _fresh_sibling(out_dir)
-    existed = out_dir.is_dir() and any(out_dir.iterdir())
+    created = not out_dir.exists()
+    existed = not created and any(out_dir.iterdir())
     if existed and not (out_dir / MARKER).is_file():
         raise _foreign(out_dir, "holds files singer-deploy did not write (it has no run marker)")
     try:
@@ -91,10 +85,10 @@ def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[RunDir]:
         stale = remove_stale_temporaries(out_dir)
         if stale:
             log.info("Removed %d temporary file(s) a killed run left in %s", len(stale), out_dir)
-        yield RunDir(out_dir, resumable=existed and not overwrite)
+        yield out_dir
     except BaseException:
         lock.release()
-        if not existed and set(os.listdir(out_dir)) <= {MARKER}:
+        if created and set(os.listdir(out_dir)) <= {MARKER}:
             shutil.rmtree(out_dir, ignore_errors=True)  # failed before writing anything: leave no empty folder
         raise
     lock.release()
@@ -172,8 +166,8 @@ def _fresh_sibling(out_dir: Path) -> Path:
         sibling = out_dir.parent / f"{out_dir.name}-{n}"
         if not (sibling / MANIFEST).is_file() and (not sibling.is_dir() or (sibling / MARKER).is_file()
                                                   or not any(sibling.iterdir())):
-            log.warning("%s holds a finished run; writing this one to %s (pass --overwrite to replace it)",
-                        out_dir, sibling)
+            log.warning("%s holds a finished run; writing this one to %s (to replace it instead: --overwrite, "
+                        "API overwrite=True)", out_dir, sibling)
             return sibling
         n += 1
 

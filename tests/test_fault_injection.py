@@ -1,0 +1,91 @@
+"""kill -9 at random points of a real `singer-deploy run` (in training, in a checkpoint write, in export): started
+again, the run completes with the same student as an uninterrupted run and leaves no temporary or lock file.
+
+Each kill waits for its phase to show on disk (the metrics log, a checkpoint's temporary file, the export folder),
+then a random extra delay (seeded), then sends SIGKILL to the real subprocess.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from singer_deploy.pipeline.rundir import LOCK
+
+CONFIG = {
+    "teacher": {"name": "planted"},
+    "student": {"name": "vit_tiny_patch16_224",
+                "kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}},
+    "data": {"n": 32, "eval_n": 12, "flat_share": 0.08},
+    "layers": [4],
+    "singer": {"rank": 8, "outlier_target": "median"},
+    "train": {"steps": 8, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
+    "export": {"formats": ["onnx"], "benchmark": False},
+}
+# (phase, what shows on disk when the run is in it; `left` = the temporary files a previous kill left behind)
+PHASES = [
+    ("training", lambda out, left: (out / "metrics.jsonl").is_file()),
+    ("checkpoint write", lambda out, left: bool(set(out.glob(".checkpoint.pt.*.tmp")) - left)),
+    ("export", lambda out, left: (out / "export").is_dir()),
+]
+TIMEOUT_S = 600
+
+
+def start(config: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "singer_deploy.pipeline.cli", "run", str(config), "--out-dir",
+                             str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_in_phase(process: subprocess.Popen, out: Path, shows, delay_s: float) -> bool:
+    """SIGKILL the run `delay_s` after `shows(out, left)` first holds; False when the run ended before that."""
+    left = set(out.glob(".*.tmp"))
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if shows(out, left):
+            time.sleep(delay_s)
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    raise AssertionError("the run did not reach its phase in time")
+
+
+def trained(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "student.safetensors"))
+
+
+def test_runs_killed_at_random_points_complete_with_the_same_student(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    reference = start(config, tmp_path / "reference")
+    assert reference.wait(TIMEOUT_S) == 0, reference.stdout.read()
+
+    rng = random.Random(15)
+    out = tmp_path / "victim"
+    killed_in = []
+    for phase, shows in PHASES:
+        if kill_in_phase(start(config, out), out, shows, delay_s=rng.uniform(0.0, 0.05)):
+            killed_in.append(phase)
+    final = start(config, out)
+    assert final.wait(TIMEOUT_S) == 0, final.stdout.read()
+
+    assert {"training", "export"} <= set(killed_in), killed_in
+    if "checkpoint write" not in killed_in:
+        pytest.fail(f"no kill landed in a checkpoint write (killed in: {killed_in})")
+    expected, got = trained(tmp_path / "reference"), trained(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))
+    assert not (out / LOCK).exists() and not (tmp_path / "victim-2").exists()
