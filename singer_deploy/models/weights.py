@@ -191,11 +191,17 @@ def _keys(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN_KEYS]) + more
 
 
-def _reject_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+def non_finite_counts(state: dict[str, torch.Tensor]) -> str | None:
+    """"NaN/Inf in N tensor(s): name (count), ..." for the floating tensors holding any, or None when all are finite."""
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
     bad = {k: n for k, n in bad.items() if n}
-    if bad:
-        raise ModelError(f"The weights file {path} holds non-finite values",
-                         expected="finite weights", found=f"NaN/Inf in {len(bad)} tensor(s): " + ", ".join(
-                             f"{k} ({n})" for k, n in list(bad.items())[:_SHOWN_KEYS]),
+    if not bad:
+        return None
+    return f"NaN/Inf in {len(bad)} tensor(s): " + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:_SHOWN_KEYS])
+
+
+def _reject_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    found = non_finite_counts(state)
+    if found:
+        raise ModelError(f"The weights file {path} holds non-finite values", expected="finite weights", found=found,
                          fix="the checkpoint is corrupt or was saved after training diverged: use another one")

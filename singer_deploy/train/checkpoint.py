@@ -23,6 +23,7 @@ from torch import nn
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError, TrainingError
 from singer_deploy.hashing import module_sha256
+from singer_deploy.models.weights import non_finite_counts
 
 # Settings that may change between a stop and its resume without making it another run. lr / adapter_lr: the fix
 # for a non-finite loss; the rest only change how the run is logged, saved or executed.
@@ -86,14 +87,10 @@ def apply_learning_rates(optimizer: torch.optim.Optimizer, scheduler: torch.opti
 
 def check_finite_teacher(teacher: nn.Module) -> None:
     """A teacher holding NaN/Inf can only produce a non-finite loss: say so before training, blaming the weights."""
-    bad = {name: int((~torch.isfinite(p)).sum()) for name, p in teacher.state_dict().items()
-           if p.is_floating_point()}
-    bad = {name: n for name, n in bad.items() if n}
-    if bad:
+    found = non_finite_counts(teacher.state_dict())
+    if found:
         raise ModelError("The teacher's weights hold non-finite values", expected="finite teacher weights",
-                         found=f"NaN/Inf in {len(bad)} tensor(s): " + ", ".join(
-                             f"{k} ({n})" for k, n in list(bad.items())[:6]),
-                         fix="load an intact teacher checkpoint; no learning rate can fix this")
+                         found=found, fix="load an intact teacher checkpoint; no learning rate can fix this")
 
 
 def nonfinite_loss_error(step: int, steps: int, terms: Mapping[str, torch.Tensor], lr: float,
