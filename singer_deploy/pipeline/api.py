@@ -88,7 +88,10 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
     models, train_data, eval_images = prepare(config)
     timings = {"setup_s": time.perf_counter() - clock}
     with open_run_dir(Path(config.out_dir), overwrite=overwrite) as run_dir:
-        return _run_in(run_dir, config, models, train_data, eval_images, timings, resume=resume, progress=progress)
+        # After an overwrite there is nothing to resume (and under torchrun the other ranks must not read the old
+        # checkpoint while rank 0 deletes it).
+        return _run_in(run_dir, config, models, train_data, eval_images, timings, resume=resume and not overwrite,
+                       progress=progress)
 
 
 def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray]:

@@ -61,11 +61,11 @@ def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
     Under torchrun only rank 0 takes the directory; the other ranks only train and write nothing.
     """
     check_out_dir(out_dir)
+    if (out_dir / MANIFEST).is_file() and not overwrite:
+        out_dir = _fresh_sibling(out_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         yield out_dir
         return
-    if (out_dir / MANIFEST).is_file() and not overwrite:
-        out_dir = _fresh_sibling(out_dir)
     created = not out_dir.exists()
     existed = not created and any(out_dir.iterdir())
     if existed and not (out_dir / MARKER).is_file():

@@ -106,7 +106,7 @@ def nonfinite_loss_error(step: int, steps: int, terms: Mapping[str, torch.Tensor
         cause = "the student diverged"
         fix = f"lower train.lr (now {lr:g}) or use fp32 precision"
     if saved_step is None:
-        kept = f"no checkpoint was written yet (the first is due at train.checkpoint_every); a rerun starts at step 0"
+        kept = "no checkpoint was written yet (the first is due at train.checkpoint_every); a rerun starts at step 0"
     else:
         kept = (f"the last good checkpoint ({checkpoint}, step {saved_step}) is kept; rerunning with a lower lr "
                 f"resumes from it with the new lr (recorded in the manifest's config_history)")
