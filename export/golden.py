@@ -27,7 +27,7 @@ from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner
 from singer_deploy.hashing import module_sha256
-from singer_deploy.io import atomic_write_bytes
+from singer_deploy.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 ARRAYS_NAME = "golden.npz"
@@ -100,7 +100,7 @@ def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_output
         "model_sha256": None if model is None else module_sha256(model),
         "environment": environment_fingerprint(device), **(extra or {}),
     }
-    atomic_write_bytes(bundle_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
+    atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
     return bundle_dir
 
 

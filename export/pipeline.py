@@ -15,7 +15,6 @@ them instead of opening each artifact again.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
 from singer_deploy.export.student import ExportableStudent
-from singer_deploy.io import atomic_write_text
+from singer_deploy.io import atomic_write_json
 
 if TYPE_CHECKING:
     from singer_deploy.export.tensorrt import TensorRTBuildConfig
@@ -207,7 +206,7 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                                              extra={"artifact_key": record.key, "exporter": record.exporter})
     result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference)
     result.manifest_path = out_dir / MANIFEST_NAME
-    atomic_write_text(result.manifest_path, json.dumps(result.to_dict(), indent=2, default=str))
+    atomic_write_json(result.manifest_path, result.to_dict())  # strict JSON: a NaN metric becomes "NaN"
     return result
 
 
