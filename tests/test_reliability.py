@@ -519,7 +519,7 @@ def test_finished_run_files_are_strict_json_with_normal_modes(finished):
     out = finished
     umask = os.umask(0)
     os.umask(umask)
-    for name in ("manifest.json", "student.safetensors", "checkpoint.pt", "metrics.jsonl"):
+    for name in ("manifest.json", "student.safetensors", "refiner.safetensors", "checkpoint.pt", "metrics.jsonl"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
     def no_constants(name):

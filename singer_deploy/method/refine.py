@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, LoraModel
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
+from singer_deploy.io import atomic_save_safetensors
 from singer_deploy.method.nullspace import NullspaceBasis, block_nullspace, surrogate_block
 
 _FORMAT = "singer-refiner/1"
@@ -122,9 +122,7 @@ class Refiner(nn.Module):
                 "num_prefix_tokens": self.num_prefix_tokens,
                 "init": {str(layer): {"rule": b.rule, "tau": b.tau, "k": b.k, "num_padded": b.num_padded}
                          for layer, b in self.init_report.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"singer_refiner": json.dumps(meta)})
-        return path
+        return atomic_save_safetensors(tensors, path, metadata={"singer_refiner": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> Refiner:
