@@ -24,10 +24,10 @@ CONFIG = {
     "teacher": {"name": "planted"},
     "student": {"name": "vit_tiny_patch16_224",
                 "kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}},
-    "data": {"n": 32, "eval_n": 12, "flat_share": 0.08},
+    "data": {"n": 32, "eval_n": 8, "flat_share": 0.08},
     "layers": [4],
     "singer": {"rank": 8, "outlier_target": "median"},
-    "train": {"steps": 8, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
+    "train": {"steps": 6, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
     "export": {"formats": ["onnx"], "benchmark": False},
 }
 # (phase, what shows on disk when the run is in it; `left` = the temporary files a previous kill left behind)
