@@ -275,10 +275,18 @@ def read_image(path: Path) -> Image.Image:
     """Decode one image file to RGB, or raise a DataError naming the file and the decoder's reason."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _as_rgb8(image)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"Cannot read image {path}", expected="a decodable image file",
                         found=f"{type(err).__name__}: {err}", fix="remove or replace the file") from err
+
+
+def _as_rgb8(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grey (PNG, TIFF): map 0..65535 onto 0..255; convert("RGB") would clip at 255 and turn it white.
+        scaled = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 class SkippedImages:
