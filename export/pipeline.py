@@ -31,6 +31,7 @@ from singer_deploy.export.golden import open_runner, runner_device, write_golden
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
+from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import ExportableStudent
 from singer_deploy.io import atomic_write_text
 
@@ -139,6 +140,8 @@ def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, st
     for name in names:
         fmt = resolve_format(name)
         check_precision(fmt, precision)
+        if name == "onnx":
+            import_onnxruntime()  # parity runs the artifact: fail before exporting when no ORT build is installed
         if name in ("tensorrt", "torch_tensorrt"):
             # Fails with BackendUnavailableError("... not available here ...") on CPU-only machines.
             if name == "tensorrt":
