@@ -94,18 +94,19 @@ def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
     return [{**r, "speedup_vs_" + baseline: base["p50_ms"] / r["p50_ms"]} for r in rows]
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
+    """Rows as a Markdown table; floats with `digits` significant digits (parity cosines need about 6)."""
     columns = columns or [k for k in rows[0] if k != "info"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), digits) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
+from singer_deploy.models.hub import resolve_model_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -147,18 +148,25 @@ def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, p
     """Build a Backbone from a timm name (random init, user cache or local file) or wrap an existing model.
 
     Local files go through timm's own loader (`pretrained_cfg_overlay=dict(file=...)`), which reads safetensors or
-    `torch.load(weights_only=True)`: no arbitrary object is ever unpickled.
+    `torch.load(weights_only=True)`: no arbitrary object is ever unpickled. `hf-hub:` / `local-dir:` names load
+    their folder's config and weights, from local files only (singer_deploy/models/hub.py).
     """
     if isinstance(name, nn.Module):
         return Backbone(name)
     timm_kwargs.setdefault("num_classes", 0)
-    if weights is not None:
+    source = resolve_model_source(name)
+    if source.has_weights:
+        if weights is not None:
+            raise ModelError(f"{name} brings its own weights", expected="a hub name or a weights file, not both",
+                             found=f"weights={weights}", fix="drop `weights`, or use the plain timm architecture name")
+        pretrained = True
+    elif weights is not None:
         path = _check_weights_file(weights)
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
-    _check_model_name(name)
+    _check_model_name(source.architecture)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        model = timm.create_model(source.create_name, pretrained=pretrained, **timm_kwargs)
     except RuntimeError as err:
         if weights is not None and ("size mismatch" in str(err) or "Missing key" in str(err)
                                     or "Unexpected key" in str(err)):

@@ -3,8 +3,9 @@
     config -> teacher + student + data -> distill -> merge (refined teacher) -> export + parity + goldens
            -> bench -> artifact analysis -> report.html + manifest.json
 
-The output directory explains itself: manifest.json (versions, hashes, config, timings, results), student weights,
-refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.html.
+The output directory explains itself: manifest.json (versions, hashes, config, timings, results), the student as a
+timm folder with its model card (student/), refined-teacher adapters, exported artifacts, goldens, metrics.jsonl
+and report.html.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifact
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
                                        image_transform, stack_images)
-from singer_deploy.train.loop import DistillResult, distill
+from singer_deploy.reporting.model_card import write_model_card
+from singer_deploy.train.loop import STUDENT_DIR, DistillResult, distill
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
@@ -123,6 +125,9 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
             f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
+    files["model_card"] = write_model_card(out_dir / STUDENT_DIR, config=config.to_dict(), summary=summary,
+                                           distill_config=json.loads(result.files["distill_config"].read_text()),
+                                           parity=parity_rows, latency=latency_rows)
     passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),

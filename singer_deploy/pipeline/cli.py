@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(handler=_cmd_check)
 
-    export = sub.add_parser("export", help="export a distilled student (student.safetensors) to deployable formats")
+    export = sub.add_parser("export", help="export a distilled student (RUN_DIR/student/) to deployable formats")
     export.add_argument("run_dir", help="a run directory written by `run`/`demo` (holds manifest.json)")
     export.add_argument("--formats", nargs="+", default=["onnx", "openvino"], help="e.g. onnx openvino trt")
     export.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or int8")

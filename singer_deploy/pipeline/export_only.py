@@ -13,8 +13,10 @@ from torch import nn
 from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
+from singer_deploy.models.hub import WEIGHTS_NAME
 from singer_deploy.pipeline.api import MANIFEST, bench, build_data, build_models, export_model
 from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
+from singer_deploy.train.loop import STUDENT_DIR
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
@@ -28,7 +30,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]
                           found="no manifest.json", fix="point at the out_dir of a completed `run` or `demo`")
     config = load_run_config(json.loads(manifest_path.read_text())["config"])
     models = build_models(config)
-    models.student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    models.student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
     projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
     _, eval_images = build_data(config, models.teacher)
     return config, models.student.eval(), projector.eval(), eval_images

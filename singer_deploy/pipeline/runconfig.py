@@ -24,7 +24,10 @@ PLANTED = "planted"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A timm model name (or "planted" for the built-in planted-artifact teacher), with optional local weights."""
+    """A timm model name (or "planted" for the built-in planted-artifact teacher), with optional local weights.
+
+    timm's sources work too: `local-dir:/path` (config.json + weights) and `hf-hub:org/name`, resolved from the
+    local Hugging Face cache only (singer_deploy/models/hub.py); they bring their own weights."""
 
     name: str = PLANTED
     weights: str | None = None
@@ -164,6 +167,12 @@ def _check_combinations(config: RunConfig) -> None:
     if config.data.source != "synthetic" and not Path(config.data.source).expanduser().exists():
         raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
                           found=config.data.source, fix="check the path")
+    from singer_deploy.models.hub import is_hub_name, resolve_model_source
+
+    for role in ("teacher", "student"):
+        spec = getattr(config, role)
+        if is_hub_name(spec.name):
+            resolve_model_source(spec.name)  # a missing folder or cache entry fails here, before any work
     if config.teacher.name == PLANTED:
         from singer_deploy.models.planted import PlantedConfig
 

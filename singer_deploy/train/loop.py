@@ -27,6 +27,7 @@ from singer_deploy.devices import autocast_for, compute_dtype, training_device
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
+from singer_deploy.models.hub import save_timm_dir
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
+STUDENT_DIR = "student"
 
 
 @dataclass
@@ -371,9 +373,9 @@ def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: 
 
 def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig,
                   diagnostics: dict) -> dict[str, Path]:
-    files = {"student": out_dir / "student.safetensors", "projectors": out_dir / "projectors.safetensors",
-             "distill_config": out_dir / "distill_config.json"}
-    atomic_save_safetensors(module.student.model.state_dict(), files["student"])
+    files = {"projectors": out_dir / "projectors.safetensors", "distill_config": out_dir / "distill_config.json"}
+    # timm's hub format: timm.create_model("local-dir:<out_dir>/student") rebuilds the distilled student.
+    files["student"] = save_timm_dir(module.student.model, out_dir / STUDENT_DIR)
     atomic_save_safetensors(module.projectors.state_dict(), files["projectors"])
     if module.refiner is not None:
         files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
