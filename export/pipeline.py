@@ -27,9 +27,10 @@ from torch import nn
 from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
-from singer_deploy.export.golden import open_runner, runner_device, write_golden
+from singer_deploy.export.golden import REFERENCE_DIR, open_runner, runner_device, write_golden, write_reference
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.export.polygraphy_goldens import command_line, polygraphy_command, write_polygraphy_reference
 from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
 from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import ExportableStudent
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from singer_deploy.export.tensorrt import TensorRTBuildConfig
 
 MANIFEST_NAME = "export_manifest.json"
+DEFAULT_GOLDEN_SIZE = 32   # images in the shared golden reference set (parity itself uses every parity image)
 
 # fn(fp32_artifact, out_path, calib_images or None) -> the path written. "onnx" converters also feed TensorRT.
 Converter = Callable[[Path, Path, "np.ndarray | None"], Path]
@@ -164,18 +166,24 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                    calib_images: np.ndarray | None = None, parity_images: np.ndarray,
                    policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
                    tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True,
-                   converters: Converters | None = None) -> ExportResult:
+                   converters: Converters | None = None, golden_size: int = DEFAULT_GOLDEN_SIZE,
+                   polygraphy_goldens: bool = False) -> ExportResult:
     """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
     `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
     golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
     is `precision`; other artifacts (e.g. the OpenVINO FP16 IR) use their precision's default gate.
     `converters` maps (format, precision) to the FP32 -> reduced-precision converter, needed for ONNX / TensorRT
     below FP32 and OpenVINO INT8 (e.g. singer_deploy.calibration.converters.export_converters()).
+    The bundles share one reference set (`goldens/reference/`: the first `golden_size` parity images and their
+    eager outputs), also written in Polygraphy's formats when `polygraphy_goldens` (export/polygraphy_goldens.py).
     Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
     """
     precision = normalize_precision(precision)
     converters = _converter_table(converters)
     names = _plan(formats, precision, converters)
+    if isinstance(golden_size, bool) or not isinstance(golden_size, int) or golden_size < 1:
+        raise ConfigError("golden_size must be a positive integer", expected="an int >= 1 (default "
+                          f"{DEFAULT_GOLDEN_SIZE})", found=repr(golden_size), fix="e.g. golden_size=32")
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     # Device rule (singer_deploy.devices): exporters, the eager reference and the goldens work on an fp32 CPU copy,
     # wherever the caller's student lives (e.g. still on the training GPU); the caller's module is not touched.
@@ -195,6 +203,8 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
 
     records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config,
                           converters)
+    goldens = _GoldenSet.write(out_dir / "goldens", parity_images, ref_outputs, golden_size, wrapper,
+                               polygraphy_goldens) if write_goldens else None
     for record in records:
         # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
         runner = open_runner(record.path).load()
@@ -203,15 +213,40 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
                                         candidate_name=record.key)
         record.runner_info, record.runner = dict(runner.info), runner
-        if write_goldens:
-            record.golden_dir = write_golden(out_dir / "goldens" / record.key.replace("/", "-"),
-                                             inputs=parity_images, reference_outputs=ref_outputs, policy=gate,
-                                             artifact_path=record.path, model=wrapper, device=runner_device(runner),
-                                             extra={"artifact_key": record.key, "exporter": record.exporter})
+        if goldens is not None:
+            record.golden_dir = goldens.bundle(record, gate, wrapper, runner_device(runner))
     result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference)
     result.manifest_path = out_dir / MANIFEST_NAME
     atomic_write_text(result.manifest_path, json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+@dataclass
+class _GoldenSet:
+    """The reference set every artifact's bundle points at (written once per export)."""
+
+    root: Path
+    arrays: Path
+    outputs: dict[str, np.ndarray]
+    polygraphy: bool
+
+    @classmethod
+    def write(cls, root: Path, images: np.ndarray, outputs: dict[str, np.ndarray], size: int, model: nn.Module,
+              polygraphy: bool) -> "_GoldenSet":
+        images, outputs = images[:size], {k: v[:size] for k, v in outputs.items()}
+        arrays = write_reference(root / REFERENCE_DIR, inputs=images, reference_outputs=outputs, model=model)
+        if polygraphy:
+            write_polygraphy_reference(root / REFERENCE_DIR, images, outputs)
+        return cls(root, arrays, outputs, polygraphy)
+
+    def bundle(self, record: ArtifactRecord, gate: ParityPolicy, model: nn.Module, device: str) -> Path:
+        extra = {"artifact_key": record.key, "exporter": record.exporter}
+        command = polygraphy_command(record.path, self.root / REFERENCE_DIR, gate, self.outputs) \
+            if self.polygraphy else None
+        if command is not None:
+            extra["polygraphy_command"] = command_line(command)
+        return write_golden(self.root / record.key.replace("/", "-"), reference=self.arrays, policy=gate,
+                            artifact_path=record.path, model=model, device=device, extra=extra)
 
 
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,

@@ -256,11 +256,13 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
     return export_model(result.student, result.projectors.last, out_dir, eval_images,
                         formats=config.export.formats, precision=config.export.precision,
-                        calibration_size=config.export.calibration_size)
+                        calibration_size=config.export.calibration_size, golden_size=config.export.golden_size,
+                        polygraphy_goldens=config.export.polygraphy_goldens)
 
 
-def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_images: np.ndarray, *,
-                 formats: Sequence[str], precision: str, calibration_size: int) -> ExportResult:
+def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, eval_images: np.ndarray, *,
+                 formats: Sequence[str], precision: str, calibration_size: int, golden_size: int = 32,
+                 polygraphy_goldens: bool = False) -> ExportResult:
     """export_student with calibration's reduced-precision converters: where the pipeline composes the two."""
     from singer_deploy.calibration.converters import export_converters
     from singer_deploy.export.formats import normalize_precision
@@ -269,7 +271,8 @@ def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_im
     calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None
     return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
                           precision=precision, calib_images=calib, parity_images=eval_images,
-                          converters=export_converters())
+                          converters=export_converters(), golden_size=golden_size,
+                          polygraphy_goldens=polygraphy_goldens)
 
 
 def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndarray, *,

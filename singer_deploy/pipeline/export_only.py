@@ -40,7 +40,8 @@ def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: P
     """Export a finished run's student (+ last-layer projector) with parity on its held-out images."""
     config, student, projector, eval_images = load_run(run_dir)
     return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images,
-                        formats=formats, precision=precision, calibration_size=config.export.calibration_size)
+                        formats=formats, precision=precision, calibration_size=config.export.calibration_size,
+                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
 
 
 def bench_run(run_dir: Path) -> list[dict]:

@@ -62,6 +62,8 @@ class ExportSpec:
     precision: str = "fp32"
     calibration_size: int = 64     # images for INT8 calibration (the field's advice for ViTs is a few hundred)
     benchmark: bool = True
+    golden_size: int = 32          # images in the run's shared golden reference set (all artifacts point at it)
+    polygraphy_goldens: bool = False   # also write the goldens in Polygraphy's formats (needs polygraphy)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,9 @@ def _check_combinations(config: RunConfig) -> None:
     precision = normalize_precision(config.export.precision)
     for fmt in formats:
         check_precision(fmt, precision)
+    if config.export.golden_size < 1:
+        raise ConfigError("export.golden_size must be at least 1", expected="an int >= 1 (default 32)",
+                          found=str(config.export.golden_size), fix="e.g. golden_size: 32")
     if precision == "int8" and config.export.calibration_size < 1:
         raise ConfigError("export.precision: INT8 needs calibration data", expected="export.calibration_size >= 1",
                           found=str(config.export.calibration_size), fix="set calibration_size (e.g. 300)")
