@@ -15,11 +15,13 @@ them instead of opening each artifact again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -38,6 +40,8 @@ from singer_deploy.io import atomic_write_text
 
 if TYPE_CHECKING:
     from singer_deploy.export.tensorrt import TensorRTBuildConfig
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "export_manifest.json"
 DEFAULT_GOLDEN_SIZE = 32   # images in the shared golden reference set (parity itself uses every parity image)
@@ -203,10 +207,15 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
 
     records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config,
                           converters)
-    goldens = _GoldenSet.write(out_dir / "goldens", parity_images, ref_outputs, golden_size, wrapper,
-                               polygraphy_goldens) if write_goldens else None
+    goldens = None
+    if write_goldens:
+        with stage(f"goldens: shared reference set of {min(golden_size, len(parity_images))} images"
+                   f"{' (+ Polygraphy format)' if polygraphy_goldens else ''}"):
+            goldens = _GoldenSet.write(out_dir / "goldens", parity_images, ref_outputs, golden_size, wrapper,
+                                       polygraphy_goldens)
     for record in records:
         # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
+        log.info("parity: %s on %d images", record.key, len(parity_images))
         runner = open_runner(record.path).load()
         gate = policy if (policy is not None and record.precision == precision) else \
             ParityPolicy.for_precision(record.precision)
@@ -249,6 +258,16 @@ class _GoldenSet:
                             artifact_path=record.path, model=model, device=device, extra=extra)
 
 
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+    """A log line when an export / quantize / build stage starts and one with its time when it ends: these steps
+    take minutes on real models, and the CLI shows singer_deploy's INFO log."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
                 opset: int, calib_images: np.ndarray | None,
                 tensorrt_config: TensorRTBuildConfig | None,
@@ -256,14 +275,17 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     records: list[ArtifactRecord] = []
     onnx_fp32 = None
     if {"onnx", "openvino", "tensorrt"} & set(names):
-        exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
+        with stage(f"export: ONNX fp32 (torch.onnx, opset {opset}) -> {out_dir / f'{stem}.onnx'}"):
+            exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
         onnx_fp32 = ArtifactRecord("onnx/fp32", "onnx", "fp32", exported.path, f"torch.onnx {exported.exporter}",
                                    exported.seconds)
     onnx_target = onnx_fp32
     if onnx_fp32 is not None and precision != "fp32" and {"onnx", "tensorrt"} & set(names):
         start = time.perf_counter()
         convert = converters[("onnx", precision)]
-        path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
+        with stage(f"{'quantize' if precision == 'int8' else 'convert'}: ONNX {precision} "
+                   f"({_converter_name(convert)}) -> {out_dir / f'{stem}_{precision}.onnx'}"):
+            path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
         onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path), _converter_name(convert),
                                      time.perf_counter() - start)
     if "onnx" in names:
@@ -273,15 +295,17 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
-        built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
-                             config=tensorrt_config)
+        with stage(f"build: TensorRT {precision} engine from {onnx_target.path.name}"):
+            built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
+                                 config=tensorrt_config)
         records.append(ArtifactRecord(f"tensorrt/{precision}", "tensorrt", precision, built.engine_path,
                                       f"tensorrt {built.tensorrt_version} (from {onnx_target.path.name})",
                                       built.seconds))
     if "torch_tensorrt" in names:
         from singer_deploy.export.torch_tensorrt import compile_torch_tensorrt
 
-        compiled = compile_torch_tensorrt(wrapper, out_dir / f"{stem}_{precision}.ep", precision=precision)
+        with stage(f"build: Torch-TensorRT {precision} program"):
+            compiled = compile_torch_tensorrt(wrapper, out_dir / f"{stem}_{precision}.ep", precision=precision)
         records.append(ArtifactRecord(f"torch_tensorrt/{precision}", "torch_tensorrt", precision, compiled.path,
                                       f"torch_tensorrt {compiled.version}", compiled.seconds))
     return records
@@ -298,7 +322,8 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
                      converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     from singer_deploy.export.openvino import export_openvino
 
-    ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
+    with stage(f"export: OpenVINO IR fp32 + fp16 from {onnx_fp32.path.name}"):
+        ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
     how = "openvino.convert_model(onnx) + save_model"
     records = [ArtifactRecord("openvino/fp32", "openvino", "fp32", ir.fp32_xml, f"{how}(compress_to_fp16=False)",
                               ir.seconds),
@@ -307,7 +332,8 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
     if precision == "int8":
         start = time.perf_counter()
         convert = converters[("openvino", precision)]
-        path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
+        with stage(f"quantize: OpenVINO {precision} ({_converter_name(convert)})"):
+            path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
         records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
                                       _converter_name(convert), time.perf_counter() - start))
     return records

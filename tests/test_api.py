@@ -196,5 +196,26 @@ def test_run_student_folder_is_a_timm_model_with_a_model_card(finished):
     assert f'timm.create_model("local-dir:{student_dir}", pretrained=True)' in card
     assert "Layers (teacher -> student): [4, 7] -> " in card
     for row in finished.parity:  # the card's parity table carries the run's measured numbers
-        assert f"| {row['format']} | {row['precision']} | {row['output']} | {row['cos_min']:.6g}" in card
+        assert f"| {row['candidate']} | {row['precision']} | {row['output']} | {row['token_cos_min']:.6g}" in card
     assert "| pytorch/fp32 |" in card and "hnr_4" in card and "synthetic shapes" in card
+
+
+def test_cli_bench_options(finished, capsys):
+    assert main(["bench", str(finished.out_dir), "--formats", "onnx", "--batch-sizes", "1", "2", "--threads", "1",
+                 "--time-budget", "2"]) == EXIT_OK
+    table = capsys.readouterr().out
+    runners = {line.split("|")[1].strip() + "@" + line.split("|")[2].strip()
+               for line in table.splitlines() if line.startswith("| ") and not line.startswith("| runner")}
+    assert runners == {"pytorch/fp32@1", "onnx/fp32@1", "pytorch/fp32@2", "onnx/fp32@2"}   # no openvino rows
+    assert main(["bench", str(finished.out_dir), "--formats", "tensorrt"]) == EXIT_INPUT
+
+
+def test_cli_overrides_on_run_are_validated_like_yaml(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(TINY))   # JSON is YAML
+    assert main(["run", str(config), "train.stpes=2", "--out-dir", str(tmp_path / "never")]) == EXIT_INPUT
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert main(["check-config", str(config), "train.steps=2", "export.golden_size=4", "--print"]) == EXIT_OK
+    printed = capsys.readouterr()
+    assert "steps: 2\n" in printed.out and "golden_size: 4\n" in printed.out and "ok" in printed.err

@@ -11,6 +11,7 @@ and report.html.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import time
@@ -189,9 +190,9 @@ def build_models(config: RunConfig) -> Models:
         planted = build_planted_teacher(PlantedConfig(**config.teacher.planted))
         teacher = planted.backbone
     else:
-        teacher = _load(config.teacher, "teacher")
+        teacher = load_model(config.teacher, "teacher")
     torch.manual_seed(config.train.seed)
-    student = _load(config.student, "student")
+    student = load_model(config.student, "student")
     if student.img_size != teacher.img_size:
         raise ConfigError("Teacher and student take different input sizes",
                           expected=f"student.kwargs.img_size = {teacher.img_size[0]} (the teacher's)",
@@ -199,7 +200,7 @@ def build_models(config: RunConfig) -> Models:
     return Models(teacher, student, planted)
 
 
-def _load(spec: ModelSpec, role: str) -> Backbone:
+def load_model(spec: ModelSpec, role: str) -> Backbone:
     if spec.name == PLANTED:
         raise ConfigError(f"{role}.name: the planted model is a teacher only", expected="a timm ViT name",
                           found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
@@ -276,15 +277,16 @@ def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, 
 
 
 def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndarray, *,
-          artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None) -> list[dict]:
+          artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None,
+          batch: int = 1, iters: int = 20) -> list[dict]:
     """Latency of each runner next to the eager PyTorch `reference` ("pytorch/fp32"), same inputs, same run.
 
     Pass the runners an export already opened (ExportResult.runners / .reference): they hold parity's settings.
     """
     from singer_deploy.export.bench import add_ratios, benchmark_runners
 
-    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=20, artifacts=dict(artifacts or {}),
-                             build_seconds=dict(build_seconds or {}))
+    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=iters,
+                             artifacts=dict(artifacts or {}), build_seconds=dict(build_seconds or {}), batch=batch)
     return add_ratios(rows, EAGER)
 
 

@@ -15,7 +15,8 @@ from singer_deploy.export.bench import markdown_table
 from singer_deploy.io import atomic_write_text
 
 CARD_NAME = "README.md"
-_PARITY_COLUMNS = ["format", "precision", "output", "cos_min", "cos_p1", "max_abs", "knn_overlap", "passed"]
+_PARITY_COLUMNS = ["candidate", "precision", "output", "token_cos_min", "image_cos_min", "max_abs_rel", "rel_err_p99",
+                   "knn_overlap", "passed"]
 _LATENCY_COLUMNS = ["runner", "p50_ms", "p90_ms", "throughput_ips", "size_mb", "speedup_vs_pytorch/fp32"]
 
 
