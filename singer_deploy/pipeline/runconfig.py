@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,10 @@ def _check_combinations(config: RunConfig) -> None:
     precision = normalize_precision(config.export.precision)
     for fmt in formats:
         check_precision(fmt, precision)
+    if "tensorboard" in config.train.loggers and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.loggers: tensorboard is not installed", expected="the tensorboard package",
+                          found="no module named tensorboard",
+                          fix="pip install 'singer-deploy[tensorboard]', or drop tensorboard from train.loggers")
     if config.export.golden_size < 1:
         raise ConfigError("export.golden_size must be at least 1", expected="an int >= 1 (default 32)",
                           found=str(config.export.golden_size), fix="e.g. golden_size: 32")

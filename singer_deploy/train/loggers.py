@@ -15,7 +15,6 @@ from typing import Protocol
 
 from singer_deploy.errors import ConfigError
 
-LOGGERS = ("jsonl", "tensorboard")
 TENSORBOARD_DIR = "tensorboard"
 
 

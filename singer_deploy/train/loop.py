@@ -28,6 +28,7 @@ from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.models.hub import save_timm_dir
+from singer_deploy.train.loggers import open_loggers
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
@@ -140,6 +141,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, singer, resume)
     if rank == 0 and start > 0:
         _trim_jsonl(out_dir / METRICS_LOG, start)
+    # Every logger flushes each record, so a run that stops early leaves complete logs up to its last record.
+    loggers = open_loggers(train.loggers, out_dir, out_dir / METRICS_LOG, resumed_at=start) if rank == 0 else []
 
     runner: nn.Module = module
     if world > 1:
@@ -167,11 +170,14 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             skipped.check()
         if rank == 0 and log_due:
             record = _log_record(done, terms, scheduler, seen / (time.perf_counter() - began), module)
-            _append_jsonl(out_dir / METRICS_LOG, record)
+            for logger in loggers:
+                logger.log(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
         if rank == 0 and checkpoint_due:
             _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, train, singer)
     seconds = time.perf_counter() - began
+    for logger in loggers:
+        logger.close()
     diagnostics = _diagnostics(module)
     files = _save_outputs(out_dir, module, singer, train, diagnostics) if rank == 0 else {}
     if world > 1:
@@ -303,11 +309,6 @@ def _log_record(step: int, terms: dict, scheduler, images_per_second: float, mod
             metrics = artifact_metrics(target[:, module.teacher.num_prefix_tokens:].detach().float())
             record.update({f"target_{name}_{layer}": value for name, value in metrics.items()})
     return record
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def _trim_jsonl(path: Path, last_step: int) -> None:
