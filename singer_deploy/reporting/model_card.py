@@ -44,7 +44,8 @@ def model_card(student_dir: Path, *, config: Mapping[str, Any], summary: Mapping
         f"# {student['name']} distilled from {teacher['name']} ({method})", "",
         "Load it (no network needed):", "", "```python", "import timm", "",
         f'model = timm.create_model("local-dir:{student_dir}", pretrained=True)',
-        "tokens = model.forward_intermediates(images, indices=[-1], norm=False, intermediates_only=True)[0]",
+        "patch_tokens = model.forward_intermediates(images, indices=[-1], norm=False, output_fmt=\"NLC\",",
+        "                                           intermediates_only=True)[0]   # (B, N, D)",
         "```", "",
         "The distilled features are the student's last-block tokens before the final norm (what the exported ONNX / "
         "OpenVINO / TensorRT artifacts return as `patch_tokens` and `cls`). The projector into the teacher's "
