@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from export_fixtures import reg_artifacts, reg_images, reg_student  # noqa: F401  (pytest fixtures)
 from singer_deploy.export.golden import REFERENCE_DIR, load_golden, verify, write_golden, write_reference
 from singer_deploy.export.onnx import export_onnx
 from singer_deploy.export.parity import ParityPolicy
