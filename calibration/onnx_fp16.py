@@ -10,6 +10,7 @@ from pathlib import Path
 
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.errors import BackendUnavailableError, ExportError
+from singer_deploy.export.runtimes import INSTALL_FIX, import_onnxruntime
 from singer_deploy.io import atomic_path
 
 
@@ -18,13 +19,14 @@ def convert_onnx_fp16(onnx_path: str | Path, output_path: str | Path,
     """Write an FP16 copy of `onnx_path` (FP32 I/O, policy ops in FP32) and check it with onnx.checker."""
     import onnx
 
+    import_onnxruntime()  # a clear error when no ONNX Runtime build is installed at all
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
     except ImportError as exc:
         raise BackendUnavailableError("The ONNX FP16 converter is missing", expected="onnxruntime with its "
                                       "transformers tools", found=f"ImportError: {exc}",
-                                      fix="pip install onnxruntime") from exc
+                                      fix=INSTALL_FIX) from exc
     from singer_deploy.export.onnx import check_onnx
 
     output_path = Path(output_path)

@@ -16,6 +16,7 @@ from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
 from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
+from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.io import atomic_path
 
 # ORT's static quantizer refuses opset >= 21 (docs/export.md, "Precision pitfalls on ViTs"); the exporter writes 18.
@@ -52,6 +53,8 @@ def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibrati
     """Write a Q/DQ INT8 copy of `onnx_path` calibrated on `calibration`, quantizing only what `policy` allows,
     encoded per `scheme` (default: int8_scheme("onnxruntime") for this host)."""
     import onnx
+
+    import_onnxruntime()  # a clear error when no ONNX Runtime build is installed at all
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calibrate_method not in CALIBRATE_METHODS:

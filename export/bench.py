@@ -35,11 +35,20 @@ def artifact_size_mb(path: str | Path | None) -> float | None:
     return sum(p.stat().st_size for p in parts if p.is_file()) / (1024 * 1024)
 
 
+def tile_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """`size` images, repeating the given ones when there are fewer."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError("Benchmark batch sizes must be positive integers", expected="ints >= 1",
+                          found=repr(size), fix="e.g. --batch-sizes 1 8")
+    return np.concatenate([images] * int(np.ceil(size / len(images))))[:size]
+
+
 def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup: int = 5, iters: int = 30,
                       rounds: int = 3, throughput_batch: int = 8, throughput_iters: int = 5,
                       artifacts: dict[str, str | Path] | None = None,
-                      build_seconds: dict[str, float] | None = None) -> list[dict]:
-    """Time runners on the same inputs: batch-1 latency percentiles (ms) and throughput (images/s).
+                      build_seconds: dict[str, float] | None = None, batch: int = 1) -> list[dict]:
+    """Time runners on the same inputs: latency percentiles (ms) per call of `batch` images (default 1) and
+    throughput (images/s) at `throughput_batch`.
 
     Timed calls run in `rounds` blocks per runner, interleaved (A A A, B B B, C C C, A A A ...), so that load
     from other processes on a shared machine falls on every runner alike instead of on whichever ran during a
@@ -50,8 +59,7 @@ def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup:
         raise ConfigError("Benchmark images must be a (B, C, H, W) batch", expected="B >= 1",
                           found=str(images.shape), fix="pass at least one image")
     artifacts, build_seconds = artifacts or {}, build_seconds or {}
-    one = images[:1]
-    big = np.concatenate([images] * int(np.ceil(throughput_batch / len(images))))[:throughput_batch]
+    one, big = tile_batch(images, batch), tile_batch(images, throughput_batch)
     loaded: dict[str, dict] = {}
     for label, runner in runners.items():
         start = time.perf_counter()
@@ -77,7 +85,7 @@ def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup:
     rows = []
     for label, runner in runners.items():
         p50, p90, p99 = np.percentile(latencies[label], [50, 90, 99])
-        rows.append({"runner": label, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+        rows.append({"runner": label, "batch": batch, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
                      "min_ms": float(min(latencies[label])),
                      "throughput_ips": throughput_batch * throughput_iters / spent[label],
                      "throughput_batch": throughput_batch, "size_mb": artifact_size_mb(artifacts.get(label)),
@@ -94,18 +102,19 @@ def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
     return [{**r, "speedup_vs_" + baseline: base["p50_ms"] / r["p50_ms"]} for r in rows]
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
+    """Rows as a Markdown table; floats with `digits` significant digits (parity cosines need about 6)."""
     columns = columns or [k for k in rows[0] if k != "info"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), digits) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -32,9 +32,9 @@ class ExportFormat:
 
 FORMATS: dict[str, ExportFormat] = {
     "onnx": ExportFormat("onnx", ".onnx", ("fp32", "fp16", "int8"), "singer_deploy.export.onnx:OnnxRuntimeRunner",
-                         "pip install onnx onnxscript onnxruntime"),
+                         "pip install 'singer-deploy[cpu]' (or '[gpu]' for onnxruntime-gpu)"),
     "openvino": ExportFormat("openvino", ".xml", ("fp32", "fp16", "int8"),
-                             "singer_deploy.export.openvino:OpenVINORunner", "pip install openvino"),
+                             "singer_deploy.export.openvino:OpenVINORunner", "pip install 'singer-deploy[cpu]'"),
     "tensorrt": ExportFormat("tensorrt", ".engine", ("fp32", "fp16", "bf16", "int8"),
                              "singer_deploy.export.tensorrt:TensorRTRunner",
                              "pip install tensorrt (needs an NVIDIA GPU with CUDA)"),

@@ -2,8 +2,11 @@
 
 A bundle lets anyone re-check an artifact later ("my engine still matches" after a runtime upgrade or a rebuild):
 `verify(artifact, bundle_dir)` runs the artifact on the stored inputs, gates it with the stored policy and lists
-what changed in the environment. Layout: `<bundle>/golden.npz` (arrays) and `<bundle>/manifest.json`, each written
-to a temporary file and moved into place, manifest last, so a crash never leaves a half-written bundle that loads.
+what changed in the environment. Layout: `<bundle>/manifest.json` plus the arrays (inputs and eager-PyTorch
+outputs) it names by relative path and sha256: either its own `<bundle>/golden.npz`, or, as export_student writes
+them, one reference set shared by every artifact of an export (`goldens/reference/golden.npz`, see
+`write_reference`), so a run stores the images and outputs once, not once per artifact. Files are written to a
+temporary file and moved into place, manifest last, so a crash never leaves a half-written bundle that loads.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from singer_deploy.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 ARRAYS_NAME = "golden.npz"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2             # 2: manifest["arrays"] names the arrays file (shared reference sets)
+REFERENCE_DIR = "reference"
+REFERENCE_MANIFEST = "reference.json"
 _INPUT_KEY = "input"
 _OUTPUT_PREFIX = "output/"
 _PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt",
@@ -75,26 +80,49 @@ class GoldenBundle:
     manifest: dict
 
 
-def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_outputs: dict[str, np.ndarray],
-                 policy: ParityPolicy, artifact_path: str | Path | None = None, model: nn.Module | None = None,
-                 device: str = "cpu", extra: dict | None = None) -> Path:
-    """Write a bundle; returns its directory. `reference_outputs` are the eager PyTorch outputs on `inputs`."""
+def write_reference(reference_dir: str | Path, *, inputs: np.ndarray, reference_outputs: dict[str, np.ndarray],
+                    model: nn.Module | None = None) -> Path:
+    """Write the arrays several bundles share (`golden.npz` + `reference.json`); returns the arrays file."""
     if not isinstance(inputs, np.ndarray) or inputs.dtype != np.float32 or inputs.ndim != 4:
         raise DataError("Golden inputs must be one float32 image batch", expected="float32 array (B, C, H, W)",
                         found=f"{type(inputs).__name__} {getattr(inputs, 'dtype', '')} "
                               f"{getattr(inputs, 'shape', '')}", fix="pass the parity images as float32")
-    bundle_dir = Path(bundle_dir)
+    reference_dir = Path(reference_dir)
     arrays = {_INPUT_KEY: inputs, **{_OUTPUT_PREFIX + k: np.asarray(v, np.float32)
                                      for k, v in reference_outputs.items()}}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(bundle_dir / ARRAYS_NAME, buffer.getvalue())
+    path = atomic_write_bytes(reference_dir / ARRAYS_NAME, buffer.getvalue())
+    summary = {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "inputs": {"shape": list(inputs.shape), "dtype": "float32"},
+               "outputs": {k: list(np.shape(v)) for k, v in reference_outputs.items()},
+               "arrays_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": len(buffer.getvalue()),
+               "model_sha256": None if model is None else module_sha256(model)}
+    atomic_write_bytes(reference_dir / REFERENCE_MANIFEST, json.dumps(summary, indent=2).encode())
+    return path
+
+
+def write_golden(bundle_dir: str | Path, *, policy: ParityPolicy, reference: str | Path | None = None,
+                 inputs: np.ndarray | None = None, reference_outputs: dict[str, np.ndarray] | None = None,
+                 artifact_path: str | Path | None = None, model: nn.Module | None = None, device: str = "cpu",
+                 extra: dict | None = None) -> Path:
+    """Write a bundle; returns its directory. Either `reference` (an arrays file from write_reference, shared) or
+    `inputs` + `reference_outputs` (eager PyTorch outputs on `inputs`, stored in the bundle itself)."""
+    bundle_dir = Path(bundle_dir)
+    if reference is None:
+        if inputs is None or reference_outputs is None:
+            raise DataError("A golden bundle needs its arrays", expected="reference=PATH or inputs + "
+                            "reference_outputs", found="neither", fix="pass the parity images and their outputs")
+        reference = write_reference(bundle_dir, inputs=inputs, reference_outputs=reference_outputs)
+    reference = Path(reference)
+    shapes = _array_shapes(reference)
     manifest = {
         "schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "precision": policy.precision, "policy": policy.to_dict(),
-        "inputs": {"shape": list(inputs.shape), "dtype": "float32"},
-        "outputs": {k: list(np.shape(v)) for k, v in reference_outputs.items()},
-        "arrays_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        "arrays": os.path.relpath(reference, bundle_dir),
+        "inputs": {"shape": shapes.pop(_INPUT_KEY), "dtype": "float32"},
+        "outputs": {k[len(_OUTPUT_PREFIX):]: v for k, v in shapes.items()},
+        "arrays_sha256": hashlib.sha256(reference.read_bytes()).hexdigest(),
         "artifact": None if artifact_path is None else {"name": Path(artifact_path).name,
                                                         "sha256": artifact_sha256(artifact_path)},
         "model_sha256": None if model is None else module_sha256(model),
@@ -104,17 +132,28 @@ def write_golden(bundle_dir: str | Path, *, inputs: np.ndarray, reference_output
     return bundle_dir
 
 
+def _array_shapes(arrays_path: Path) -> dict[str, list[int]]:
+    with np.load(arrays_path) as arrays:
+        return {key: list(arrays[key].shape) for key in arrays.files}
+
+
 def load_golden(bundle_dir: str | Path) -> GoldenBundle:
     bundle_dir = Path(bundle_dir)
-    manifest_path, arrays_path = bundle_dir / MANIFEST_NAME, bundle_dir / ARRAYS_NAME
-    if not manifest_path.is_file() or not arrays_path.is_file():
-        raise ExportError("Not a golden bundle", expected=f"{MANIFEST_NAME} and {ARRAYS_NAME} in the directory",
-                          found=str(bundle_dir), fix="create it with write_golden (export_student writes one)")
+    manifest_path = bundle_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ExportError("Not a golden bundle", expected=f"{MANIFEST_NAME} in the directory", found=str(bundle_dir),
+                          fix="create it with write_golden (export_student writes one)")
     manifest, policy = _read_manifest(manifest_path)
+    arrays_path = bundle_dir / manifest.get("arrays", ARRAYS_NAME)
+    if not arrays_path.is_file():
+        raise ExportError("Not a golden bundle", expected=f"the arrays file its manifest names "
+                          f"(default {ARRAYS_NAME}) in the directory", found=str(bundle_dir),
+                          fix="create it with write_golden (export_student writes one); copy a run's goldens/ "
+                              "folder whole, bundles share its reference/ arrays")
     data = arrays_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest.get("arrays_sha256"):
         raise ExportError("The golden arrays do not match their manifest", expected=manifest.get("arrays_sha256"),
-                          found="a different golden.npz", fix="restore the bundle from version control")
+                          found=f"a different {arrays_path.name}", fix="restore the bundle from version control")
     with np.load(io.BytesIO(data)) as arrays:
         inputs = arrays[_INPUT_KEY]
         outputs = {k[len(_OUTPUT_PREFIX):]: arrays[k] for k in arrays.files if k.startswith(_OUTPUT_PREFIX)}

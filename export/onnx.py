@@ -25,6 +25,7 @@ from torch import nn
 from singer_deploy.devices import on_cpu
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.runner import Runner, require_file
+from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
 
 DEFAULT_OPSET = 18
@@ -172,9 +173,7 @@ def export_onnx(student: nn.Module, path: str | Path, *, projector: nn.Module | 
 
 def preferred_providers() -> list[str]:
     """TensorRT > CUDA > CPU among the providers this onnxruntime build has."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
+    available = set(import_onnxruntime().get_available_providers())
     order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in order if p in available]
 
@@ -195,8 +194,7 @@ class OnnxRuntimeRunner(Runner):
         self._input_name = INPUT_NAME
 
     def _load(self) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         require_file(self.path, "ONNX")
         options = ort.SessionOptions()
         if self.num_threads:

@@ -34,7 +34,7 @@ def import_openvino() -> ModuleType:
         return importlib.import_module("openvino")
     except ImportError as exc:
         raise BackendUnavailableError("OpenVINO is not installed here", expected="the openvino package",
-                                      found=f"ImportError: {exc}", fix="pip install openvino") from exc
+                                      found=f"ImportError: {exc}", fix="pip install 'singer-deploy[cpu]' (openvino + nncf)") from exc
 
 
 @dataclass

@@ -15,10 +15,12 @@ them instead of opening each artifact again.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -26,17 +28,22 @@ from torch import nn
 from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
-from singer_deploy.export.golden import open_runner, runner_device, write_golden
+from singer_deploy.export.golden import REFERENCE_DIR, open_runner, runner_device, write_golden, write_reference
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.export.polygraphy_goldens import command_line, polygraphy_command, write_polygraphy_reference
 from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
+from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import ExportableStudent
 from singer_deploy.io import atomic_write_json
 
 if TYPE_CHECKING:
     from singer_deploy.export.tensorrt import TensorRTBuildConfig
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "export_manifest.json"
+DEFAULT_GOLDEN_SIZE = 32   # images in the shared golden reference set (parity itself uses every parity image)
 
 # fn(fp32_artifact, out_path, calib_images or None) -> the path written. "onnx" converters also feed TensorRT.
 Converter = Callable[[Path, Path, "np.ndarray | None"], Path]
@@ -138,6 +145,8 @@ def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, st
     for name in names:
         fmt = resolve_format(name)
         check_precision(fmt, precision)
+        if name == "onnx":
+            import_onnxruntime()  # parity runs the artifact: fail before exporting when no ORT build is installed
         if name in ("tensorrt", "torch_tensorrt"):
             # Fails with BackendUnavailableError("... not available here ...") on CPU-only machines.
             if name == "tensorrt":
@@ -160,18 +169,24 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                    calib_images: np.ndarray | None = None, parity_images: np.ndarray,
                    policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
                    tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True,
-                   converters: Converters | None = None) -> ExportResult:
+                   converters: Converters | None = None, golden_size: int = DEFAULT_GOLDEN_SIZE,
+                   polygraphy_goldens: bool = False) -> ExportResult:
     """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
     `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
     golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
     is `precision`; other artifacts (e.g. the OpenVINO FP16 IR) use their precision's default gate.
     `converters` maps (format, precision) to the FP32 -> reduced-precision converter, needed for ONNX / TensorRT
     below FP32 and OpenVINO INT8 (e.g. singer_deploy.calibration.converters.export_converters()).
+    The bundles share one reference set (`goldens/reference/`: the first `golden_size` parity images and their
+    eager outputs), also written in Polygraphy's formats when `polygraphy_goldens` (export/polygraphy_goldens.py).
     Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
     """
     precision = normalize_precision(precision)
     converters = _converter_table(converters)
     names = _plan(formats, precision, converters)
+    if isinstance(golden_size, bool) or not isinstance(golden_size, int) or golden_size < 1:
+        raise ConfigError("golden_size must be a positive integer", expected="an int >= 1 (default "
+                          f"{DEFAULT_GOLDEN_SIZE})", found=repr(golden_size), fix="e.g. golden_size=32")
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     # Device rule (singer_deploy.devices): exporters, the eager reference and the goldens work on an fp32 CPU copy,
     # wherever the caller's student lives (e.g. still on the training GPU); the caller's module is not touched.
@@ -191,23 +206,65 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
 
     records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config,
                           converters)
+    goldens = None
+    if write_goldens:
+        with stage(f"goldens: shared reference set of {min(golden_size, len(parity_images))} images"
+                   f"{' (+ Polygraphy format)' if polygraphy_goldens else ''}"):
+            goldens = _GoldenSet.write(out_dir / "goldens", parity_images, ref_outputs, golden_size, wrapper,
+                                       polygraphy_goldens)
     for record in records:
         # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
+        log.info("parity: %s on %d images", record.key, len(parity_images))
         runner = open_runner(record.path).load()
         gate = policy if (policy is not None and record.precision == precision) else \
             ParityPolicy.for_precision(record.precision)
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
                                         candidate_name=record.key)
         record.runner_info, record.runner = dict(runner.info), runner
-        if write_goldens:
-            record.golden_dir = write_golden(out_dir / "goldens" / record.key.replace("/", "-"),
-                                             inputs=parity_images, reference_outputs=ref_outputs, policy=gate,
-                                             artifact_path=record.path, model=wrapper, device=runner_device(runner),
-                                             extra={"artifact_key": record.key, "exporter": record.exporter})
+        if goldens is not None:
+            record.golden_dir = goldens.bundle(record, gate, wrapper, runner_device(runner))
     result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference)
     result.manifest_path = out_dir / MANIFEST_NAME
     atomic_write_json(result.manifest_path, result.to_dict())  # strict JSON: a NaN metric becomes "NaN"
     return result
+
+
+@dataclass
+class _GoldenSet:
+    """The reference set every artifact's bundle points at (written once per export)."""
+
+    root: Path
+    arrays: Path
+    outputs: dict[str, np.ndarray]
+    polygraphy: bool
+
+    @classmethod
+    def write(cls, root: Path, images: np.ndarray, outputs: dict[str, np.ndarray], size: int, model: nn.Module,
+              polygraphy: bool) -> "_GoldenSet":
+        images, outputs = images[:size], {k: v[:size] for k, v in outputs.items()}
+        arrays = write_reference(root / REFERENCE_DIR, inputs=images, reference_outputs=outputs, model=model)
+        if polygraphy:
+            write_polygraphy_reference(root / REFERENCE_DIR, images, outputs)
+        return cls(root, arrays, outputs, polygraphy)
+
+    def bundle(self, record: ArtifactRecord, gate: ParityPolicy, model: nn.Module, device: str) -> Path:
+        extra = {"artifact_key": record.key, "exporter": record.exporter}
+        command = polygraphy_command(record.path, self.root / REFERENCE_DIR, gate, self.outputs) \
+            if self.polygraphy else None
+        if command is not None:
+            extra["polygraphy_command"] = command_line(command)
+        return write_golden(self.root / record.key.replace("/", "-"), reference=self.arrays, policy=gate,
+                            artifact_path=record.path, model=model, device=device, extra=extra)
+
+
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+    """A log line when an export / quantize / build stage starts and one with its time when it ends: these steps
+    take minutes on real models, and the CLI shows singer_deploy's INFO log."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
@@ -217,14 +274,17 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     records: list[ArtifactRecord] = []
     onnx_fp32 = None
     if {"onnx", "openvino", "tensorrt"} & set(names):
-        exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
+        with stage(f"export: ONNX fp32 (torch.onnx, opset {opset}) -> {out_dir / f'{stem}.onnx'}"):
+            exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
         onnx_fp32 = ArtifactRecord("onnx/fp32", "onnx", "fp32", exported.path, f"torch.onnx {exported.exporter}",
                                    exported.seconds)
     onnx_target = onnx_fp32
     if onnx_fp32 is not None and precision != "fp32" and {"onnx", "tensorrt"} & set(names):
         start = time.perf_counter()
         convert = converters[("onnx", precision)]
-        path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
+        with stage(f"{'quantize' if precision == 'int8' else 'convert'}: ONNX {precision} "
+                   f"({_converter_name(convert)}) -> {out_dir / f'{stem}_{precision}.onnx'}"):
+            path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
         onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path), _converter_name(convert),
                                      time.perf_counter() - start)
     if "onnx" in names:
@@ -234,15 +294,17 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
-        built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
-                             config=tensorrt_config)
+        with stage(f"build: TensorRT {precision} engine from {onnx_target.path.name}"):
+            built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
+                                 config=tensorrt_config)
         records.append(ArtifactRecord(f"tensorrt/{precision}", "tensorrt", precision, built.engine_path,
                                       f"tensorrt {built.tensorrt_version} (from {onnx_target.path.name})",
                                       built.seconds))
     if "torch_tensorrt" in names:
         from singer_deploy.export.torch_tensorrt import compile_torch_tensorrt
 
-        compiled = compile_torch_tensorrt(wrapper, out_dir / f"{stem}_{precision}.ep", precision=precision)
+        with stage(f"build: Torch-TensorRT {precision} program"):
+            compiled = compile_torch_tensorrt(wrapper, out_dir / f"{stem}_{precision}.ep", precision=precision)
         records.append(ArtifactRecord(f"torch_tensorrt/{precision}", "torch_tensorrt", precision, compiled.path,
                                       f"torch_tensorrt {compiled.version}", compiled.seconds))
     return records
@@ -259,7 +321,8 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
                      converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     from singer_deploy.export.openvino import export_openvino
 
-    ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
+    with stage(f"export: OpenVINO IR fp32 + fp16 from {onnx_fp32.path.name}"):
+        ir = export_openvino(onnx_fp32.path, out_dir, stem=stem)
     how = "openvino.convert_model(onnx) + save_model"
     records = [ArtifactRecord("openvino/fp32", "openvino", "fp32", ir.fp32_xml, f"{how}(compress_to_fp16=False)",
                               ir.seconds),
@@ -268,7 +331,8 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
     if precision == "int8":
         start = time.perf_counter()
         convert = converters[("openvino", precision)]
-        path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
+        with stage(f"quantize: OpenVINO {precision} ({_converter_name(convert)})"):
+            path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
         records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
                                       _converter_name(convert), time.perf_counter() - start))
     return records

@@ -11,6 +11,7 @@ NULLSPACE_RULES = ("smallest", "official")
 OUTLIER_TARGETS = ("quantile", "median")
 INFO_VARIANTS = ("reference", "paper")
 METHODS = ("singer", "fitnet")
+TRAIN_LOGGERS = ("jsonl", "tensorboard")   # singer_deploy/train/loggers.py
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     device: str = "auto"             # where training runs (singer_deploy/devices.py: the device rule)
     workers: int | None = None       # DataLoader worker processes; None: 0 on CPU, up to 8 per GPU process
+    loggers: tuple[str, ...] = ("jsonl",)   # + "tensorboard": the same scalars via torch's SummaryWriter
 
     def __post_init__(self):
         choices = {"method": METHODS, "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
@@ -124,6 +126,12 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"TrainConfig.{key} has an unknown value", expected=" or ".join(allowed),
                                   found=repr(getattr(self, key)), fix=f"set {key}={allowed[0]!r}")
+        unknown = [name for name in self.loggers if name not in TRAIN_LOGGERS]
+        if unknown or "jsonl" not in self.loggers:
+            raise ConfigError("TrainConfig.loggers has an unknown or missing entry",
+                              expected=f"a list from {', '.join(TRAIN_LOGGERS)} that includes jsonl (resume and the "
+                              "report read metrics.jsonl)", found=repr(list(self.loggers)),
+                              fix="e.g. loggers: [jsonl, tensorboard]")
         for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

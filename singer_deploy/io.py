@@ -42,7 +42,7 @@ def storage_error(err: OSError, path: str | Path, action: str) -> StorageError:
                         found=f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}", fix=fix)
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """The mode a plain open() would give a new file (0666 minus the umask): mkstemp's 0600 would hide results."""
     umask = os.umask(0)
     os.umask(umask)
@@ -56,7 +56,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        os.fchmod(handle, _file_mode())
+        os.fchmod(handle, file_mode())
         os.close(handle)
     except OSError as err:
         raise storage_error(err, path, "write") from err

@@ -46,7 +46,7 @@ def finished(tmp_path_factory):
 def test_pipeline_writes_a_self_explaining_run_directory(finished):
     out = finished.out_dir
     assert finished.passed
-    for name in ("manifest.json", "student.safetensors", "projectors.safetensors", "refiner.safetensors",
+    for name in ("manifest.json", "student/model.safetensors", "student/config.json", "projectors.safetensors", "refiner.safetensors",
                  "refined_teacher.safetensors", "metrics.jsonl", "report.html", "export/student.onnx"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
@@ -169,3 +169,53 @@ def test_cli_help_reads_well(capsys):
     out = capsys.readouterr().out
     for command in ("demo", "run", "distill", "export", "bench", "verify", "check-config"):
         assert command in out
+
+
+def test_run_student_folder_is_a_timm_model_with_a_model_card(finished):
+    """timm.create_model("local-dir:<run>/student") rebuilds the run's student: same raw last-block features as the
+    exported artifacts were checked against; its README.md is the model card with the run's own numbers."""
+    import numpy as np
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from singer_deploy.export.golden import open_runner
+
+    student_dir = finished.out_dir / "student"
+    model = timm.create_model(f"local-dir:{student_dir}", pretrained=True).eval()
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        tokens = model.forward_intermediates(torch.from_numpy(images), indices=[-1], norm=False,
+                                             intermediates_only=True, output_fmt="NLC")[0]
+    onnx_out = open_runner(finished.out_dir / "export" / "student.onnx").load().run(images)
+    np.testing.assert_allclose(tokens.numpy(), onnx_out["patch_tokens"], atol=1e-4)   # timm drops the prefix tokens
+    saved = load_file(str(student_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    card = (student_dir / "README.md").read_text()
+    assert "vit_tiny_patch16_224 distilled from planted (singer)" in card
+    assert f'timm.create_model("local-dir:{student_dir}", pretrained=True)' in card
+    assert "Layers (teacher -> student): [4, 7] -> " in card
+    for row in finished.parity:  # the card's parity table carries the run's measured numbers
+        assert f"| {row['candidate']} | {row['precision']} | {row['output']} | {row['token_cos_min']:.6g}" in card
+    assert "| pytorch/fp32 |" in card and "hnr_4" in card and "synthetic shapes" in card
+
+
+def test_cli_bench_options(finished, capsys):
+    assert main(["bench", str(finished.out_dir), "--formats", "onnx", "--batch-sizes", "1", "2", "--threads", "1",
+                 "--time-budget", "2"]) == EXIT_OK
+    table = capsys.readouterr().out
+    runners = {line.split("|")[1].strip() + "@" + line.split("|")[2].strip()
+               for line in table.splitlines() if line.startswith("| ") and not line.startswith("| runner")}
+    assert runners == {"pytorch/fp32@1", "onnx/fp32@1", "pytorch/fp32@2", "onnx/fp32@2"}   # no openvino rows
+    assert main(["bench", str(finished.out_dir), "--formats", "tensorrt"]) == EXIT_INPUT
+
+
+def test_cli_overrides_on_run_are_validated_like_yaml(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(TINY))   # JSON is YAML
+    assert main(["run", str(config), "train.stpes=2", "--out-dir", str(tmp_path / "never")]) == EXIT_INPUT
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert main(["check-config", str(config), "train.steps=2", "export.golden_size=4", "--print"]) == EXIT_OK
+    printed = capsys.readouterr()
+    assert "steps: 2\n" in printed.out and "golden_size: 4\n" in printed.out and "ok" in printed.err

@@ -59,7 +59,7 @@ def test_writes_markdown_and_json_with_method_and_reference_rows(comparison):
     for method in methods:
         assert f"| {method} |" in markdown
     for run in comparison.runs.values():
-        assert (run.out_dir / "student.safetensors").is_file()
+        assert (run.out_dir / "student" / "model.safetensors").is_file()
 
 
 def test_columns_measure_what_they_say(comparison):

@@ -126,7 +126,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, data,
     assert state["step"] == 3
     for tensors in state["modules"].values():
         assert all(torch.isfinite(t).all() for t in tensors.values())
-    assert not (tmp_path / "student.safetensors").exists()
+    assert not (tmp_path / "student" / "model.safetensors").exists()
     # The fix the error names works: resuming on clean data ends where an uninterrupted run ends.
     resumed = distill(teacher, make_student(), data, tmp_path, layers=LAYERS, singer=SINGER, train=train_config(),
                       progress=False)
@@ -253,7 +253,8 @@ def test_torchrun_two_gloo_processes(small_planted, teacher, data, tmp_path):
     assert "rank 0 of 2 done" in done.stdout and "rank 1 of 2 done" in done.stdout
     for method, files in (("fitnet", ["student", "projectors"]), ("singer", ["student", "projectors", "refiner"])):
         for name in files:
-            assert (out / method / f"{name}.safetensors").is_file()
+            assert (out / method / name / "model.safetensors" if name == "student"
+                    else out / method / f"{name}.safetensors").is_file()
         assert (out / method / "distill_config.json").is_file()
         assert [r["step"] for r in read_jsonl(out / method / METRICS_LOG)] == [1, 2, 3, 4]
     # Two ranks of 4 images read disjoint halves of the global batch of 8 and average gradients: FitNet's plain MSE
@@ -261,7 +262,7 @@ def test_torchrun_two_gloo_processes(small_planted, teacher, data, tmp_path):
     single = distill(teacher, make_student(), data, tmp_path / "single", layers=LAYERS, singer=SINGER,
                      train=train_config(method="fitnet", steps=4, batch_size=8, checkpoint_every=2),
                      progress=False)
-    ddp_student = load_file(str(out / "fitnet" / "student.safetensors"))
+    ddp_student = load_file(str(out / "fitnet" / "student" / "model.safetensors"))
     single_student = {k: v for k, v in single.student.model.state_dict().items()}
     assert_same_tensors(ddp_student, single_student, atol=2e-5)
 

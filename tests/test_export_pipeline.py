@@ -36,6 +36,25 @@ def test_onnx_and_openvino_artifacts_pass_with_goldens_and_manifest(exported):
     result.raise_if_failed()
 
 
+def test_goldens_share_one_reference_set_of_the_chosen_size(exported, tmp_path):
+    student, images, result = exported
+    reference = result.out_dir / "goldens" / "reference"
+    assert sorted(p.name for p in reference.iterdir()) == ["golden.npz", "reference.json"]
+    assert json.loads((reference / "reference.json").read_text())["inputs"]["shape"] == [12, 3, 32, 32]
+    for record in result.artifacts.values():
+        assert not (record.golden_dir / "golden.npz").exists()
+        assert json.loads((record.golden_dir / "manifest.json").read_text())["arrays"] == "../reference/golden.npz"
+    small = export_student(student, tmp_path, ("onnx",), img_size=32, parity_images=images, golden_size=4,
+                           polygraphy_goldens=True)
+    bundle = json.loads((small.artifacts["onnx/fp32"].golden_dir / "manifest.json").read_text())
+    assert bundle["inputs"]["shape"] == [4, 3, 32, 32]
+    assert bundle["polygraphy_command"].startswith(f"polygraphy run {small.artifacts['onnx/fp32'].path} --onnxrt")
+    assert (tmp_path / "goldens" / "reference" / "polygraphy_outputs.json").is_file()
+    assert verify(small.artifacts["onnx/fp32"].path, small.artifacts["onnx/fp32"].golden_dir).passed
+    with pytest.raises(ConfigError, match="golden_size"):
+        export_student(student, tmp_path / "zero", ("onnx",), img_size=32, parity_images=images, golden_size=0)
+
+
 def test_a_policy_override_gates_its_precision_only_and_raises(exported, tmp_path):
     from singer_deploy.export.parity import ParityPolicy
 

@@ -62,7 +62,7 @@ def kill_in_phase(process: subprocess.Popen, out: Path, shows, delay_s: float) -
 
 
 def trained(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "student.safetensors"))
+    return load_file(str(out / "student" / "model.safetensors"))
 
 
 def test_runs_killed_at_random_points_complete_with_the_same_student(tmp_path):

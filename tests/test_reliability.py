@@ -113,14 +113,15 @@ def killed(tmp_path_factory) -> Path:
     from singer_deploy.train import loop
 
     root = tmp_path_factory.mktemp("killed")
-    real = loop.StreamSampler.batch
+    real, calls = loop.train_step, []
 
-    def killed_at_step_3(self, step):
-        if step == 2:
+    def killed_at_step_3(*args, **kwargs):
+        if len(calls) == 2:      # steps 0 and 1 ran (and were checkpointed); step 2 is interrupted
             raise KeyboardInterrupt
-        return real(self, step)
+        calls.append(1)
+        return real(*args, **kwargs)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop.StreamSampler, "batch", killed_at_step_3)
+        patch.setattr(loop, "train_step", killed_at_step_3)
         assert main(["distill", str(config_file(root)), "--out-dir", str(root / "run"), "--no-progress"]) == 130
     assert torch.load(root / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
     return root / "run"
@@ -519,7 +520,7 @@ def test_finished_run_files_are_strict_json_with_normal_modes(finished):
     out = finished
     umask = os.umask(0)
     os.umask(umask)
-    for name in ("manifest.json", "student.safetensors", "refiner.safetensors", "checkpoint.pt", "metrics.jsonl"):
+    for name in ("manifest.json", "student/model.safetensors", "refiner.safetensors", "checkpoint.pt", "metrics.jsonl"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
     def no_constants(name):

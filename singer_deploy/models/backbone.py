@@ -22,6 +22,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError
+from singer_deploy.models.hub import resolve_model_source
 from singer_deploy.models.weights import check_weights_file, load_weights_strict, resolve_cached_weights
 
 # Public API timm's VisionTransformer family (vit_*, deit3_*, *_dinov2, *_reg4_*, *_clip_*) shares; Backbone needs it.
@@ -146,12 +147,21 @@ def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, p
                   **timm_kwargs) -> Backbone:
     """Build a Backbone from a timm name (random init, local cache or local file) or wrap an existing model.
 
-    Weights load strictly and offline (models/weights.py): only the classifier head may differ from the file, and
-    `pretrained` reads the local caches only. `backbone.weights_report` says what was loaded.
+    Plain timm names: weights load strictly and offline (models/weights.py): only the classifier head may differ
+    from the file, and `pretrained` reads the local caches only; `backbone.weights_report` says what was loaded.
+    `hf-hub:` / `local-dir:` names load their folder's config and weights through timm, from local files only
+    (singer_deploy/models/hub.py).
     """
     if isinstance(name, nn.Module):
         return Backbone(name)
     timm_kwargs.setdefault("num_classes", 0)
+    source = resolve_model_source(name)
+    if source.has_weights:
+        if weights is not None:
+            raise ModelError(f"{name} brings its own weights", expected="a hub name or a weights file, not both",
+                             found=f"weights={weights}", fix="drop `weights`, or use the plain timm architecture name")
+        _check_model_name(source.architecture)
+        return Backbone(timm.create_model(source.create_name, pretrained=True, **timm_kwargs).eval())
     path = check_weights_file(weights) if weights is not None else None
     _check_model_name(name)
     try:

@@ -3,13 +3,15 @@
     config -> teacher + student + data -> distill -> merge (refined teacher) -> export + parity + goldens
            -> bench -> artifact analysis -> report.html + manifest.json
 
-The output directory explains itself: manifest.json (versions, hashes, config, timings, results), student weights,
-refined-teacher adapters, exported artifacts, goldens, metrics.jsonl and report.html.
+The output directory explains itself: manifest.json (versions, hashes, config, timings, results), the student as a
+timm folder with its model card (student/), refined-teacher adapters, exported artifacts, goldens, metrics.jsonl
+and report.html.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +28,9 @@ from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifact
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
                                        image_transform, stack_images)
-from singer_deploy.train.loop import DistillResult, distill
+from singer_deploy.reporting.model_card import write_model_card
+from singer_deploy.train.loop import STUDENT_DIR, DistillResult, distill
+from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
 from singer_deploy.method.refine import RefinedTeacher, Refiner
@@ -146,6 +150,9 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
             f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
+    files["model_card"] = write_model_card(out_dir / STUDENT_DIR, config=config.to_dict(), summary=summary,
+                                           distill_config=json.loads(result.files["distill_config"].read_text()),
+                                           parity=parity_rows, latency=latency_rows)
     passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
@@ -198,17 +205,20 @@ def build_models(config: RunConfig) -> Models:
     # The student first: it is cheap to build, so a wrong student name or kwargs fails before the teacher is built.
     # After the seed, a teacher without weights is reproducible too (a resumed run compares its hash).
     torch.manual_seed(config.train.seed)
-    student = _load(config.student)
+    student = load_model(config.student, "student")
     planted = None
     if config.teacher.name == PLANTED:
         planted = build_planted_teacher(PlantedConfig(**config.teacher.planted))
         teacher = planted.backbone
     else:
-        teacher = _load(config.teacher)
+        teacher = load_model(config.teacher, "teacher")
     return Models(teacher, student, planted)
 
 
-def _load(spec: ModelSpec) -> Backbone:
+def load_model(spec: ModelSpec, role: str) -> Backbone:
+    if spec.name == PLANTED:
+        raise ConfigError(f"{role}.name: the planted model is a teacher only", expected="a timm ViT name",
+                          found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
     return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
 
 
@@ -257,11 +267,13 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
     return export_model(result.student, result.projectors.last, out_dir, eval_images,
                         formats=config.export.formats, precision=config.export.precision,
-                        calibration_size=config.export.calibration_size)
+                        calibration_size=config.export.calibration_size, golden_size=config.export.golden_size,
+                        polygraphy_goldens=config.export.polygraphy_goldens)
 
 
-def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_images: np.ndarray, *,
-                 formats: Sequence[str], precision: str, calibration_size: int) -> ExportResult:
+def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, eval_images: np.ndarray, *,
+                 formats: Sequence[str], precision: str, calibration_size: int, golden_size: int = 32,
+                 polygraphy_goldens: bool = False) -> ExportResult:
     """export_student with calibration's reduced-precision converters: where the pipeline composes the two."""
     from singer_deploy.calibration.converters import export_converters
     from singer_deploy.export.formats import normalize_precision
@@ -270,19 +282,21 @@ def export_model(student: Backbone, projector: nn.Module, out_dir: Path, eval_im
     calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None
     return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
                           precision=precision, calib_images=calib, parity_images=eval_images,
-                          converters=export_converters())
+                          converters=export_converters(), golden_size=golden_size,
+                          polygraphy_goldens=polygraphy_goldens)
 
 
 def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndarray, *,
-          artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None) -> list[dict]:
+          artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None,
+          batch: int = 1, iters: int = 20) -> list[dict]:
     """Latency of each runner next to the eager PyTorch `reference` ("pytorch/fp32"), same inputs, same run.
 
     Pass the runners an export already opened (ExportResult.runners / .reference): they hold parity's settings.
     """
     from singer_deploy.export.bench import add_ratios, benchmark_runners
 
-    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=20, artifacts=dict(artifacts or {}),
-                             build_seconds=dict(build_seconds or {}))
+    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=iters,
+                             artifacts=dict(artifacts or {}), build_seconds=dict(build_seconds or {}), batch=batch)
     return add_ratios(rows, EAGER)
 
 

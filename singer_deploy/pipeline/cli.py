@@ -6,6 +6,7 @@ for a bad input: every error this SDK raises on purpose is a SingerDeployError w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from importlib import resources
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from singer_deploy import __version__
-from singer_deploy.errors import (EXIT_BACKEND, EXIT_INPUT, EXIT_IO, EXIT_OK, EXIT_PARITY, EXIT_TRAINING, ParityError,
-                                  SingerDeployError, TrainingError, exit_code)
+from singer_deploy.errors import (EXIT_BACKEND, EXIT_INPUT, EXIT_IO, EXIT_OK, EXIT_PARITY, EXIT_TRAINING, ConfigError,
+                                  ParityError, SingerDeployError, TrainingError, exit_code)
 from singer_deploy.pipeline.runconfig import read_config_file
 
 if TYPE_CHECKING:
@@ -30,8 +31,17 @@ def demo_config_path() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may stand anywhere after the command (also after options such as --formats a b):
+    # argparse assigns positionals before it sees later ones, so the leftovers are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # Our own progress lines (export / quantize / build stages, resume, bench) always show; -v adds the libraries'.
+    logging.getLogger("singer_deploy").setLevel(logging.INFO)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -58,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                     "ONNX / OpenVINO / TensorRT with parity checks.",
         epilog="Exit codes: 0 ok, 1 parity gate failed, 2 bad input/config, 3 backend unavailable, 4 training stopped, "
                "5 I/O problem (disk full, read-only, out_dir a file or in use), 70 internal error, 130 interrupted.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log the libraries' progress details")
     parser.add_argument("--version", action="version", version=f"singer-deploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -70,37 +80,69 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run distill -> merge -> export -> verify -> bench -> report from a YAML config")
     run.add_argument("config", help="YAML config (see examples/)")
+    _overrides_argument(run)
     run.add_argument("--out-dir", default=None, help="override out_dir from the config")
     _common_run_flags(run)
     run.set_defaults(handler=_cmd_run)
 
     distill = sub.add_parser("distill", help="distil and merge only (no export): student, refined teacher, report")
     distill.add_argument("config", help="YAML config (see examples/)")
+    _overrides_argument(distill)
     distill.add_argument("--out-dir", default=None, help="override out_dir from the config")
     _common_run_flags(distill)
     distill.set_defaults(handler=_cmd_distill)
 
-    check = sub.add_parser("check-config", help="validate a YAML config without running anything")
+    check = sub.add_parser("check-config", help="validate a YAML config (and KEY=VALUE overrides) without running")
     check.add_argument("config")
+    _overrides_argument(check)
+    check.add_argument("--print", action="store_true", dest="print_config",
+                       help="print the resolved config (defaults filled in) as YAML")
     check.set_defaults(handler=_cmd_check)
 
-    export = sub.add_parser("export", help="export a distilled student (student.safetensors) to deployable formats")
-    export.add_argument("run_dir", help="a run directory written by `run`/`demo` (holds manifest.json)")
+    export = sub.add_parser("export", help="export a distilled student (RUN_DIR/student/), or any timm ViT as it is "
+                                           "(NAME [--weights FILE]), to deployable formats with parity and goldens")
+    export.add_argument("source", help="a run directory written by `run`/`demo`, or a timm ViT name "
+                                       "(vit_small_patch14_dinov2, hf-hub:org/name, local-dir:PATH)")
+    _overrides_argument(export)
+    export.add_argument("--weights", default=None, help="local weights file for a timm name (no download)")
+    export.add_argument("--images", default=None, help="image folder for parity and goldens of a timm model "
+                                                       "(default: synthetic shapes)")
     export.add_argument("--formats", nargs="+", default=["onnx", "openvino"], help="e.g. onnx openvino trt")
     export.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or int8")
-    export.add_argument("--out", default=None, help="output folder (default RUN_DIR/export-PRECISION)")
+    export.add_argument("--out", default=None, help="output folder (default RUN_DIR/export-PRECISION, or "
+                                                    "exports/NAME-PRECISION for a timm model)")
     export.set_defaults(handler=_cmd_export)
 
     bench = sub.add_parser("bench", help="latency of a run's exported artifacts next to eager PyTorch, as a table")
     bench.add_argument("run_dir", help="a finished run directory with an export/ folder")
+    bench.add_argument("--formats", nargs="+", default=None, help="only these formats' artifacts (default all)")
+    bench.add_argument("--batch-sizes", nargs="+", type=int, default=[1], help="one table per batch size")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads (PyTorch, ORT, OpenVINO)")
+    bench.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="pick the number of timed calls so the benchmark takes about this long")
     bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
     bench.set_defaults(handler=_cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="what this machine can run: runtimes, providers, devices, CPU, CUDA, "
+                                           "TensorRT, and what each export format is missing")
+    doctor.set_defaults(handler=_cmd_doctor)
 
     verify = sub.add_parser("verify", help="re-run an exported artifact against a golden bundle; non-zero on drift")
     verify.add_argument("artifact", help=".onnx, .xml (OpenVINO IR) or .engine file")
     verify.add_argument("bundle", help="golden bundle folder (RUN_DIR/export/goldens/...)")
     verify.set_defaults(handler=_cmd_verify)
     return parser
+
+
+def _overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.steps=100 export.precision=fp16 (YAML values)")
+
+
+def _config_with_overrides(path: str | Path, overrides: list[str]) -> dict:
+    from singer_deploy.pipeline.overrides import apply_overrides
+
+    return apply_overrides(read_config_file(Path(path)), overrides)
 
 
 def _common_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,12 +166,12 @@ def _cmd_demo(args) -> int:
 
 def _cmd_run(args) -> int:
     overrides = {"out_dir": args.out_dir} if args.out_dir else {}
-    return _run(read_config_file(Path(args.config)), overrides, args)
+    return _run(_config_with_overrides(args.config, args.overrides), overrides, args)
 
 
 def _cmd_distill(args) -> int:
     overrides = {"out_dir": args.out_dir} if args.out_dir else {}
-    config = read_config_file(Path(args.config))
+    config = _config_with_overrides(args.config, args.overrides)
     config["export"] = {**config.get("export", {}), "formats": []}
     return _run(config, overrides, args)
 
@@ -139,8 +181,9 @@ def _cmd_bench(args) -> int:
     from singer_deploy.io import atomic_write_text
     from singer_deploy.pipeline.export_only import bench_run
 
-    rows = bench_run(Path(args.run_dir))
-    print(markdown_table(rows, ["runner", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "size_mb",
+    rows = bench_run(Path(args.run_dir), formats=args.formats, batch_sizes=args.batch_sizes, threads=args.threads,
+                     time_budget_s=args.time_budget)
+    print(markdown_table(rows, ["runner", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "size_mb",
                                 "speedup_vs_pytorch/fp32"]))
     if args.json:
         atomic_write_text(args.json, to_json(rows))
@@ -180,20 +223,49 @@ def _inline(value) -> str:
 
 
 def _cmd_check(args) -> int:
+    import yaml
+
     from singer_deploy.pipeline.api import prepare
     from singer_deploy.pipeline.runconfig import load_run_config
 
-    config = load_run_config(Path(args.config))
+    config = load_run_config(_config_with_overrides(args.config, args.overrides))
+    if args.print_config:
+        print(yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False), end="")
     models, train_data, eval_images = prepare(config)  # what `run` checks before it touches a directory
-    print(f"{args.config}: ok (teacher {config.teacher.name}, student {config.student.name}, "
-          f"{len(train_data)} training / {len(eval_images)} evaluation images)")
+    print(f"{args.config}{' with ' + ' '.join(args.overrides) if args.overrides else ''}: ok "
+          f"(teacher {config.teacher.name}, student {config.student.name}, "
+          f"{len(train_data)} training / {len(eval_images)} evaluation images)",
+          file=sys.stderr if args.print_config else sys.stdout)
+    return EXIT_OK
+
+
+def _cmd_doctor(args) -> int:
+    from singer_deploy.pipeline.doctor import doctor_report
+
+    print(doctor_report())
     return EXIT_OK
 
 
 def _cmd_export(args) -> int:
-    from singer_deploy.pipeline.export_only import export_run
+    from singer_deploy.pipeline.rundir import MANIFEST
+    from singer_deploy.pipeline.export_only import export_run, export_timm_model
+    from singer_deploy.pipeline.overrides import apply_overrides
+    from singer_deploy.pipeline.runconfig import load_run_config
 
-    result = export_run(Path(args.run_dir), args.formats, args.precision, Path(args.out) if args.out else None)
+    source = Path(args.source)
+    if (source / MANIFEST).is_file():
+        if args.weights or args.images or args.overrides:
+            raise ConfigError("--weights, --images and KEY=VALUE apply to exporting a timm model",
+                              expected="a timm name with them, or a run directory alone", found=str(source),
+                              fix="drop them: a run directory exports its own student on its own images")
+        result = export_run(source, args.formats, args.precision, Path(args.out) if args.out else None)
+    else:
+        raw = {"student": {"name": args.source, "weights": args.weights},
+               "data": {"source": args.images or "synthetic"},
+               "export": {"formats": args.formats, "precision": args.precision}}
+        config = load_run_config(apply_overrides(raw, args.overrides))
+        name = args.source.replace(":", "-").replace("/", "-").strip("-")
+        result = export_timm_model(config, Path(args.out or f"exports/{name}-{config.export.precision}"))
     for key, record in result.artifacts.items():
         print(f"{key}: {record.path} parity {'pass' if record.parity.passed else 'FAIL'}")
     result.raise_if_failed()

@@ -1,8 +1,10 @@
-"""Reopen a finished run directory: its config, distilled student and projector, for export-only workflows."""
+"""Export-only workflows: reopen a finished run directory (its config, distilled student and projector) to export
+or benchmark it again, or export any timm ViT as it is (name + local weights) without distilling."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -13,12 +15,16 @@ from torch import nn
 from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
-from singer_deploy.pipeline.api import bench, build_data, build_models, export_model
+from singer_deploy.models.hub import WEIGHTS_NAME
+from singer_deploy.pipeline.api import bench, build_data, build_models, export_model, load_model
 from singer_deploy.pipeline.rundir import MANIFEST
 from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
+from singer_deploy.train.loop import STUDENT_DIR
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
+
+log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]:
@@ -29,7 +35,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]
                           found="no manifest.json", fix="point at the out_dir of a completed `run` or `demo`")
     config = load_run_config(json.loads(manifest_path.read_text())["config"])
     models = build_models(config)
-    models.student.model.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    models.student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
     projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
     _, eval_images = build_data(config, models.teacher)
     return config, models.student.eval(), projector.eval(), eval_images
@@ -39,11 +45,33 @@ def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: P
     """Export a finished run's student (+ last-layer projector) with parity on its held-out images."""
     config, student, projector, eval_images = load_run(run_dir)
     return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images,
-                        formats=formats, precision=precision, calibration_size=config.export.calibration_size)
+                        formats=formats, precision=precision, calibration_size=config.export.calibration_size,
+                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
 
 
-def bench_run(run_dir: Path) -> list[dict]:
-    """Benchmark the artifacts a run exported (listed in export/export_manifest.json) next to eager PyTorch."""
+def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
+    """Export `config.student` as it is (any timm ViT name + optional local weights, or a hf-hub: / local-dir:
+    name): no distillation, no projector. Parity and goldens use `config.data`'s held-out images (synthetic shapes
+    unless data.source names an image folder)."""
+    student = load_model(config.student, "export")
+    _, eval_images = build_data(config, student)
+    return export_model(student, None, out_dir, eval_images, formats=config.export.formats,
+                        precision=config.export.precision, calibration_size=config.export.calibration_size,
+                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
+
+
+def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1,),
+              threads: int | None = None, time_budget_s: float | None = None) -> list[dict]:
+    """Benchmark the artifacts a run exported (listed in export/export_manifest.json) next to eager PyTorch.
+
+    formats: only these formats' artifacts; batch_sizes: one latency table per batch size; threads: intra-op
+    threads of PyTorch, ONNX Runtime and OpenVINO; time_budget_s: timed calls per runner chosen so the whole
+    benchmark takes about this long (estimated from one timed call per runner; at least 3 calls each).
+    """
+    import torch
+
+    from singer_deploy.export.bench import tile_batch
+    from singer_deploy.export.formats import format_for_path, resolve_format
     from singer_deploy.export.golden import open_runner
     from singer_deploy.export.pipeline import MANIFEST_NAME
     from singer_deploy.export.runner import TorchRunner
@@ -52,7 +80,41 @@ def bench_run(run_dir: Path) -> list[dict]:
     if not listing.is_file():
         raise ConfigError("The run has no exported artifacts", expected=str(listing), found="no export manifest",
                           fix="run `singer-deploy export RUN_DIR` first")
+    exported = json.loads(listing.read_text())["artifacts"]
+    artifacts = {key: Path(a["path"]) for key, a in exported.items()}
+    if formats:
+        wanted = {resolve_format(name).name for name in formats}
+        artifacts = {key: path for key, path in artifacts.items() if format_for_path(path).name in wanted}
+        if not artifacts:
+            raise ConfigError("The run exported none of the requested formats", expected=", ".join(sorted(wanted)),
+                              found=", ".join(exported),
+                              fix="drop --formats or export those formats first")
+    if threads:
+        torch.set_num_threads(threads)
     _, student, projector, eval_images = load_run(run_dir)
-    artifacts = {key: Path(a["path"]) for key, a in json.loads(listing.read_text())["artifacts"].items()}
-    return bench(TorchRunner(student.model.eval(), projector=projector),
-                 {key: open_runner(path) for key, path in artifacts.items()}, eval_images, artifacts=artifacts)
+    reference = TorchRunner(student.model.eval(), projector=projector)
+    runners = {key: open_runner(path, **({"num_threads": threads} if threads and format_for_path(path).name
+                                         in ("onnx", "openvino") else {}))
+               for key, path in artifacts.items()}
+    rows = []
+    for batch in batch_sizes:
+        images = tile_batch(eval_images, batch)
+        iters = _iters_for_budget([reference, *runners.values()], images, time_budget_s / len(batch_sizes)) \
+            if time_budget_s else 20
+        log.info("bench: batch %d, %d timed calls per runner", batch, iters)
+        rows += bench(reference, runners, images, artifacts=artifacts, batch=batch, iters=iters)
+    return rows
+
+
+def _iters_for_budget(runners: list, images: np.ndarray, budget_s: float) -> int:
+    """Timed calls per runner that fit `budget_s`, from one warm call each (warm-up and throughput calls of
+    benchmark_runners counted as 15 more calls)."""
+    import time
+
+    per_call = 0.0
+    for runner in runners:
+        runner.load().run(images)
+        start = time.perf_counter()
+        runner.run(images)
+        per_call += time.perf_counter() - start
+    return max(3, min(500, int(budget_s / max(per_call, 1e-6)) - 15))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ PLANTED = "planted"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A timm model name (or "planted" for the built-in planted-artifact teacher), with optional local weights."""
+    """A timm model name (or "planted" for the built-in planted-artifact teacher), with optional local weights.
+
+    timm's sources work too: `local-dir:/path` (config.json + weights) and `hf-hub:org/name`, resolved from the
+    local Hugging Face cache only (singer_deploy/models/hub.py); they bring their own weights."""
 
     name: str = PLANTED
     weights: str | None = None
@@ -59,6 +63,8 @@ class ExportSpec:
     precision: str = "fp32"
     calibration_size: int = 64     # images for INT8 calibration (the field's advice for ViTs is a few hundred)
     benchmark: bool = True
+    golden_size: int = 32          # images in the run's shared golden reference set (all artifacts point at it)
+    polygraphy_goldens: bool = False   # also write the goldens in Polygraphy's formats (needs polygraphy)
 
 
 @dataclass(frozen=True)
@@ -190,12 +196,25 @@ def _check_combinations(config: RunConfig) -> None:
     precision = normalize_precision(config.export.precision)
     for fmt in formats:
         check_precision(fmt, precision)
+    if "tensorboard" in config.train.loggers and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.loggers: tensorboard is not installed", expected="the tensorboard package",
+                          found="no module named tensorboard",
+                          fix="pip install 'singer-deploy[tensorboard]', or drop tensorboard from train.loggers")
+    if config.export.golden_size < 1:
+        raise ConfigError("export.golden_size must be at least 1", expected="an int >= 1 (default 32)",
+                          found=str(config.export.golden_size), fix="e.g. golden_size: 32")
     if precision == "int8" and config.export.calibration_size < 1:
         raise ConfigError("export.precision: INT8 needs calibration data", expected="export.calibration_size >= 1",
                           found=str(config.export.calibration_size), fix="set calibration_size (e.g. 300)")
     if config.data.source != "synthetic" and not Path(config.data.source).expanduser().exists():
         raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
                           found=config.data.source, fix="check the path")
+    from singer_deploy.models.hub import is_hub_name, resolve_model_source
+
+    for role in ("teacher", "student"):
+        spec = getattr(config, role)
+        if is_hub_name(spec.name):
+            resolve_model_source(spec.name)  # a missing folder or cache entry fails here, before any work
     if config.teacher.name == PLANTED:
         from singer_deploy.models.planted import PlantedConfig
 

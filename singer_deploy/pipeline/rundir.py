@@ -36,7 +36,8 @@ MARKER = ".singer-deploy-run.json"         # written first: this tool created th
 LOCK = ".singer-deploy.lock"
 # What a run writes at the top of its directory; `overwrite` deletes a marked directory only if it holds nothing else.
 RUN_ENTRIES = {MANIFEST, MARKER, LOCK, "checkpoint.pt", "metrics.jsonl", "distill_config.json", "report.html",
-               "student.safetensors", "projectors.safetensors", "refiner.safetensors", "refined_teacher.safetensors"}
+               "projectors.safetensors", "refiner.safetensors", "refined_teacher.safetensors"}
+RUN_FOLDERS = {"student", "tensorboard"}   # the timm-format student (train/loop.py) and train.loggers' TensorBoard
 RUN_FOLDER_PREFIX = "export"               # export/ and export-PRECISION/ (singer-deploy export RUN_DIR)
 
 
@@ -187,7 +188,7 @@ def _empty_run_dir(out_dir: Path) -> None:
 
 def _written_by_a_run(entry: Path) -> bool:
     if entry.is_dir() and not entry.is_symlink():
-        return entry.name.startswith(RUN_FOLDER_PREFIX)
+        return entry.name in RUN_FOLDERS or entry.name.startswith(RUN_FOLDER_PREFIX)
     return entry.name in RUN_ENTRIES or (entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX))
 
 

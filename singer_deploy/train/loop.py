@@ -28,6 +28,8 @@ from singer_deploy.devices import autocast_for, compute_dtype, training_device
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
+from singer_deploy.models.hub import save_timm_dir
+from singer_deploy.train.loggers import open_loggers
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
@@ -37,12 +39,13 @@ from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.train.feed import StreamSampler, step_batches
 from singer_deploy.train.checkpoint import (apply_learning_rates, check_finite_teacher, fingerprint,
-                                            resume_changes, run_identity)
+                                            nonfinite_loss_error, resume_changes, run_identity)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
+STUDENT_DIR = "student"
 
 
 @dataclass
@@ -147,6 +150,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, run, resume)
     if rank == 0:
         _trim_jsonl(out_dir / METRICS_LOG, start)  # from 0 too: a restarted run must not keep the old records
+    # Every logger flushes each record, so a run that stops early leaves complete logs up to its last record.
+    loggers = open_loggers(train.loggers, out_dir, out_dir / METRICS_LOG, resumed_at=start) if rank == 0 else []
 
     runner: nn.Module = module
     if world > 1:
@@ -174,11 +179,14 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             skipped.check()
         if rank == 0 and log_due:
             record = _log_record(done, terms, scheduler, seen / (time.perf_counter() - began), module)
-            _append_jsonl(out_dir / METRICS_LOG, record)
+            for logger in loggers:
+                logger.log(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
         if rank == 0 and checkpoint_due:
             _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, run)
     seconds = time.perf_counter() - began
+    for logger in loggers:
+        logger.close()
     diagnostics = _diagnostics(module)
     files = _save_outputs(out_dir, module, singer, train, diagnostics, run["history"]) if rank == 0 else {}
     if world > 1:
@@ -228,15 +236,8 @@ class NonFiniteWatch:
         if first == self.never:
             return
         checkpoint = out_dir / CHECKPOINT
-        kept = (f"the last good checkpoint in {out_dir} (step "
-                f"{torch.load(checkpoint, map_location='cpu', weights_only=True)['step']}) is kept and `resume` "
-                "continues from it") if checkpoint.is_file() else "no checkpoint was written before it"
-        raise TrainingError(f"The loss became non-finite at step {first} of {train.steps}",
-                            expected="finite loss terms",
-                            found=", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()
-                                            if isinstance(v, Tensor) and v.ndim == 0) + " (this rank, latest step)",
-                            fix=f"lower the learning rate ({train.lr:g}) or use fp32, and check the teacher's "
-                                f"weights and the data are finite; {kept}")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.is_file() else None
+        raise nonfinite_loss_error(first, train.steps, terms, train.lr, checkpoint, saved)
 
 
 def _all_ranks(skipped: SkippedImages, world: int) -> dict:
@@ -313,11 +314,6 @@ def _log_record(step: int, terms: dict, scheduler, images_per_second: float, mod
     return record
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def _trim_jsonl(path: Path, last_step: int) -> None:
     """Drop records a killed run logged after its last checkpoint: the resumed run logs those steps again."""
     if not path.is_file():
@@ -379,9 +375,9 @@ def _maybe_resume(path: Path, module: DistillStep, optimizer, scheduler, train: 
 
 def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, train: TrainConfig,
                   diagnostics: dict, history: list[dict]) -> dict[str, Path]:
-    files = {"student": out_dir / "student.safetensors", "projectors": out_dir / "projectors.safetensors",
-             "distill_config": out_dir / "distill_config.json"}
-    atomic_save_safetensors(module.student.model.state_dict(), files["student"])
+    files = {"projectors": out_dir / "projectors.safetensors", "distill_config": out_dir / "distill_config.json"}
+    # timm's hub format: timm.create_model("local-dir:<out_dir>/student") rebuilds the distilled student.
+    files["student"] = save_timm_dir(module.student.model, out_dir / STUDENT_DIR)
     atomic_save_safetensors(module.projectors.state_dict(), files["projectors"])
     if module.refiner is not None:
         files["refiner"] = module.refiner.save(out_dir / "refiner.safetensors")
