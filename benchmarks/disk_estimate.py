@@ -17,7 +17,7 @@ import sys
 import timm
 import torch
 
-from singer_deploy.method.alignment import map_layers, resolve_teacher_layers
+from singer_deploy.method.alignment import resolve_teacher_layers
 from singer_deploy.pipeline.runconfig import load_run_config, read_config_file
 
 FP32, FP16 = 4, 2

@@ -102,9 +102,14 @@ def default_workers(device: torch.device) -> int:
 def step_batches(data: Dataset, sampler: StreamSampler, start: int, stop: int, device: torch.device,
                  workers: int | None = None) -> DataLoader:
     """A DataLoader yielding batches start..stop-1 in order: workers decode ahead, pinned memory when training on
-    CUDA (so the copy to the GPU can overlap compute), persistent workers."""
+    CUDA (so the copy to the GPU can overlap compute), persistent workers.
+
+    Workers start by "forkserver", not fork: a process that already runs OpenMP / oneDNN / OpenVINO thread pools
+    (any process that exported or benchmarked before training) can crash in a forked child (seen here as a
+    segfault in the test suite); forkserver children come from a clean, single-threaded server process."""
     workers = default_workers(device) if workers is None else workers
     return DataLoader(_Seeded(data, sampler.seed), batch_sampler=_StepBatches(sampler, start, stop),
                       num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      multiprocessing_context="forkserver" if workers > 0 else None,
                       generator=torch.Generator().manual_seed(sampler.seed))
