@@ -10,6 +10,7 @@ ONNX Runtime Q/DQ), and prints their INT8-vs-own-FP32 parity and the activation 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,9 +37,9 @@ def main() -> None:
     for method in ("fitnet", "singer"):
         models = build_models(config)  # same seed -> the same student initialisation for both methods
         train_data, eval_images = build_data(config, models.teacher)
-        train = dict(config.to_dict()["train"], method=method, steps=args.steps)
+        train = replace(config.train, method=method, steps=args.steps)
         result = distill(models.teacher, models.student, train_data, Path(args.out) / method, layers=config.layers,
-                         singer=config.singer, train=type(config.train)(**train), progress=False)
+                         singer=config.singer, train=train, progress=False)
         students[method] = (result.student.model.eval(), result.projectors.last)
     calib = build_data(config, models.teacher)[0]
     calib_images = image_array(calib, range(args.calibration))

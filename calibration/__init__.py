@@ -2,7 +2,8 @@
 
 from singer_deploy.calibration.cache import cached_calibration_set
 from singer_deploy.calibration.converters import export_converters
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.quantize import ReducedModel, quantize_student, reduce_precision
 from singer_deploy.calibration.realised import RealisedPrecision, realised_precision
 from singer_deploy.calibration.selection import CalibrationSet, select_calibration_set

@@ -35,9 +35,6 @@ ROLE_TYPES: dict[str, dict[str, frozenset[str]]] = {
     },
 }
 
-ROLES: tuple[str, ...] = ("linear", "attention", "patch_embedding", "output_projection", "layernorm", "softmax",
-                          "gelu", "other")
-
 # Ops a weight passes through between its stored constant and the op using it (layout, decompression, Q/DQ).
 _WEIGHT_PATH = frozenset({"Transpose", "Reshape", "Convert", "Cast", "DequantizeLinear", "QuantizeLinear",
                           "FakeQuantize", "Multiply", "Mul", "Subtract", "Sub", "Unsqueeze", "Squeeze", "Identity"})
@@ -97,7 +94,7 @@ class OpGraph:
         return False
 
     def role(self, name: str) -> str:
-        """The ViT role of one op (see ROLES)."""
+        """The ViT role of one op (one of singer_deploy.config.VIT_OP_ROLES)."""
         node, types = self.nodes[name], ROLE_TYPES[self.dialect]
         if node.op_type in types["matmul"]:
             if not any(self.constant_rooted(p) for p in node.inputs):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY, onnx_fp16_args
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.errors import BackendUnavailableError, ExportError
 from singer_deploy.export.runtimes import INSTALL_FIX, import_onnxruntime
 from singer_deploy.io import atomic_path
@@ -31,7 +32,7 @@ def convert_onnx_fp16(onnx_path: str | Path, output_path: str | Path,
 
     output_path = Path(output_path)
     model = onnx.load(str(onnx_path))
-    args = policy.onnx_fp16_args(model)
+    args = onnx_fp16_args(policy, model)
     try:
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=args["op_block_list"],
                                              node_block_list=args["node_block_list"])

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY, onnx_quantize_static_args
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.runtimes import import_onnxruntime
@@ -71,7 +72,7 @@ def quantize_onnx_int8(onnx_path: str | Path, output_path: str | Path, calibrati
     if len(calibration) < batch:
         raise ConfigError("Too few calibration images for the graph's fixed batch", expected=f">= {batch} images",
                           found=f"{len(calibration)}", fix="export with a dynamic batch or calibrate on more images")
-    args = policy.onnx_quantize_static_args(model)
+    args = onnx_quantize_static_args(policy, model)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibrate_method]
     scheme = scheme or int8_scheme("onnxruntime")

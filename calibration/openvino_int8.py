@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY, nncf_args
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
 from singer_deploy.export.openvino import export_openvino, import_openvino
@@ -56,7 +57,7 @@ def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: Cal
     nncf.set_log_level(logging.WARNING)   # NNCF logs one INFO line per ignored op
     try:
         quantized = nncf.quantize(model, dataset, subset_size=subset, fast_bias_correction=fast_bias_correction,
-                                  advanced_parameters=advanced, **policy.nncf_args(model))
+                                  advanced_parameters=advanced, **nncf_args(policy, model))
     except Exception as exc:
         raise ExportError("NNCF INT8 quantization failed", expected="an FP32 OpenVINO student",
                           found=f"{type(exc).__name__}: {exc}", fix="quantize the FP32 IR (student_fp32.xml)") from exc

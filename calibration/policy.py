@@ -5,17 +5,17 @@ linear layers and attention products carry almost all FLOPs and tolerate INT8 / 
 overflow or lose range in FP16 and collapse under per-tensor INT8 (docs/export.md, "Precision pitfalls on ViTs");
 the patch-embedding convolution sees raw pixels, and the output projections write the features users compare, so
 both stay FP32 too. The policy is then translated into NNCF's IgnoredScope, ONNX Runtime's quantize_static arguments
-and the FP16 converter's block lists, all resolved to node names of the concrete graph.
+and the FP16 converter's block lists, all resolved to node names of the concrete graph. The policy itself (its roles
+and their validation) is PrecisionPolicy in singer_deploy/config.py; this module compiles it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-from singer_deploy.calibration.graph import ROLE_TYPES, ROLES, OpGraph, load_graph
-from singer_deploy.errors import ConfigError
+from singer_deploy.calibration.graph import ROLE_TYPES, OpGraph, load_graph
+from singer_deploy.config import PrecisionPolicy
 
 # Default FP16 block list of ONNX Runtime's converter (ops with no FP16 kernel); kept whenever we pass our own.
 try:
@@ -24,95 +24,72 @@ except ImportError:  # onnxruntime without its transformers tools: only our own 
     _ORT_FP16_BLOCK_LIST = []
 
 
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """Which ViT roles may run in reduced precision (INT8 / FP16) and which stay FP32.
-
-    low_precision_roles: roles quantized to INT8 (and cast to FP16); every other role stays FP32 under INT8.
-    high_precision_roles: roles kept FP32 in every format, FP16 included.
-    keep_name_patterns: regexes over node names that also stay FP32 (for a layer found to be sensitive).
-    """
-
-    low_precision_roles: tuple[str, ...] = ("linear", "attention")
-    high_precision_roles: tuple[str, ...] = ("layernorm", "softmax", "gelu", "patch_embedding", "output_projection")
-    keep_name_patterns: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self):
-        unknown = sorted(set(self.low_precision_roles + self.high_precision_roles) - set(ROLES))
-        overlap = sorted(set(self.low_precision_roles) & set(self.high_precision_roles))
-        if unknown or overlap:
-            raise ConfigError("Invalid precision policy", expected=f"roles from {ROLES}, each either low or high",
-                              found=f"unknown {unknown}" if unknown else f"in both lists: {overlap}",
-                              fix="list each role once, spelled as in graph.ROLES")
-        for pattern in self.keep_name_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError("Invalid node-name pattern in the precision policy", expected="a Python regex",
-                                  found=f"{pattern!r}: {err}", fix="escape special characters (re.escape)") from err
-
-    def _kept_by_name(self, name: str) -> bool:
-        return any(re.search(pattern, name) for pattern in self.keep_name_patterns)
-
-    def decisions(self, graph: OpGraph) -> dict[str, str]:
-        """Per node: "low" (may be INT8 / FP16), "high" (must stay FP32) or "free" (FP16 cast allowed, never INT8)."""
-        out = {}
-        for name, role in graph.roles().items():
-            if role in self.high_precision_roles or self._kept_by_name(name):
-                out[name] = "high"
-            elif role in self.low_precision_roles:
-                out[name] = "low"
-            else:
-                out[name] = "free"
-        return out
-
-    def low_precision_nodes(self, graph: OpGraph) -> list[str]:
-        return sorted(n for n, d in self.decisions(graph).items() if d == "low")
-
-    def high_precision_nodes(self, graph: OpGraph) -> list[str]:
-        return sorted(n for n, d in self.decisions(graph).items() if d == "high")
-
-    # ---- backend dialects -------------------------------------------------------------------------------------
-
-    def onnx_quantize_static_args(self, model: Any) -> dict:
-        """`op_types_to_quantize` / `nodes_to_exclude` for onnxruntime.quantization.quantize_static."""
-        graph = _as_graph(model)
-        low = set(self.low_precision_nodes(graph))
-        op_types = sorted({graph.nodes[n].op_type for n in low})
-        excluded = sorted(n for n, node in graph.nodes.items() if node.op_type in op_types and n not in low)
-        # Quantizing a MatMul's output would put Q/DQ in front of whatever follows it (softmax, GELU, LayerNorm):
-        # inputs only, which is also the pattern TensorRT fuses into INT8 GEMMs.
-        return {"op_types_to_quantize": op_types, "nodes_to_exclude": excluded,
-                "extra_options": {"OpTypesToExcludeOutputQuantization": op_types}}
-
-    def onnx_fp16_args(self, model: Any) -> dict:
-        """`op_block_list` / `node_block_list` for the ONNX FP16 converter (keep_io_types is always on)."""
-        graph = _as_graph(model)
-        blocked_types = set(_ORT_FP16_BLOCK_LIST)
-        for role in ("layernorm", "softmax", "gelu"):
-            if role in self.high_precision_roles:
-                blocked_types |= ROLE_TYPES[graph.dialect][role]
-        blocked_nodes = [n for n in self.high_precision_nodes(graph) if graph.nodes[n].op_type not in blocked_types]
-        return {"op_block_list": sorted(blocked_types), "node_block_list": sorted(blocked_nodes)}
-
-    def nncf_args(self, ov_model: Any) -> dict:
-        """`model_type` + `ignored_scope` for nncf.quantize on an OpenVINO model.
-
-        Every op type outside the low-precision roles is ignored by type, so NNCF inserts FakeQuantize only in
-        front of the roles the policy allows; the high-precision members of those types are ignored by name.
-        """
-        import nncf
-
-        graph = _as_graph(ov_model)
-        decisions = self.decisions(graph)
-        low_types = {graph.nodes[n].op_type for n, d in decisions.items() if d == "low"}
-        ignored_types = sorted({node.op_type for node in graph.nodes.values()} - low_types)
-        ignored_names = sorted(n for n, d in decisions.items() if d != "low" and graph.nodes[n].op_type in low_types)
-        scope = nncf.IgnoredScope(names=ignored_names, types=ignored_types, validate=False)
-        return {"model_type": nncf.ModelType.TRANSFORMER, "ignored_scope": scope}
-
-
 DEFAULT_POLICY = PrecisionPolicy()
+
+
+def _kept_by_name(policy: PrecisionPolicy, name: str) -> bool:
+    return any(re.search(pattern, name) for pattern in policy.keep_name_patterns)
+
+
+def decisions(policy: PrecisionPolicy, graph: OpGraph) -> dict[str, str]:
+    """Per node: "low" (may be INT8 / FP16), "high" (must stay FP32) or "free" (FP16 cast allowed, never INT8)."""
+    out = {}
+    for name, role in graph.roles().items():
+        if role in policy.high_precision_roles or _kept_by_name(policy, name):
+            out[name] = "high"
+        elif role in policy.low_precision_roles:
+            out[name] = "low"
+        else:
+            out[name] = "free"
+    return out
+
+
+def low_precision_nodes(policy: PrecisionPolicy, graph: OpGraph) -> list[str]:
+    return sorted(n for n, d in decisions(policy, graph).items() if d == "low")
+
+
+def high_precision_nodes(policy: PrecisionPolicy, graph: OpGraph) -> list[str]:
+    return sorted(n for n, d in decisions(policy, graph).items() if d == "high")
+
+
+def onnx_quantize_static_args(policy: PrecisionPolicy, model: Any) -> dict:
+    """`op_types_to_quantize` / `nodes_to_exclude` for onnxruntime.quantization.quantize_static."""
+    graph = _as_graph(model)
+    low = set(low_precision_nodes(policy, graph))
+    op_types = sorted({graph.nodes[n].op_type for n in low})
+    excluded = sorted(n for n, node in graph.nodes.items() if node.op_type in op_types and n not in low)
+    # Quantizing a MatMul's output would put Q/DQ in front of whatever follows it (softmax, GELU, LayerNorm):
+    # inputs only, which is also the pattern TensorRT fuses into INT8 GEMMs.
+    return {"op_types_to_quantize": op_types, "nodes_to_exclude": excluded,
+            "extra_options": {"OpTypesToExcludeOutputQuantization": op_types}}
+
+
+def onnx_fp16_args(policy: PrecisionPolicy, model: Any) -> dict:
+    """`op_block_list` / `node_block_list` for the ONNX FP16 converter (keep_io_types is always on)."""
+    graph = _as_graph(model)
+    blocked_types = set(_ORT_FP16_BLOCK_LIST)
+    for role in ("layernorm", "softmax", "gelu"):
+        if role in policy.high_precision_roles:
+            blocked_types |= ROLE_TYPES[graph.dialect][role]
+    blocked_nodes = [n for n in high_precision_nodes(policy, graph) if graph.nodes[n].op_type not in blocked_types]
+    return {"op_block_list": sorted(blocked_types), "node_block_list": sorted(blocked_nodes)}
+
+
+def nncf_args(policy: PrecisionPolicy, ov_model: Any) -> dict:
+    """`model_type` + `ignored_scope` for nncf.quantize on an OpenVINO model.
+
+    Every op type outside the low-precision roles is ignored by type, so NNCF inserts FakeQuantize only in
+    front of the roles the policy allows; the high-precision members of those types are ignored by name.
+    """
+    import nncf
+
+    graph = _as_graph(ov_model)
+    decided = decisions(policy, graph)
+    low_types = {graph.nodes[n].op_type for n, d in decided.items() if d == "low"}
+    ignored_types = sorted({node.op_type for node in graph.nodes.values()} - low_types)
+    ignored_names = sorted(n for n, d in decided.items() if d != "low" and graph.nodes[n].op_type in low_types)
+    scope = nncf.IgnoredScope(names=ignored_names, types=ignored_types, validate=False)
+    return {"model_type": nncf.ModelType.TRANSFORMER, "ignored_scope": scope}
 
 
 def _as_graph(model: Any) -> OpGraph:

@@ -24,12 +24,12 @@ from singer_deploy.calibration.int8_scheme import Int8Scheme, int8_scheme
 from singer_deploy.calibration.onnx_fp16 import convert_onnx_fp16
 from singer_deploy.calibration.onnx_int8 import quantize_onnx_int8
 from singer_deploy.calibration.openvino_int8 import openvino_fp16, quantize_openvino_int8
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.calibration.realised import RealisedPrecision, realised_precision, require_policy_held
 from singer_deploy.calibration.selection import DEFAULT_CALIBRATION_SIZE, CalibrationSet, Method
 from singer_deploy.calibration.source import ImageSource, load_calibration_images
+from singer_deploy.config import PrecisionPolicy, normalize_precision
 from singer_deploy.errors import ConfigError
-from singer_deploy.export.formats import normalize_precision
 from singer_deploy.export.hardware import CpuCapabilities
 from singer_deploy.export.parity import ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner, TorchRunner

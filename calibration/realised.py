@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from singer_deploy.calibration.graph import OpGraph, load_graph
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY, high_precision_nodes
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.errors import ExportError
 
 _LOW_INT = {"int8", "uint8", "int4", "uint4"}
@@ -109,7 +110,7 @@ def realised_precision(artifact: Any, policy: PrecisionPolicy = DEFAULT_POLICY) 
     per_node = {name: (role, op_precision(graph, name)) for name, role in roles.items()
                 if graph.nodes[name].op_type not in ("Constant", "Initializer", "Parameter", "Result")}
     violations = [f"{name} ({per_node[name][0]}) runs {per_node[name][1]}" for name in
-                  policy.high_precision_nodes(graph) if name in per_node and per_node[name][1] != "fp32"]
+                  high_precision_nodes(policy, graph) if name in per_node and per_node[name][1] != "fp32"]
     fp16_weights = sorted(name for name in per_node if any(
         graph.constant_rooted(p) and _stored_dtype(graph, p) == "float16" for p in graph.nodes[name].inputs)
         and graph.nodes[name].op_type not in _LAYOUT)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from singer_deploy.calibration.activation_stats import activation_range_stats, residual_blocks, summarize_ranges
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.quantize import artifact_runner, reduce_precision, run_all
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.calibration.source import ImageSource, load_calibration_images

@@ -27,7 +27,8 @@ from torch import nn
 from singer_deploy.errors import DataError, ExportError
 from singer_deploy.export.formats import format_for_path
 from singer_deploy.export.hardware import host_capabilities
-from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.config import ParityPolicy
+from singer_deploy.export.parity import ParityReport, compare_outputs
 from singer_deploy.export.runner import Runner
 from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_bytes, atomic_write_json

@@ -2,7 +2,8 @@
 
 A distilled student is judged on its embeddings, so besides tensor error we report what downstream users feel:
 per-token and per-image cosine distributions, kNN@k neighbour overlap across the batch, and agreement of the
-token-norm map (where high-norm artifact tokens show up). Thresholds live in one policy per precision.
+token-norm map (where high-norm artifact tokens show up). Thresholds live in one policy per precision
+(ParityPolicy and PRECISION_GATES in singer_deploy/config.py).
 """
 
 from __future__ import annotations
@@ -13,67 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from singer_deploy.errors import ConfigError, ParityError
-from singer_deploy.export.formats import normalize_precision
+from singer_deploy.config import ParityPolicy, normalize_precision
+from singer_deploy.errors import ParityError
 
 _TINY = 1e-30
-
-
-@dataclass(frozen=True)
-class ParityPolicy:
-    """Gates one precision must pass. `None` means measured and reported, not gated.
-
-    Defaults (PRECISION_GATES) start from the field conventions (OpenVINO/Polygraphy FP32 1e-4, Torch-TensorRT
-    cosine 0.99; docs/export.md, "Parity tolerances") and were checked against noise measured here on tiny
-    trained-like ViTs (depth 2, dim 48, 56-64 px, with and without registers, 32 synthetic-shape images, worst output):
-      ORT / OpenVINO f32 vs eager:  max_abs_rel <= 1e-6, rel_err_p99 <= 8e-7, 1 - cosine <= 4e-13
-      OpenVINO FP16-compressed IR:  max_abs_rel 4e-4, rel_err_p99 5e-4, 1 - cosine 1.3e-7, norm_rel_err 2e-4
-      OpenVINO bf16 execution:      max_abs_rel 4e-3, rel_err_p99 5e-3, 1 - cosine 1.7e-5, kNN overlap >= 0.997
-    so every gate sits one to several orders of magnitude above the noise of a correct artifact, and below what
-    a 1% weight perturbation of one block produces (max_abs_rel 1e-2, 1 - cosine 6e-4). Deeper students
-    accumulate more noise: see benchmarks/bench_export.py for vit_small at 224 px.
-    """
-
-    precision: str
-    max_abs_rel: float | None        # max |ref - cand| / max |ref| (scale-relative max abs error)
-    token_cos_min: float             # minimum cosine over all tokens of all images
-    image_cos_min: float             # minimum cosine of whole-image outputs (flattened)
-    rel_err_p99: float | None        # p99 over tokens of ||ref_t - cand_t|| / ||ref_t||
-    knn_overlap_min: float | None    # mean kNN@k neighbour overlap of per-image features across the batch
-    norm_corr_min: float | None      # Pearson correlation of the token-norm maps (only when the map is not flat)
-    norm_rel_err_max: float | None   # max over tokens of |n_cand - n_ref| / n_ref
-    knn_k: int = 10
-    flat_norm_cv: float = 1e-3       # norm maps whose coefficient of variation is below this carry no structure
-
-    @classmethod
-    def for_precision(cls, precision: str, **overrides) -> "ParityPolicy":
-        base = PRECISION_GATES[normalize_precision(precision)]
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown parity policy field(s) {', '.join(sorted(unknown))}",
-                              expected=", ".join(f.name for f in dataclasses.fields(cls)),
-                              found=", ".join(sorted(unknown)), fix="check the spelling of the override")
-        return dataclasses.replace(base, **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ParityPolicy":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-PRECISION_GATES: dict[str, ParityPolicy] = {
-    "fp32": ParityPolicy("fp32", max_abs_rel=1e-4, token_cos_min=0.99999, image_cos_min=0.99999,
-                         rel_err_p99=1e-3, knn_overlap_min=0.95, norm_corr_min=0.9999, norm_rel_err_max=1e-3),
-    "fp16": ParityPolicy("fp16", max_abs_rel=None, token_cos_min=0.999, image_cos_min=0.999,
-                         rel_err_p99=5e-2, knn_overlap_min=0.9, norm_corr_min=0.99, norm_rel_err_max=5e-2),
-    "bf16": ParityPolicy("bf16", max_abs_rel=None, token_cos_min=0.999, image_cos_min=0.999,
-                         rel_err_p99=8e-2, knn_overlap_min=0.9, norm_corr_min=0.99, norm_rel_err_max=8e-2),
-    "int8": ParityPolicy("int8", max_abs_rel=None, token_cos_min=0.99, image_cos_min=0.99,
-                         rel_err_p99=0.2, knn_overlap_min=0.8, norm_corr_min=0.95, norm_rel_err_max=0.25),
-}
 
 
 @dataclass

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from singer_deploy.config import ParityPolicy, check_precision, format_name, normalize_precision
 from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
-from singer_deploy.export.formats import check_precision, normalize_precision, resolve_format
 from singer_deploy.export.golden import REFERENCE_DIR, open_runner, runner_device, write_golden, write_reference
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
-from singer_deploy.export.parity import ParityPolicy, ParityReport, compare_outputs
+from singer_deploy.export.parity import ParityReport, compare_outputs
 from singer_deploy.export.polygraphy_goldens import command_line, polygraphy_command, write_polygraphy_reference
 from singer_deploy.export.runner import Runner, TorchRunner, validate_batch
 from singer_deploy.export.runtimes import import_onnxruntime
@@ -38,7 +38,7 @@ from singer_deploy.export.student import ExportableStudent
 from singer_deploy.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from singer_deploy.export.tensorrt import TensorRTBuildConfig
+    from singer_deploy.config import TensorRTBuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _img_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
 
 def _converter_table(converters: Converters | None) -> dict[tuple[str, str], Converter]:
     """The caller's converters under canonical (format, precision) names ("ov", "INT8" -> "openvino", "int8")."""
-    return {(resolve_format(fmt).name, normalize_precision(prec)): fn
+    return {(format_name(fmt), normalize_precision(prec)): fn
             for (fmt, prec), fn in (converters or {}).items()}
 
 
@@ -138,13 +138,12 @@ def _converter(converters: dict[tuple[str, str], Converter], fmt: str, precision
 
 def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, str], Converter]) -> list[str]:
     """Resolve names and fail on impossible requests before anything is exported."""
-    names = list(dict.fromkeys(resolve_format(f).name for f in formats))
+    names = list(dict.fromkeys(format_name(f) for f in formats))
     if not names:
         raise ConfigError("No export format given", expected="at least one of onnx, openvino, tensorrt",
                           found="an empty list", fix="pass formats=('onnx', 'openvino')")
     for name in names:
-        fmt = resolve_format(name)
-        check_precision(fmt, precision)
+        check_precision(name, precision)
         if name == "onnx":
             import_onnxruntime()  # parity runs the artifact: fail before exporting when no ORT build is installed
         if name in ("tensorrt", "torch_tensorrt"):

@@ -21,8 +21,8 @@ from types import ModuleType
 
 import numpy as np
 
+from singer_deploy.config import ParityPolicy
 from singer_deploy.errors import BackendUnavailableError
-from singer_deploy.export.parity import ParityPolicy
 from singer_deploy.export.student import INPUT_NAME
 from singer_deploy.io import atomic_path
 

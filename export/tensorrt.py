@@ -27,8 +27,8 @@ from types import ModuleType
 
 import numpy as np
 
+from singer_deploy.config import TensorRTBuildConfig, normalize_precision
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
-from singer_deploy.export.formats import normalize_precision
 from singer_deploy.export.golden import artifact_sha256
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.io import atomic_write_bytes
@@ -200,17 +200,6 @@ def _network_flags(trt) -> int:
                                       expected="NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT >= 10)",
                                       found=trt.__version__, fix="upgrade TensorRT")
     return 1 << int(flag)
-
-
-@dataclass
-class TensorRTBuildConfig:
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 32
-    workspace_bytes: int = 4 << 30
-    timing_cache: Path | None = None
-    optimization_level: int = 3
-    allow_tf32: bool = False        # TF32 is on by default in TensorRT; off so FP32 engines meet the FP32 gate
 
 
 @dataclass

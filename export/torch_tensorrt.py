@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from singer_deploy.config import check_precision
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
-from singer_deploy.export.formats import FORMATS, check_precision
+from singer_deploy.export.formats import FORMATS
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import OUTPUT_NAMES, ExportableStudent
 from singer_deploy.export.tensorrt import profile_shapes
@@ -67,7 +68,7 @@ def compile_torch_tensorrt(student: nn.Module, path: str | Path, *, projector: n
                            precision: str = "fp32", min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32,
                            workspace_bytes: int | None = None) -> TorchTensorRTExport:
     ttrt = import_torch_tensorrt()
-    precision = check_precision(FORMATS["torch_tensorrt"], precision)
+    precision = check_precision("torch_tensorrt", precision)
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     wrapper = copy.deepcopy(wrapper).eval().cuda()   # its own CUDA copy: the caller's module stays where it is
     shapes = profile_shapes(wrapper.input_chw, min_batch, opt_batch, max_batch)

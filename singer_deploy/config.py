@@ -1,11 +1,31 @@
-"""Configuration dataclasses. Defaults are the published values; validation runs at construction."""
+"""Every configuration dataclass, validated once, at construction. Defaults are the published values.
+
+    SingerConfig, TrainConfig       the method and the training loop
+    PlantedConfig                   the planted-artifact teacher (tests, demo)
+    ParityPolicy, PRECISION_GATES   export parity gates per precision
+    PrecisionPolicy                 which ViT op roles may run in reduced precision
+    TensorRTBuildConfig             TensorRT engine build settings
+    RunConfig (ModelSpec, DataSpec, ExportSpec, ...)   one `distill_and_export` run; `from_mapping` builds any of
+                                    these from YAML / dict data with errors that name the key
+
+plus the format and precision name tables validation needs (export/formats.py builds its table on them).
+This module is the bottom layer: it imports nothing heavier than the standard library (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
-from dataclasses import dataclass
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from singer_deploy.errors import ConfigError
+from singer_deploy.errors import ConfigError, SingerDeployError
 
 NULLSPACE_RULES = ("smallest", "official")
 OUTLIER_TARGETS = ("quantile", "median")
@@ -174,3 +194,468 @@ def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"SingerConfig.{key} has an unknown value", expected=" or ".join(map(repr, allowed)),
                           found=repr(value), fix=f"set {key}={allowed[0]!r}")
+
+
+def _positive_int(owner: str, key: str, value: object, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{key} must be a positive integer", expected="an int >= 1", found=repr(value),
+                          fix=fix)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The planted-artifact teacher
+
+PLANTED = "planted"              # ModelSpec.name of the built-in planted-artifact teacher
+PLANTED_TEXTURE_FILTERS = 6
+# Reserved channel pairs of the planted teacher: patch indicator, texture responses, energy, flatness.
+PLANTED_CHANNEL_PAIRS = ("patch", *[f"texture{k}" for k in range(PLANTED_TEXTURE_FILTERS)], "energy", "flat")
+
+
+@dataclass(frozen=True)
+class PlantedConfig:
+    """Shape of the planted teacher. The artifact share is set by the images (`SyntheticShapes.flat_share`)."""
+
+    img_size: int = 64
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 8
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    artifact_layer: int = 4
+    rho: float = 10.0            # median artifact norm / median normal norm at the artifact layer
+    null_dim: int = 8            # dimension of the subspace N the blocks after the artifact layer ignore
+    u_in_null: bool = True       # False puts u outside N: then refinement inside N cannot remove the artifact
+    value_null: bool = True      # attention values ignore u (as observed in OpenCLIP)
+    sink_logit: float = 6.0      # attention logit boost artifact tokens get in later blocks
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.artifact_layer < self.depth - 1:
+            raise ConfigError("artifact_layer must leave blocks before and after it",
+                              expected=f"2 <= artifact_layer < {self.depth - 1}", found=str(self.artifact_layer),
+                              fix="pick a middle block")
+        needed = 2 * len(PLANTED_CHANNEL_PAIRS) + self.null_dim + 8
+        if self.embed_dim < needed:
+            raise ConfigError("embed_dim is too small for the planted channels", expected=f">= {needed}",
+                              found=str(self.embed_dim), fix="raise embed_dim")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export names: precisions and formats
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+_PRECISION_ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "half": "fp16",
+                      "bfloat16": "bf16", "i8": "int8"}
+
+# Format -> the precisions its artifacts can carry (the reduced ones made by singer_deploy.calibration).
+FORMAT_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "onnx": ("fp32", "fp16", "int8"),
+    "openvino": ("fp32", "fp16", "int8"),
+    "tensorrt": ("fp32", "fp16", "bf16", "int8"),
+    "torch_tensorrt": ("fp32", "fp16", "bf16"),
+}
+
+# Names people type for the same format; resolved before any fuzzy matching.
+FORMAT_ALIASES: dict[str, str] = {
+    "ort": "onnx", "onnxruntime": "onnx",
+    "ov": "openvino", "openvino_ir": "openvino", "ir": "openvino",
+    "trt": "tensorrt", "engine": "tensorrt", "plan": "tensorrt",
+    "torch-tensorrt": "torch_tensorrt", "torchtrt": "torch_tensorrt", "ttrt": "torch_tensorrt",
+    "torch_trt": "torch_tensorrt",
+}
+
+
+def normalize_precision(precision: str) -> str:
+    """"FP16", "float16", "half" -> "fp16"; ConfigError for anything that is not one of PRECISIONS."""
+    key = str(precision).strip().lower()
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r}", expected=f"one of {', '.join(PRECISIONS)}",
+                          found=repr(precision), fix="pass fp32, fp16, bf16 or int8")
+    return key
+
+
+def format_name(name: str) -> str:
+    """The canonical format name for `name` (case-insensitive, aliases, near-miss typos with a warning)."""
+    key = str(name).strip().lower().replace(" ", "_")
+    key = FORMAT_ALIASES.get(key, key)
+    if key in FORMAT_PRECISIONS:
+        return key
+    close = difflib.get_close_matches(key, sorted(FORMAT_PRECISIONS) + sorted(FORMAT_ALIASES), n=1, cutoff=0.75)
+    if close:
+        match = FORMAT_ALIASES.get(close[0], close[0])
+        warnings.warn(f"export format {name!r} read as {match!r}", stacklevel=3)
+        return match
+    raise ConfigError(f"Unknown export format {name!r}", expected=f"one of {', '.join(FORMAT_PRECISIONS)} "
+                      f"(aliases: {', '.join(sorted(FORMAT_ALIASES))})", found=repr(name),
+                      fix="pass one of the listed format names")
+
+
+def check_precision(fmt: str, precision: str) -> str:
+    """Normalise `precision` and make sure format `fmt` (any accepted name) can carry it."""
+    name, key = format_name(fmt), normalize_precision(precision)
+    if key not in FORMAT_PRECISIONS[name]:
+        raise ConfigError(f"Format {name} cannot carry precision {key}",
+                          expected=f"one of {', '.join(FORMAT_PRECISIONS[name])}", found=key,
+                          fix="choose a listed precision or another format")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity gates
+
+
+@dataclass(frozen=True)
+class ParityPolicy:
+    """Gates one precision must pass. `None` means measured and reported, not gated.
+
+    Defaults (PRECISION_GATES) start from the field conventions (OpenVINO/Polygraphy FP32 1e-4, Torch-TensorRT
+    cosine 0.99, docs/export.md "Parity gates") and were checked against noise measured here on tiny trained-like
+    ViTs (depth 2, dim 48, 56-64 px, with and without registers, 32 synthetic-shape images, worst output):
+      ORT / OpenVINO f32 vs eager:  max_abs_rel <= 1e-6, rel_err_p99 <= 8e-7, 1 - cosine <= 4e-13
+      OpenVINO FP16-compressed IR:  max_abs_rel 4e-4, rel_err_p99 5e-4, 1 - cosine 1.3e-7, norm_rel_err 2e-4
+      OpenVINO bf16 execution:      max_abs_rel 4e-3, rel_err_p99 5e-3, 1 - cosine 1.7e-5, kNN overlap >= 0.997
+    so every gate sits one to several orders of magnitude above the noise of a correct artifact, and below what
+    a 1% weight perturbation of one block produces (max_abs_rel 1e-2, 1 - cosine 6e-4). Deeper students
+    accumulate more noise: see benchmarks/bench_export.py for vit_small at 224 px.
+    """
+
+    precision: str
+    max_abs_rel: float | None        # max |ref - cand| / max |ref| (scale-relative max abs error)
+    token_cos_min: float             # minimum cosine over all tokens of all images
+    image_cos_min: float             # minimum cosine of whole-image outputs (flattened)
+    rel_err_p99: float | None        # p99 over tokens of ||ref_t - cand_t|| / ||ref_t||
+    knn_overlap_min: float | None    # mean kNN@k neighbour overlap of per-image features across the batch
+    norm_corr_min: float | None      # Pearson correlation of the token-norm maps (only when the map is not flat)
+    norm_rel_err_max: float | None   # max over tokens of |n_cand - n_ref| / n_ref
+    knn_k: int = 10
+    flat_norm_cv: float = 1e-3       # norm maps whose coefficient of variation is below this carry no structure
+
+    def __post_init__(self):
+        normalize_precision(self.precision)
+        _positive_int("ParityPolicy", "knn_k", self.knn_k, "e.g. knn_k=10")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("precision", "knn_k") or (value is None and f.name not in ("token_cos_min",
+                                                                                      "image_cos_min")):
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)):
+                raise ConfigError(f"ParityPolicy.{f.name} must be a number", expected="a float (None: not gated)",
+                                  found=repr(value), fix=f"set {f.name} to a threshold")
+
+    @classmethod
+    def for_precision(cls, precision: str, **overrides) -> "ParityPolicy":
+        base = PRECISION_GATES[normalize_precision(precision)]
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"Unknown parity policy field(s) {', '.join(sorted(unknown))}",
+                              expected=", ".join(f.name for f in dataclasses.fields(cls)),
+                              found=", ".join(sorted(unknown)), fix="check the spelling of the override")
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParityPolicy":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+PRECISION_GATES: dict[str, ParityPolicy] = {
+    "fp32": ParityPolicy("fp32", max_abs_rel=1e-4, token_cos_min=0.99999, image_cos_min=0.99999,
+                         rel_err_p99=1e-3, knn_overlap_min=0.95, norm_corr_min=0.9999, norm_rel_err_max=1e-3),
+    "fp16": ParityPolicy("fp16", max_abs_rel=None, token_cos_min=0.999, image_cos_min=0.999,
+                         rel_err_p99=5e-2, knn_overlap_min=0.9, norm_corr_min=0.99, norm_rel_err_max=5e-2),
+    "bf16": ParityPolicy("bf16", max_abs_rel=None, token_cos_min=0.999, image_cos_min=0.999,
+                         rel_err_p99=8e-2, knn_overlap_min=0.9, norm_corr_min=0.99, norm_rel_err_max=8e-2),
+    "int8": ParityPolicy("int8", max_abs_rel=None, token_cos_min=0.99, image_cos_min=0.99,
+                         rel_err_p99=0.2, knn_overlap_min=0.8, norm_corr_min=0.95, norm_rel_err_max=0.25),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reduced-precision policy
+
+# The role of each op of a ViT graph (calibration/graph.py classifies the ops of a concrete graph).
+VIT_OP_ROLES: tuple[str, ...] = ("linear", "attention", "patch_embedding", "output_projection", "layernorm",
+                                 "softmax", "gelu", "other")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Which ViT roles may run in reduced precision (INT8 / FP16) and which stay FP32.
+
+    low_precision_roles: roles quantized to INT8 (and cast to FP16); every other role stays FP32 under INT8.
+    high_precision_roles: roles kept FP32 in every format, FP16 included.
+    keep_name_patterns: regexes over node names that also stay FP32 (for a layer found to be sensitive).
+    calibration/policy.py compiles a policy into each backend's arguments.
+    """
+
+    low_precision_roles: tuple[str, ...] = ("linear", "attention")
+    high_precision_roles: tuple[str, ...] = ("layernorm", "softmax", "gelu", "patch_embedding", "output_projection")
+    keep_name_patterns: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.low_precision_roles + self.high_precision_roles) - set(VIT_OP_ROLES))
+        overlap = sorted(set(self.low_precision_roles) & set(self.high_precision_roles))
+        if unknown or overlap:
+            raise ConfigError("Invalid precision policy", expected=f"roles from {VIT_OP_ROLES}, each either low or "
+                              "high", found=f"unknown {unknown}" if unknown else f"in both lists: {overlap}",
+                              fix="list each role once, spelled as in config.VIT_OP_ROLES")
+        for pattern in self.keep_name_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError("Invalid node-name pattern in the precision policy", expected="a Python regex",
+                                  found=f"{pattern!r}: {err}", fix="escape special characters (re.escape)") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorRT
+
+
+@dataclass(frozen=True)
+class TensorRTBuildConfig:
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_bytes: int = 4 << 30
+    timing_cache: Path | None = None
+    optimization_level: int = 3
+    allow_tf32: bool = False        # TF32 is on by default in TensorRT; off so FP32 engines meet the FP32 gate
+
+    def __post_init__(self):
+        for key in ("min_batch", "opt_batch", "max_batch", "workspace_bytes"):
+            _positive_int("TensorRTBuildConfig", key, getattr(self, key), f"set {key} to a positive integer")
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError("TensorRTBuildConfig batch range is out of order",
+                              expected="min_batch <= opt_batch <= max_batch",
+                              found=f"{self.min_batch}, {self.opt_batch}, {self.max_batch}",
+                              fix="e.g. min_batch=1, opt_batch=8, max_batch=32")
+        if isinstance(self.optimization_level, bool) or self.optimization_level not in range(6):
+            raise ConfigError("TensorRTBuildConfig.optimization_level out of range", expected="an int 0..5",
+                              found=repr(self.optimization_level), fix="use the default 3")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One distill_and_export run
+
+# Parity compares images against each other (kNN@10 wants 11); below 2 there is nothing to compare.
+MIN_PARITY_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model name (or "planted" for the built-in planted-artifact teacher), with optional local weights.
+
+    timm's sources work too: `local-dir:/path` (config.json + weights) and `hf-hub:org/name`, resolved from the
+    local Hugging Face cache only (singer_deploy/models/hub.py); they bring their own weights."""
+
+    name: str = PLANTED
+    weights: str | None = None
+    pretrained: bool = False
+    kwargs: dict = field(default_factory=dict)        # passed to timm.create_model (img_size, depth, ...)
+    planted: dict = field(default_factory=dict)       # PlantedConfig fields when name == "planted"
+
+    def planted_config(self) -> PlantedConfig:
+        """The planted teacher's PlantedConfig (only the teacher may be the planted model)."""
+        try:
+            return PlantedConfig(**self.planted)
+        except TypeError as err:
+            raise ConfigError(f"teacher.planted: {err}", expected="PlantedConfig fields",
+                              found=str(sorted(self.planted)), fix="see singer_deploy.config.PlantedConfig") from err
+        except ConfigError as err:
+            raise ConfigError(f"teacher.planted: {err.problem}", expected=err.expected, found=err.found,
+                              fix=err.fix) from err
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """"synthetic" (offline generator) or a folder / list file of images."""
+
+    source: str = "synthetic"
+    n: int = 512                   # synthetic training images
+    eval_n: int = 64               # held-out images for parity, metrics and the report
+    flat_share: float = 0.08       # synthetic: share of exactly flat patches (where planted artifacts land)
+    seed: int = 0
+    crop_pct: float | None = None  # folders: eval centre-crop fraction; None = 1.0 when the images already have the
+                                   # model's input size, else the teacher's pretrained crop_pct
+    augment: bool = True           # folders: timm's training transform (random resized crop + flip) for training
+
+    def __post_init__(self):
+        if self.source != "synthetic" and not Path(self.source).expanduser().exists():
+            raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
+                              found=self.source, fix="check the path")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError("data.n must be a positive integer", expected="n >= 1 synthetic training images",
+                              found=repr(self.n), fix="e.g. n: 512")
+        if not (_finite(self.flat_share) and 0.0 <= self.flat_share <= 1.0):
+            raise ConfigError("data.flat_share must be a share between 0 and 1", expected="0 <= flat_share <= 1",
+                              found=repr(self.flat_share), fix="e.g. flat_share: 0.08 (8% of patches exactly flat)")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError("data.crop_pct must lie in (0, 1]", expected="0 < crop_pct <= 1",
+                              found=repr(self.crop_pct),
+                              fix="use 1.0 for images already at the model's size, or leave it unset")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    formats: tuple[str, ...] = ("onnx", "openvino")
+    precision: str = "fp32"
+    calibration_size: int = 64     # images for INT8 calibration (the field's advice for ViTs is a few hundred)
+    benchmark: bool = True
+    golden_size: int = 32          # images in the run's shared golden reference set (all artifacts point at it)
+    polygraphy_goldens: bool = False   # also write the goldens in Polygraphy's formats (needs polygraphy)
+
+    def __post_init__(self):
+        precision = normalize_precision(self.precision)
+        for fmt in self.formats:
+            check_precision(fmt, precision)
+        if self.golden_size < 1:
+            raise ConfigError("export.golden_size must be at least 1", expected="an int >= 1 (default 32)",
+                              found=str(self.golden_size), fix="e.g. golden_size: 32")
+        if precision == "int8" and self.calibration_size < 1:
+            raise ConfigError("export.precision: INT8 needs calibration data", expected="export.calibration_size >= 1",
+                              found=str(self.calibration_size), fix="set calibration_size (e.g. 300)")
+
+
+def _check_weight_source(role: str, spec: ModelSpec) -> None:
+    """The planted teacher is built in code (no weights to load); a timm model has at most one weights source."""
+    if spec.name == PLANTED:
+        ignored = [key for key in ("weights", "pretrained", "kwargs") if getattr(spec, key)]
+        if ignored:
+            raise ConfigError(f"{role}.{ignored[0]}: the planted teacher is built in code, not loaded",
+                              expected="only teacher.planted settings for name: planted",
+                              found=", ".join(f"{k} = {getattr(spec, k)!r}" for k in ignored),
+                              fix="remove them, or name a timm ViT to load weights into")
+    elif spec.planted:
+        raise ConfigError(f"{role}.planted applies only to name: planted", expected="no planted section",
+                          found=f"{role}.name = {spec.name!r}", fix=f"remove {role}.planted")
+    if spec.weights is not None and spec.pretrained:
+        raise ConfigError(f"{role}: both weights and pretrained are set", expected="one weights source",
+                          found=f"weights = {spec.weights!r}, pretrained = true",
+                          fix="keep weights (a local file) or pretrained (the local cache), not both")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    teacher: ModelSpec = ModelSpec()
+    student: ModelSpec = ModelSpec(name="vit_tiny_patch16_224")
+    data: DataSpec = DataSpec()
+    layers: tuple[int, ...] = ()
+    singer: SingerConfig = SingerConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportSpec = ExportSpec()
+    out_dir: str = "runs/singer"
+
+    def __post_init__(self):
+        if self.student.name == PLANTED:
+            raise ConfigError("student.name: the planted model is a teacher only", expected="a timm ViT name",
+                              found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
+        for role in ("teacher", "student"):
+            _check_weight_source(role, getattr(self, role))
+        needed = MIN_PARITY_IMAGES if self.export.formats else 1
+        if self.data.eval_n < needed:
+            raise ConfigError("data.eval_n is too small", expected=f"eval_n >= {needed} held-out images"
+                              + (" (the parity gates compare exported outputs across images)" if needed > 1 else ""),
+                              found=repr(self.data.eval_n), fix="e.g. eval_n: 64")
+        if self.teacher.name == PLANTED:
+            depth = self.teacher.planted_config().depth
+            for layer in self.layers:
+                if not -depth <= layer < depth:
+                    raise ConfigError("layers: index beyond the teacher's depth",
+                                      expected=f"indices in [-{depth}, {depth - 1}]", found=str(layer),
+                                      fix="pick an existing teacher block")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_mapping(cls: type, raw: Any, prefix: str = ""):
+    """Build config dataclass `cls` from YAML / dict data; unknown keys and wrong types name the key, e.g.
+    `train.stpes: unknown key (did you mean 'steps'?)`. Nested dataclass fields take mappings (or instances)."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping", expected="key: value pairs",
+                          found=repr(raw), fix=f"write {prefix.rstrip('.') or 'the config'} as a mapping")
+    return _construct(cls, {key: _field_value(cls, key, value, prefix) for key, value in raw.items()}, prefix)
+
+
+def with_changes(config, prefix: str = "", **changes):
+    """`config` with some fields replaced, each converted and checked as from_mapping would (no dict round trip)."""
+    values = {key: _field_value(type(config), key, value, prefix) for key, value in changes.items()}
+    return _construct(lambda **v: dataclasses.replace(config, **v), values, prefix)
+
+
+def _construct(make, values: dict, prefix: str):
+    """make(**values); an error from a section's own validation gets the section's name in front, once."""
+    try:
+        return make(**values)
+    except SingerDeployError as err:
+        where = prefix.rstrip(".")
+        if isinstance(err, ConfigError) and (not where or err.problem.startswith((f"{where}.", f"{where}:"))):
+            raise
+        raise ConfigError(f"{where or 'config'}: {err.problem}", expected=err.expected, found=err.found,
+                          fix=err.fix) from err
+
+
+def _field_value(cls: type, key: Any, value: Any, prefix: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    name = f"{prefix}{key}"
+    if key not in fields:
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        raise ConfigError(f"{name}: unknown key", expected=f"one of {', '.join(fields)}", found=str(key),
+                          fix=f"did you mean '{close[0]}'?" if close else "remove it")
+    return _convert(typing.get_type_hints(cls)[key], value, name)
+
+
+def _convert(hint, value: Any, name: str):
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, f"{name}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(name, "a mapping", value)
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise _type_error(name, hint.__name__, value)
+    if hint is float:
+        if isinstance(value, str) and _is_number(value):
+            # YAML 1.1 (PyYAML) reads 1e-3 as text: a float needs a dot ("1.0e-3") or the plain form ("0.001").
+            raise ConfigError(f"{name}: YAML read {value!r} as text, not a number", expected="a number",
+                              found=f"the string {value!r} (YAML needs a dot in the mantissa to read an exponent "
+                                    "as a number)", fix=f"write {name.rsplit('.', 1)[-1]}: {_yaml_float(value)}")
+        raise _type_error(name, "a number", value)
+    if hint is Path:
+        return Path(value)
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_float(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    return f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else repr(float(text))
+
+
+def _type_error(name: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{name}: wrong type", expected=expected, found=f"{value!r} ({type(value).__name__})",
+                       fix=f"set {name} to {expected}")

@@ -11,7 +11,8 @@ import torch
 
 from export_fixtures import shape_images, tiny_vit
 
-from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
+from singer_deploy.config import PlantedConfig
+from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
 
 # The small planted teacher of the distillation and method-study tests (4 blocks, artifacts at block 2).
 SMALL_PLANTED = PlantedConfig(img_size=32, patch_size=8, embed_dim=64, depth=4, artifact_layer=2, null_dim=4)

@@ -7,7 +7,9 @@ import timm
 import torch
 
 from singer_deploy.calibration.graph import load_graph
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import (DEFAULT_POLICY, high_precision_nodes, low_precision_nodes, nncf_args,
+                                             onnx_fp16_args, onnx_quantize_static_args)
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.errors import ConfigError
 
 
@@ -35,7 +37,7 @@ def test_roles_of_a_register_vit_with_projector(graphs, dialect):
 
 
 def test_onnx_runtime_arguments(graphs):
-    args = DEFAULT_POLICY.onnx_quantize_static_args(graphs["onnx"])
+    args = onnx_quantize_static_args(DEFAULT_POLICY, graphs["onnx"])
     projector = [n for n, r in graphs["onnx"].roles().items() if r == "output_projection"]
     assert args["op_types_to_quantize"] == ["MatMul"]
     assert args["nodes_to_exclude"] == projector
@@ -43,7 +45,7 @@ def test_onnx_runtime_arguments(graphs):
 
 
 def test_fp16_block_lists_keep_norms_and_named_nodes(graphs):
-    args = DEFAULT_POLICY.onnx_fp16_args(graphs["onnx"])
+    args = onnx_fp16_args(DEFAULT_POLICY, graphs["onnx"])
     assert {"LayerNormalization", "Softmax", "Erf"} <= set(args["op_block_list"])
     assert "TopK" in args["op_block_list"]                 # ONNX Runtime's own defaults survive
     kinds = {graphs["onnx"].nodes[n].op_type for n in args["node_block_list"]}
@@ -53,7 +55,7 @@ def test_fp16_block_lists_keep_norms_and_named_nodes(graphs):
 def test_nncf_scope_ignores_everything_but_the_low_precision_roles(graphs):
     import nncf
 
-    args = DEFAULT_POLICY.nncf_args(graphs["openvino"])
+    args = nncf_args(DEFAULT_POLICY, graphs["openvino"])
     assert args["model_type"] == nncf.ModelType.TRANSFORMER
     scope = args["ignored_scope"]
     assert {"MVN", "Convolution", "Gelu"} <= set(scope.types)
@@ -64,10 +66,10 @@ def test_nncf_scope_ignores_everything_but_the_low_precision_roles(graphs):
 
 def test_name_patterns_move_nodes_to_high_precision(graphs):
     graph = graphs["onnx"]
-    target = DEFAULT_POLICY.low_precision_nodes(graph)[0]
+    target = low_precision_nodes(DEFAULT_POLICY, graph)[0]
     policy = PrecisionPolicy(keep_name_patterns=(f"^{target}$",))
-    assert target in policy.high_precision_nodes(graph) and target not in policy.low_precision_nodes(graph)
-    assert target in policy.onnx_quantize_static_args(graph)["nodes_to_exclude"]
+    assert target in high_precision_nodes(policy, graph) and target not in low_precision_nodes(policy, graph)
+    assert target in onnx_quantize_static_args(policy, graph)["nodes_to_exclude"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(low_precision_roles=("linear", "layernorm")),

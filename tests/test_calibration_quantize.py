@@ -9,7 +9,8 @@ import timm
 import torch
 
 from singer_deploy.calibration.cache import cached_calibration_set
-from singer_deploy.calibration.policy import DEFAULT_POLICY, PrecisionPolicy
+from singer_deploy.calibration.policy import DEFAULT_POLICY
+from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.quantize import quantize_student, reduce_precision
 from singer_deploy.calibration.realised import realised_precision, require_policy_held
 from singer_deploy.models.data import SyntheticShapes

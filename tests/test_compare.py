@@ -10,9 +10,8 @@ from onnx import numpy_helper
 
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.evaluation.study import JSON, MAIN_COLUMNS, MARKDOWN, compare_methods, runner_probe_agreement
-from singer_deploy.config import SingerConfig
+from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.config import TrainConfig
 from singer_deploy.errors import ConfigError
 
 SINGER = SingerConfig(rank=4, outlier_target="median")

@@ -18,7 +18,8 @@ from singer_deploy.evaluation.analysis import analyse_artifacts
 from singer_deploy.export.pipeline import export_student
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.config import PlantedConfig
+from singer_deploy.models.planted import build_planted_teacher
 from singer_deploy.pipeline.api import build_data, build_models, distill_and_export
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.config import TrainConfig

@@ -13,13 +13,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from singer_deploy.models.backbone import load_backbone
-from singer_deploy.config import SingerConfig
-from singer_deploy.models.data import SyntheticShapes, stack_images
-from singer_deploy.config import TrainConfig
-from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
+from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, TrainingError
 from singer_deploy.method.metrics import artifact_metrics
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
 
 SINGER = SingerConfig(rank=4, outlier_target="median")
 LAYERS = [2]  # + the teacher's last block (3); student blocks 0 and 1
@@ -217,11 +216,10 @@ _TORCHRUN_SCRIPT = """
     import torch
     import torch.distributed as dist
     from singer_deploy.models.backbone import load_backbone
-    from singer_deploy.config import SingerConfig
+    from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
     from singer_deploy.models.data import SyntheticShapes
-    from singer_deploy.config import TrainConfig
+    from singer_deploy.models.planted import build_planted_teacher
     from singer_deploy.train.loop import distill
-    from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
 
     teacher = build_planted_teacher(PlantedConfig(**{config})).backbone
     data = SyntheticShapes(16, 32, 8, flat_share=0.08, seed=1)
@@ -276,7 +274,8 @@ _TORCHRUN_NAN_SCRIPT = """
     from singer_deploy.models.data import SyntheticShapes
     from singer_deploy.config import TrainConfig
     from singer_deploy.train.loop import distill
-    from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+    from singer_deploy.config import PlantedConfig
+    from singer_deploy.models.planted import build_planted_teacher
 
     class PoisonedOnRank1(torch.utils.data.Dataset):
         def __init__(self, data):

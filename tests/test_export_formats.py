@@ -2,9 +2,9 @@ import warnings
 
 import pytest
 
+from singer_deploy.config import FORMAT_PRECISIONS, check_precision, normalize_precision
 from singer_deploy.errors import ConfigError
-from singer_deploy.export.formats import (FORMATS, check_precision, format_for_path,
-                                          normalize_precision, resolve_format)
+from singer_deploy.export.formats import FORMATS, format_for_path, resolve_format
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -42,9 +42,14 @@ def test_precision_rules():
     assert normalize_precision("FP16") == "fp16" and normalize_precision("float32") == "fp32"
     with pytest.raises(ConfigError):
         normalize_precision("fp64")
-    assert check_precision(FORMATS["tensorrt"], "bf16") == "bf16"
+    assert check_precision("trt", "BF16") == "bf16"
     with pytest.raises(ConfigError, match="cannot carry"):
-        check_precision(FORMATS["openvino"], "bf16")
+        check_precision("openvino", "bf16")
+
+
+def test_the_export_table_and_the_config_names_agree():
+    assert set(FORMATS) == set(FORMAT_PRECISIONS)
+    assert all(fmt.precisions == FORMAT_PRECISIONS[name] for name, fmt in FORMATS.items())
 
 
 def test_runner_classes_resolve_lazily():

@@ -10,7 +10,7 @@ import torch
 from singer_deploy.errors import ExportError
 from singer_deploy.export.golden import environment_fingerprint, load_golden, verify, write_golden
 from singer_deploy.export.onnx import export_onnx
-from singer_deploy.export.parity import ParityPolicy
+from singer_deploy.config import ParityPolicy
 from singer_deploy.export.runner import TorchRunner
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from singer_deploy.errors import ConfigError, ParityError
-from singer_deploy.export.parity import PRECISION_GATES, ParityPolicy, compare_outputs
+from singer_deploy.config import PRECISION_GATES, ParityPolicy
+from singer_deploy.export.parity import compare_outputs
 
 
 def _outputs(seed=0, b=16, n=9, d=32):

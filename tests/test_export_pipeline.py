@@ -56,7 +56,7 @@ def test_goldens_share_one_reference_set_of_the_chosen_size(exported, tmp_path):
 
 
 def test_a_policy_override_gates_its_precision_only_and_raises(exported, tmp_path):
-    from singer_deploy.export.parity import ParityPolicy
+    from singer_deploy.config import ParityPolicy
 
     student, images, _ = exported
     unreachable = ParityPolicy.for_precision("fp32", image_cos_min=1.5)   # no cosine can reach it

@@ -106,7 +106,7 @@ def test_tensorrt_build_and_run_on_a_gpu(tmp_path):
     from singer_deploy.export.onnx import export_onnx
     from singer_deploy.export.parity import compare_outputs
     from singer_deploy.export.runner import TorchRunner
-    from singer_deploy.export.tensorrt import TensorRTBuildConfig
+    from singer_deploy.config import TensorRTBuildConfig
 
     student = tiny_vit()
     onnx_path = export_onnx(student, tmp_path / "s.onnx").path

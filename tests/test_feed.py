@@ -11,7 +11,8 @@ from fault_injection import Armed, Killed
 from singer_deploy.config import SingerConfig
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import ImageFolder, image_transform
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.config import PlantedConfig
+from singer_deploy.models.planted import build_planted_teacher
 from singer_deploy.train.feed import StreamSampler, _Seeded, step_batches
 from singer_deploy.config import TrainConfig
 from singer_deploy.train.loop import distill

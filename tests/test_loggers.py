@@ -8,7 +8,8 @@ from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.config import PlantedConfig
+from singer_deploy.models.planted import build_planted_teacher
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.train.loggers import TENSORBOARD_DIR
 from singer_deploy.train.loop import METRICS_LOG, distill

@@ -11,7 +11,8 @@ RAW = {"train": {"steps": 300, "batch_size": 32}, "export": {"formats": ["onnx"]
 
 def test_values_are_read_as_yaml_and_merged_into_sections():
     merged = apply_overrides(RAW, ["train.steps=100", "export.formats=[onnx, openvino]", "export.precision=fp16",
-                                   "singer.rank=8", "student.kwargs.img_size=64", "train.adapter_lr=null",
+                                   "singer.rank=8", "student.name=vit_tiny_patch16_224",
+                                   "student.kwargs.img_size=64", "train.adapter_lr=null",
                                    "export.benchmark=false"])
     config = load_run_config(merged)
     assert config.train.steps == 100 and config.train.batch_size == 32

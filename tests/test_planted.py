@@ -3,7 +3,8 @@ import torch
 
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, mask_precision_recall
-from singer_deploy.models.planted import PlantedConfig, build_planted_teacher
+from singer_deploy.config import PlantedConfig
+from singer_deploy.models.planted import build_planted_teacher
 
 
 @pytest.fixture(scope="module")

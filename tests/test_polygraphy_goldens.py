@@ -13,7 +13,7 @@ import torch
 
 from singer_deploy.export.golden import REFERENCE_DIR, load_golden, verify, write_golden, write_reference
 from singer_deploy.export.onnx import export_onnx
-from singer_deploy.export.parity import ParityPolicy
+from singer_deploy.config import ParityPolicy
 from singer_deploy.export.polygraphy_goldens import (polygraphy_command, polygraphy_tolerances,
                                                      write_polygraphy_reference)
 from singer_deploy.export.runner import TorchRunner

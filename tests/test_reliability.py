@@ -532,7 +532,7 @@ def test_finished_run_files_are_strict_json_with_normal_modes(finished):
 def test_golden_problems_are_input_errors_and_verify_names_what_changed(tmp_path, capsys):
     from singer_deploy.export.golden import write_golden
     from singer_deploy.export.onnx import export_onnx
-    from singer_deploy.export.parity import ParityPolicy
+    from singer_deploy.config import ParityPolicy
     from singer_deploy.export.runner import TorchRunner
     from singer_deploy.export.student import ExportableStudent
     from singer_deploy.models.backbone import load_backbone

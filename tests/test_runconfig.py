@@ -1,7 +1,8 @@
 import pytest
 
 from singer_deploy.errors import ConfigError
-from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
+from singer_deploy.config import RunConfig
+from singer_deploy.pipeline.runconfig import load_run_config
 
 
 def test_defaults_and_demo_config_load(tmp_path):
@@ -39,3 +40,42 @@ def test_yaml_errors(tmp_path):
         load_run_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_built_in_code_is_validated_like_one_read_from_yaml():
+    from singer_deploy.config import ExportSpec, ModelSpec, TensorRTBuildConfig
+
+    with pytest.raises(ConfigError, match="cannot carry precision bf16"):
+        ExportSpec(formats=("openvino",), precision="bf16")
+    with pytest.raises(ConfigError, match="layers: index beyond the teacher's depth"):
+        RunConfig(layers=(42,))
+    with pytest.raises(ConfigError, match="planted model is a teacher only"):
+        RunConfig(student=ModelSpec(name="planted"))
+    with pytest.raises(ConfigError, match="batch range is out of order"):
+        TensorRTBuildConfig(min_batch=8, opt_batch=4)
+
+
+def test_keyword_overrides_change_a_run_config_without_a_dict_round_trip(monkeypatch):
+    from singer_deploy.config import ExportSpec, TrainConfig
+    from singer_deploy.pipeline.api import _resolve_config
+
+    base = RunConfig(export=ExportSpec(formats=("onnx",), calibration_size=7), train=TrainConfig(steps=5))
+    monkeypatch.setattr(RunConfig, "to_dict", lambda self: pytest.fail("RunConfig was turned into a dict"))
+    shortcuts = dict(teacher=None, student="vit_small_patch16_224", data=None, out_dir="runs/x", layers=[2],
+                     formats=["ov"], precision="int8", method="fitnet")
+    config = _resolve_config(base, shortcuts, {})
+    assert config.student.name == "vit_small_patch16_224" and config.out_dir == "runs/x" and config.layers == (2,)
+    assert config.export == ExportSpec(formats=("ov",), precision="int8", calibration_size=7)
+    assert config.train == TrainConfig(steps=5, method="fitnet") and config.teacher == base.teacher
+    with pytest.raises(ConfigError, match=r"train\.stpes: unknown key"):
+        _resolve_config(base, {**shortcuts, "method": None}, {"train": {"stpes": 1}})
+
+
+def test_the_config_and_cli_modules_start_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, singer_deploy, singer_deploy.config, singer_deploy.pipeline.cli; "
+            "heavy = sorted({'torch', 'timm', 'peft', 'onnx', 'openvino'} & set(sys.modules)); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,40 +24,7 @@ from torch import Tensor
 
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
-from singer_deploy.errors import ConfigError
-
-_TEXTURE_FILTERS = 6
-# Reserved channel pairs, counted from the end of the embedding: patch indicator, texture responses, energy, flatness.
-_PAIRS = ["patch", *[f"texture{k}" for k in range(_TEXTURE_FILTERS)], "energy", "flat"]
-
-
-@dataclass(frozen=True)
-class PlantedConfig:
-    """Shape of the planted teacher. The artifact share is set by the images (`SyntheticShapes.flat_share`)."""
-
-    img_size: int = 64
-    patch_size: int = 8
-    embed_dim: int = 96
-    depth: int = 8
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    artifact_layer: int = 4
-    rho: float = 10.0            # median artifact norm / median normal norm at the artifact layer
-    null_dim: int = 8            # dimension of the subspace N the blocks after the artifact layer ignore
-    u_in_null: bool = True       # False puts u outside N: then refinement inside N cannot remove the artifact
-    value_null: bool = True      # attention values ignore u (as observed in OpenCLIP)
-    sink_logit: float = 6.0      # attention logit boost artifact tokens get in later blocks
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 2 <= self.artifact_layer < self.depth - 1:
-            raise ConfigError("artifact_layer must leave blocks before and after it",
-                              expected=f"2 <= artifact_layer < {self.depth - 1}", found=str(self.artifact_layer),
-                              fix="pick a middle block")
-        if self.embed_dim < 2 * len(_PAIRS) + self.null_dim + 8:
-            raise ConfigError("embed_dim is too small for the planted channels",
-                              expected=f">= {2 * len(_PAIRS) + self.null_dim + 8}", found=str(self.embed_dim),
-                              fix="raise embed_dim")
+from singer_deploy.config import PLANTED_CHANNEL_PAIRS, PLANTED_TEXTURE_FILTERS, PlantedConfig
 
 
 @dataclass
@@ -109,8 +76,8 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
 
 
 def _reserve_channels(dim: int) -> dict[str, tuple[int, int]]:
-    first = dim - 2 * len(_PAIRS)
-    return {name: (first + 2 * i, first + 2 * i + 1) for i, name in enumerate(_PAIRS)}
+    first = dim - 2 * len(PLANTED_CHANNEL_PAIRS)
+    return {name: (first + 2 * i, first + 2 * i + 1) for i, name in enumerate(PLANTED_CHANNEL_PAIRS)}
 
 
 def _all_reserved(channels: dict[str, tuple[int, int]]) -> list[int]:
@@ -157,7 +124,7 @@ def _write_texture_filters(model: VisionTransformer, channels, patch: int, gener
     yy, xx = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
     structured = [torch.where(xx < half, 1.0, -1.0), torch.where(yy < half, 1.0, -1.0)]
     filters = [kernel.expand(3, -1, -1) for kernel in structured]
-    for _ in range(_TEXTURE_FILTERS - len(structured)):
+    for _ in range(PLANTED_TEXTURE_FILTERS - len(structured)):
         kernel = torch.randn(3, patch, patch, generator=generator)
         filters.append(kernel - kernel.mean(dim=(1, 2), keepdim=True))  # zero mean per colour channel
     proj = model.patch_embed.proj
@@ -186,7 +153,7 @@ def _write_neuron(mlp, neuron: int, reads: Tensor, bias: float, writes: Tensor) 
 def _write_energy_neurons(model: VisionTransformer, channels) -> None:
     mlp, dim = model.blocks[0].mlp, model.embed_dim
     energy = _pair_reader(dim, channels["energy"], 0.05)
-    for k in range(_TEXTURE_FILTERS):
+    for k in range(PLANTED_TEXTURE_FILTERS):
         reads = _pair_reader(dim, channels[f"texture{k}"], 4.0)
         _write_neuron(mlp, 2 * k, reads, 0.0, energy)     # GELU(x) + GELU(-x) is 0 only at x = 0
         _write_neuron(mlp, 2 * k + 1, -reads, 0.0, energy)

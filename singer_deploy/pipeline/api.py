@@ -10,7 +10,6 @@ and report.html.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -24,19 +23,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy import __version__
+from singer_deploy.config import (PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, from_mapping,
+                                  normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifacts
+from singer_deploy.io import atomic_save_safetensors, atomic_write_json
+from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
                                        image_transform, stack_images)
-from singer_deploy.reporting.model_card import write_model_card
-from singer_deploy.train.loop import STUDENT_DIR, DistillResult, distill
-from singer_deploy.errors import ConfigError
-from singer_deploy.io import atomic_save_safetensors, atomic_write_json
-from singer_deploy.models.planted import PlantedConfig, PlantedTeacher, build_planted_teacher
-from singer_deploy.method.refine import RefinedTeacher, Refiner
+from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
 from singer_deploy.pipeline.preflight import check_built, check_settings
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
-from singer_deploy.pipeline.runconfig import PLANTED, ModelSpec, RunConfig, load_run_config, read_config_file
+from singer_deploy.pipeline.runconfig import load_run_config
+from singer_deploy.reporting.model_card import write_model_card
+from singer_deploy.train.loop import STUDENT_DIR, DistillResult, distill
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
@@ -168,31 +168,27 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
 
 
 def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
-    """Merge a config source with keyword overrides, then validate the whole of it once."""
-    if config is None:
-        raw: dict = {}
-    elif isinstance(config, RunConfig):
-        raw = config.to_dict()
-    elif isinstance(config, dict):
-        raw = copy.deepcopy(config)
-    else:
-        raw = read_config_file(config)
-    raw.update(sections)
+    """The config source with keyword overrides applied; every changed section is checked as it is built."""
+    base = config if isinstance(config, RunConfig) else RunConfig() if config is None else load_run_config(config)
+    changes = dict(sections)
     for role in ("teacher", "student"):
         if shortcuts[role] is not None:
-            raw[role] = {"name": shortcuts[role]} if isinstance(shortcuts[role], str) else shortcuts[role]
+            changes[role] = {"name": shortcuts[role]} if isinstance(shortcuts[role], str) else shortcuts[role]
     if shortcuts["data"] is not None:
-        raw["data"] = {"source": str(shortcuts["data"])} if isinstance(shortcuts["data"], (str, Path)) \
-            else shortcuts["data"]
-    for key in ("out_dir", "layers"):
-        if shortcuts[key] is not None:
-            raw[key] = str(shortcuts[key]) if key == "out_dir" else list(shortcuts[key])
-    for key in ("formats", "precision"):
-        if shortcuts[key] is not None:
-            raw["export"] = {**raw.get("export", {}), key: shortcuts[key]}
+        data = shortcuts["data"]
+        changes["data"] = {"source": str(data)} if isinstance(data, (str, Path)) else data
+    if shortcuts["out_dir"] is not None:
+        changes["out_dir"] = str(shortcuts["out_dir"])
+    if shortcuts["layers"] is not None:
+        changes["layers"] = list(shortcuts["layers"])
+    export = {key: shortcuts[key] for key in ("formats", "precision") if shortcuts[key] is not None}
+    if export:
+        section = from_mapping(ExportSpec, changes["export"], "export.") if "export" in changes else base.export
+        changes["export"] = with_changes(section, "export.", **export)
     if shortcuts["method"] is not None:
-        raw["train"] = {**raw.get("train", {}), "method": shortcuts["method"]}
-    return load_run_config(raw)
+        section = from_mapping(TrainConfig, changes["train"], "train.") if "train" in changes else base.train
+        changes["train"] = with_changes(section, "train.", method=shortcuts["method"])
+    return with_changes(base, **changes)
 
 
 def run_context(config: RunConfig) -> dict:
@@ -205,20 +201,18 @@ def build_models(config: RunConfig) -> Models:
     # The student first: it is cheap to build, so a wrong student name or kwargs fails before the teacher is built.
     # After the seed, a teacher without weights is reproducible too (a resumed run compares its hash).
     torch.manual_seed(config.train.seed)
-    student = load_model(config.student, "student")
+    student = load_model(config.student)
     planted = None
     if config.teacher.name == PLANTED:
-        planted = build_planted_teacher(PlantedConfig(**config.teacher.planted))
+        planted = build_planted_teacher(config.teacher.planted_config())
         teacher = planted.backbone
     else:
-        teacher = load_model(config.teacher, "teacher")
+        teacher = load_model(config.teacher)
     return Models(teacher, student, planted)
 
 
-def load_model(spec: ModelSpec, role: str) -> Backbone:
-    if spec.name == PLANTED:
-        raise ConfigError(f"{role}.name: the planted model is a teacher only", expected="a timm ViT name",
-                          found=PLANTED, fix="e.g. vit_tiny_patch16_224 with kwargs for size")
+def load_model(spec: ModelSpec) -> Backbone:
+    """The timm model a ModelSpec names (the planted teacher is built by build_planted_teacher instead)."""
     return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
 
 
@@ -276,7 +270,6 @@ def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, 
                  polygraphy_goldens: bool = False) -> ExportResult:
     """export_student with calibration's reduced-precision converters: where the pipeline composes the two."""
     from singer_deploy.calibration.converters import export_converters
-    from singer_deploy.export.formats import normalize_precision
     from singer_deploy.export.pipeline import export_student
 
     calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None

@@ -16,9 +16,10 @@ from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.hub import WEIGHTS_NAME
+from singer_deploy.config import RunConfig
 from singer_deploy.pipeline.api import bench, build_data, build_models, export_model, load_model
 from singer_deploy.pipeline.rundir import MANIFEST
-from singer_deploy.pipeline.runconfig import RunConfig, load_run_config
+from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.train.loop import STUDENT_DIR
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
     """Export `config.student` as it is (any timm ViT name + optional local weights, or a hf-hub: / local-dir:
     name): no distillation, no projector. Parity and goldens use `config.data`'s held-out images (synthetic shapes
     unless data.source names an image folder)."""
-    student = load_model(config.student, "export")
+    student = load_model(config.student)
     _, eval_images = build_data(config, student)
     return export_model(student, None, out_dir, eval_images, formats=config.export.formats,
                         precision=config.export.precision, calibration_size=config.export.calibration_size,
@@ -71,7 +72,8 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     import torch
 
     from singer_deploy.export.bench import tile_batch
-    from singer_deploy.export.formats import format_for_path, resolve_format
+    from singer_deploy.config import format_name
+    from singer_deploy.export.formats import format_for_path
     from singer_deploy.export.golden import open_runner
     from singer_deploy.export.pipeline import MANIFEST_NAME
     from singer_deploy.export.runner import TorchRunner
@@ -83,7 +85,7 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     exported = json.loads(listing.read_text())["artifacts"]
     artifacts = {key: Path(a["path"]) for key, a in exported.items()}
     if formats:
-        wanted = {resolve_format(name).name for name in formats}
+        wanted = {format_name(name) for name in formats}
         artifacts = {key: path for key, path in artifacts.items() if format_for_path(path).name in wanted}
         if not artifacts:
             raise ConfigError("The run exported none of the requested formats", expected=", ".join(sorted(wanted)),
