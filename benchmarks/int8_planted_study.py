@@ -20,7 +20,7 @@ from singer_deploy.calibration.study import int8_artifact_study
 from singer_deploy.pipeline.cli import demo_config_path
 from singer_deploy.train.loop import distill
 from singer_deploy.io import atomic_write_json
-from singer_deploy.models.data import image_array
+from singer_deploy.models.data import TeacherInput, image_array
 from singer_deploy.pipeline.runconfig import load_run_config
 
 
@@ -36,12 +36,12 @@ def main() -> None:
     students = {}
     for method in ("fitnet", "singer"):
         models = build_models(config)  # same seed -> the same student initialisation for both methods
-        train_data, eval_images = build_data(config, models.teacher)
+        train_data, eval_images = build_data(config, TeacherInput.of(models.teacher))
         train = replace(config.train, method=method, steps=args.steps)
         result = distill(models.teacher, models.student, train_data, Path(args.out) / method, layers=config.layers,
                          singer=config.singer, train=train, progress=False)
         students[method] = (result.student.model.eval(), result.projectors.last)
-    calib = build_data(config, models.teacher)[0]
+    calib = build_data(config, TeacherInput.of(models.teacher))[0]
     calib_images = image_array(calib, range(args.calibration))
     study = int8_artifact_study(students["fitnet"][0], students["singer"][0], calib_images, eval_images,
                                 names=("fitnet", "singer"),

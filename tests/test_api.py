@@ -219,3 +219,33 @@ def test_cli_overrides_on_run_are_validated_like_yaml(tmp_path, capsys):
     assert main(["check-config", str(config), "train.steps=2", "export.golden_size=4", "--print"]) == EXIT_OK
     printed = capsys.readouterr()
     assert "steps: 2\n" in printed.out and "golden_size: 4\n" in printed.out and "ok" in printed.err
+
+
+def test_an_export_only_run_loads_the_student_without_building_the_teacher(finished, tmp_path, monkeypatch):
+    import numpy as np
+
+    import singer_deploy.pipeline.api as api
+    from singer_deploy.export.golden import load_golden
+    from singer_deploy.pipeline.export_only import export_run, load_run
+
+    created = []
+    load_backbone = api.load_backbone
+    monkeypatch.setattr(api, "build_planted_teacher", lambda *args, **kwargs: pytest.fail("the teacher was built"))
+    monkeypatch.setattr(api, "load_backbone", lambda name, **kw: created.append(name) or load_backbone(name, **kw))
+    result = export_run(finished.out_dir, ["onnx"], "fp32", tmp_path / "again")
+    assert created == [TINY["student"]["name"]] and result.passed
+    # The same held-out images as the run itself, rebuilt from the manifest's teacher_input.
+    np.testing.assert_array_equal(load_golden(result.artifacts["onnx/fp32"].golden_dir).inputs,
+                                  load_golden(finished.out_dir / "export" / "goldens" / "onnx-fp32").inputs)
+    monkeypatch.undo()
+
+    # A run directory written before manifests recorded teacher_input still opens (building the teacher once).
+    old = tmp_path / "old-run"
+    old.mkdir()
+    manifest = json.loads((finished.out_dir / "manifest.json").read_text())
+    del manifest["teacher_input"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("student/model.safetensors", "projectors.safetensors"):
+        (old / name).parent.mkdir(exist_ok=True)
+        (old / name).write_bytes((finished.out_dir / name).read_bytes())
+    np.testing.assert_array_equal(load_run(old)[3], load_run(finished.out_dir)[3])

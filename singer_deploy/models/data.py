@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from singer_deploy.errors import DataError
+
+if TYPE_CHECKING:
+    from singer_deploy.models.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +320,35 @@ class SkippedImages:
 
     def to_dict(self, listed_files: int = 20) -> dict:
         return {"count": len(self.files), "files": dict(list(self.files.items())[:listed_files])}
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """What the data needs to know of the teacher: its input size, patch size and timm's preprocessing.
+
+    A run records it in manifest.json, so an export-only run rebuilds the same held-out images without building
+    the teacher (which may be a ViT-L). `data_config` answers like Backbone.data_config, so build_data takes either.
+    """
+
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    pretrained_config: dict  # Backbone.data_config(): input_size, interpolation, mean, std, crop_pct, ...
+
+    @classmethod
+    def of(cls, teacher: Backbone) -> "TeacherInput":
+        return cls(tuple(teacher.img_size), tuple(teacher.patch_size), dict(teacher.data_config()))
+
+    def data_config(self, crop_pct: float | None = None) -> dict:
+        return {**self.pretrained_config, **({} if crop_pct is None else {"crop_pct": float(crop_pct)})}
+
+    def to_dict(self) -> dict:
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.pretrained_config.items()}
+        return {"img_size": list(self.img_size), "patch_size": list(self.patch_size), "data_config": config}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TeacherInput":
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in data["data_config"].items()}
+        return cls(tuple(data["img_size"]), tuple(data["patch_size"]), config)
 
 
 def image_transform(data_config: dict, *, training: bool) -> Callable[[Image.Image], torch.Tensor]:

@@ -29,8 +29,8 @@ from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifact
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
-from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, default_crop_pct,
-                                       image_transform, stack_images)
+from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
+                                       default_crop_pct, image_transform, stack_images)
 from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
 from singer_deploy.pipeline.preflight import check_built, check_settings
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
@@ -156,6 +156,7 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
     passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
+                "teacher_input": TeacherInput.of(models.teacher).to_dict(),
                 "timings": timings, "passed": passed, "summary": summary, "data": data_record, "parity": parity_rows,
                 "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
                 "config_history": result.config_history, "weights": {
@@ -216,8 +217,10 @@ def load_model(spec: ModelSpec) -> Backbone:
     return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
 
 
-def build_data(config: RunConfig, teacher: Backbone) -> tuple[Dataset, np.ndarray]:
-    """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32."""
+def build_data(config: RunConfig, teacher: Backbone | TeacherInput) -> tuple[Dataset, np.ndarray]:
+    """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32.
+
+    `teacher` is the built teacher or the TeacherInput a run's manifest recorded (export-only runs)."""
     spec = config.data
     if spec.source == "synthetic":
         size, patch = teacher.img_size[0], teacher.patch_size[0]
@@ -293,7 +296,8 @@ def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndar
     return add_ratios(rows, EAGER)
 
 
-def display_normalisation(config: RunConfig, teacher: Backbone) -> tuple[Sequence[float], Sequence[float]]:
+def display_normalisation(config: RunConfig,
+                          teacher: Backbone | TeacherInput) -> tuple[Sequence[float], Sequence[float]]:
     """(mean, std) the evaluation images were normalised with, to show them in their true colours."""
     if config.data.source == "synthetic":
         return IMAGENET_MEAN, IMAGENET_STD

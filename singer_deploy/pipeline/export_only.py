@@ -1,5 +1,6 @@
 """Export-only workflows: reopen a finished run directory (its config, distilled student and projector) to export
-or benchmark it again, or export any timm ViT as it is (name + local weights) without distilling."""
+or benchmark it again, without building the teacher (the manifest records what the data needs of it), or export any
+timm ViT as it is (name + local weights) without distilling."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
+from singer_deploy.config import RunConfig
 from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
+from singer_deploy.models.data import TeacherInput
 from singer_deploy.models.hub import WEIGHTS_NAME
-from singer_deploy.config import RunConfig
 from singer_deploy.pipeline.api import bench, build_data, build_models, export_model, load_model
 from singer_deploy.pipeline.rundir import MANIFEST
 from singer_deploy.pipeline.runconfig import load_run_config
@@ -34,12 +36,21 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]
     if not manifest_path.is_file():
         raise ConfigError("Not a finished run directory", expected=f"{manifest_path} (written at the end of a run)",
                           found="no manifest.json", fix="point at the out_dir of a completed `run` or `demo`")
-    config = load_run_config(json.loads(manifest_path.read_text())["config"])
-    models = build_models(config)
-    models.student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
+    manifest = json.loads(manifest_path.read_text())
+    config = load_run_config(manifest["config"])
+    student = load_model(config.student)
+    student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
     projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
-    _, eval_images = build_data(config, models.teacher)
-    return config, models.student.eval(), projector.eval(), eval_images
+    _, eval_images = build_data(config, _teacher_input(manifest, config))
+    return config, student.eval(), projector.eval(), eval_images
+
+
+def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
+    if "teacher_input" in manifest:
+        return TeacherInput.from_dict(manifest["teacher_input"])
+    # Runs written before the manifest recorded it: the teacher's geometry comes from the teacher itself.
+    log.warning("manifest.json has no teacher_input (an older run): building the teacher to read its input size")
+    return TeacherInput.of(build_models(config).teacher)
 
 
 def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None) -> ExportResult:
