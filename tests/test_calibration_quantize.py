@@ -144,8 +144,8 @@ def test_export_student_refuses_int8_without_converters_and_uses_calibrations(st
     result = export_student(vit, tmp_path / "int8", ("onnx", "ov"), converters=export_converters(), **kwargs)
     assert set(result.artifacts) == {"onnx/int8", "openvino/fp32", "openvino/fp16", "openvino/int8"}
     assert set(result.reports) == set(result.artifacts)       # every artifact measured against eager PyTorch
-    # ONNX Q/DQ meets the INT8 gate here; NNCF's CLS token on this random 2-block ViT sits near it (cos ~0.98),
-    # which the gate may report either way: that is the gate working, not the converter plumbing under test.
+    # Only the plumbing is under test here; whether each INT8 backend meets its gate on this student is
+    # test_int8_passes_the_int8_gate_and_keeps_protected_ops_fp32's job (with its own calibration set).
     assert result.artifacts["onnx/int8"].parity.passed, result.artifacts["onnx/int8"].parity.failures()
     for key in ("onnx/int8", "openvino/int8"):
         assert realised_precision(result.artifacts[key].path).share("int8") > 0.5, key
