@@ -1,8 +1,9 @@
 """Reading a run configuration (YAML file or dict) for `distill_and_export`, validated before any work starts.
 
 The dataclasses and their validation live in singer_deploy/config.py (RunConfig and its sections); this module
-reads YAML and applies keyword overrides. Unknown keys, wrong types and impossible combinations fail with a
-ConfigError that names the key, e.g. `train.stpes: unknown key (did you mean 'steps'?)`.
+reads the YAML file. Unknown keys, wrong types and impossible combinations fail with a ConfigError that names the
+key, e.g. `train.stpes: unknown key (did you mean 'steps'?)`. What a config needs from the machine (packages, local
+hub models) is checked by pipeline/preflight.py.
 """
 
 from __future__ import annotations
