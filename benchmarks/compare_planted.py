@@ -1,109 +1,251 @@
-"""SiNGER vs FitNet on the planted-artifact teacher at two artifact shares, plus the quantile-target trap.
+"""Is the planted artifact really gone? Refinement settings, FitNet and the adapter-initialisation ablation, per
+distilled layer, on the built-in planted teacher (64 px, patch 8, width 96, 8 blocks, artifacts written at block 4;
+distilled layers [4] + last = 7; rank 8 = the planted null subspace).
 
-Runs `singer_deploy.evaluation.study.compare_methods` with the settings of docs/method.md, "Traps" (64 px, patch 8,
-D=96, 8 blocks, artifacts at block 4; student D=64, 4 blocks; layers [4] + last; 300 steps, lr 3e-3, adapter lr
-1e-2) and prints one table. The planted teacher has random weights apart from the planted circuit, so probe scores
-sit at chance for every row: they are printed, not used to rank. This validates mechanics, not real-world efficacy.
+Cases: artifact share 2% / 8% of the patches, content-triggered (exactly flat patches) or position-triggered (fixed
+positions), artifact direction inside (default) or outside the next block's nullspace.
 
-Each SiNGER student is also exported (ONNX, OpenVINO FP32 + FP16 IR, where installed) and probed through every
-artifact's runner; a second table shows those scores and their differences from eager PyTorch's.
+Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
+detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats
+for the refined teacher at each distilled layer. It prints the settings table (published / demo / faithful) and the
+initialisation ablation (nullspace / random / zero / remove, same everything else).
 
-    python benchmarks/compare_planted.py [--steps 300] [--out DIR] [--export-formats onnx,openvino | none]
-                                         [--paper-last-layer]
+Part "distill" (slow): SiNGER (published and faithful) vs FitNet with the student, per case
+(evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
-"HNR last" / "E_out last": a student's own last block, a teacher's block 7. "tgt cos@5": the refined layer-4 target
-vs the raw one after teacher block 5, on normal tokens. Rerunning with the same --out reuses finished runs.
+    python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,8p,2p,8c-out]
+                                         [--settings published,demo (median),faithful] [--select-k 4]
+                                         [--inits nullspace,random,zero,remove | none] [--n-eval 128] [--out DIR]
+
+`--select-k 2,4` runs the faithful setting once per artifact selection (raw teacher tokens above k x the median).
+
+Figures are accuracy metrics on the planted teacher: they validate the mechanics, not real-world efficacy.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
-import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
+from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
+from singer_deploy.evaluation.study import compare_methods
+from singer_deploy.method.alignment import TokenAligner, TokenLayout
+from singer_deploy.method.losses import SingerLoss
+from singer_deploy.method.metrics import ArtifactStats, artifacts_remain
+from singer_deploy.method.nullspace import surrogate_block
+from singer_deploy.method.refine import Refiner
 from singer_deploy.models.backbone import load_backbone
-from singer_deploy.evaluation.study import RUNNER_COLUMNS, compare_methods, installed_export_formats
-from singer_deploy.config import SingerConfig
-from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.config import TrainConfig
-from singer_deploy.models.planted import build_planted_teacher
+from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
+from singer_deploy.train.loop import lr_factor
 
-LAYER = 4
-# (share, outlier target, methods): the quantile run shows the trap at 8% (> 1 - alpha = 3% of patches are artifacts).
-RUNS = ((0.08, "median", ("fitnet", "singer")), (0.08, "quantile", ("singer",)), (0.02, "median", ("fitnet", "singer")))
-COLUMNS = (("method", "method"), ("target", "target"), ("share", "share"),
-           ("target_hnr_4@4", "tgt HNR@4"), ("target_e_out@4", "tgt E_out@4"), ("target_cos@4", "tgt cos@4"),
-           ("target_next_cos@4", "tgt cos@5"), ("target_cos@7", "tgt cos@7"),
-           ("hnr_4@4", "teacher HNR@4"), ("hnr_4", "HNR last"), ("e_out", "E_out last"),
-           ("proj_hnr_4@4", "proj HNR@4"), ("proj_e_out@4", "proj E_out@4"),
-           ("proj_hnr_4@7", "proj HNR@7"), ("proj_e_out@7", "proj E_out@7"),
-           ("normal_cos_raw@4", "proj cos raw@4"), ("normal_cos_clean@4", "proj cos clean@4"),
-           ("knn_acc", "kNN"), ("linear_acc", "linear"), ("miou", "mIoU"))
+LAYERS = (4, 7)
+RANK = 8
 
 
-def make_student():
+@dataclass(frozen=True)
+class Case:
+    key: str
+    share: float
+    trigger: str = "content"
+    u_in_null: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.share:.0%} {self.trigger}" + ("" if self.u_in_null else ", u outside N")
+
+    def planted(self) -> PlantedConfig:
+        return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null)
+
+
+CASES = {c.key: c for c in (Case("8c", 0.08), Case("2c", 0.02), Case("8p", 0.08, "position"),
+                            Case("2p", 0.02, "position"), Case("8c-out", 0.08, u_in_null=False),
+                            Case("2c-out", 0.02, u_in_null=False))}
+# The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the demo's median target;
+# and the faithful option (artifacts selected on the raw teacher, pulled to the normal-token median norm, L_info on
+# normal tokens only). All with the target detached (adapters learn from L_out + L_info only) and rank 8.
+_BASE = SingerConfig(rank=RANK, detach_target=True, info_variant="paper", last_block_info=True)
+SETTINGS = {"published": _BASE,
+            "demo (median)": replace(_BASE, outlier_target="median"),
+            "faithful": replace(_BASE, outlier_target="normal", info_tokens="normal")}
+INITS = ("nullspace", "random", "zero", "remove")
+KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_2", "HNR_2"),
+        ("hnr_4", "HNR_4"), ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"),
+        ("next_cos", "next-block cos"))
+TARGETS = {"artifact_ratio": ("<=", 1.5), "artifact_cos_clean": (">=", 0.9), "normal_cos": (">=", 0.99),
+           "next_cos": (">=", 0.99)}
+
+
+def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, steps: int, lr: float = 1e-2,
+                batch_size: int = 32, n_train: int = 512, seed: int = 0) -> Refiner:
+    """Train only the refinement adapters (AdamW, weight decay 0.05, 10 warm-up steps, cosine, clip 1.0 as in
+    TrainConfig) on cached raw taps of `n_train` images; returns the trained Refiner."""
+    torch.manual_seed(seed)
+    teacher = planted.backbone.eval()
+    refiner = Refiner.from_teacher(teacher, LAYERS, rank=singer.rank, rule=singer.rule, tau=singer.tau,
+                                   seed=singer.seed, init=singer.adapter_init)
+    aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
+    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0)
+    optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
+    images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
+    with torch.no_grad():
+        taps = [teacher.forward_taps(batch, LAYERS) for batch in images.split(64)]
+    pool = {layer: torch.cat([t[layer] for t in taps]) for layer in LAYERS}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(n_train, (batch_size,), generator=generator)
+        raw = {layer: pool[layer][index] for layer in LAYERS}
+        refined = {layer: refiner(layer, raw[layer]) for layer in LAYERS}
+        student = {layer: aligner.teacher(refined[layer]).detach() for layer in LAYERS}   # L_kd = 0
+        terms = loss(student, refined, raw)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(refiner.trainable_parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return refiner
+
+
+@torch.no_grad()
+def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, n_eval: int = 128) -> dict:
+    """layer -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None)."""
+    teacher, clean = planted.backbone, planted.clean
+    images = stack_images(SyntheticShapes(n_eval, 64, 8, flat_share=case.share, seed=1))
+    mask = planted.artifact_mask(images)
+    raw, twin = teacher.forward_taps(images, LAYERS), clean.forward_taps(images, LAYERS)
+    p = teacher.num_prefix_tokens
+    out = {}
+    for layer in LAYERS:
+        block = surrogate_block(layer, teacher.depth)
+        patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
+            [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
+        stats = ArtifactStats()
+        stats.add(patches[:, p:], mask, raw=raw[layer][:, p:],
+                  next_out=teacher.run_blocks(patches, block, block + 1)[:, p:],
+                  raw_next_out=teacher.run_blocks(raw[layer], block, block + 1)[:, p:], clean=twin[layer][:, p:])
+        out[layer] = stats.result()
+    return out
+
+
+def _row(case: Case, layer: int, setting: str, stats: dict) -> dict:
+    met = [key for key, (op, bound) in TARGETS.items()
+           if (stats[key] <= bound if op == "<=" else stats[key] >= bound)]
+    return {"case": case.label, "layer": layer, "setting": setting, **stats,
+            "targets met": f"{len(met)}/{len(TARGETS)}", "remain": "yes" if artifacts_remain(stats) else "no"}
+
+
+def faithful_settings(select_ks: list[float]) -> dict[str, SingerConfig]:
+    """The faithful setting at each artifact selection k (the default SingerConfig.select_k keeps its plain name)."""
+    default = SETTINGS["faithful"].select_k
+    return {"faithful" if k == default else f"faithful, select {k:g}x": replace(SETTINGS["faithful"], select_k=k)
+            for k in select_ks}
+
+
+def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
+                n_eval: int) -> None:
+    settings_rows, ablation_rows = [], []
+    for case in cases:
+        planted = build_planted_teacher(case.planted())
+        twin = refined_stats(planted, None, case, n_eval)
+        settings_rows += [_row(case, layer, "clean twin (target)", twin[layer]) for layer in LAYERS]
+        for name, singer in settings.items():
+            stats = refined_stats(planted, refine_only(planted, case, singer, steps=steps), case, n_eval)
+            settings_rows += [_row(case, layer, name, stats[layer]) for layer in LAYERS]
+            if name == "faithful" and "nullspace" in inits:  # the same run as the ablation's nullspace row
+                ablation_rows += [_row(case, layer, "faithful, nullspace init", stats[layer]) for layer in LAYERS]
+            print(f"  done: {case.label}, {name}", flush=True)
+        for init in [i for i in inits if i != "nullspace" or "faithful" not in settings]:
+            singer = replace(SETTINGS["faithful"], adapter_init=init)
+            stats = refined_stats(planted, refine_only(planted, case, singer, steps=steps), case, n_eval)
+            ablation_rows += [_row(case, layer, f"faithful, {init} init", stats[layer]) for layer in LAYERS]
+            print(f"  done: {case.label}, {init} init", flush=True)
+    print(f"\nRefined teacher per distilled layer ({steps} adapter steps, {n_eval} held-out images; targets: "
+          "art/normal <= 1.5, art cos clean >= 0.9, normal cos >= 0.99, next-block cos >= 0.99)\n")
+    _print_table(settings_rows)
+    if ablation_rows:
+        print("\nAdapter-initialisation ablation (faithful losses, everything else the same)\n")
+        _print_table(ablation_rows)
+
+
+def distill_part(cases: list[Case], steps: int, out: Path) -> None:
+    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
+    rows = []
+    for case in cases:
+        planted = build_planted_teacher(case.planted())
+        data = SyntheticShapes(2048, 64, 8, flat_share=case.share, seed=0)
+        held_out = SyntheticShapes(256, 64, 8, flat_share=case.share, seed=1)
+        for name in ("published", "faithful"):
+            methods = ("fitnet", "singer") if name == "published" else ("singer",)
+            result = compare_methods(planted.backbone, _student, data, held_out, out / case.key / name,
+                                     layers=[LAYERS[0]], singer=SETTINGS[name], train=train,
+                                     clean_teacher=planted.clean, methods=methods, export_formats=(),
+                                     artifact_mask=planted_mask(planted))
+            for method, layer_rows in result.layer_rows.items():
+                label = "FitNet" if method == "fitnet" else f"SiNGER {name}"
+                for row in layer_rows:
+                    if row["method"] in (REFINED, PROJECTED):
+                        rows.append({"case": case.label, "layer": row["layer"], "setting": label,
+                                     "source": "target" if row["method"] == REFINED else "projected student",
+                                     **row})
+            print(f"  done: {case.label}, {name}", flush=True)
+    print(f"\nSiNGER vs FitNet with the student ({steps} steps; projected student targets: art/normal <= 1.5, "
+          "normal cos >= FitNet's + 0.02)\n")
+    _print_table(rows, lead=("case", "layer", "setting", "source"))
+
+
+def _student():
     return load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+
+
+def _print_table(rows: list[dict], lead: tuple[str, ...] = ("case", "layer", "setting")) -> None:
+    tail = ("targets met", "remain") if "targets met" in rows[0] else ()
+    columns = [(key, key) for key in lead] + list(KEYS) + [(key, key) for key in tail]
+    print("| " + " | ".join(header for _, header in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if math.isfinite(value) else "-"
+    return str(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("refine", "distill", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--train-images", type=int, default=2048)
-    parser.add_argument("--eval-images", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
-    parser.add_argument("--export-formats", default=",".join(installed_export_formats()) or "none",
-                        help="formats the SiNGER student is exported to and probed through (default: the installed "
-                             "ones), or 'none'")
-    parser.add_argument("--paper-last-layer", action="store_true",
-                        help="last-layer L_info as published (cosine Gram only); default adds the next-block MSE "
-                             "(SingerConfig.last_block_info), which keeps last-layer normal tokens faithful")
+    parser.add_argument("--cases", default="8c,2c,8p,2p,8c-out",
+                        help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
+    parser.add_argument("--select-k", default=f"{SETTINGS['faithful'].select_k:g}",
+                        help="refine part: faithful setting's artifact selection(s), comma-separated k x median")
+    parser.add_argument("--inits", default=",".join(INITS),
+                        help="refine part: ablation inits on content cases, comma-separated, or 'none'")
+    parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
+    parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
-    formats = () if args.export_formats == "none" else tuple(args.export_formats.split(","))
-    out = args.out or Path(tempfile.mkdtemp(prefix="compare_planted_"))
-    planted = build_planted_teacher()
-    train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
-    table, runner_table, notes = [], [], set()
-    for share, target, methods in RUNS:
-        singer = SingerConfig(rank=8, outlier_target=target, detach_target=True, info_variant="paper",
-                              last_block_info=not args.paper_last_layer)
-        began = time.perf_counter()
-        result = compare_methods(planted.backbone, make_student,
-                                 SyntheticShapes(args.train_images, 64, 8, flat_share=share, seed=0),
-                                 SyntheticShapes(args.eval_images, 64, 8, flat_share=share, seed=1),
-                                 out / f"share{share:g}_{target}", layers=[LAYER], singer=singer, train=train,
-                                 clean_teacher=planted.clean, methods=methods, export_formats=formats)
-        print(f"share {share:g}, target {target}: {time.perf_counter() - began:.0f} s -> {result.files['markdown']}",
-              flush=True)
-        notes.update(note for note in result.notes if "chance" in note)
-        for row in result.rows:
-            if row["role"] == "reference" and target != "median":
-                continue  # the teacher rows of a share are printed once
-            table.append({**row, "share": share, "target": target if row["method"] == "singer" else "—"})
-        runner_table += [{"share": share, "target": target, **row} for row in result.runner_rows]
-    print()
-    _print_table(table, COLUMNS)
-    if runner_table:
-        print("\nSiNGER student through each runner (differences are absolute, vs pytorch/fp32):\n")
-        _print_table(runner_table, [("share", "share"), ("target", "target")] + [(k, k) for k in RUNNER_COLUMNS])
-    for note in sorted(notes):
-        print(f"\n- {note}")
-
-
-def _print_table(rows: list[dict], columns) -> None:
-    print("| " + " | ".join(header for _, header in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(_fmt(row.get(key), key) for key, _ in columns) + " |")
-
-
-def _fmt(value, key: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        # A float-rounding feature gap must not print as 0.000.
-        return f"{value:.1e}" if "diff" in key and value != 0.0 else f"{value:.3f}"
-    return str(value)
+    cases = [CASES[key] for key in args.cases.split(",")]
+    if args.part in ("refine", "all"):
+        inits = [] if args.inits == "none" else args.inits.split(",")
+        settings = {}
+        for name in args.settings.split(","):
+            settings.update(faithful_settings([float(k) for k in args.select_k.split(",")]) if name == "faithful"
+                            else {name: SETTINGS[name]})
+        refine_part(cases, args.steps, settings, inits, args.n_eval)
+    if args.part in ("distill", "all"):
+        distill_part([c for c in cases if c.u_in_null], args.steps,
+                     args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
 
 
 if __name__ == "__main__":

@@ -24,19 +24,19 @@ from singer_deploy.export.onnx import export_onnx
 from singer_deploy.export.openvino import export_openvino
 from singer_deploy.export.parity import compare_outputs
 from singer_deploy.export.student import ExportableStudent
-from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, high_norm_mask, normal_token_cosine
+from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, cosine_summary, high_norm_mask, token_cosines
 
 
 def _token_cosines(ref: np.ndarray, cand: np.ndarray, k: float) -> dict[str, float]:
     ref_t, cand_t = torch.from_numpy(ref), torch.from_numpy(cand)
     artifacts = high_norm_mask(ref_t, k)
+    cos = token_cosines(ref_t, cand_t)
     # The mean hides the tail a retrieval user hits: report the worst 1% and the worst normal token too.
-    normal_cos = torch.nn.functional.cosine_similarity(ref_t.float(), cand_t.float(), dim=-1)[~artifacts]
-    return {"normal_token_cosine": normal_token_cosine(ref_t, cand_t, ~artifacts),
-            "normal_token_cosine_p1": float(torch.quantile(normal_cos, 0.01)) if normal_cos.numel() else float("nan"),
-            "normal_token_cosine_min": float(normal_cos.min()) if normal_cos.numel() else float("nan"),
-            "artifact_token_cosine": normal_token_cosine(ref_t, cand_t, artifacts),
-            "all_token_cosine": normal_token_cosine(ref_t, cand_t),
+    normal = cosine_summary(cos[~artifacts])
+    return {"normal_token_cosine": normal["mean"], "normal_token_cosine_p1": normal["p1"],
+            "normal_token_cosine_min": normal["min"],
+            "artifact_token_cosine": cosine_summary(cos[artifacts])["mean"],
+            "all_token_cosine": cosine_summary(cos)["mean"],
             "artifact_token_share": float(artifacts.float().mean())}
 
 

@@ -28,10 +28,12 @@ from typing import Any
 from singer_deploy.errors import ConfigError, SingerDeployError
 
 NULLSPACE_RULES = ("smallest", "official")
-OUTLIER_TARGETS = ("quantile", "median")
+OUTLIER_TARGETS = ("quantile", "median", "normal")
+ADAPTER_INITS = ("nullspace", "remove", "random", "zero")
 INFO_VARIANTS = ("reference", "paper")
 METHODS = ("singer", "fitnet")
 TRAIN_LOGGERS = ("jsonl", "tensorboard")   # singer_deploy/train/loggers.py
+INFO_TOKENS = ("all", "normal")
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,19 @@ class SingerConfig:
         initialisation itself has no measurable accuracy effect, so this choice cannot cost the published numbers.
     alpha: per-image quantile of refined patch-token norms above which L_out acts ("quantile" target).
     outlier_target: "quantile" (published) or "median" (target = median_k x per-image median patch norm; robust
-        when artifacts exceed 1 - alpha of the patches, where the quantile sits inside the artifact cluster).
+        when artifacts exceed 1 - alpha of the patches, where the quantile sits inside the artifact cluster), or
+        "normal" (faithful option, docs/method.md): the raw teacher's tokens above select_k x its median are pulled
+        to norm_scale x the median refined norm of the other tokens.
+    select_k: the artifact selection of "normal" and of info_tokens "normal", on the raw teacher. Default 4, the
+        artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a lower k
+        also selects natural high-norm tokens and costs normal-token fidelity (README, "Is the artifact gone?").
+    norm_scale: the "normal" target as a multiple of the other tokens' median norm.
+    adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
+        at F) or "random" (a random orthonormal basis instead of N, the reference code's ablation).
     info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
         reference code) or "paper" (refined last vs raw last). A single distilled layer always uses "paper".
+    info_tokens: "all" (published) or "normal": L_info leaves out the tokens select_k selects, whose raw value the
+        next block's residual path would otherwise pull the refined tokens back to.
     last_block_info: also hold the LAST distilled layer with the intermediate layers' term,
         MSE(Block_s(F_hat), Block_s(F)), where s is the block whose FFN initialised that layer's adapter (the next
         block, or the block itself for the teacher's last block, used as a surrogate reader). Added to the cosine-Gram
@@ -80,7 +92,11 @@ class SingerConfig:
     w_info: float = 1.0
     outlier_target: str = "quantile"
     median_k: float = 2.0
+    select_k: float = 4.0
+    norm_scale: float = 1.0
+    adapter_init: str = "nullspace"
     info_variant: str = "reference"
+    info_tokens: str = "all"
     detach_target: bool = False
     last_block_info: bool = False
     map_last_to_last: bool = True
@@ -100,9 +116,13 @@ class SingerConfig:
                 raise ConfigError(f"SingerConfig.{key} must be a finite number >= 0", expected="a weight >= 0",
                                   found=repr(value), fix="published weights are w_kd 1.0, w_out 0.01, w_info 1.0")
         _positive("median_k", self.median_k, "2.0")
+        _positive("norm_scale", self.norm_scale, "1.0")
+        _positive("select_k", self.select_k, "4.0")
+        _choice("adapter_init", self.adapter_init, ADAPTER_INITS)
         _choice("rule", self.rule, NULLSPACE_RULES)
         _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)
         _choice("info_variant", self.info_variant, INFO_VARIANTS)
+        _choice("info_tokens", self.info_tokens, INFO_TOKENS)
         if not isinstance(self.last_block_info, bool):
             raise ConfigError("SingerConfig.last_block_info must be True or False", expected="a bool",
                               found=repr(self.last_block_info), fix="pass last_block_info=True or False")
@@ -207,6 +227,7 @@ def _positive_int(owner: str, key: str, value: object, fix: str) -> None:
 
 PLANTED = "planted"              # ModelSpec.name of the built-in planted-artifact teacher
 PLANTED_TEXTURE_FILTERS = 6
+PLANTED_TRIGGERS = ("content", "position")   # what fires the artifacts: exactly flat patches, or fixed positions
 # Reserved channel pairs of the planted teacher: patch indicator, texture responses, energy, flatness.
 PLANTED_CHANNEL_PAIRS = ("patch", *[f"texture{k}" for k in range(PLANTED_TEXTURE_FILTERS)], "energy", "flat")
 
@@ -227,6 +248,8 @@ class PlantedConfig:
     u_in_null: bool = True       # False puts u outside N: then refinement inside N cannot remove the artifact
     value_null: bool = True      # attention values ignore u (as observed in OpenCLIP)
     sink_logit: float = 6.0      # attention logit boost artifact tokens get in later blocks
+    trigger: str = "content"     # "content": artifacts on exactly flat patches; "position": on fixed positions
+    position_share: float = 0.08  # trigger "position": share of the patch positions that carry an artifact
     seed: int = 0
 
     def __post_init__(self):
@@ -234,6 +257,13 @@ class PlantedConfig:
             raise ConfigError("artifact_layer must leave blocks before and after it",
                               expected=f"2 <= artifact_layer < {self.depth - 1}", found=str(self.artifact_layer),
                               fix="pick a middle block")
+        if self.trigger not in PLANTED_TRIGGERS:
+            raise ConfigError("Unknown planted artifact trigger", expected=" or ".join(map(repr, PLANTED_TRIGGERS)),
+                              found=repr(self.trigger), fix="use trigger='content'")
+        if not 0.0 < self.position_share < 1.0:
+            raise ConfigError("position_share must be a share of the patch positions",
+                              expected="0 < position_share < 1", found=repr(self.position_share),
+                              fix="e.g. 0.08 (5 of 64 patches)")
         needed = 2 * len(PLANTED_CHANNEL_PAIRS) + self.null_dim + 8
         if self.embed_dim < needed:
             raise ConfigError("embed_dim is too small for the planted channels", expected=f">= {needed}",

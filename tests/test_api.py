@@ -54,8 +54,18 @@ def test_pipeline_writes_a_self_explaining_run_directory(finished):
     assert {"torch", "timm", "onnxruntime", "openvino"} <= set(manifest["versions"])
     assert set(finished.summary["parity"]) == {"onnx/fp32", "openvino/fp32", "openvino/fp16"}
     artifacts = finished.summary["artifacts"]
-    assert artifacts["layer"] == 7
-    assert artifacts["hnr_4"]["raw teacher"] > 0.05 and artifacts["hnr_4"]["clean twin"] < 0.01
+    assert set(artifacts) == {"4", "7"}                     # every distilled layer, not only the last
+    for layer in ("4", "7"):
+        assert artifacts[layer]["raw teacher"]["hnr_4"] > 0.05 and artifacts[layer]["clean twin"]["hnr_4"] < 0.01
+        assert artifacts[layer]["raw teacher"]["artifact_ratio"] > 5 > 1.5 > artifacts[layer]["clean twin"][
+            "artifact_ratio"]
+        # 4 steps leave the artifacts: the verdict says so, per layer, next to the ratios it rests on.
+        assert finished.summary["artifacts remain"][layer].startswith("artifacts REMAIN in refined teacher")
+    rows = manifest["artifact_metrics"]
+    assert {(row["method"], row["layer"]) for row in rows} >= {(source, layer) for layer in (4, 7) for source in
+                                                              ("raw teacher", "clean twin", "refined teacher",
+                                                               "student", "student (projected)")}
+    assert manifest["summary"]["artifacts remain"] == finished.summary["artifacts remain"]
     assert set(finished.summary["nullspace k below tau"]) == {"4", "7"}
     assert {row["runner"] for row in finished.latency} >= {"pytorch/fp32", "onnx/fp32"}
 

@@ -66,15 +66,19 @@ def test_columns_measure_what_they_say(comparison):
     raw, clean = comparison.row("teacher (raw)"), comparison.row("teacher (clean twin)")
     assert raw["hnr_4"] > 0.03 and raw["e_out"] > 0.5       # the planted artifacts at the deepest layer
     assert clean["hnr_4"] == 0.0 and clean["hnr_4@2"] == 0.0
-    assert clean["normal_cos_raw@2"] > 0.999               # the twin differs from the teacher only on artifacts
-    for key in ("proj_hnr_4@2", "proj_e_out@3", "normal_cos_raw@2", "normal_cos_clean@3"):
+    assert clean["normal_cos@2"] > 0.999                   # the twin differs from the teacher only on artifacts
+    assert clean["artifact_ratio@2"] < 1.5 < raw["artifact_ratio@2"]   # ground-truth tokens, measured as ratios
+    for key in ("proj_hnr_4@2", "proj_e_out@3", "proj_normal_cos@2", "proj_artifact_cos_clean@3",
+                "student_artifact_ratio@2", "proj_next_cos@3"):
         assert key in fitnet and key in singer
     # SiNGER's refined target is reported, FitNet (raw target) has none. 4 steps barely move the nullspace-initialised
-    # adapters, so the target still keeps the teacher's normal tokens.
+    # adapters, so the target still keeps the teacher's normal tokens, and its artifacts: the published init doubles
+    # the null component, which holds the planted artifact, so the residual ratio reads ~2x the raw one (not 0).
     assert "target_hnr_4@2" not in fitnet
-    assert singer["target_cos@2"] > 0.95 and singer["target_next_cos@2"] > 0.95
-    assert "target_next_cos@3" not in singer               # the last block has no next block
+    assert singer["target_normal_cos@2"] > 0.95 and singer["target_next_cos@2"] > 0.95
+    assert singer["target_next_cos@3"] > 0.95              # the last block: its own block reads it (surrogate)
     assert singer["target_hnr_4@2"] == pytest.approx(raw["hnr_4@2"], abs=0.02)
+    assert singer["target_artifact_ratio@2"] == pytest.approx(2 * raw["artifact_ratio@2"], rel=0.2)
 
 
 def test_says_when_probes_are_at_chance(comparison):

@@ -75,8 +75,13 @@ def _artifact_batch(num_artifacts: int, n: int = 100, b: int = 4, d: int = 16) -
 
 
 def test_quantile_trap_detector_fires_at_8_percent_not_at_2():
-    with pytest.warns(UserWarning, match="outlier_target='median'"):
-        trapped = check_quantile_trap(_artifact_batch(8), alpha=0.97)
+    with pytest.warns(UserWarning) as caught:
+        trapped = check_quantile_trap(_artifact_batch(8), alpha=0.97, label="layer 17")
+    message = str(caught[0].message)
+    # The layer, the share above threshold, both failure modes, and the option that fixes them.
+    for part in ("at layer 17", "8.0% of its patch tokens", "barely shrink", "damages normal tokens",
+                 "outlier_target='normal'"):
+        assert part in message, part
     assert trapped.fired and trapped.share == pytest.approx(0.08)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -140,6 +145,31 @@ def test_singer_loss_combines_terms(tiny_teacher, variant):
     terms["total"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.trainable_parameters())
     assert set(loss.trap_checks) == {0, 2}
+
+
+def test_trap_warning_from_the_loss_names_the_layer(tiny_teacher):
+    layout = TokenLayout.of(tiny_teacher)
+    raw = _taps(tiny_teacher, [2])
+    patches = raw[2][:, 1:].clone()
+    patches[:, :1] *= 20.0                                          # 1 of 4 patches: 25% > 1 - alpha = 3%
+    raw = {2: torch.cat([raw[2][:, :1], patches], dim=1)}
+    loss = SingerLoss(SingerConfig(rank=4), [2], tiny_teacher, TokenAligner(layout, layout))
+    with pytest.warns(UserWarning, match=r"quantile trap at layer 2: 25\.0% of its patch tokens"):
+        loss(raw, raw, raw)
+    assert loss.trap_checks[2].fired
+
+
+def test_normal_target_pulls_raw_selected_tokens_into_the_normal_range():
+    raw = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 10.0]])
+    # Refined: the artifact already shrank to 3x, below any 4x threshold; it is still selected (on the raw teacher)
+    # and pulled to the median of the other tokens (1.0), so the loss sees the residual: (3 - 1)^2.
+    refined = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 3.0]]).requires_grad_(True)
+    loss = outlier_loss(refined, target="normal", raw=raw, select_k=4.0)
+    assert loss.item() == pytest.approx(4.0)
+    assert outlier_loss(refined, target="median", median_k=2.0).item() == pytest.approx(1.0)   # stops at 2x
+    assert outlier_loss(refined, target="normal", raw=raw, norm_scale=3.0).item() == 0.0
+    with pytest.raises(ModelError, match="raw teacher"):
+        outlier_loss(refined, target="normal")
 
 
 def test_single_layer_uses_paper_gram(tiny_teacher):

@@ -77,3 +77,26 @@ def test_deterministic(teacher):
     again = build_planted_teacher(PlantedConfig())
     for a, b in zip(teacher.backbone.state_dict().values(), again.backbone.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_position_trigger_puts_artifacts_on_fixed_positions_whatever_the_image():
+    teacher = build_planted_teacher(PlantedConfig(trigger="position", position_share=0.08))
+    images = stack_images(SyntheticShapes(16, flat_share=0.02, seed=6))
+    truth = teacher.artifact_mask(images)
+    assert torch.equal(truth, truth[:1].expand_as(truth)) and truth[0].sum() == 5      # round(0.08 * 64)
+    assert not torch.equal(truth, teacher_flat := build_planted_teacher(PlantedConfig()).artifact_mask(images))
+    layer = teacher.artifact_layer
+    with torch.no_grad():
+        patches = teacher.backbone.split(teacher.backbone.forward_taps(images, [layer])[layer])[1]
+        clean = teacher.clean.split(teacher.clean.forward_taps(images, [layer])[layer])[1]
+    precision, recall = mask_precision_recall(high_norm_mask(patches), truth)
+    assert precision >= 0.95 and recall >= 0.95
+    assert not high_norm_mask(patches)[teacher_flat & ~truth].any()                    # flat patches stay normal
+    assert artifact_metrics(clean)["hnr"] < 0.005                                      # as the content twin
+
+
+def test_unknown_trigger_is_a_config_error():
+    from singer_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trigger"):
+        PlantedConfig(trigger="both")

@@ -107,3 +107,25 @@ def test_save_and_load_round_trip(tmp_path, teacher, refiner):
         torch.testing.assert_close(loaded(layer, tokens), refiner(layer, tokens))
     with pytest.raises(ModelError, match="does not exist"):
         Refiner.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("init, sign", [("nullspace", 1.0), ("remove", -1.0), ("zero", 0.0)])
+def test_adapter_inits_start_from_doubling_removing_or_keeping_the_null_component(teacher, init, sign):
+    refiner = Refiner.from_teacher(teacher, [0], rank=RANK, init=init)
+    basis = refiner.init_report[0].basis.float()
+    tokens = torch.randn(2, teacher.num_prefix_tokens + 4, teacher.embed_dim)
+    patches = tokens[:, teacher.num_prefix_tokens:]
+    expected = patches + sign * patches @ basis.T @ basis                  # F + s F N^T N
+    with torch.no_grad():
+        torch.testing.assert_close(refiner(0, tokens)[:, teacher.num_prefix_tokens:], expected, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_random_init_ignores_the_nullspace_but_reports_it(teacher):
+    refiner = Refiner.from_teacher(teacher, [0], rank=RANK, init="random")
+    null = refiner.init_report[0].basis.float()
+    down = refiner.w_down(0).detach().float()                              # d x r, orthonormal columns
+    torch.testing.assert_close(down.T @ down, torch.eye(RANK), atol=1e-5, rtol=0)
+    assert (null @ down).norm() < 0.9 * RANK ** 0.5                        # not the null basis
+    with pytest.raises(Exception, match="adapter initialisation"):
+        Refiner.from_teacher(teacher, [0], rank=RANK, init="lora")

@@ -1,11 +1,25 @@
-"""Artifact analysis of a finished run: raw teacher, refined teacher, clean twin and student, side by side.
+"""Artifact analysis of a finished run: raw teacher, clean twin, refined teacher, student and projected student, at
+EVERY distilled layer, side by side.
 
-Produces the numbers (rows and a headline) and the arrays the report draws (patch-norm maps, norm histograms,
-tokens for PCA maps). Metrics come from singer_deploy.method.metrics; nothing here is recomputed differently.
+Produces the rows (one per source and layer, every `ArtifactStats` figure), one line per layer saying whether
+artifacts remain (separate from export parity), and the arrays the report draws (patch-norm maps, norm histograms,
+tokens for PCA maps). Formulas live in singer_deploy.method.metrics; this module only decides which tokens go in:
+
+- artifact tokens: the planted teacher's ground truth (at and after its artifact layer, none before), else the raw
+  teacher's high-norm tokens (k = 4 x median) at that layer: one fixed set for every source, so a source that only
+  shrank its artifacts still shows them in `artifact_ratio`;
+- next-block cosine: the teacher block that reads the layer (the next one; the layer's own block for the teacher's
+  last block, as in method.nullspace.surrogate_block) run on the raw prefix tokens + the source's patch tokens, vs
+  the same block on the raw tokens, over normal tokens.
+
+Device rule (singer_deploy.devices): everything runs on the device of the trained student (the training device),
+in batches, wherever the images live; every figure and array of the result is on the CPU.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,86 +28,167 @@ import torch
 from torch import Tensor
 
 from singer_deploy.devices import module_device
+from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain, high_norm_mask, token_norms
+from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.models.backbone import Backbone
-from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, normal_token_cosine, token_norms
 
 if TYPE_CHECKING:
-    from singer_deploy.train.loop import DistillResult
-    from singer_deploy.models.planted import PlantedTeacher
     from singer_deploy.method.refine import RefinedTeacher
+    from singer_deploy.models.planted import PlantedTeacher
+    from singer_deploy.train.loop import DistillResult
+
+RAW, CLEAN, REFINED, STUDENT, PROJECTED = ("raw teacher", "clean twin", "refined teacher", "student",
+                                           "student (projected)")
+# Sources judged by the "artifacts remain" line: what a user trains on and deploys (raw and clean are references).
+JUDGED = (REFINED, STUDENT, PROJECTED)
+# Per-layer figures kept in the run summary (the rows keep all of them).
+SUMMARY_KEYS = ("hnr_2", "hnr_4", "artifact_ratio", "normal_cos", "normal_cos_p1", "next_cos", "artifact_cos_clean")
+
+Refine = Callable[[int, Tensor], Tensor]          # (layer, raw tokens with prefix) -> refined tokens with prefix
+ArtifactMask = Callable[[Tensor, int], Tensor | None]   # (images, layer) -> (B, N) bool, or None to use the raw teacher
 
 
 @dataclass
 class ArtifactAnalysis:
     rows: list[dict]                                            # one per (source, layer)
-    headline: dict                                              # short summary numbers
+    headline: dict                                              # layer -> source -> SUMMARY_KEYS
+    remain: dict = field(default_factory=dict)                  # layer -> one line: do artifacts remain?
     norm_maps: dict[str, np.ndarray] = field(default_factory=dict)   # source -> (B, gh, gw)
     norms: dict[str, np.ndarray] = field(default_factory=dict)       # source -> flat patch norms
     tokens: dict[str, np.ndarray] = field(default_factory=dict)      # source -> (B, N, D) for PCA maps
 
 
+def planted_mask(planted: PlantedTeacher) -> ArtifactMask:
+    """Ground truth of a planted teacher: its artifact tokens at and after the artifact layer, none before."""
+    def mask(images: Tensor, layer: int) -> Tensor:
+        truth = planted.artifact_mask(images)
+        return truth if layer >= planted.artifact_layer else torch.zeros_like(truth)
+    return mask
+
+
+@torch.inference_mode()
+def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.ndarray, *,
+                  refine: Refine | None = None, clean: Backbone | None = None,
+                  artifact_mask: ArtifactMask | None = None, batch_size: int = 32) -> list[dict]:
+    """One row per (source, distilled teacher layer) with every `ArtifactStats` figure, in batches.
+
+    `refine`: the run's refinement (a Refiner, or RefinedTeacher.refine), None for FitNet; `clean`: the planted
+    clean twin; `artifact_mask`: ground truth (see `planted_mask`), None = the raw teacher's high-norm tokens.
+    """
+    layers, p_t = result.teacher_layers, teacher.num_prefix_tokens
+    student, projectors = result.student.eval(), result.projectors
+    stats: dict[tuple[str, int], ArtifactStats] = {}
+    device = module_device(teacher)
+    for batch in torch.as_tensor(images).split(batch_size):
+        batch = batch.to(device)
+        raw = teacher.forward_taps(batch, layers)
+        clean_taps = clean.forward_taps(batch, layers) if clean is not None else {}
+        taps = student.forward_taps(batch, result.student_layers)
+        for layer, s_layer in zip(layers, result.student_layers):
+            raw_patches = raw[layer][:, p_t:]
+            truth = artifact_mask(batch, layer) if artifact_mask is not None else None
+            mask = (truth if truth is not None else high_norm_mask(raw_patches)).to(raw_patches.device)
+            block = surrogate_block(layer, teacher.depth)
+
+            def next_out(patches: Tensor, raw_tokens: Tensor = raw[layer]) -> Tensor:
+                tokens = torch.cat([raw_tokens[:, :p_t], patches.to(raw_tokens.dtype)], dim=1)
+                return teacher.run_blocks(tokens, block, block + 1)[:, p_t:]
+
+            raw_next = next_out(raw_patches)
+            clean_patches = clean_taps[layer][:, p_t:] if layer in clean_taps else None
+            sources = {RAW: raw_patches}
+            if clean_patches is not None:
+                sources[CLEAN] = clean_patches
+            if refine is not None:
+                sources[REFINED] = refine(layer, raw[layer])[:, p_t:]
+            sources[PROJECTED] = projectors.patches(layer, taps[s_layer])
+            for name, patches in sources.items():
+                stats.setdefault((name, layer), ArtifactStats()).add(
+                    patches, mask, raw=raw_patches, next_out=next_out(patches), raw_next_out=raw_next,
+                    clean=clean_patches)
+            own = student.split(taps[s_layer])[1]
+            stats.setdefault((STUDENT, layer), ArtifactStats()).add(
+                own, mask if own.shape[1] == mask.shape[1] else None)
+    order = [RAW, CLEAN, REFINED, STUDENT, PROJECTED]
+    blocks = dict(zip(layers, result.student_layers))
+    return [{"method": name, "layer": layer, **({"student_block": blocks[layer]} if name == STUDENT else {}),
+             **_json_safe(stats[(name, layer)].result())}
+            for name in order for layer in layers if (name, layer) in stats]
+
+
+def _json_safe(values: dict) -> dict:
+    """NaN (nothing to measure, e.g. no artifact tokens before the artifact layer) -> None: manifest.json stays
+    standard JSON."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
+
+
+def remain_lines(rows: Sequence[dict], limit: float = REMAIN_RATIO) -> dict[str, str]:
+    """One line per layer: the judged sources' artifact-to-normal norm ratios and whether artifacts remain."""
+    lines = {}
+    for layer in sorted({row["layer"] for row in rows}):
+        judged = [row for row in rows if row["layer"] == layer and row["method"] in JUDGED]
+        verdicts = {row["method"]: artifacts_remain(row, limit) for row in judged}
+        left = [name for name, remain in verdicts.items() if remain]
+        parts = ", ".join(f"{row['method']} {_ratio(row)}" for row in judged)
+        state = (f"artifacts REMAIN in {', '.join(left)}" if left else "no artifacts remain")
+        lines[str(layer)] = f"{state} ({parts}; limit {limit:g}x the normal-token median norm)"
+    return lines
+
+
+def _ratio(row: dict) -> str:
+    ratio = row.get("artifact_ratio")
+    return f"{ratio:.2f}x" if ratio is not None else f"HNR_4 {row['hnr_4']:.3f}"
+
+
 @torch.inference_mode()
 def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result: DistillResult,
                       images: Tensor | np.ndarray, planted: PlantedTeacher | None = None, *,
-                      batch_size: int = 32) -> ArtifactAnalysis:
+                      remain_limit: float = REMAIN_RATIO, batch_size: int = 32) -> ArtifactAnalysis:
     """`refined`: RefinedTeacher or None (FitNet); `result`: DistillResult; `planted`: PlantedTeacher or None.
 
-    Device rule (singer_deploy.devices): runs on the device of the trained student (the training device), moving
-    the teacher, refined teacher and clean twin there, in batches of `batch_size` images wherever `images` live;
-    every array of the result is on the CPU.
+    Moves the teacher, refined teacher, clean twin and projectors to the trained student's device (module docstring).
     """
+    clean = planted.clean if planted is not None else None
     device = module_device(result.student)
-    for module in (teacher, refined, planted.clean if planted is not None else None, result.projectors):
+    for module in (teacher, refined, clean, result.projectors):
         if module is not None:
             module.to(device)
     images = torch.as_tensor(images)
-    layers = result.teacher_layers
-    p_t = teacher.num_prefix_tokens
-
-    def tokens_of(model, wanted: list[int], prefix: int) -> dict[int, Tensor]:
-        chunks = [model.forward_taps(images[i:i + batch_size].to(device), wanted)
-                  for i in range(0, len(images), batch_size)]
-        return {l: torch.cat([chunk[l] for chunk in chunks])[:, prefix:] for l in wanted}
-
-    raw = tokens_of(teacher, layers, p_t)
-    # Normal tokens: not high-norm in the raw teacher (or the planted ground truth when there is one).
-    normal = ~planted.artifact_mask(images).to(device) if planted is not None else ~high_norm_mask(raw[layers[-1]])
-    sources: dict[str, dict[int, Tensor]] = {"raw teacher": raw}
-    if planted is not None:
-        sources["clean twin"] = tokens_of(planted.clean, layers, p_t)
-    if refined is not None:
-        sources["refined teacher"] = tokens_of(refined, layers, p_t)
-    student = result.student.eval()
-    taps = tokens_of(student, result.student_layers, 0)     # with prefix tokens: the projectors align them
-    p_s = student.num_prefix_tokens
-    sources["student"] = {t: taps[s][:, p_s:] for t, s in zip(layers, result.student_layers)}
-    sources["student (projected)"] = {t: result.projectors.patches(t, taps[s])
-                                      for t, s in zip(layers, result.student_layers)}
-    rows = []
-    for name, feats in sources.items():
-        for layer in layers:
-            m = artifact_metrics(feats[layer])
-            row = {"method": name, "layer": layer, "hnr_4": m["hnr"], "e_out": m["e_out"], "r_max": m["r_max"]}
-            if feats[layer].shape[-1] == raw[layer].shape[-1]:
-                row["normal_cos_to_raw"] = normal_token_cosine(feats[layer], raw[layer], normal)
-            rows.append(row)
-    last = layers[-1]
-    grid = teacher.grid_size
-    analysis = ArtifactAnalysis(rows, _headline(rows, last))
-    for name in [n for n in sources if n != "student (projected)"]:
-        patches = sources[name][last]
-        norms = token_norms(patches)
-        side = int(round(patches.shape[1] ** 0.5))
-        shape = grid if patches.shape[1] == grid[0] * grid[1] else (side, side)
-        analysis.norm_maps[name] = norms.reshape(-1, *shape).cpu().numpy()
-        analysis.norms[name] = norms.flatten().cpu().numpy()
-        analysis.tokens[name] = patches.float().cpu().numpy()
+    rows = artifact_rows(teacher, result, images, refine=refined.refine if refined is not None else None,
+                         clean=clean, artifact_mask=planted_mask(planted) if planted is not None else None,
+                         batch_size=batch_size)
+    headline = {str(layer): {row["method"]: {key: _rounded(row[key]) for key in SUMMARY_KEYS if key in row}
+                             for row in rows if row["layer"] == layer} for layer in result.teacher_layers}
+    analysis = ArtifactAnalysis(rows, headline, remain_lines(rows, remain_limit))
+    _add_maps(analysis, teacher, refined, result, images, clean, batch_size)
     return analysis
 
 
-def _headline(rows: list[dict], layer: int) -> dict:
-    """HNR_4 and E_out per source at the teacher's last distilled layer (the student's matched last block)."""
-    at = {r["method"]: r for r in rows if r["layer"] == layer}
-    return {"layer": layer,
-            "hnr_4": {name: round(row["hnr_4"], 4) for name, row in at.items()},
-            "e_out": {name: round(row["e_out"], 4) for name, row in at.items()}}
+def _rounded(value: float | None) -> float | None:
+    return round(value, 4) if value is not None else None
+
+
+def _add_maps(analysis: ArtifactAnalysis, teacher: Backbone, refined: RefinedTeacher | None, result: DistillResult,
+              images: Tensor, clean: Backbone | None, batch_size: int) -> None:
+    """Norm maps, histograms and PCA tokens at the last distilled layer (the student's own block for the student)."""
+    last, p_t = result.teacher_layers[-1], teacher.num_prefix_tokens
+    device = module_device(result.student)
+
+    def patches_of(model, layer: int, prefix: int) -> Tensor:
+        return torch.cat([model.forward_taps(batch.to(device), [layer])[layer][:, prefix:].cpu()
+                          for batch in images.split(batch_size)])
+
+    sources = {RAW: patches_of(teacher, last, p_t)}
+    if clean is not None:
+        sources[CLEAN] = patches_of(clean, last, p_t)
+    if refined is not None:
+        sources[REFINED] = patches_of(refined, last, p_t)
+    sources[STUDENT] = patches_of(result.student, result.student_layers[-1], result.student.num_prefix_tokens)
+    grid = teacher.grid_size
+    for name, patches in sources.items():
+        norms = token_norms(patches)
+        side = int(round(patches.shape[1] ** 0.5))
+        shape = grid if patches.shape[1] == grid[0] * grid[1] else (side, side)
+        analysis.norm_maps[name] = norms.reshape(-1, *shape).numpy()
+        analysis.norms[name] = norms.flatten().numpy()
+        analysis.tokens[name] = patches.float().numpy()

@@ -1,16 +1,20 @@
 """SiNGER vs FitNet: the same student (same initial weights), data, steps and seed, distilled both ways, then judged
 side by side with the raw teacher (and its clean twin, when there is one) as reference rows.
 
-Columns (report.py renders the first six by name; the rest follow):
-  method, hnr_4, e_out      artifacts of the DEPLOYED features: a student's own last block, a teacher's deepest
+Columns (report.py renders the first six by name; the rest follow); every figure comes from
+evaluation.analysis.artifact_rows, i.e. method.metrics.ArtifactStats (see there for the definitions):
+  method, hnr_4, e_out      artifacts of the DEPLOYED features: a student's last block, a teacher's deepest
                             distilled layer (raw block outputs, patch tokens, k = 4 x the per-image median norm)
   knn_acc, linear_acc       image probes on the CLS token of the same block; miou: dense per-class probe
-  proj_*@L                  the trained projector's output for teacher layer L (what L_kd compared; discarded later)
-  normal_cos_raw@L          cosine to the raw teacher on its normal (not high-norm) patch tokens at layer L
-  normal_cos_clean@L        the same against the clean twin
-  target_*@L (SiNGER)       the refined target: its artifacts, and its cosine to the raw teacher on normal tokens at
-                            layer L and after the next teacher block (how little refinement disturbs the rest)
-Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (docs/method.md, "Traps").
+  <key>@L (teacher rows)    the raw teacher / clean twin at distilled layer L
+  student_<key>@L           the student's own block mapped to L; proj_<key>@L: its projection into teacher space
+                            (what L_kd compared; the projector is discarded later)
+  target_<key>@L (SiNGER)   the refined target
+  keys (LAYER_KEYS)         hnr_2/hnr_4/e_out; artifact_ratio: artifact tokens (ground truth or the raw teacher's
+                            high-norm ones) over the normal-token median norm, a residual no threshold hides;
+                            normal_cos(_p1): cosine to the raw teacher on normal tokens; next_cos: after the teacher
+                            block that reads L; artifact_cos_clean: artifact tokens vs the clean twin's
+Metrics are threshold-relative, never the loss's own top-(1 - alpha) set (docs/method.md).
 
 Runner agreement (`runner_probe_agreement`, a second section of comparison.md): the SiNGER student is exported
 (ONNX, OpenVINO FP32 + FP16 IR), its features are read through each artifact's runner and the eager PyTorch runner,
@@ -29,8 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy.models.backbone import Backbone
@@ -45,7 +48,8 @@ from singer_deploy.export.student import ExportableStudent
 from singer_deploy.evaluation.features import FeatureSet, PatchDtype, as_image_data, extract_features
 from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_json, atomic_write_text
-from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, high_norm_mask
+from singer_deploy.evaluation.analysis import (CLEAN, PROJECTED, RAW, REFINED, STUDENT, ArtifactMask,
+                                               artifact_rows)
 from singer_deploy.evaluation.probes import evaluate_backbone, evaluate_features
 
 METHODS = ("fitnet", "singer")
@@ -65,8 +69,6 @@ SCORE_TOLERANCE = 1e-6
 RUNNER_COLUMNS = ("runner", "knn_acc", "linear_acc", "miou", "diff_knn_acc", "diff_linear_acc",
                   "diff_miou", "max_score_diff", "feature_max_abs_diff", "scores_match", "parity_passed")
 
-_LAYER_COLUMNS = ("hnr_4", "e_out", "proj_hnr_4", "proj_e_out", "normal_cos_raw", "normal_cos_clean", "target_hnr_4",
-                  "target_e_out", "target_cos", "target_next_cos")
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ComparisonResult:
     runs: dict[str, DistillResult]
     files: dict[str, Path] = field(default_factory=dict)
     runner_rows: list[dict[str, Any]] = field(default_factory=list)  # runner_probe_agreement of the SiNGER student
+    layer_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> analysis.artifact_rows
 
     def row(self, method: str) -> dict[str, Any]:
         return next(row for row in self.rows if row["method"] == method)
@@ -85,7 +88,8 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
                     out_dir: str | Path, *, layers: Sequence[int] = (), singer: SingerConfig | None = None,
                     train: TrainConfig | None = None, clean_teacher: Backbone | None = None,
                     methods: Sequence[str] = METHODS, batch_size: int = 64,
-                    export_formats: Sequence[str] | None = None, progress: bool = False) -> ComparisonResult:
+                    export_formats: Sequence[str] | None = None, progress: bool = False,
+                    artifact_mask: ArtifactMask | None = None) -> ComparisonResult:
     """Distil `make_student()` with each method into out_dir/<method>, evaluate everything on `eval_data` (items
     with "image", "label" and optionally "fg_mask" for the dense probe) and write comparison.md / comparison.json.
 
@@ -94,7 +98,8 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
 
     `export_formats`: the SiNGER student is exported to these formats into out_dir/singer_export and probed through
     each artifact's runner (`runner_probe_agreement`); None = every format in EXPORT_RUNTIMES whose runtime is
-    installed, () = none.
+    installed, () = none. `artifact_mask`: ground-truth artifact tokens (analysis.planted_mask), None = the raw
+    teacher's high-norm tokens per layer.
     """
     singer, train = singer or SingerConfig(), train or TrainConfig()
     unknown = [m for m in methods if m not in METHODS]
@@ -108,13 +113,15 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     images = torch.from_numpy(data.images)
     if clean_teacher is not None:
         clean_teacher = clean_teacher.to(_device(teacher))
-    scored = [(_student_row(method, run, teacher, clean_teacher, images, batch_size), run.student, -1)
-              for method, run in runs.items()]
-    references = [("teacher (raw)", teacher)]
+    layer_rows = {method: artifact_rows(teacher, run, images, refine=run.refiner, clean=clean_teacher,
+                                        artifact_mask=artifact_mask, batch_size=batch_size)
+                  for method, run in runs.items()}
+    scored = [(_method_row(method, layer_rows[method], run), run.student, -1) for method, run in runs.items()]
+    references = [("teacher (raw)", RAW, teacher)]
     if clean_teacher is not None:
-        references.append(("teacher (clean twin)", clean_teacher))
-    scored += [(_teacher_row(name, source, teacher, first.teacher_layers, images, batch_size), source,
-                first.teacher_layers[-1]) for name, source in references]
+        references.append(("teacher (clean twin)", CLEAN, clean_teacher))
+    scored += [(_reference_row(name, source, layer_rows[next(iter(runs))], first.teacher_layers), backbone,
+                first.teacher_layers[-1]) for name, source, backbone in references]
     for row, source, layer in scored:
         scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=train.seed)
         row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
@@ -134,7 +141,7 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     settings = {"methods": list(methods), "teacher_layers": first.teacher_layers,
                 "student_layers": first.student_layers, "eval_images": len(data.labels), "singer": asdict(singer),
                 "train": asdict(train), "export_formats": list(formats) if "singer" in runs else []}
-    result = ComparisonResult(rows, notes, runs, runner_rows=runner_rows)
+    result = ComparisonResult(rows, notes, runs, runner_rows=runner_rows, layer_rows=layer_rows)
     document = {"rows": rows, "notes": notes, "settings": settings, "runner_agreement": runner_rows}
     result.files = {"json": atomic_write_json(out_dir / JSON, document),
                     "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes, runner_rows))}
@@ -249,83 +256,34 @@ def _table(rows: Sequence[dict[str, Any]], keys: Sequence[str],
 
 # --------------------------------------------------------------------------- rows
 
-@torch.no_grad()
-def _student_row(method: str, run: DistillResult, teacher: Backbone, clean: Backbone | None, images: Tensor,
-                 batch_size: int) -> dict[str, Any]:
-    student, projectors, refiner = run.student, run.projectors, run.refiner
-    device = _device(teacher)
-    student.eval()
-    acc = _Averages()
-    for batch in images.split(batch_size):
-        batch = batch.to(device)
-        raw = teacher.forward_taps(batch, run.teacher_layers)
-        clean_taps = clean.forward_taps(batch, run.teacher_layers) if clean is not None else {}
-        taps = student.forward_taps(batch, sorted({*run.student_layers, student.depth - 1}))
-        own = student.split(taps[student.depth - 1])[1]
-        acc.add_metrics("", artifact_metrics(own), len(batch))
-        for layer, s_layer in zip(run.teacher_layers, run.student_layers):
-            raw_patches = teacher.split(raw[layer])[1]
-            normal = ~high_norm_mask(raw_patches)
-            projected = projectors.patches(layer, taps[s_layer])
-            acc.add_metrics("proj_", artifact_metrics(projected), len(batch), suffix=f"@{layer}")
-            acc.add_cosine(f"normal_cos_raw@{layer}", projected, raw_patches, normal)
-            if layer in clean_taps:
-                acc.add_cosine(f"normal_cos_clean@{layer}", projected, clean.split(clean_taps[layer])[1], normal)
-            if refiner is not None:
-                refined = refiner(layer, raw[layer])
-                refined_patches = teacher.split(refined)[1]
-                acc.add_metrics("target_", artifact_metrics(refined_patches), len(batch), suffix=f"@{layer}")
-                acc.add_cosine(f"target_cos@{layer}", refined_patches, raw_patches, normal)
-                if layer + 1 < teacher.depth:
-                    after = teacher.split(teacher.run_blocks(refined, layer + 1, layer + 2))[1]
-                    before = teacher.split(teacher.run_blocks(raw[layer], layer + 1, layer + 2))[1]
-                    acc.add_cosine(f"target_next_cos@{layer}", after, before, normal)
-    return {"method": method, "role": "student", "measured_at": f"student block {student.depth - 1}",
-            **acc.values()}
+# analysis.artifact_rows source -> column prefix of a method row; the teacher references get their own rows.
+_PREFIX = {REFINED: "target_", PROJECTED: "proj_", STUDENT: "student_"}
+# Figures per layer in a comparison row (analysis.artifact_rows has all of them).
+LAYER_KEYS = ("hnr_2", "hnr_4", "e_out", "artifact_ratio", "normal_cos", "normal_cos_p1", "next_cos",
+              "artifact_cos_clean")
 
 
-@torch.no_grad()
-def _teacher_row(name: str, source: Backbone, raw_teacher: Backbone, layers: Sequence[int], images: Tensor,
-                 batch_size: int) -> dict[str, Any]:
-    device = _device(raw_teacher)
-    deepest = layers[-1]
-    acc = _Averages()
-    for batch in images.split(batch_size):
-        batch = batch.to(device)
-        taps = source.forward_taps(batch, layers)
-        raw = raw_teacher.forward_taps(batch, layers) if source is not raw_teacher else taps
-        acc.add_metrics("", artifact_metrics(source.split(taps[deepest])[1]), len(batch))
-        for layer in layers:
-            patches, raw_patches = source.split(taps[layer])[1], raw_teacher.split(raw[layer])[1]
-            acc.add_metrics("", artifact_metrics(patches), len(batch), suffix=f"@{layer}")
-            if source is not raw_teacher:
-                acc.add_cosine(f"normal_cos_raw@{layer}", patches, raw_patches, ~high_norm_mask(raw_patches))
-    return {"method": name, "role": "reference", "measured_at": f"teacher block {deepest}", **acc.values()}
+def _method_row(method: str, rows: Sequence[dict[str, Any]], run: DistillResult) -> dict[str, Any]:
+    """The deployed student's last block (headline hnr_4 / e_out), then per layer the student, its projection and
+    (SiNGER) the refined target."""
+    last = next(row for row in rows if row["method"] == STUDENT and row["layer"] == run.teacher_layers[-1])
+    out: dict[str, Any] = {"method": method, "role": "student",
+                           "measured_at": f"student block {run.student_layers[-1]}",
+                           "hnr_4": last["hnr_4"], "e_out": last["e_out"]}
+    for row in rows:
+        if row["method"] in _PREFIX:
+            out.update({f"{_PREFIX[row['method']]}{key}@{row['layer']}": row[key] for key in LAYER_KEYS
+                        if key in row})
+    return out
 
 
-class _Averages:
-    """Running means: artifact metrics weighted by images (they are per-image means), cosines by normal tokens."""
-
-    def __init__(self):
-        self._sums: dict[str, float] = {}
-        self._weights: dict[str, float] = {}
-
-    def _add(self, key: str, value: float, weight: float) -> None:
-        self._sums[key] = self._sums.get(key, 0.0) + value * weight
-        self._weights[key] = self._weights.get(key, 0.0) + weight
-
-    def add_metrics(self, prefix: str, metrics: dict[str, float], images: int, suffix: str = "") -> None:
-        names = {"hnr": f"hnr_{DEFAULT_K:g}", "e_out": "e_out"}  # r_max is dominated by single tokens; left out
-        for key, name in names.items():
-            self._add(f"{prefix}{name}{suffix}", metrics[key], images)
-
-    def add_cosine(self, key: str, a: Tensor, b: Tensor, normal: Tensor) -> None:
-        cos = F.cosine_similarity(a.float(), b.float(), dim=-1)[normal]
-        if cos.numel():
-            self._add(key, cos.sum().item() / cos.numel(), cos.numel())
-
-    def values(self) -> dict[str, float]:
-        return {key: self._sums[key] / self._weights[key] for key in self._sums}
+def _reference_row(name: str, source: str, rows: Sequence[dict[str, Any]], layers: Sequence[int]) -> dict[str, Any]:
+    at = {row["layer"]: row for row in rows if row["method"] == source}
+    out: dict[str, Any] = {"method": name, "role": "reference", "measured_at": f"teacher block {layers[-1]}",
+                           "hnr_4": at[layers[-1]]["hnr_4"], "e_out": at[layers[-1]]["e_out"]}
+    for layer in layers:
+        out.update({f"{key}@{layer}": at[layer][key] for key in LAYER_KEYS if key in at[layer]})
+    return out
 
 
 # --------------------------------------------------------------------------- notes and helpers
@@ -367,7 +325,7 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
             return (0, MAIN_COLUMNS.index(key))
         if "@" in key:
             base, layer = key.split("@")
-            return (2, int(layer), _LAYER_COLUMNS.index(base) if base in _LAYER_COLUMNS else len(_LAYER_COLUMNS))
+            return (2, int(layer))
         return (1 if key in ("role", "measured_at") else 3, 0)
     return {key: row[key] for key in sorted(row, key=rank)}  # sorted() is stable: ties keep insertion order
 

@@ -24,7 +24,8 @@ from peft import LoraConfig, LoraModel
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from singer_deploy.errors import ModelError
+from singer_deploy.config import ADAPTER_INITS
+from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.io import atomic_save_safetensors
 from singer_deploy.method.nullspace import NullspaceBasis, block_nullspace, surrogate_block
 
@@ -36,7 +37,7 @@ class Refiner(nn.Module):
     """Per-layer refinement adapters; only the LoRA factors are trainable."""
 
     def __init__(self, layers: Sequence[int], dim: int, rank: int, num_prefix_tokens: int,
-                 bases: Mapping[int, Tensor] | None = None):
+                 bases: Mapping[int, Tensor] | None = None, init: str = "nullspace"):
         super().__init__()
         if not layers:
             raise ModelError("A Refiner needs at least one layer", expected="a non-empty list of block indices",
@@ -49,26 +50,29 @@ class Refiner(nn.Module):
         self.lora = LoraModel(identities, config, _ADAPTER)
         self.init_report: dict[int, NullspaceBasis] = {}
         for layer, basis in (bases or {}).items():
-            self.set_factors(layer, down=basis.T, up=basis)
+            self.set_factors(layer, **initial_factors(basis, init))
 
     @classmethod
     def from_teacher(cls, backbone: nn.Module, layers: Sequence[int], *, rank: int = 64, rule: str = "smallest",
-                     tau: float = 0.05, seed: int = 0) -> Refiner:
-        """Nullspace-initialised adapters for a lead `Backbone` and its distilled layers D.
+                     tau: float = 0.05, seed: int = 0, init: str = "nullspace") -> Refiner:
+        """Adapters for a lead `Backbone` and its distilled layers D, initialised by `init` (ADAPTER_INITS).
 
         The basis of layer l comes from block l+1's FFN (the block that reads layer l), or from block l itself when
         l is the teacher's last block. The reference code also uses the block's own FFN for the last entry of D
         when that is not the teacher's last block (its DINOv2 path); we use the block that actually reads it.
+        With init "random" the basis is r seeded random orthonormal rows instead (the reference code's ablation);
+        the nullspace selection is still computed and reported, so both runs log the same k below tau.
         """
         indices = [backbone.check_layer(layer) for layer in layers]
         blocks = backbone.model.blocks
-        report = {}
+        report, bases = {}, {}
         for layer in indices:
             source = surrogate_block(layer, len(blocks))
             report[layer] = block_nullspace(blocks[source], rank, rule=rule, tau=tau, seed=seed + layer,
                                             label=f"layer {layer} (FFN of block {source})")
-        refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens,
-                      {layer: basis.basis for layer, basis in report.items()})
+            bases[layer] = (random_orthonormal_rows(rank, backbone.embed_dim, seed + layer) if init == "random"
+                            else report[layer].basis)
+        refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens, bases, init=init)
         refiner.init_report = report
         return refiner
 
@@ -178,13 +182,40 @@ class RefinedTeacher(nn.Module):
             raise ModelError("Requested layers have no refinement adapter", expected=f"a subset of {self.layers}",
                              found=str(missing), fix="use the Backbone for raw taps")
         taps = self.backbone.forward_taps(images, indices)
+        return {layer: self.refine(layer, t) for layer, t in taps.items()}
+
+    def refine(self, layer: int, tokens: Tensor) -> Tensor:
+        """Raw block-`layer` tokens (B, prefix + N, d) -> refined ones (patches refined, prefix unchanged), the
+        `Refiner.forward` contract."""
         p = self.num_prefix_tokens
-        return {layer: torch.cat([t[:, :p], self.refiners[str(layer)](t[:, p:])], dim=1) for layer, t in taps.items()}
+        return torch.cat([tokens[:, :p], self.refiners[str(layer)](tokens[:, p:])], dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
         """Refined tokens of the deepest refined layer."""
         deepest = max(self.layers)
         return self.forward_taps(images, [deepest])[deepest]
+
+
+def initial_factors(basis: Tensor, init: str) -> dict[str, Tensor]:
+    """W_d and W_u at step 0 from an (r, d) orthonormal basis N, for each ADAPTER_INITS entry.
+
+    "nullspace" (published) and "random": W_d = N^T, W_u = N, so F_hat = F + F N^T N doubles the component in span(N).
+    "remove": W_u = -N, so F_hat = F - F N^T N starts with that component removed, the state a faithful refinement of
+    an artifact inside span(N) has to reach (the published start must travel from +1x to -1x of it).
+    "zero": W_d = N^T, W_u = 0, so F_hat = F at step 0 (LoRA-style), reading the same directions.
+    """
+    if init not in ADAPTER_INITS:
+        raise ConfigError("Unknown adapter initialisation", expected=" or ".join(map(repr, ADAPTER_INITS)),
+                          found=repr(init), fix="use init='nullspace' (published)")
+    up = {"nullspace": basis, "random": basis, "remove": -basis, "zero": torch.zeros_like(basis)}[init]
+    return {"down": basis.T, "up": up}
+
+
+def random_orthonormal_rows(rank: int, dim: int, seed: int) -> Tensor:
+    """`rank` seeded random orthonormal rows (rank, dim) in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))
+    return q.T.contiguous()
 
 
 def _name(layer: int) -> str:

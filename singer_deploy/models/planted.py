@@ -4,6 +4,8 @@ It imitates how real artifacts arise (docs/planted_teacher.md):
   patch embedding  -> zero-mean high-pass filters write texture responses into reserved channels;
   block 0 MLP      -> texture energy  E = sum |response|;
   block 1 MLP      -> flatness f = 1 on patches with no texture energy at all (0 elsewhere);
+                      (trigger "position": f = 1 on fixed token positions instead, written by the position embedding,
+                      like the input-independent, position-bound artifacts of DVT; the image content plays no part);
   block L_a MLP    -> two "register neurons" read f and write alpha * u, a fixed direction, onto flat patches;
   blocks > L_a     -> keys see u (attention sinks); values and the FFN input ignore the subspace N that holds u,
                       which is SiNGER's premise: the next block barely reads the artifact direction.
@@ -44,8 +46,9 @@ class PlantedTeacher:
         return self.config.artifact_layer
 
     def artifact_mask(self, images: Tensor) -> Tensor:
-        """Ground-truth artifact tokens (B, N): patches that are exactly flat, where the register neurons fire."""
-        return _flat_patches(images, self.config.patch_size)
+        """Ground-truth artifact tokens (B, N), where the register neurons fire: the exactly flat patches, or the
+        fixed trigger positions (trigger "position")."""
+        return _trigger_mask(self.config, images)
 
 
 def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher:
@@ -64,8 +67,11 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
         _clear_reserved(model, channels, config.artifact_layer)
         _write_texture_filters(model, channels, config.patch_size, generator)
         _write_energy_neurons(model, channels)
-        flat = _flat_patches(calibration, config.patch_size)
-        _write_flatness_neuron(model, channels, calibration, flat)
+        flat = _trigger_mask(config, calibration)
+        if config.trigger == "position":
+            _write_position_flag(model, channels, flat[0])
+        else:
+            _write_flatness_neuron(model, channels, calibration, flat)
         neurons = _write_register_neurons(model, channels, calibration, flat, u, config)
         _ignore_subspace_after(model, config, null_basis, u)
         _add_attention_sinks(model, config, u, generator)
@@ -174,6 +180,32 @@ def _flat_patches(images: Tensor, patch: int) -> Tensor:
     cells = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     cells = cells.reshape(b, (h // patch) * (w // patch), c, patch * patch)
     return ((cells.amax(-1) - cells.amin(-1)) < 1e-5).all(-1)
+
+
+def trigger_positions(config: PlantedConfig) -> Tensor:
+    """The fixed patch positions of trigger "position" (seeded, at least one): (N,) bool."""
+    n = (config.img_size // config.patch_size) ** 2
+    count = max(1, round(config.position_share * n))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 2))[:count]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
+def _trigger_mask(config: PlantedConfig, images: Tensor) -> Tensor:
+    if config.trigger == "position":
+        return trigger_positions(config).expand(images.shape[0], -1).clone()
+    return _flat_patches(images, config.patch_size)
+
+
+def _write_position_flag(model: VisionTransformer, channels, positions: Tensor) -> None:
+    """The "flat" channel pair set by the position embedding on the trigger positions (as the flatness neuron
+    would write it), so the same register neurons fire there whatever the image shows."""
+    plus, minus = channels["flat"]
+    prefix = model.num_prefix_tokens if not getattr(model, "no_embed_class", False) else 0
+    index = prefix + torch.nonzero(positions).flatten()
+    model.pos_embed[0, index, plus] = 0.2
+    model.pos_embed[0, index, minus] = -0.2
 
 
 def _write_saturating_pair(mlp, neurons: tuple[int, int], reads: Tensor, bias: float, writes: Tensor) -> None:

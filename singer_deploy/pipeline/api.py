@@ -157,7 +157,8 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
     timings["total_s"] = sum(timings.values())
     manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
                 "teacher_input": TeacherInput.of(models.teacher).to_dict(),
-                "timings": timings, "passed": passed, "summary": summary, "data": data_record, "parity": parity_rows,
+                "timings": timings, "passed": passed, "summary": summary, "data": data_record,
+                "artifact_metrics": analysis.rows, "parity": parity_rows,
                 "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
                 "config_history": result.config_history, "weights": {
                     role: backbone.weights_report for role, backbone in (("teacher", models.teacher),
@@ -326,6 +327,8 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
     summary = {"method": "singer" if result.refiner is not None else "fitnet",
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
+    # Every distilled layer, each source; and one line per layer on whether artifacts remain (not a parity verdict).
+    summary["artifacts remain"] = analysis.remain
     summary["artifacts"] = analysis.headline
     diagnostics = result.diagnostics
     if diagnostics:

@@ -207,19 +207,26 @@ def _run(config: dict, overrides: dict, args) -> int:
 def format_summary(result: PipelineResult) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
-        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
-            lines.append(f"  {key}:")  # nested tables (e.g. HNR_4 per source) get a line each
-            lines += [f"    {k}: {_inline(v)}" for k, v in value.items()]
-        else:
-            lines.append(f"  {key}: {_inline(value)}")
+        lines += _lines(key, value, "  ")
     lines.append(f"  report: {result.files.get('report')}")
     return "\n".join(lines)
 
 
+def _lines(key, value, indent: str) -> list[str]:
+    """Nested tables (e.g. figures per layer per source) get a line per innermost table."""
+    if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+        return [f"{indent}{key}:"] + [line for k, v in value.items() for line in _lines(k, v, indent + "  ")]
+    return [f"{indent}{key}: {_inline(value)}"]
+
+
 def _inline(value) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items())
+        return ", ".join(f"{k} {_number(v)}" for k, v in value.items())
     return str(value)
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _cmd_check(args) -> int:

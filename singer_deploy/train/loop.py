@@ -89,7 +89,8 @@ class DistillStep(nn.Module):
         self.aligner = aligner
         self.projectors = Projectors(self.teacher_layers, student.embed_dim, teacher.embed_dim, aligner)
         self.refiner = (Refiner.from_teacher(teacher, self.teacher_layers, rank=singer.rank, rule=singer.rule,
-                                             tau=singer.tau, seed=singer.seed) if method == "singer" else None)
+                                             tau=singer.tau, seed=singer.seed, init=singer.adapter_init)
+                        if method == "singer" else None)
         self.singer_loss = (SingerLoss(singer, self.teacher_layers, self.teacher, aligner)
                             if method == "singer" else None)
 
@@ -144,7 +145,7 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     module.student.train()
     optimizer = make_optimizer(train, _param_groups(train, module), device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train))
     run = {"identity": run_identity(teacher.model, train, singer, {"teacher": teacher_layers,
                                                                    "student": student_layers}, len(data), context)}
     start = _maybe_resume(out_dir / CHECKPOINT, module, optimizer, scheduler, train, run, resume)
@@ -288,7 +289,8 @@ def make_optimizer(train: TrainConfig, groups: list[dict], device: torch.device)
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **fused)
 
 
-def _lr_lambda(train: TrainConfig):
+def lr_factor(train: TrainConfig):
+    """The learning-rate multiplier per step (warm-up, then the schedule) for torch's LambdaLR."""
     def factor(step: int) -> float:
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
