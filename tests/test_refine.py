@@ -124,7 +124,7 @@ def test_adapter_inits_start_from_doubling_removing_or_keeping_the_null_componen
 def test_random_init_ignores_the_nullspace_but_reports_it(teacher):
     refiner = Refiner.from_teacher(teacher, [0], rank=RANK, init="random")
     null = refiner.init_report[0].basis.float()
-    down = refiner.w_down(0).detach().float()                              # d x r, orthonormal columns
+    down = _factors(refiner, 0)[0].detach().float()                       # W_d: d x r, orthonormal columns
     torch.testing.assert_close(down.T @ down, torch.eye(RANK), atol=1e-5, rtol=0)
     assert (null @ down).norm() < 0.9 * RANK ** 0.5                        # not the null basis
     with pytest.raises(Exception, match="adapter initialisation"):
