@@ -118,8 +118,8 @@ def load_graph(model: Any) -> OpGraph:
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix == ".xml":
-            import openvino as ov
-            return openvino_graph(ov.Core().read_model(str(path)))
+            from singer_deploy.export.openvino_core import openvino_core
+            return openvino_graph(openvino_core().read_model(str(path)))
         import onnx
         return onnx_graph(onnx.load(str(path)))
     if type(model).__module__.startswith("onnx"):

@@ -17,7 +17,8 @@ from singer_deploy.calibration.policy import DEFAULT_POLICY, nncf_args
 from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
-from singer_deploy.export.openvino import export_openvino, import_openvino
+from singer_deploy.export.openvino import export_openvino
+from singer_deploy.export.openvino_core import import_openvino, openvino_core
 
 
 def load_openvino_model(source: Any) -> Any:
@@ -30,7 +31,7 @@ def load_openvino_model(source: Any) -> Any:
         raise ExportError("The model to quantize does not exist", expected="an .xml IR or .onnx file",
                           found=str(path), fix="export the student first")
     if path.suffix == ".xml":
-        return ov.Core().read_model(str(path))
+        return openvino_core().read_model(str(path))
     return ov.convert_model(str(path))
 
 

@@ -20,7 +20,8 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from singer_deploy.errors import ConfigError
+from singer_deploy.errors import BackendUnavailableError, ConfigError
+from singer_deploy.export.openvino_core import openvino_core
 
 HOST = "host"
 
@@ -132,11 +133,10 @@ def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[set[str], str | N
 
 def _openvino_capabilities() -> tuple[tuple[str, ...], str] | None:
     try:
-        import openvino as ov
-    except ImportError:
+        core = openvino_core()
+    except BackendUnavailableError:
         return None
     try:
-        core = ov.Core()
         return (tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
                 str(core.get_property("CPU", "FULL_DEVICE_NAME")))
     except Exception:  # noqa: BLE001 - a plugin that cannot answer leaves the OS flags as the only source

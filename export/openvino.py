@@ -8,12 +8,10 @@ separate, explicitly named speed setting.
 
 from __future__ import annotations
 
-import importlib
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -21,20 +19,13 @@ from torch import nn
 
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
 from singer_deploy.export.onnx import example_batch, explicit_attention
+from singer_deploy.export.openvino_core import import_openvino, openvino_core
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
 
 # Hint values the runner accepts; None keeps the plugin's default (bf16 on CPUs with AMX/AVX512-BF16).
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", None: None,
                    "default": None}
-
-
-def import_openvino() -> ModuleType:
-    try:
-        return importlib.import_module("openvino")
-    except ImportError as exc:
-        raise BackendUnavailableError("OpenVINO is not installed here", expected="the openvino package",
-                                      found=f"ImportError: {exc}", fix="pip install 'singer-deploy[cpu]' (openvino + nncf)") from exc
 
 
 @dataclass
@@ -116,7 +107,7 @@ class OpenVINORunner(Runner):
             raise ExportError("The OpenVINO IR has no weights file next to it", expected="<name>.bin beside .xml",
                               found=f"{self.path} without {self.path.with_suffix('.bin').name}",
                               fix="copy the .xml and .bin together")
-        core = ov.Core()
+        core = openvino_core()
         config: dict[str, object] = {"PERFORMANCE_HINT": self.performance_hint}
         if self.hint is not None:
             config["INFERENCE_PRECISION_HINT"] = self.hint

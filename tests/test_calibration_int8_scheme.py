@@ -57,7 +57,9 @@ def fp32_models(tmp_path_factory):
 def _max_int8_weight_ov(xml) -> int:
     import openvino as ov
 
-    model = ov.Core().read_model(str(xml))
+    from singer_deploy.export.openvino_core import openvino_core
+
+    model = openvino_core().read_model(str(xml))
     return max(int(np.abs(op.get_data().astype(np.int32)).max()) for op in model.get_ops()
                if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8)
 

@@ -81,7 +81,9 @@ def _openvino(checks: list[Check]) -> bool:
     except ImportError:
         checks.append(Check("OpenVINO", False, "not installed (pip install 'singer-deploy[cpu]')"))
         return False
-    devices = ov.Core().available_devices
+    from singer_deploy.export.openvino_core import openvino_core
+
+    devices = openvino_core().available_devices
     checks.append(Check("OpenVINO", bool(devices), f"{ov.__version__}; devices {', '.join(devices) or 'none'}"))
     return bool(devices)
 
