@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from singer_deploy.pipeline.api import distill_and_export
-from singer_deploy.pipeline.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
+from singer_deploy.pipeline.api import PipelineResult, distill_and_export
+from singer_deploy.pipeline.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, format_summary, main
 
 TINY = {
     "teacher": {"name": "planted"},
@@ -259,3 +259,16 @@ def test_an_export_only_run_loads_the_student_without_building_the_teacher(finis
         (old / name).parent.mkdir(exist_ok=True)
         (old / name).write_bytes((finished.out_dir / name).read_bytes())
     np.testing.assert_array_equal(load_run(old)[3], load_run(finished.out_dir)[3])
+
+
+def test_summary_prints_one_line_per_layer_and_source(tmp_path):
+    remain = {"4": "artifacts REMAIN in refined teacher (refined teacher 2.96x, student 1.15x; limit 1.5x the "
+                   "normal-token median norm)", "7": "no artifacts remain (refined teacher 0.65x; limit 1.5x)"}
+    summary = {"method": "singer", "artifacts remain": remain,
+               "artifacts": {"4": {"raw teacher": {"hnr_4": 0.078, "artifact_ratio": 10.4}}},
+               "parity": {"onnx/fp32": "pass"}}
+    lines = format_summary(PipelineResult(tmp_path, True, summary)).splitlines()
+    assert "  artifacts remain:" in lines                        # too long for one line: one line per layer
+    assert f"    4: {remain['4']}" in lines and f"    7: {remain['7']}" in lines
+    assert "      raw teacher: hnr_4 0.078, artifact_ratio 10.400" in lines   # nested: per layer, per source
+    assert "  parity: onnx/fp32 pass" in lines and "  method: singer" in lines

@@ -204,6 +204,9 @@ def _run(config: dict, overrides: dict, args) -> int:
     return EXIT_OK
 
 
+_LINE = 120   # summary lines longer than this are split, one entry per line
+
+
 def format_summary(result: PipelineResult) -> str:
     lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
     for key, value in result.summary.items():
@@ -213,10 +216,14 @@ def format_summary(result: PipelineResult) -> str:
 
 
 def _lines(key, value, indent: str) -> list[str]:
-    """Nested tables (e.g. figures per layer per source) get a line per innermost table."""
-    if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+    """Nested tables (e.g. figures per layer per source) get a line per innermost table, and a table of sentences
+    too long for one line (e.g. 'artifacts remain' per layer) a line per sentence."""
+    line = f"{indent}{key}: {_inline(value)}"
+    nested = isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
+    sentences = isinstance(value, dict) and any(isinstance(v, str) for v in value.values()) and len(line) > _LINE
+    if nested or sentences:
         return [f"{indent}{key}:"] + [line for k, v in value.items() for line in _lines(k, v, indent + "  ")]
-    return [f"{indent}{key}: {_inline(value)}"]
+    return [line]
 
 
 def _inline(value) -> str:
