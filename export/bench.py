@@ -1,9 +1,15 @@
 """Latency / throughput benchmark of runners on the same inputs, as rows, a markdown table and JSON.
 
 Every runner is timed with the same batch: warm-up runs first (first-call allocation and kernel selection are not
-latency), then per-call wall time at batch 1 (p50/p90/p99/min) and images/s at a larger batch. Peak memory is the
-process's peak RSS (`resource.getrusage`) right after each runner is loaded; it only grows, so compare the increase
-between rows, not the absolute value of later rows.
+latency), then per-call wall time at the latency batch (p50/p90/p99/min) and images/s at a larger batch. How many calls is
+set by a time budget per runner (a 5 ms runner gets many more calls than a 500 ms one, within bounds), not by a fixed
+count. Peak memory is the process's peak RSS (`resource.getrusage`) right after each runner is loaded; it only
+grows, so compare the increase between rows, not the absolute value of later rows.
+
+Each row also carries what it measured: the precision the runtime really executed (`realised_precision`, read back
+by the runner, see realised_runtime.py) and the artifact's parity result when the caller passes it. An OpenVINO IR is
+timed at the f32 hint parity uses and at the plugin's deployment default (`with_deployment_defaults`); the eager
+baseline runs on the device the runtimes use (`eager_device`).
 """
 
 from __future__ import annotations
@@ -43,54 +49,108 @@ def tile_batch(images: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([images] * int(np.ceil(size / len(images))))[:size]
 
 
-def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup: int = 5, iters: int = 30,
-                      rounds: int = 3, throughput_batch: int = 8, throughput_iters: int = 5,
-                      artifacts: dict[str, str | Path] | None = None,
-                      build_seconds: dict[str, float] | None = None, batch: int = 1) -> list[dict]:
+# Bounds on the budgeted number of timed latency calls: enough for a p90 even for slow runners, and a cap so a
+# sub-millisecond runner does not spin for minutes.
+MIN_ITERS, MAX_ITERS = 10, 2000
+
+
+def calls_for_budget(budget_s: float, call_s: float, lower: int = MIN_ITERS, upper: int = MAX_ITERS) -> int:
+    """How many calls of `call_s` seconds fit a `budget_s` budget, within [lower, upper]."""
+    return int(min(max(np.ceil(budget_s / max(call_s, 1e-6)), lower), upper))
+
+
+def benchmark_runners(runners: dict[str, Runner], images: np.ndarray, *, warmup: int = 5, iters: int | None = None,
+                      budget_s: float = 3.0, rounds: int = 3, throughput_batch: int = 8,
+                      throughput_iters: int | None = None, artifacts: dict[str, str | Path] | None = None,
+                      build_seconds: dict[str, float] | None = None,
+                      parity: dict[str, bool | None] | None = None, batch: int = 1) -> list[dict]:
     """Time runners on the same inputs: latency percentiles (ms) per call of `batch` images (default 1) and
     throughput (images/s) at `throughput_batch`.
 
-    Timed calls run in `rounds` blocks per runner, interleaved (A A A, B B B, C C C, A A A ...), so that load
-    from other processes on a shared machine falls on every runner alike instead of on whichever ran during a
-    busy spell; blocks rather than single calls because runtimes keep their thread pools spinning briefly after
-    a call, which would tax the next runner. `min_ms` is the least disturbed call.
+    Each runner gets `budget_s` seconds of timed latency calls (estimated from its warm-up calls; `iters` fixes the
+    count instead) and half that for throughput (`throughput_iters` fixes it). Timed calls run in `rounds` blocks
+    per runner, interleaved (A A A, B B B, C C C, A A A ...), so that load from other processes on a shared machine
+    falls on every runner alike instead of on whichever ran during a busy spell; blocks rather than single calls
+    because runtimes keep their thread pools spinning briefly after a call, which would tax the next runner.
+    `min_ms` is the least disturbed call. `parity` ({label: passed}) is copied into the rows ("pass" / "FAIL").
     """
     if images.ndim != 4 or len(images) < 1:
         raise ConfigError("Benchmark images must be a (B, C, H, W) batch", expected="B >= 1",
                           found=str(images.shape), fix="pass at least one image")
-    artifacts, build_seconds = artifacts or {}, build_seconds or {}
+    artifacts, build_seconds, parity = artifacts or {}, build_seconds or {}, parity or {}
     one, big = tile_batch(images, batch), tile_batch(images, throughput_batch)
     loaded: dict[str, dict] = {}
+    calls: dict[str, tuple[int, int]] = {}
     for label, runner in runners.items():
         start = time.perf_counter()
         runner.load()
         loaded[label] = {"load_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
-        for _ in range(warmup):
+        runner.run(one)   # the first call allocates and selects kernels: not part of the estimate
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1)):
             runner.run(one)
+        call_s = (time.perf_counter() - t0) / max(warmup, 1)
         runner.run(big)   # first call at the larger shape allocates
+        calls[label] = (iters or calls_for_budget(budget_s, call_s),
+                        throughput_iters or calls_for_budget(budget_s / 2, call_s * throughput_batch / batch, 2, 200))
     latencies: dict[str, list[float]] = {label: [] for label in runners}
-    per_block = int(np.ceil(iters / max(rounds, 1)))
     for _ in range(max(rounds, 1)):
         for label, runner in runners.items():
-            for _ in range(per_block):
+            for _ in range(int(np.ceil(calls[label][0] / max(rounds, 1)))):
                 t0 = time.perf_counter()
                 runner.run(one)
                 latencies[label].append((time.perf_counter() - t0) * 1000)
     spent = {label: 0.0 for label in runners}
-    for _ in range(throughput_iters):
-        for label, runner in runners.items():
+    for label, runner in runners.items():
+        for _ in range(calls[label][1]):
             t0 = time.perf_counter()
             runner.run(big)
             spent[label] += time.perf_counter() - t0
     rows = []
     for label, runner in runners.items():
         p50, p90, p99 = np.percentile(latencies[label], [50, 90, 99])
-        rows.append({"runner": label, "batch": batch, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-                     "min_ms": float(min(latencies[label])),
-                     "throughput_ips": throughput_batch * throughput_iters / spent[label],
+        passed = parity.get(label)
+        rows.append({"runner": label, "batch": batch, "realised_precision": runner.info.get("realised_precision"),
+                     "parity": None if passed is None else ("pass" if passed else "FAIL"),
+                     "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+                     "min_ms": float(min(latencies[label])), "iters": len(latencies[label]),
+                     "throughput_ips": throughput_batch * calls[label][1] / spent[label],
                      "throughput_batch": throughput_batch, "size_mb": artifact_size_mb(artifacts.get(label)),
                      "build_s": build_seconds.get(label), **loaded[label], "info": dict(runner.info)})
     return rows
+
+
+DEFAULT_HINT_SUFFIX = "@default"
+
+
+def with_deployment_defaults(runners: dict[str, Runner]) -> dict[str, Runner]:
+    """`runners` plus, for every OpenVINO runner pinned to a precision hint (parity's f32), the same IR at the CPU
+    plugin's own default hint ("<label>@default"): what a deployment that sets no hint gets (bf16 on CPUs with
+    native BF16). Its realised precision says which it was."""
+    from singer_deploy.export.openvino import OpenVINORunner
+
+    out = dict(runners)
+    for label, runner in runners.items():
+        if isinstance(runner, OpenVINORunner) and runner.hint is not None:
+            out[label + DEFAULT_HINT_SUFFIX] = OpenVINORunner(runner.path, device=runner.device,
+                                                              inference_precision=None,
+                                                              num_threads=runner.num_threads,
+                                                              performance_hint=runner.performance_hint)
+    return out
+
+
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def eager_device(runners: dict[str, Runner]) -> str:
+    """The device the eager baseline should run on: "cuda" when any loaded runner executes on an NVIDIA GPU (an ONNX
+    Runtime CUDA / TensorRT provider, a TensorRT engine), else "cpu", so ratios compare like with like."""
+    for runner in runners.values():
+        info = runner.info or {}
+        if info.get("provider") in _GPU_PROVIDERS or runner.name in ("tensorrt", "torch_tensorrt") or \
+                str(info.get("device", "")).startswith("cuda"):
+            return "cuda"
+    return "cpu"
 
 
 def add_ratios(rows: list[dict], baseline: str) -> list[dict]:

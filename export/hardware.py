@@ -20,10 +20,11 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from singer_deploy.errors import BackendUnavailableError, ConfigError
+from singer_deploy.config import CPU_TARGETS, HOST_TARGET, target_name
+from singer_deploy.errors import BackendUnavailableError
 from singer_deploy.export.openvino_core import openvino_core
 
-HOST = "host"
+HOST = HOST_TARGET
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,9 @@ def _target(name: str, *features: str) -> CpuCapabilities:
     return CpuCapabilities(name=name, source="named target", **{f: f in features for f in _FEATURES})
 
 
-# Ordered from least to most capable; CpuCapabilities.isa picks the last one a CPU covers.
-TARGETS: dict[str, CpuCapabilities] = {t.name: t for t in (
-    _target("avx2", "avx2"),                                        # Haswell .. Comet Lake, AMD Zen 1-3
-    _target("avx_vnni", "avx2", "vnni"),                            # Alder Lake+ client cores (AVX-VNNI)
-    _target("avx512", "avx2", "avx512"),                            # Skylake-SP/X without VNNI
-    _target("avx512_vnni", "avx2", "avx512", "vnni"),               # Cascade Lake, Ice Lake
-    _target("avx512_bf16", "avx2", "avx512", "vnni", "bf16"),       # Cooper Lake, AMD Zen 4 / Zen 5
-    _target("amx", "avx2", "avx512", "vnni", "amx", "bf16"),        # Sapphire / Emerald Rapids
-    _target("amx_fp16", "avx2", "avx512", "vnni", "amx", "bf16", "fp16"),   # Granite Rapids
-)}
-TARGET_NAMES: tuple[str, ...] = (HOST, *TARGETS)
+# The named targets of singer_deploy/config.py (export.target), ordered from least to most capable;
+# CpuCapabilities.isa picks the last one a CPU covers.
+TARGETS: dict[str, CpuCapabilities] = {name: _target(name, *features) for name, features in CPU_TARGETS.items()}
 
 # /proc/cpuinfo flag -> feature (any listed flag sets it).
 _CPU_FLAGS = {
@@ -173,14 +166,8 @@ def resolve_target(target: str | CpuCapabilities | None = None) -> CpuCapabiliti
     """`export.target` -> capabilities: None / "host" is this machine, a name from TARGETS a named CPU class."""
     if isinstance(target, CpuCapabilities):
         return target
-    key = HOST if target is None else str(target).strip().lower()
-    if key == HOST:
-        return host_capabilities()
-    if key not in TARGETS:
-        raise ConfigError(f"Unknown export target {target!r}", expected=f"one of {', '.join(TARGET_NAMES)}",
-                          found=repr(target), fix="use 'host' to build for this machine, or name the deployment "
-                          f"CPU class (host here: {host_capabilities().isa})")
-    return TARGETS[key]
+    key = HOST if target is None else target_name(target)
+    return host_capabilities() if key == HOST else TARGETS[key]
 
 
 def target_is_host(target: CpuCapabilities) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 
 from singer_deploy.devices import on_cpu
 from singer_deploy.errors import ConfigError, ExportError
+from singer_deploy.export.realised_runtime import onnxruntime_realised
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
@@ -202,13 +203,19 @@ class OnnxRuntimeRunner(Runner):
             options.inter_op_num_threads = 1
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        try:
-            self._session = ort.InferenceSession(str(self.path), options,
-                                                 providers=self.providers or preferred_providers())
-        except Exception as exc:
-            raise ExportError("ONNX Runtime cannot open the model", expected="a valid ONNX file",
-                              found=f"{self.path}: {type(exc).__name__}: {exc}",
-                              fix="re-export it with export_onnx") from exc
+        with tempfile.TemporaryDirectory() as profile_dir:
+            # One profiled call names the kernels the session really runs (realised precision); profiling ends
+            # with it, so later (timed) calls are not profiled.
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(profile_dir) / "ort")
+            try:
+                self._session = ort.InferenceSession(str(self.path), options,
+                                                     providers=self.providers or preferred_providers())
+            except Exception as exc:
+                raise ExportError("ONNX Runtime cannot open the model", expected="a valid ONNX file",
+                                  found=f"{self.path}: {type(exc).__name__}: {exc}",
+                                  fix="re-export it with export_onnx") from exc
+            realised = onnxruntime_realised(self._profiled_call())
         (inp,) = self._session.get_inputs()
         self._input_name = inp.name
         dims = tuple(inp.shape[1:])
@@ -217,7 +224,15 @@ class OnnxRuntimeRunner(Runner):
         meta = self._session.get_modelmeta().custom_metadata_map
         self.info = {"runtime": f"onnxruntime {ort.__version__}", "provider": self._session.get_providers()[0],
                      "providers": self._session.get_providers(), "exporter": meta.get(_META_PREFIX + "exporter"),
-                     "graph_optimization": "all" if self.optimize else "disabled", "path": str(self.path)}
+                     "graph_optimization": "all" if self.optimize else "disabled", **realised,
+                     "path": str(self.path)}
+
+    def _profiled_call(self) -> str:
+        """Run one all-zero image (batch 1, or the graph's fixed batch) and end profiling; returns the profile."""
+        (inp,) = self._session.get_inputs()
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        self._session.run(None, {inp.name: np.zeros(shape, dtype=np.float32)})
+        return self._session.end_profiling()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self._session.run(None, {self._input_name: batch})

@@ -20,10 +20,11 @@ from torch import nn
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
 from singer_deploy.export.onnx import example_batch, explicit_attention
 from singer_deploy.export.openvino_core import import_openvino, openvino_core
+from singer_deploy.export.realised_runtime import openvino_realised
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
 
-# Hint values the runner accepts; None keeps the plugin's default (bf16 on CPUs with AMX/AVX512-BF16).
+# Hint values the runner accepts; None keeps the plugin's default (bf16 on CPUs with native BF16, else f32).
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", None: None,
                    "default": None}
 
@@ -81,8 +82,9 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, stem
 
 
 class OpenVINORunner(Runner):
-    """Compiles an IR (.xml) on `device`. inference_precision="f32" for parity; None (platform default, bf16 on
-    this CPU) or "bf16"/"f16" for speed runs."""
+    """Compiles an IR (.xml) on `device`. inference_precision="f32" for parity; None (the platform default: bf16
+    on CPUs with AMX, f32 elsewhere) or "bf16"/"f16" for speed runs. `info["realised_precision"]` is what the
+    compiled model executes (export/realised_runtime.py)."""
 
     name = "openvino"
 
@@ -122,9 +124,10 @@ class OpenVINORunner(Runner):
         dims = shape[1:]
         self.input_chw = (tuple(int(d.get_length()) for d in dims) if all(d.is_static for d in dims) else None)
         self.output_names = tuple(port.get_any_name() for port in self._compiled.outputs)
+        realised = openvino_realised(self._compiled)
         self.info = {"runtime": f"openvino {ov.get_version()}", "device": self.device,
-                     "inference_precision": str(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
-                     "requested_precision_hint": self.hint or "default", "path": str(self.path)}
+                     "inference_precision": realised.pop("inference_precision_hint"),
+                     "requested_precision_hint": self.hint or "default", **realised, "path": str(self.path)}
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         result = self._compiled(batch)

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from singer_deploy.config import ParityPolicy, check_precision, format_name, normalize_precision
+from singer_deploy.config import CPU_FORMATS, ParityPolicy, check_precision, format_name, normalize_precision
 from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.golden import REFERENCE_DIR, open_runner, runner_device, write_golden, write_reference
+from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.export.onnx import DEFAULT_OPSET, export_onnx
 from singer_deploy.export.parity import ParityReport, compare_outputs
 from singer_deploy.export.polygraphy_goldens import command_line, polygraphy_command, write_polygraphy_reference
@@ -76,10 +77,16 @@ class ExportResult:
     artifacts: dict[str, ArtifactRecord]
     manifest_path: Path | None = None
     reference: TorchRunner | None = field(default=None, repr=False, compare=False)   # the eager PyTorch runner
+    # The artifact each format ships when several candidates were built (precision "auto"); None: all of them.
+    shipped: dict[str, str] | None = None
+    # What the manifest also records: host capabilities, target, calibration set, precision decision ...
+    notes: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(a.parity is not None and a.parity.passed for a in self.artifacts.values())
+        """Every shipped artifact passes its gate (a rejected candidate's failure is recorded, not fatal)."""
+        keys = self.artifacts if self.shipped is None else self.shipped.values()
+        return all(self.artifacts[k].parity is not None and self.artifacts[k].parity.passed for k in keys)
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -99,11 +106,17 @@ class ExportResult:
         return [row for a in self.artifacts.values() if a.parity is not None for row in a.parity.table_rows()]
 
     def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "passed": self.passed,
+        return {"out_dir": str(self.out_dir), "passed": self.passed, "shipped": self.shipped, **self.notes,
                 "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()}}
 
+    def write_manifest(self) -> Path:
+        self.manifest_path = self.out_dir / MANIFEST_NAME
+        atomic_write_json(self.manifest_path, self.to_dict())  # strict JSON: a NaN metric becomes "NaN"
+        return self.manifest_path
+
     def raise_if_failed(self) -> "ExportResult":
-        failed = {k: r for k, r in self.reports.items() if not r.passed}
+        shipped = self.artifacts if self.shipped is None else set(self.shipped.values())
+        failed = {k: r for k, r in self.reports.items() if not r.passed and k in shipped}
         if failed:
             raise ParityError(f"{len(failed)} exported artifact(s) fail parity: {', '.join(failed)}",
                               report=self.to_dict(), expected="every artifact within its precision's gate",
@@ -136,12 +149,33 @@ def _converter(converters: dict[tuple[str, str], Converter], fmt: str, precision
     return converters[(fmt, precision)]
 
 
-def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, str], Converter]) -> list[str]:
+def _precisions(precision: str | Sequence[str]) -> tuple[str, ...]:
+    """One precision, or several to build side by side (the candidates of precision "auto")."""
+    wanted = [precision] if isinstance(precision, str) else list(precision)
+    if not wanted:
+        raise ConfigError("No export precision given", expected="fp32, fp16, bf16 or int8 (or several)",
+                          found="an empty list", fix="pass precision='fp32'")
+    return tuple(dict.fromkeys(normalize_precision(p) for p in wanted))
+
+
+def _plan(formats: Sequence[str], precisions: tuple[str, ...],
+          converters: dict[tuple[str, str], Converter]) -> list[str]:
     """Resolve names and fail on impossible requests before anything is exported."""
     names = list(dict.fromkeys(format_name(f) for f in formats))
     if not names:
         raise ConfigError("No export format given", expected="at least one of onnx, openvino, tensorrt",
                           found="an empty list", fix="pass formats=('onnx', 'openvino')")
+    gpu_only = [n for n in names if n not in CPU_FORMATS]
+    if len(precisions) > 1 and gpu_only:
+        raise ConfigError("Several precisions are built side by side for CPU formats only",
+                          expected="one precision with " + ", ".join(gpu_only), found=", ".join(precisions),
+                          fix="export the GPU formats in a separate call with one precision")
+    for precision in precisions:
+        _plan_one(names, precision, converters)
+    return names
+
+
+def _plan_one(names: list[str], precision: str, converters: dict[tuple[str, str], Converter]) -> None:
     for name in names:
         check_precision(name, precision)
         if name == "onnx":
@@ -160,11 +194,11 @@ def _plan(formats: Sequence[str], precision: str, converters: dict[tuple[str, st
                           (name == "openvino" and precision not in ("fp32", "fp16"))
         if needs_converter:
             _converter(converters, "openvino" if name == "openvino" else "onnx", precision)
-    return names
 
 
 def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[str] = ("onnx", "openvino"), *,
-                   img_size: int | Sequence[int], projector: nn.Module | None = None, precision: str = "fp32",
+                   img_size: int | Sequence[int], projector: nn.Module | None = None,
+                   precision: str | Sequence[str] = "fp32",
                    calib_images: np.ndarray | None = None, parity_images: np.ndarray,
                    policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
                    tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True,
@@ -178,11 +212,12 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     below FP32 and OpenVINO INT8 (e.g. singer_deploy.calibration.converters.export_converters()).
     The bundles share one reference set (`goldens/reference/`: the first `golden_size` parity images and their
     eager outputs), also written in Polygraphy's formats when `polygraphy_goldens` (export/polygraphy_goldens.py).
+    Several precisions (CPU formats only) build every one side by side, e.g. the candidates of precision "auto".
     Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
     """
-    precision = normalize_precision(precision)
+    precisions = _precisions(precision)
     converters = _converter_table(converters)
-    names = _plan(formats, precision, converters)
+    names = _plan(formats, precisions, converters)
     if isinstance(golden_size, bool) or not isinstance(golden_size, int) or golden_size < 1:
         raise ConfigError("golden_size must be a positive integer", expected="an int >= 1 (default "
                           f"{DEFAULT_GOLDEN_SIZE})", found=repr(golden_size), fix="e.g. golden_size=32")
@@ -203,7 +238,7 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_outputs = reference.run(parity_images)
 
-    records = _export_all(wrapper, out_dir, names, precision, stem, opset, calib_images, tensorrt_config,
+    records = _export_all(wrapper, out_dir, names, precisions, stem, opset, calib_images, tensorrt_config,
                           converters)
     goldens = None
     if write_goldens:
@@ -215,16 +250,16 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
         # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
         log.info("parity: %s on %d images", record.key, len(parity_images))
         runner = open_runner(record.path).load()
-        gate = policy if (policy is not None and record.precision == precision) else \
+        gate = policy if (policy is not None and record.precision in precisions) else \
             ParityPolicy.for_precision(record.precision)
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
                                         candidate_name=record.key)
         record.runner_info, record.runner = dict(runner.info), runner
         if goldens is not None:
             record.golden_dir = goldens.bundle(record, gate, wrapper, runner_device(runner))
-    result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference)
-    result.manifest_path = out_dir / MANIFEST_NAME
-    atomic_write_json(result.manifest_path, result.to_dict())  # strict JSON: a NaN metric becomes "NaN"
+    result = ExportResult(out_dir, {r.key: r for r in records}, reference=reference,
+                          notes={"host": host_capabilities().to_dict()})
+    result.write_manifest()
     return result
 
 
@@ -266,30 +301,33 @@ def stage(what: str) -> Iterator[None]:
     log.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
-def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precision: str, stem: str,
-                opset: int, calib_images: np.ndarray | None,
+def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precisions: tuple[str, ...],
+                stem: str, opset: int, calib_images: np.ndarray | None,
                 tensorrt_config: TensorRTBuildConfig | None,
                 converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     records: list[ArtifactRecord] = []
+    precision = precisions[0]   # the GPU formats' one precision (_plan allows several for CPU formats only)
     onnx_fp32 = None
     if {"onnx", "openvino", "tensorrt"} & set(names):
         with stage(f"export: ONNX fp32 (torch.onnx, opset {opset}) -> {out_dir / f'{stem}.onnx'}"):
             exported = export_onnx(wrapper, out_dir / f"{stem}.onnx", opset=opset)
         onnx_fp32 = ArtifactRecord("onnx/fp32", "onnx", "fp32", exported.path, f"torch.onnx {exported.exporter}",
                                    exported.seconds)
-    onnx_target = onnx_fp32
-    if onnx_fp32 is not None and precision != "fp32" and {"onnx", "tensorrt"} & set(names):
-        start = time.perf_counter()
-        convert = converters[("onnx", precision)]
-        with stage(f"{'quantize' if precision == 'int8' else 'convert'}: ONNX {precision} "
-                   f"({_converter_name(convert)}) -> {out_dir / f'{stem}_{precision}.onnx'}"):
-            path = convert(onnx_fp32.path, out_dir / f"{stem}_{precision}.onnx", calib_images)
-        onnx_target = ArtifactRecord(f"onnx/{precision}", "onnx", precision, Path(path), _converter_name(convert),
-                                     time.perf_counter() - start)
+    onnx_records = {"fp32": onnx_fp32}
+    if onnx_fp32 is not None and {"onnx", "tensorrt"} & set(names):
+        for reduced in (p for p in precisions if p != "fp32"):
+            start = time.perf_counter()
+            convert = converters[("onnx", reduced)]
+            with stage(f"{'quantize' if reduced == 'int8' else 'convert'}: ONNX {reduced} "
+                       f"({_converter_name(convert)}) -> {out_dir / f'{stem}_{reduced}.onnx'}"):
+                path = convert(onnx_fp32.path, out_dir / f"{stem}_{reduced}.onnx", calib_images)
+            onnx_records[reduced] = ArtifactRecord(f"onnx/{reduced}", "onnx", reduced, Path(path),
+                                                   _converter_name(convert), time.perf_counter() - start)
+    onnx_target = onnx_records[precision] if onnx_fp32 is not None else None
     if "onnx" in names:
-        records.append(onnx_target)
+        records += [onnx_records[p] for p in precisions]
     if "openvino" in names:
-        records += _export_openvino(onnx_fp32, out_dir, stem, precision, calib_images, converters)
+        records += _export_openvino(onnx_fp32, out_dir, stem, precisions, calib_images, converters)
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
@@ -315,7 +353,7 @@ def _converter_name(convert: Converter) -> str:
     return f"{getattr(convert, '__module__', type(convert).__module__)}.{name}"
 
 
-def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precision: str,
+def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precisions: tuple[str, ...],
                      calib_images: np.ndarray | None,
                      converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
     from singer_deploy.export.openvino import export_openvino
@@ -327,11 +365,11 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
                               ir.seconds),
                ArtifactRecord("openvino/fp16", "openvino", "fp16", ir.fp16_xml, f"{how}(compress_to_fp16=True)",
                               ir.seconds)]
-    if precision == "int8":
+    if "int8" in precisions:
         start = time.perf_counter()
-        convert = converters[("openvino", precision)]
-        with stage(f"quantize: OpenVINO {precision} ({_converter_name(convert)})"):
-            path = convert(ir.fp32_xml, out_dir / f"{stem}_{precision}.xml", calib_images)
-        records.append(ArtifactRecord(f"openvino/{precision}", "openvino", precision, Path(path),
-                                      _converter_name(convert), time.perf_counter() - start))
+        convert = converters[("openvino", "int8")]
+        with stage(f"quantize: OpenVINO int8 ({_converter_name(convert)})"):
+            path = convert(ir.fp32_xml, out_dir / f"{stem}_int8.xml", calib_images)
+        records.append(ArtifactRecord("openvino/int8", "openvino", "int8", Path(path), _converter_name(convert),
+                                      time.perf_counter() - start))
     return records

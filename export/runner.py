@@ -98,8 +98,11 @@ class TorchRunner(Runner):
         self.module = self.module.eval().to(self.device)
         self.input_chw = self.module.input_chw
         self.output_names = self.module.output_names
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.module.parameters()})
         self.info = {"runtime": f"torch {torch.__version__}", "device": str(self.device),
-                     "cls_source": self.module.cls_source}
+                     "cls_source": self.module.cls_source,
+                     "realised_precision": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
+                         dtypes[0], dtypes[0]) if len(dtypes) == 1 else " + ".join(dtypes)}
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():

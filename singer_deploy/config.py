@@ -8,7 +8,8 @@
     RunConfig (ModelSpec, DataSpec, ExportSpec, ...)   one `distill_and_export` run; `from_mapping` builds any of
                                     these from YAML / dict data with errors that name the key
 
-plus the format and precision name tables validation needs (export/formats.py builds its table on them).
+plus the format, precision and CPU-target name tables validation needs (export/formats.py and export/hardware.py
+build their tables on them).
 This module is the bottom layer: it imports nothing heavier than the standard library (docs/architecture.md).
 """
 
@@ -285,6 +286,14 @@ FORMAT_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch_tensorrt": ("fp32", "fp16", "bf16"),
 }
 
+# Formats whose runtime runs on a CPU-only machine: the ones precision "auto" chooses among, and the only ones several
+# precisions are built for side by side.
+CPU_FORMATS: frozenset[str] = frozenset({"onnx", "openvino"})
+
+# export.precision "auto": the fastest passing precision the target CPU runs natively, per CPU format
+# (calibration/auto_precision.py).
+AUTO_PRECISION = "auto"
+
 # Names people type for the same format; resolved before any fuzzy matching.
 FORMAT_ALIASES: dict[str, str] = {
     "ort": "onnx", "onnxruntime": "onnx",
@@ -321,6 +330,10 @@ def format_name(name: str) -> str:
                       fix="pass one of the listed format names")
 
 
+def is_auto_precision(precision: str) -> bool:
+    return str(precision).strip().lower() == AUTO_PRECISION
+
+
 def check_precision(fmt: str, precision: str) -> str:
     """Normalise `precision` and make sure format `fmt` (any accepted name) can carry it."""
     name, key = format_name(fmt), normalize_precision(precision)
@@ -328,6 +341,34 @@ def check_precision(fmt: str, precision: str) -> str:
         raise ConfigError(f"Format {name} cannot carry precision {key}",
                           expected=f"one of {', '.join(FORMAT_PRECISIONS[name])}", found=key,
                           fix="choose a listed precision or another format")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU deployment targets (export.target)
+
+HOST_TARGET = "host"   # the machine running the export
+# Named CPU classes an artifact can be built for, least to most capable, with the instruction-set features each has
+# (export/hardware.py turns them into capabilities and explains the features).
+CPU_TARGETS: dict[str, tuple[str, ...]] = {
+    "avx2": ("avx2",),                                                  # Haswell .. Comet Lake, AMD Zen 1-3
+    "avx_vnni": ("avx2", "vnni"),                                       # Alder Lake+ client cores (AVX-VNNI)
+    "avx512": ("avx2", "avx512"),                                       # Skylake-SP/X without VNNI
+    "avx512_vnni": ("avx2", "avx512", "vnni"),                          # Cascade Lake, Ice Lake
+    "avx512_bf16": ("avx2", "avx512", "vnni", "bf16"),                  # Cooper Lake, AMD Zen 4 / Zen 5
+    "amx": ("avx2", "avx512", "vnni", "amx", "bf16"),                   # Sapphire / Emerald Rapids
+    "amx_fp16": ("avx2", "avx512", "vnni", "amx", "bf16", "fp16"),      # Granite Rapids
+}
+TARGET_NAMES: tuple[str, ...] = (HOST_TARGET, *CPU_TARGETS)
+
+
+def target_name(target: str) -> str:
+    """The canonical export.target name (case-insensitive); ConfigError for an unknown CPU class."""
+    key = str(target).strip().lower()
+    if key not in TARGET_NAMES:
+        raise ConfigError(f"Unknown export target {target!r}", expected=f"one of {', '.join(TARGET_NAMES)}",
+                          found=repr(target), fix="use 'host' to build for this machine, or name the deployment "
+                          "CPU class (`singer-deploy doctor` names this machine's)")
     return key
 
 
@@ -532,16 +573,25 @@ class DataSpec:
 @dataclass(frozen=True)
 class ExportSpec:
     formats: tuple[str, ...] = ("onnx", "openvino")
-    precision: str = "fp32"
-    calibration_size: int = 64     # images for INT8 calibration (the field's advice for ViTs is a few hundred)
+    precision: str = "fp32"        # fp32, fp16, bf16, int8, or auto (fastest passing native one per format)
+    calibration_size: int = 300    # INT8 calibration images, drawn from the training data (all if fewer)
+    target: str = HOST_TARGET      # CPU the artifacts will run on: host, avx2, avx512_vnni, amx ... (CPU_TARGETS)
     benchmark: bool = True
     golden_size: int = 32          # images in the run's shared golden reference set (all artifacts point at it)
     polygraphy_goldens: bool = False   # also write the goldens in Polygraphy's formats (needs polygraphy)
 
     def __post_init__(self):
-        precision = normalize_precision(self.precision)
+        target_name(self.target)
+        auto = is_auto_precision(self.precision)
+        precision = "int8" if auto else normalize_precision(self.precision)   # auto may build INT8
         for fmt in self.formats:
-            check_precision(fmt, precision)
+            if auto and format_name(fmt) not in CPU_FORMATS:
+                raise ConfigError(f"export.precision: 'auto' chooses among CPU artifacts; {format_name(fmt)} runs "
+                                  "on a GPU", expected="formats onnx / openvino with precision auto",
+                                  found=format_name(fmt), fix=f"name the {format_name(fmt)} precision (fp16, "
+                                  "int8 ...) or drop it from formats")
+            if not auto:
+                check_precision(fmt, precision)
         if self.golden_size < 1:
             raise ConfigError("export.golden_size must be at least 1", expected="an int >= 1 (default 32)",
                               found=str(self.golden_size), fix="e.g. golden_size: 32")

@@ -72,9 +72,14 @@ def test_pipeline_writes_a_self_explaining_run_directory(finished):
 
 def test_the_benchmark_reuses_the_runners_the_export_opened(finished):
     artifacts = set(finished.summary["parity"])
-    assert {row["runner"] for row in finished.latency} == artifacts | {"pytorch/fp32"}
-    # One runner per artifact plus the eager reference: no ONNX Runtime session or OpenVINO model opened twice.
-    assert len(LOADED_RUNNERS) == len(artifacts) + 1
+    # OpenVINO IRs are timed at parity's f32 hint and again at the plugin's deployment default.
+    defaults = {f"{key}@default" for key in artifacts if key.startswith("openvino/")}
+    assert {row["runner"] for row in finished.latency} == artifacts | {"pytorch/fp32"} | defaults
+    # One runner per artifact plus the eager reference (plus the deployment-default ones): none opened twice.
+    assert len(LOADED_RUNNERS) == len(artifacts) + 1 + len(defaults)
+    rows = {row["runner"]: row for row in finished.latency}
+    assert rows["onnx/fp32"]["parity"] == "pass" and rows["onnx/fp32"]["realised_precision"] == "fp32"
+    assert rows["openvino/fp32@default"]["realised_precision"] and rows["pytorch/fp32"]["parity"] is None
     assert {row["runner"]: row["info"] for row in finished.latency}["onnx/fp32"] == \
         next(r.info for r in LOADED_RUNNERS if r.info.get("provider"))
 
@@ -272,3 +277,45 @@ def test_summary_prints_one_line_per_layer_and_source(tmp_path):
     assert f"    4: {remain['4']}" in lines and f"    7: {remain['7']}" in lines
     assert "      raw teacher: hnr_4 0.078, artifact_ratio 10.400" in lines   # nested: per layer, per source
     assert "  parity: onnx/fp32 pass" in lines and "  method: singer" in lines
+
+
+def test_int8_calibrates_on_training_images_disjoint_from_the_parity_images(tmp_path):
+    from singer_deploy.calibration.holdout import image_hashes
+    from singer_deploy.pipeline.api import build_data, build_models
+    from singer_deploy.pipeline.runconfig import load_run_config
+
+    result = distill_and_export(TINY, out_dir=str(tmp_path / "int8"), progress=False,
+                                export={"formats": ["onnx"], "precision": "int8", "benchmark": False},
+                                train={**TINY["train"], "steps": 2})
+    record = json.loads((result.out_dir / "export" / "export_manifest.json").read_text())["calibration"]
+    # Default size 300 > 32 training images: all of them, none of them a parity image.
+    assert record["source"] == "training data" and record["size"] == TINY["data"]["n"]
+    assert record["overlap_with_parity"] == 0 and record["parity_images"] == TINY["data"]["eval_n"]
+    config = load_run_config({**TINY, "train": {**TINY["train"], "steps": 2}})
+    train, evals = build_data(config, build_models(config).teacher)
+    assert record["parity_image_sha256"] == image_hashes(evals)
+    assert not set(record["image_sha256"]) & set(image_hashes(evals))
+    assert result.summary["shipped"] == {"onnx": "onnx/int8"}
+    assert result.summary["int8 calibration"].startswith("32 training images, 0 shared")
+    assert "not benchmarked" in result.summary["warnings"][0]
+
+
+def test_precision_auto_ships_the_fastest_passing_candidate_with_its_decision_table(finished, tmp_path, capsys):
+    assert main(["export", str(finished.out_dir), "--formats", "onnx", "openvino", "--precision", "auto",
+                 "--out", str(tmp_path / "auto")]) == EXIT_OK
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "auto" / "export_manifest.json").read_text())
+    decision = manifest["precision_decision"]
+    assert set(manifest["shipped"]) == {"onnx", "openvino"} and decision["benchmarked"] is True
+    rows = {row["key"]: row for row in decision["table"]}
+    for fmt, key in manifest["shipped"].items():
+        shipped = rows[key]
+        assert shipped["chosen"] and shipped["gate"] == "pass" and shipped["native"]
+        # No passing native candidate of the same format was faster.
+        faster = [r for r in rows.values() if r["format"] == fmt and r["native"] and r["gate"] == "pass"
+                  and r["p50_ms"] < shipped["p50_ms"]]
+        assert faster == []
+    for row in rows.values():
+        assert row["chosen"] or row["reason"].split(":")[0] in ("slower", "failed gate", "not native")
+        assert row["native"] == ("fp16" not in row["key"] or manifest["host"]["fp16"])
+    assert manifest["host"]["isa"] == manifest["target"]["isa"] and "SHIPPED" in printed

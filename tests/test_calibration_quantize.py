@@ -11,7 +11,7 @@ import torch
 from singer_deploy.calibration.cache import cached_calibration_set
 from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.config import PrecisionPolicy
-from singer_deploy.calibration.quantize import quantize_student, reduce_precision
+from singer_deploy.calibration.quantize import artifact_runner, quantize_student, reduce_precision
 from singer_deploy.calibration.realised import realised_precision, require_policy_held
 from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError, ExportError
@@ -81,6 +81,9 @@ def test_int8_passes_the_int8_gate_and_keeps_protected_ops_fp32(backend, student
     assert result.calibration == {"method": "random", "seed": 0, "size": 48, "source_size": 64}
     # Built for this host: 7-bit weights exactly when its INT8 kernels saturate (no VNNI / AMX).
     assert result.int8_scheme.half_range_weights == (not host_capabilities().int8_without_saturation)
+    # The runtime, asked what it executes, runs the linear layers' products in INT8 (read back, not assumed).
+    info = artifact_runner(result.artifact, backend).load().info
+    assert info["realised_products"].get("int8", 0) >= 8 and info["realised_precision"].startswith("int8")
 
 
 def test_onnx_fp16_passes_the_fp16_gate_with_fp32_io_and_protected_ops(student, exported, eval_images):

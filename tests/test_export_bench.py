@@ -26,3 +26,28 @@ def test_benchmark_rows_table_and_json():
         add_ratios(rows, baseline="tensorrt")
     with pytest.raises(ConfigError):
         benchmark_runners({"torch": runner}, np.zeros((3, 32, 32), np.float32))
+
+
+def test_iterations_follow_the_time_budget_within_bounds():
+    from singer_deploy.export.bench import MAX_ITERS, MIN_ITERS, calls_for_budget
+
+    assert calls_for_budget(2.0, 0.01) == 200 and calls_for_budget(2.0, 1.0) == MIN_ITERS
+    assert calls_for_budget(2.0, 1e-7) == MAX_ITERS
+    images = shape_images(3, 32, 16)
+    runner = TorchRunner(tiny_vit("vit_tiny_patch16_224", img_size=32))
+    (row,) = benchmark_runners({"torch": runner}, images, warmup=2, budget_s=0.2, rounds=2, throughput_batch=2,
+                               parity={"torch": True})
+    assert MIN_ITERS <= row["iters"] <= MAX_ITERS
+    assert row["parity"] == "pass" and row["realised_precision"] == "fp32"
+
+
+def test_openvino_rows_at_the_parity_hint_and_the_deployment_default(reg_artifacts):
+    from singer_deploy.export.bench import eager_device, with_deployment_defaults
+    from singer_deploy.export.openvino import OpenVINORunner
+
+    runners = with_deployment_defaults({"openvino/fp32": OpenVINORunner(reg_artifacts["ov_fp32"])})
+    assert list(runners) == ["openvino/fp32", "openvino/fp32@default"]
+    assert runners["openvino/fp32"].hint == "f32" and runners["openvino/fp32@default"].hint is None
+    info = runners["openvino/fp32@default"].load().info
+    assert info["requested_precision_hint"] == "default" and info["realised_precision"]
+    assert eager_device(runners) == "cpu"

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from singer_deploy.config import TARGET_NAMES
 from singer_deploy.errors import ConfigError
-from singer_deploy.export.hardware import (HOST, TARGET_NAMES, TARGETS, capabilities_from_flags, host_capabilities,
-                                           resolve_target, target_is_host)
+from singer_deploy.export.hardware import (HOST, TARGETS, capabilities_from_flags, host_capabilities, resolve_target,
+                                           target_is_host)
 
 # Flag sets of real CPU families (subsets of their /proc/cpuinfo flags).
 ZEN3 = {"sse4_2", "avx", "avx2", "fma", "f16c"}

@@ -11,6 +11,8 @@ def test_defaults_and_demo_config_load(tmp_path):
     config = load_run_config(demo_config_path())
     assert config.teacher.name == "planted" and config.singer.outlier_target == "median"
     assert config.export.formats == ("onnx", "openvino")
+    auto = load_run_config({"export": {"precision": "auto", "target": "amx"}}).export
+    assert (auto.precision, auto.target, auto.calibration_size) == ("auto", "amx", 300)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -27,6 +29,8 @@ def test_defaults_and_demo_config_load(tmp_path):
     ({"export": {"formats": ["tflite"]}}, r"tflite"),
     ({"data": {"source": "/no/such/folder"}}, r"data\.source"),
     ({"teacher": {"planted": {"depht": 4}}}, r"teacher\.planted"),
+    ({"export": {"target": "avx1024"}}, r"Unknown export target.*avx512_vnni"),
+    ({"export": {"precision": "auto", "formats": ["onnx", "tensorrt"]}}, r"'auto' chooses among CPU artifacts"),
 ])
 def test_bad_configs_fail_before_any_work_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):

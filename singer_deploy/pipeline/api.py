@@ -10,6 +10,7 @@ and report.html.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -23,8 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy import __version__
-from singer_deploy.config import (PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, from_mapping,
-                                  normalize_precision, with_changes)
+from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, format_name,
+                                  from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.refine import RefinedTeacher, Refiner
@@ -131,14 +132,16 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
     exported, parity_rows, latency_rows = None, [], []
     if config.export.formats:
         clock = time.perf_counter()
-        exported = export(result, out_dir / "export", eval_images, config)
+        exported = export(result, out_dir / "export", eval_images, config, train_data)
         timings["export_s"] = time.perf_counter() - clock
         parity_rows = exported.parity_rows()
         files["export_manifest"] = exported.manifest_path
         if config.export.benchmark:
             clock = time.perf_counter()
             latency_rows = bench(exported.reference, exported.runners, eval_images, artifacts=exported.paths,
-                                 build_seconds={key: record.seconds for key, record in exported.artifacts.items()})
+                                 build_seconds={key: record.seconds for key, record in exported.artifacts.items()},
+                                 parity={key: record.parity.passed for key, record in exported.artifacts.items()
+                                         if record.parity is not None})
             timings["bench_s"] = time.perf_counter() - clock
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
@@ -261,39 +264,86 @@ def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:
     return refined
 
 
-def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig) -> ExportResult:
+def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig,
+           train_data: Dataset) -> ExportResult:
     """Export the student (+ its last-layer projector into teacher space) with parity gates and goldens."""
-    return export_model(result.student, result.projectors.last, out_dir, eval_images,
+    return export_model(result.student, result.projectors.last, out_dir, eval_images, train_data,
                         formats=config.export.formats, precision=config.export.precision,
-                        calibration_size=config.export.calibration_size, golden_size=config.export.golden_size,
-                        polygraphy_goldens=config.export.polygraphy_goldens)
+                        calibration_size=config.export.calibration_size, target=config.export.target,
+                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
 
 
-def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, eval_images: np.ndarray, *,
-                 formats: Sequence[str], precision: str, calibration_size: int, golden_size: int = 32,
-                 polygraphy_goldens: bool = False) -> ExportResult:
-    """export_student with calibration's reduced-precision converters: where the pipeline composes the two."""
+def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, eval_images: np.ndarray,
+                 train_data: Dataset, *, formats: Sequence[str], precision: str, calibration_size: int,
+                 target: str = "host", golden_size: int = 32, polygraphy_goldens: bool = False) -> ExportResult:
+    """export_student with calibration's converters for `target`: where the pipeline composes the two.
+
+    INT8 calibrates on up to `calibration_size` training images, never on the parity (eval) images, so its gate is
+    out of sample; the manifest records both sets by index and hash. Precision "auto" builds every native candidate
+    and ships the fastest passing one per format (calibration/auto_export.py); an explicit INT8 also builds FP32
+    beside it, so the run can warn when INT8 is the slower one here (`_precision_summary`).
+    """
+    from singer_deploy.calibration.auto_export import export_auto
     from singer_deploy.calibration.converters import export_converters
+    from singer_deploy.calibration.holdout import calibration_from_training
+    from singer_deploy.export.hardware import resolve_target
     from singer_deploy.export.pipeline import export_student
 
-    calib = eval_images[:calibration_size] if normalize_precision(precision) == "int8" else None
-    return export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
-                          precision=precision, calib_images=calib, parity_images=eval_images,
-                          converters=export_converters(), golden_size=golden_size,
-                          polygraphy_goldens=polygraphy_goldens)
+    auto = is_auto_precision(precision)
+    held = calibration_from_training(train_data, eval_images, size=calibration_size) \
+        if auto or _explicit_int8(precision) else None
+    calib = None if held is None else held.calibration.images
+    goldens = {"golden_size": golden_size, "polygraphy_goldens": polygraphy_goldens}
+    if auto:
+        exported = export_auto(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
+                               parity_images=eval_images, calib_images=calib, target=target, **goldens).result
+    else:
+        # A GPU format among them: the Q/DQ file feeds a TensorRT build, so it takes TensorRT's INT8 encoding.
+        gpu_int8 = any(format_name(f) not in CPU_FORMATS for f in formats)
+        # Explicit INT8 on CPU formats also builds FP32 beside it: the yardstick that says whether INT8 is faster.
+        compare = held is not None and not gpu_int8
+        exported = export_student(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
+                                  precision=("int8", "fp32") if compare else precision, calib_images=calib,
+                                  parity_images=eval_images, converters=export_converters(target, gpu_int8=gpu_int8),
+                                  **goldens)
+        if compare:
+            exported.shipped = {format_name(f): f"{format_name(f)}/int8" for f in formats}
+        exported.notes["target"] = resolve_target(target).to_dict()
+    if held is not None:
+        exported.notes["calibration"] = held.to_dict()
+    exported.write_manifest()
+    return exported
+
+
+def _explicit_int8(precision: str) -> bool:
+    return not is_auto_precision(precision) and normalize_precision(precision) == "int8"
+
+
+# Seconds of timed latency calls per benchmarked runner (half as much again for throughput) when no budget is given.
+BENCH_BUDGET_S = 2.0
 
 
 def bench(reference: Runner, runners: Mapping[str, Runner], eval_images: np.ndarray, *,
           artifacts: Mapping[str, Path] | None = None, build_seconds: Mapping[str, float] | None = None,
-          batch: int = 1, iters: int = 20) -> list[dict]:
+          batch: int = 1, iters: int | None = None, budget_s: float = BENCH_BUDGET_S,
+          parity: Mapping[str, bool] | None = None) -> list[dict]:
     """Latency of each runner next to the eager PyTorch `reference` ("pytorch/fp32"), same inputs, same run.
 
     Pass the runners an export already opened (ExportResult.runners / .reference): they hold parity's settings.
+    OpenVINO IRs are timed again at the plugin's deployment default ("<key>@default"); each row carries its parity
+    result and the precision its runtime reports it executed. Each runner gets `budget_s` seconds of timed calls
+    (`iters` fixes their number instead). Eager runs on the device the runtimes use (a copy on the GPU when one of
+    them runs there), so the speed-ups compare like with like.
     """
-    from singer_deploy.export.bench import add_ratios, benchmark_runners
+    from singer_deploy.export.bench import add_ratios, benchmark_runners, eager_device, with_deployment_defaults
+    from singer_deploy.export.runner import TorchRunner
 
-    rows = benchmark_runners({EAGER: reference, **runners}, eval_images, iters=iters,
-                             artifacts=dict(artifacts or {}), build_seconds=dict(build_seconds or {}), batch=batch)
+    device = eager_device(dict(runners))
+    if reference.device.type != device:
+        reference = TorchRunner(copy.deepcopy(reference.module), device=device)
+    rows = benchmark_runners(with_deployment_defaults({EAGER: reference, **runners}), eval_images, iters=iters,
+                             budget_s=budget_s, artifacts=dict(artifacts or {}),
+                             build_seconds=dict(build_seconds or {}), parity=dict(parity or {}), batch=batch)
     return add_ratios(rows, EAGER)
 
 
@@ -340,9 +390,38 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}
+    if exported is not None:
+        summary.update(_precision_summary(exported, latency_rows, config))
     if latency_rows:
-        summary["latency_p50_ms"] = {r["runner"]: round(r["p50_ms"], 2) for r in latency_rows}
+        summary["latency_p50_ms"] = {r["runner"]: f"{r['p50_ms']:.2f} ({r.get('realised_precision') or '?'})"
+                                     for r in latency_rows}
     return summary
+
+
+def _precision_summary(exported: ExportResult, latency_rows: list[dict], config: RunConfig) -> dict:
+    """Target, shipped artifacts, the precision-auto decision table and the slower-INT8 warning, for the summary
+    (and so the CLI and the report); each warning is also logged."""
+    from singer_deploy.calibration.auto_precision import slower_int8_warnings
+
+    out: dict = {"target": exported.notes.get("target", {}).get("isa", config.export.target)}
+    if exported.shipped is not None:
+        out["shipped"] = exported.shipped
+    decision = exported.notes.get("precision_decision")
+    if decision:
+        out["precision auto"] = {row["key"]: ("SHIPPED: " if row["chosen"] else "not chosen: ") + row["reason"]
+                                 for row in decision["table"]}
+    if "calibration" in exported.notes:
+        calib = exported.notes["calibration"]
+        out["int8 calibration"] = (f"{calib['size']} training images, {calib['overlap_with_parity']} shared with the "
+                                   f"{calib['parity_images']} parity images")
+    if _explicit_int8(config.export.precision):
+        warnings = slower_int8_warnings(latency_rows) if latency_rows else \
+            ["INT8 was not benchmarked (export.benchmark is off): whether it is faster than FP32 here is unknown"]
+        for warning in warnings:
+            log.warning(warning)
+        if warnings:
+            out["warnings"] = warnings
+    return out
 
 
 def environment() -> dict:

@@ -108,7 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--images", default=None, help="image folder for parity and goldens of a timm model "
                                                        "(default: synthetic shapes)")
     export.add_argument("--formats", nargs="+", default=["onnx", "openvino"], help="e.g. onnx openvino trt")
-    export.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or int8")
+    export.add_argument("--precision", default="fp32",
+                        help="fp32, fp16, bf16, int8, or auto (the fastest passing precision the target runs "
+                             "natively, per format)")
+    export.add_argument("--target", default=None,
+                        help="CPU the artifacts will run on: host, avx2, avx512, avx512_vnni, avx512_bf16, amx ... "
+                             "(default: the run config's export.target, host for a timm model)")
     export.add_argument("--out", default=None, help="output folder (default RUN_DIR/export-PRECISION, or "
                                                     "exports/NAME-PRECISION for a timm model)")
     export.set_defaults(handler=_cmd_export)
@@ -272,16 +277,23 @@ def _cmd_export(args) -> int:
             raise ConfigError("--weights, --images and KEY=VALUE apply to exporting a timm model",
                               expected="a timm name with them, or a run directory alone", found=str(source),
                               fix="drop them: a run directory exports its own student on its own images")
-        result = export_run(source, args.formats, args.precision, Path(args.out) if args.out else None)
+        result = export_run(source, args.formats, args.precision, Path(args.out) if args.out else None,
+                            target=args.target)
     else:
         raw = {"student": {"name": args.source, "weights": args.weights},
                "data": {"source": args.images or "synthetic"},
-               "export": {"formats": args.formats, "precision": args.precision}}
+               "export": {"formats": args.formats, "precision": args.precision,
+                          **({"target": args.target} if args.target else {})}}
         config = load_run_config(apply_overrides(raw, args.overrides))
         name = args.source.replace(":", "-").replace("/", "-").strip("-")
         result = export_timm_model(config, Path(args.out or f"exports/{name}-{config.export.precision}"))
+    shipped = set(result.artifacts if result.shipped is None else result.shipped.values())
     for key, record in result.artifacts.items():
-        print(f"{key}: {record.path} parity {'pass' if record.parity.passed else 'FAIL'}")
+        role = "" if result.shipped is None else ("  SHIPPED" if key in shipped else "  (candidate)")
+        print(f"{key}: {record.path} parity {'pass' if record.parity.passed else 'FAIL'}"
+              f" realised {record.runner_info.get('realised_precision', '?')}{role}")
+    for row in result.notes.get("precision_decision", {}).get("table", []):
+        print(f"  auto {row['key']}: {'SHIPPED' if row['chosen'] else 'not chosen'} - {row['reason']}")
     result.raise_if_failed()
     return EXIT_OK
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import Dataset
 
 from singer_deploy.config import RunConfig
 from singer_deploy.errors import ConfigError
@@ -19,7 +20,7 @@ from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import TeacherInput
 from singer_deploy.models.hub import WEIGHTS_NAME
-from singer_deploy.pipeline.api import bench, build_data, build_models, export_model, load_model
+from singer_deploy.pipeline.api import BENCH_BUDGET_S, bench, build_data, build_models, export_model, load_model
 from singer_deploy.pipeline.rundir import MANIFEST
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.train.loop import STUDENT_DIR
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]:
-    """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images)."""
+def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray, Dataset]:
+    """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images, training
+    data)."""
     manifest_path = run_dir / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError("Not a finished run directory", expected=f"{manifest_path} (written at the end of a run)",
@@ -41,8 +43,8 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray]
     student = load_model(config.student)
     student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
     projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
-    _, eval_images = build_data(config, _teacher_input(manifest, config))
-    return config, student.eval(), projector.eval(), eval_images
+    train_data, eval_images = build_data(config, _teacher_input(manifest, config))
+    return config, student.eval(), projector.eval(), eval_images, train_data
 
 
 def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
@@ -53,12 +55,15 @@ def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
     return TeacherInput.of(build_models(config).teacher)
 
 
-def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None) -> ExportResult:
-    """Export a finished run's student (+ last-layer projector) with parity on its held-out images."""
-    config, student, projector, eval_images = load_run(run_dir)
-    return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images,
+def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None,
+               target: str | None = None) -> ExportResult:
+    """Export a finished run's student (+ last-layer projector) with parity on its held-out images, INT8
+    calibrated on its training images, for `target` (default: the run config's export.target)."""
+    config, student, projector, eval_images, train_data = load_run(run_dir)
+    return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images, train_data,
                         formats=formats, precision=precision, calibration_size=config.export.calibration_size,
-                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
+                        target=target or config.export.target, golden_size=config.export.golden_size,
+                        polygraphy_goldens=config.export.polygraphy_goldens)
 
 
 def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
@@ -66,10 +71,11 @@ def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
     name): no distillation, no projector. Parity and goldens use `config.data`'s held-out images (synthetic shapes
     unless data.source names an image folder)."""
     student = load_model(config.student)
-    _, eval_images = build_data(config, student)
-    return export_model(student, None, out_dir, eval_images, formats=config.export.formats,
+    train_data, eval_images = build_data(config, student)
+    return export_model(student, None, out_dir, eval_images, train_data, formats=config.export.formats,
                         precision=config.export.precision, calibration_size=config.export.calibration_size,
-                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
+                        target=config.export.target, golden_size=config.export.golden_size,
+                        polygraphy_goldens=config.export.polygraphy_goldens)
 
 
 def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1,),
@@ -78,7 +84,8 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
 
     formats: only these formats' artifacts; batch_sizes: one latency table per batch size; threads: intra-op
     threads of PyTorch, ONNX Runtime and OpenVINO; time_budget_s: timed calls per runner chosen so the whole
-    benchmark takes about this long (estimated from one timed call per runner; at least 3 calls each).
+    benchmark takes about this long (estimated from each runner's warm-up calls; at least 10 calls each; default
+    BENCH_BUDGET_S per runner). Rows carry each artifact's parity result from the export manifest.
     """
     import torch
 
@@ -94,6 +101,7 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
         raise ConfigError("The run has no exported artifacts", expected=str(listing), found="no export manifest",
                           fix="run `singer-deploy export RUN_DIR` first")
     exported = json.loads(listing.read_text())["artifacts"]
+    parity = {key: a["parity"]["passed"] for key, a in exported.items() if a.get("parity")}
     artifacts = {key: Path(a["path"]) for key, a in exported.items()}
     if formats:
         wanted = {format_name(name) for name in formats}
@@ -104,7 +112,7 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
                               fix="drop --formats or export those formats first")
     if threads:
         torch.set_num_threads(threads)
-    _, student, projector, eval_images = load_run(run_dir)
+    _, student, projector, eval_images, _ = load_run(run_dir)
     reference = TorchRunner(student.model.eval(), projector=projector)
     runners = {key: open_runner(path, **({"num_threads": threads} if threads and format_for_path(path).name
                                          in ("onnx", "openvino") else {}))
@@ -112,22 +120,11 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     rows = []
     for batch in batch_sizes:
         images = tile_batch(eval_images, batch)
-        iters = _iters_for_budget([reference, *runners.values()], images, time_budget_s / len(batch_sizes)) \
-            if time_budget_s else 20
-        log.info("bench: batch %d, %d timed calls per runner", batch, iters)
-        rows += bench(reference, runners, images, artifacts=artifacts, batch=batch, iters=iters)
+        # Each timed row (eager, every artifact, OpenVINO IRs once more at their default hint) gets its share of
+        # the whole budget; benchmark_runners spends a runner's budget on latency and half as much on throughput.
+        timed_rows = 1 + len(runners) + sum(format_for_path(path).name == "openvino" for path in artifacts.values())
+        budget_s = time_budget_s / len(batch_sizes) / timed_rows / 1.5 if time_budget_s else BENCH_BUDGET_S
+        log.info("bench: batch %d, %.2f s of timed calls per runner", batch, budget_s)
+        rows += bench(reference, runners, images, artifacts=artifacts, batch=batch, budget_s=budget_s,
+                      parity=parity)
     return rows
-
-
-def _iters_for_budget(runners: list, images: np.ndarray, budget_s: float) -> int:
-    """Timed calls per runner that fit `budget_s`, from one warm call each (warm-up and throughput calls of
-    benchmark_runners counted as 15 more calls)."""
-    import time
-
-    per_call = 0.0
-    for runner in runners:
-        runner.load().run(images)
-        start = time.perf_counter()
-        runner.run(images)
-        per_call += time.perf_counter() - start
-    return max(3, min(500, int(budget_s / max(per_call, 1e-6)) - 15))

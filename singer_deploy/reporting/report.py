@@ -63,10 +63,11 @@ _PARITY_COLUMNS = {"candidate": "artifact", "precision": "precision", "output": 
                    "image_cos_min": "image cosine min", "max_abs": "max abs diff", "max_abs_rel": "max abs / scale",
                    "rel_err_p99": "rel. error p99", "knn_overlap": "kNN overlap", "norm_corr": "norm-map corr",
                    "norm_rel_err_max": "norm rel. error max", "nonfinite": "NaN/Inf", "passed": "passed"}
-_LATENCY_COLUMNS = {"runner": "runner", "p50_ms": "p50 ms", "p90_ms": "p90 ms", "p99_ms": "p99 ms",
+_LATENCY_COLUMNS = {"runner": "runner", "realised_precision": "realised precision", "parity": "parity",
+                    "p50_ms": "p50 ms", "p90_ms": "p90 ms", "p99_ms": "p99 ms",
                     "min_ms": "min ms", "throughput_ips": "throughput img/s", "throughput_batch": "at batch",
                     "size_mb": "size MB", "build_s": "build s", "load_s": "load s", "peak_rss_mb": "peak RSS MB",
-                    "speedup_vs_pytorch/fp32": "speed-up vs eager"}
+                    "iters": "timed calls", "speedup_vs_pytorch/fp32": "speed-up vs eager"}
 _COMPARISON_COLUMNS = {"method": "method", "hnr_4": "HNR_4", "e_out": "E_out", "knn_acc": "kNN acc",
                        "linear_acc": "linear acc", "miou": "mIoU"}
 
