@@ -2,7 +2,9 @@
 
 Distils a FitNet and a SiNGER student from the planted teacher with the same config, data, steps and seed (the demo
 config unless --config is given), quantizes both with one precision policy and one calibration set (OpenVINO/NNCF and
-ONNX Runtime Q/DQ), and prints their INT8-vs-own-FP32 parity and the activation ranges that explain it.
+ONNX Runtime Q/DQ), and prints their INT8-vs-own-FP32 parity and the activation ranges that explain it. Out of
+sample: calibration uses the first --calibration training images, the comparison the held-out evaluation images, and
+the study refuses to run if any comparison image is a calibration image (int8_study.json records the check).
 
     python benchmarks/int8_planted_study.py --steps 300 --out runs/int8_study
 """

@@ -3,6 +3,9 @@
 Two FP32 students (say a FitNet and a SiNGER student of the same planted-artifact teacher) are quantized with the
 same policy and the same calibration images on OpenVINO (NNCF) and ONNX Q/DQ; each INT8 model is compared with its
 own FP32 artifact on the normal (non-artifact) tokens, next to the activation-range statistics that explain it.
+
+Out of sample: the comparison images must not be calibration images (checked by per-image hash; a DataError
+otherwise), since a gate measured on the images the ranges were fitted to flatters the INT8 model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from singer_deploy.calibration.activation_stats import activation_range_stats, residual_blocks, summarize_ranges
+from singer_deploy.calibration.holdout import image_hashes
 from singer_deploy.calibration.policy import DEFAULT_POLICY
 from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.quantize import artifact_runner, reduce_precision, run_all
@@ -24,6 +28,7 @@ from singer_deploy.export.onnx import export_onnx
 from singer_deploy.export.openvino import export_openvino
 from singer_deploy.export.parity import compare_outputs
 from singer_deploy.export.student import ExportableStudent
+from singer_deploy.errors import DataError
 from singer_deploy.method.metrics import DEFAULT_K, artifact_metrics, cosine_summary, high_norm_mask, token_cosines
 
 
@@ -76,9 +81,24 @@ def int8_artifact_study(model_a: nn.Module, model_b: nn.Module, calib_images: Im
     """
     calib = load_calibration_images(calib_images)
     eval_images = load_calibration_images(eval_images)
+    record = out_of_sample_record(calib, eval_images)
     calibration = CalibrationSet(images=calib, indices=np.arange(len(calib)), method="given", seed=0,
                                  source_size=len(calib))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
-        return {name: _study_one(model, projector, calibration, eval_images, root / name, tuple(backends), policy, k)
+        return {name: {**_study_one(model, projector, calibration, eval_images, root / name, tuple(backends), policy,
+                                    k), "calibration": record}
                 for name, model, projector in zip(names, (model_a, model_b), projectors)}
+
+
+def out_of_sample_record(calib: np.ndarray, eval_images: np.ndarray) -> dict:
+    """Refuse evaluation images that are also calibration images (equal pixels); the record says what was checked."""
+    calibrated = set(image_hashes(calib))
+    overlap = sum(h in calibrated for h in image_hashes(eval_images))
+    if overlap:
+        raise DataError("The INT8 study would compare on images it calibrated on",
+                        expected="evaluation images disjoint from the calibration images",
+                        found=f"{overlap} of {len(eval_images)} evaluation images are calibration images",
+                        fix="calibrate on training images and compare on held-out ones")
+    return {"calibration_images": len(calib), "eval_images": len(eval_images), "overlap": 0,
+            "checked_by": "per-image sha256 of the float32 pixels"}

@@ -4,6 +4,7 @@ INT8 levels for ordinary tokens; the artifact study reports both for two student
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import timm
 import torch
 from torch import nn
@@ -63,6 +64,8 @@ def test_int8_artifact_study_reports_both_students(tmp_path):
     result = int8_artifact_study(make(), make(), images[:32], images[32:], names=("fitnet", "singer"),
                                  backends=("onnx",), work_dir=tmp_path)
     assert set(result) == {"fitnet", "singer"}
+    assert result["singer"]["calibration"] == {"calibration_images": 32, "eval_images": 8, "overlap": 0,
+                                               "checked_by": "per-image sha256 of the float32 pixels"}
     for entry in result.values():
         onnx_entry = entry["backends"]["onnx"]
         assert 0.9 < onnx_entry["normal_token_cosine"] <= 1.0 + 1e-6
@@ -70,3 +73,13 @@ def test_int8_artifact_study_reports_both_students(tmp_path):
         assert "token_max_over_median_max" in entry["activation_ranges"]
         assert set(entry["residual_ranges"]["layers"]) == {"blocks.0", "blocks.1"}
         assert set(entry["fp32_artifact_metrics"]) == {"hnr", "r_max", "e_out"}
+
+
+def test_int8_study_refuses_to_compare_on_calibration_images():
+    from singer_deploy.calibration.study import out_of_sample_record
+    from singer_deploy.errors import DataError
+
+    images = np.random.default_rng(0).normal(size=(10, 3, 8, 8)).astype(np.float32)
+    assert out_of_sample_record(images[:6], images[6:])["overlap"] == 0
+    with pytest.raises(DataError, match="2 of 5 evaluation images are calibration images"):
+        out_of_sample_record(images[:6], images[4:9])
