@@ -14,9 +14,10 @@ import copy
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -114,12 +115,11 @@ def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray]:
 
 def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Dataset, eval_images: np.ndarray,
             timings: dict[str, float], *, resume: bool, progress: bool) -> PipelineResult:
-    """The pipeline after `prepare`, inside a taken run directory."""
-    clock = time.perf_counter()
-    result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
-                     singer=config.singer, train=config.train, resume=resume, progress=progress,
-                     context=run_context(config))
-    timings["distill_s"] = time.perf_counter() - clock
+    """The pipeline after `prepare`, inside a taken run directory: distil, merge, export + bench, report, manifest."""
+    with _timed(timings, "distill_s"):
+        result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
+                         singer=config.singer, train=config.train, resume=resume, progress=progress,
+                         context=run_context(config))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         # Under torchrun only rank 0 merges, exports and reports; the other ranks only trained.
         return PipelineResult(out_dir, True, {"rank": torch.distributed.get_rank()}, dict(result.files))
@@ -128,29 +128,15 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
     refined = merge(models.teacher, result.refiner, out_dir) if result.refiner is not None else None
     if refined is not None:
         files["refined_teacher"] = out_dir / "refined_teacher.safetensors"
-
-    exported, parity_rows, latency_rows = None, [], []
-    if config.export.formats:
-        clock = time.perf_counter()
-        exported = export(result, out_dir / "export", eval_images, config, train_data)
-        timings["export_s"] = time.perf_counter() - clock
-        parity_rows = exported.parity_rows()
+    exported, latency_rows = _export_and_bench(result, out_dir, eval_images, config, train_data, timings)
+    parity_rows = exported.parity_rows() if exported is not None else []
+    if exported is not None:
         files["export_manifest"] = exported.manifest_path
-        if config.export.benchmark:
-            clock = time.perf_counter()
-            latency_rows = bench(exported.reference, exported.runners, eval_images, artifacts=exported.paths,
-                                 build_seconds={key: record.seconds for key, record in exported.artifacts.items()},
-                                 parity={key: record.parity.passed for key, record in exported.artifacts.items()
-                                         if record.parity is not None})
-            timings["bench_s"] = time.perf_counter() - clock
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
     summary = _summary(analysis, exported, latency_rows, result, config)
     data_record = _data_record(train_data, result)
-    if data_record:
-        skipped = data_record["skipped_images"]
-        summary["unreadable images skipped"] = f"{skipped['count']} of {data_record['listed']} files" + (
-            f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
+    _note_skipped_images(summary, data_record)
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
     files["model_card"] = write_model_card(out_dir / STUDENT_DIR, config=config.to_dict(), summary=summary,
@@ -158,18 +144,57 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
                                            parity=parity_rows, latency=latency_rows)
     passed = exported is None or exported.passed
     timings["total_s"] = sum(timings.values())
-    manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
-                "teacher_input": TeacherInput.of(models.teacher).to_dict(),
-                "timings": timings, "passed": passed, "summary": summary, "data": data_record,
-                "artifact_metrics": analysis.rows, "parity": parity_rows,
-                "latency": latency_rows, "files": {k: str(v) for k, v in files.items()},
-                "config_history": result.config_history, "weights": {
-                    role: backbone.weights_report for role, backbone in (("teacher", models.teacher),
-                                                                         ("student", models.student))
-                    if backbone.weights_report is not None},
-                "hashes": {k: _sha256(v) for k, v in files.items() if Path(v).is_file()}}
-    files["manifest"] = atomic_write_json(out_dir / MANIFEST, manifest)
+    files["manifest"] = _write_manifest(out_dir, config, models, result, files, {
+        "timings": timings, "passed": passed, "summary": summary, "data": data_record,
+        "artifact_metrics": analysis.rows, "parity": parity_rows, "latency": latency_rows})
     return PipelineResult(out_dir, passed, summary, files, parity_rows, latency_rows, timings)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """timings[key] = the wall seconds of the block."""
+    clock = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - clock
+
+
+def _export_and_bench(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config: RunConfig,
+                      train_data: Dataset, timings: dict[str, float]) -> tuple[ExportResult | None, list[dict]]:
+    """The export stage (artifacts, parity, goldens) and its latency table; (None, []) when no format is asked."""
+    if not config.export.formats:
+        return None, []
+    with _timed(timings, "export_s"):
+        exported = export(result, out_dir / "export", eval_images, config, train_data)
+    if not config.export.benchmark:
+        return exported, []
+    with _timed(timings, "bench_s"):
+        latency_rows = bench(exported.reference, exported.runners, eval_images, artifacts=exported.paths,
+                             build_seconds={key: record.seconds for key, record in exported.artifacts.items()},
+                             parity={key: record.parity.passed for key, record in exported.artifacts.items()
+                                     if record.parity is not None})
+    return exported, latency_rows
+
+
+def _note_skipped_images(summary: dict, data_record: dict) -> None:
+    """Image folders: how many listed files were unreadable (and the first one) goes into the summary."""
+    if data_record:
+        skipped = data_record["skipped_images"]
+        summary["unreadable images skipped"] = f"{skipped['count']} of {data_record['listed']} files" + (
+            f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
+
+
+def _write_manifest(out_dir: Path, config: RunConfig, models: Models, result: DistillResult,
+                    files: dict[str, Path], outcome: dict) -> Path:
+    """manifest.json: versions, config, the teacher's input geometry (export-only runs rebuild the held-out images
+    from it), `outcome` (timings, results, rows), files and their hashes, resume history and weights reports."""
+    weights = {role: backbone.weights_report for role, backbone in (("teacher", models.teacher),
+                                                                    ("student", models.student))
+               if backbone.weights_report is not None}
+    manifest = {"singer_deploy": __version__, "versions": environment(), "config": config.to_dict(),
+                "teacher_input": TeacherInput.of(models.teacher).to_dict(), **outcome,
+                "files": {k: str(v) for k, v in files.items()}, "config_history": result.config_history,
+                "weights": weights, "hashes": {k: _sha256(v) for k, v in files.items() if Path(v).is_file()}}
+    return atomic_write_json(out_dir / MANIFEST, manifest)
 
 
 def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:

@@ -71,26 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also log the libraries' progress details")
     parser.add_argument("--version", action="version", version=f"singer-deploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(sub)
+    _add_artifact_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub) -> None:
+    """demo, run, distill, check-config: the commands that read a config."""
     demo = sub.add_parser("demo", help="run the whole pipeline offline on the planted-artifact teacher (CPU, minutes)")
     demo.add_argument("--out-dir", default=None, help="output directory (default runs/demo)")
     demo.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     _common_run_flags(demo)
     demo.set_defaults(handler=_cmd_demo)
 
-    run = sub.add_parser("run", help="run distill -> merge -> export -> verify -> bench -> report from a YAML config")
-    run.add_argument("config", help="YAML config (see examples/)")
-    _overrides_argument(run)
-    run.add_argument("--out-dir", default=None, help="override out_dir from the config")
-    _common_run_flags(run)
-    run.set_defaults(handler=_cmd_run)
-
-    distill = sub.add_parser("distill", help="distil and merge only (no export): student, refined teacher, report")
-    distill.add_argument("config", help="YAML config (see examples/)")
-    _overrides_argument(distill)
-    distill.add_argument("--out-dir", default=None, help="override out_dir from the config")
-    _common_run_flags(distill)
-    distill.set_defaults(handler=_cmd_distill)
+    for name, handler, text in (
+            ("run", _cmd_run, "run distill -> merge -> export -> verify -> bench -> report from a YAML config"),
+            ("distill", _cmd_distill, "distil and merge only (no export): student, refined teacher, report")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("config", help="YAML config (see examples/)")
+        _overrides_argument(command)
+        command.add_argument("--out-dir", default=None, help="override out_dir from the config")
+        _common_run_flags(command)
+        command.set_defaults(handler=handler)
 
     check = sub.add_parser("check-config", help="validate a YAML config (and KEY=VALUE overrides) without running")
     check.add_argument("config")
@@ -99,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="print the resolved config (defaults filled in) as YAML")
     check.set_defaults(handler=_cmd_check)
 
+
+def _add_artifact_commands(sub) -> None:
+    """export, bench, doctor, verify: the commands about exported artifacts and this machine's runtimes."""
     export = sub.add_parser("export", help="export a distilled student (RUN_DIR/student/), or any timm ViT as it is "
                                            "(NAME [--weights FILE]), to deployable formats with parity and goldens")
     export.add_argument("source", help="a run directory written by `run`/`demo`, or a timm ViT name "
@@ -136,7 +141,6 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("artifact", help=".onnx, .xml (OpenVINO IR) or .engine file")
     verify.add_argument("bundle", help="golden bundle folder (RUN_DIR/export/goldens/...)")
     verify.set_defaults(handler=_cmd_verify)
-    return parser
 
 
 def _overrides_argument(parser: argparse.ArgumentParser) -> None:
