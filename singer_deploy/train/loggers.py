@@ -4,7 +4,8 @@ Every logger receives the same record per logging step (loss terms, lr, images/s
 per distilled layer, see loop._log_record), so TensorBoard curves and metrics.jsonl never disagree. TensorBoard goes
 through torch's own `torch.utils.tensorboard.SummaryWriter` (needs the `tensorboard` package: the
 `singer-deploy[tensorboard]` extra) into `<run>/tensorboard/`; a resumed run purges the events logged after its
-checkpoint, as metrics.jsonl is trimmed.
+checkpoint, a run started over all earlier events, as metrics.jsonl is trimmed (tests/test_loggers.py reads them
+back with TensorBoard's EventAccumulator).
 """
 
 from __future__ import annotations
@@ -70,5 +71,8 @@ def open_loggers(names: tuple[str, ...], out_dir: Path, metrics_path: Path, resu
     """The loggers `names` asks for (metrics.jsonl is always one of them: resume and the report read it)."""
     loggers: list[MetricsLogger] = [JsonlLogger(metrics_path)]
     if "tensorboard" in names:
-        loggers.append(TensorBoardLogger(out_dir / TENSORBOARD_DIR, purge_step=resumed_at + 1 if resumed_at else None))
+        # TensorBoard hides every event of an earlier session at or after purge_step (a SessionLog.START marker):
+        # the steps after the checkpoint are logged again, and a run started over (resumed_at 0) drops them all,
+        # as metrics.jsonl is trimmed.
+        loggers.append(TensorBoardLogger(out_dir / TENSORBOARD_DIR, purge_step=resumed_at + 1))
     return loggers
