@@ -1,4 +1,6 @@
-"""TensorRT engines from the exported ONNX, one path for TensorRT 10.x and 11.x, and their runner.
+"""TensorRT engines from the exported ONNX, one path for TensorRT 10.x and 11.x, and their runner, through NVIDIA's
+Polygraphy (`polygraphy.backend.trt`: NetworkFromOnnxPath, CreateConfig, EngineBytesFromNetwork, TrtRunner), which
+NVIDIA keeps in step with TensorRT's API.
 
 TensorRT 11 removed the precision builder flags (FP16/INT8/BF16), precision constraints and the INT8 calibrators;
 networks are strongly typed, so the precision must already be in the ONNX (FP16 cast graph or INT8 Q/DQ, produced by
@@ -7,11 +9,11 @@ shipped FP32 engines after that change without noticing, the precision the engin
 the engine inspector and checked (docs/export.md, "TensorRT").
 
 Metadata lives in a sidecar JSON (`model.engine.json`), never prepended to the plan, so trtexec and Polygraphy can
-still open the engine.
+still open the engine. TensorRT and Polygraphy are imported only when an engine is built or run.
 
-Nothing here could be run on the machines this SDK was developed on (no TensorRT, no CUDA): the runtime-facing
-functions are written against the documented TensorRT 10/11 Python API and are unverified. The pure logic
-(profile shapes, sidecar, layer-precision check) is unit-tested.
+Nothing here could be run on the machines this SDK was developed on (no TensorRT, no CUDA): the build and the runner
+are unverified. What needs no runtime (the ONNX's input and profile, the Polygraphy build config, the sidecar, the
+layer-precision check, the errors when TensorRT is missing) is unit-tested.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from singer_deploy.config import TensorRTBuildConfig, normalize_precision
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
 from singer_deploy.export.golden import artifact_sha256
+from singer_deploy.export.polygraphy_goldens import import_polygraphy
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.io import atomic_write_bytes
 
@@ -167,16 +170,51 @@ def check_engine_precision(layer_info: str | dict | list, requested: str, *,
     return PrecisionCheck(requested, counts, fraction, passed, message)
 
 
+# ------------------------------------------------------------------------------- build settings (no runtime)
+
+def onnx_io(onnx_path: str | Path) -> tuple[str, tuple[int, int, int], tuple[str, ...]]:
+    """(input name, fixed (C, H, W), output names) of an exported ONNX, read from the graph without the weights."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        raise ExportError("The engine needs exactly one image input", expected="1 graph input",
+                          found=str([value.name for value in inputs]), fix="export the student with export_onnx")
+    dims = inputs[0].type.tensor_type.shape.dim
+    chw = tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims[1:])
+    return inputs[0].name, chw, tuple(value.name for value in graph.output)
+
+
+def create_config(input_name: str, shapes: dict[str, tuple[int, ...]], config: TensorRTBuildConfig):
+    """Polygraphy's CreateConfig for one strongly typed build.
+
+    No precision flag is set, whatever the precision: the precision is in the ONNX (FP16 casts or INT8 Q/DQ from
+    singer_deploy.calibration), TensorRT 11 has no such flags and 10.x rejects them on strongly typed networks
+    (docs/export.md, "TensorRT"). TF32 stays off unless allowed (FP32 engines must meet the FP32 gate). Polygraphy
+    builds with DETAILED profiling verbosity by default, which the layer-precision check needs. The workspace limit
+    is set at build time (`_workspace_limit`): its key is a TensorRT enum.
+    """
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    profile = Profile().add(input_name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
+    cache = str(config.timing_cache) if config.timing_cache and Path(config.timing_cache).is_file() else None
+    return CreateConfig(tf32=config.allow_tf32, fp16=False, bf16=False, int8=False, profiles=[profile],
+                        builder_optimization_level=int(config.optimization_level), load_timing_cache=cache)
+
+
 # ------------------------------------------------------------------------------------------- runtime-facing
 
 def import_tensorrt() -> ModuleType:
-    """TensorRT and a CUDA device, or BackendUnavailableError saying which is missing."""
+    """TensorRT (through Polygraphy) and a CUDA device, or BackendUnavailableError saying which is missing."""
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as exc:
         raise BackendUnavailableError("TensorRT is not available here: the tensorrt package is not installed",
                                       expected="tensorrt >= 10 and an NVIDIA GPU", found=f"ImportError: {exc}",
-                                      fix="pip install tensorrt on a CUDA machine, or use onnx/openvino") from exc
+                                      fix="pip install 'singer-deploy[gpu]' on a CUDA machine, or use onnx/openvino"
+                                      ) from exc
     import torch
 
     if not torch.cuda.is_available():
@@ -187,19 +225,8 @@ def import_tensorrt() -> ModuleType:
     if major < 10:
         raise BackendUnavailableError("TensorRT is too old", expected="TensorRT 10.x or 11.x",
                                       found=trt.__version__, fix="pip install 'tensorrt>=10'")
+    import_polygraphy()
     return trt
-
-
-def _network_flags(trt) -> int:
-    """Strong typing: opt-in flag on 10.x; always on in 11.x (where the flag, if present, is ignored)."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is None:
-        if int(str(trt.__version__).split(".")[0]) >= 11:
-            return 0
-        raise BackendUnavailableError("This TensorRT cannot build strongly typed networks",
-                                      expected="NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT >= 10)",
-                                      found=trt.__version__, fix="upgrade TensorRT")
-    return 1 << int(flag)
 
 
 @dataclass
@@ -213,44 +240,45 @@ class TensorRTBuild:
     tensorrt_version: str
 
 
-def _parse_onnx(trt, network, logger, onnx_path: Path) -> None:
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError("TensorRT's ONNX parser rejected the model", expected="an ONNX graph TensorRT supports",
-                          found="; ".join(errors) or "no parser message",
-                          fix="check the opset and unsupported ops in the parser errors")
+def _workspace_limit(trt, workspace_bytes: int):
+    def apply(builder, network, builder_config) -> None:
+        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    return apply
 
 
-def _engine_layer_information(trt, plan: bytes, logger) -> dict:
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    inspector = engine.create_engine_inspector()
+def _build_plan(trt, onnx_path: Path, input_name: str, shapes: dict, config: TensorRTBuildConfig) -> bytes:
+    """The serialized engine: Polygraphy's NetworkFromOnnxPath (strongly typed) -> CreateConfig -> build."""
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig
+    from polygraphy.exception import PolygraphyException
+
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    builder_config = PostprocessConfig(create_config(input_name, shapes, config),
+                                       _workspace_limit(trt, config.workspace_bytes))
+    cache = str(config.timing_cache) if config.timing_cache else None
+    try:
+        return bytes(EngineBytesFromNetwork(network, config=builder_config, save_timing_cache=cache)())
+    except PolygraphyException as exc:
+        raise ExportError("TensorRT could not build the engine", expected="an ONNX graph TensorRT parses and builds",
+                          found=str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+                          fix="see the TensorRT log above (parser errors name the op); raise workspace_bytes if "
+                              "the builder ran out of memory") from exc
+
+
+def _engine_layer_information(trt, plan: bytes) -> dict:
+    from polygraphy.backend.trt import EngineFromBytes
+
+    inspector = EngineFromBytes(plan)().create_engine_inspector()
     return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-
-
-def _builder_config(trt, builder, input_name: str, shapes: dict, config: TensorRTBuildConfig,
-                    cache_path: Path | None):
-    """Builder settings: workspace, optimisation level, detailed profiling, TF32, batch profile, timing cache."""
-    cfg = builder.create_builder_config()
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
-    cfg.builder_optimization_level = int(config.optimization_level)
-    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED   # the inspector needs it for per-layer datatypes
-    if not config.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        cfg.clear_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
-    cfg.add_optimization_profile(profile)
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cfg.set_timing_cache(cfg.create_timing_cache(cache_bytes), False)
-    return cfg
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
                  config: TensorRTBuildConfig | None = None, strict: bool = True) -> TensorRTBuild:
-    """ONNX (precision already in the graph) -> strongly typed engine + sidecar + layer report.
+    """ONNX (precision already in the graph) -> strongly typed engine + sidecar + layer report, through Polygraphy.
 
     `precision` names what the ONNX carries (fp32 / fp16 / bf16 / int8); it is checked against the built engine
-    and, when `strict`, a mismatch raises ExportError (the engine stays on disk for inspection).
+    and, when `strict`, a mismatch raises ExportError (the engine stays on disk for inspection). The plan is written
+    atomically (singer_deploy/io.py) rather than with Polygraphy's SaveEngine, so a killed build leaves no half
+    engine.
     """
     trt = import_tensorrt()
     precision = normalize_precision(precision)
@@ -259,25 +287,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt))
-    _parse_onnx(trt, network, logger, onnx_path)
-    inp = network.get_input(0)
-    shapes = profile_shapes(tuple(inp.shape)[1:], config.min_batch, config.opt_batch, config.max_batch)
-    cache_path = Path(config.timing_cache) if config.timing_cache else None
-    cfg = _builder_config(trt, builder, inp.name, shapes, config, cache_path)
-    plan = builder.build_serialized_network(network, cfg)
-    if plan is None:
-        raise ExportError("TensorRT could not build the engine", expected="a serialized plan",
-                          found="build_serialized_network returned None (see the TensorRT log above)",
-                          fix="raise workspace_bytes or check the parser/builder warnings")
-    plan = bytes(plan)
+    input_name, chw, output_names = onnx_io(onnx_path)
+    shapes = profile_shapes(chw, config.min_batch, config.opt_batch, config.max_batch)
+    plan = _build_plan(trt, onnx_path, input_name, shapes, config)
     atomic_write_bytes(engine_path, plan)
-    if cache_path:
-        atomic_write_bytes(cache_path, bytes(cfg.get_timing_cache().serialize()))
     seconds = time.perf_counter() - start
-    layer_info = _engine_layer_information(trt, plan, logger)
+    layer_info = _engine_layer_information(trt, plan)
     layers_path = engine_path.with_name(engine_path.name + LAYERS_SUFFIX)
     atomic_write_bytes(layers_path, json.dumps(layer_info, indent=1).encode())
     check = check_engine_precision(layer_info, precision)
@@ -285,10 +300,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
 
     side = write_sidecar(engine_path, {
         "precision": precision, "precision_check": check.to_dict(), "tensorrt": trt.__version__,
-        "input_name": inp.name, "input_chw": list(shapes["opt"][1:]),
-        "profile": {k: list(v) for k, v in shapes.items()},
-        "output_names": [network.get_output(i).name for i in range(network.num_outputs)],
-        "onnx_sha256": artifact_sha256(onnx_path), "tf32": config.allow_tf32,
+        "input_name": input_name, "input_chw": list(chw), "profile": {k: list(v) for k, v in shapes.items()},
+        "output_names": list(output_names), "onnx_sha256": artifact_sha256(onnx_path), "tf32": config.allow_tf32,
         "workspace_bytes": config.workspace_bytes, "optimization_level": config.optimization_level,
         "device": torch.cuda.get_device_name(), "compute_capability": list(torch.cuda.get_device_capability()),
         "build_seconds": seconds, "layers_file": layers_path.name})
@@ -300,62 +313,49 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
 
 
 class TensorRTRunner(Runner):
-    """Runs a .engine with name-based I/O and execute_async_v3, torch CUDA tensors as buffers."""
+    """Runs a .engine through Polygraphy's TrtRunner (name-based I/O, dynamic batch within the profile)."""
 
     name = "tensorrt"
 
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
-        self._context = None
-        self._engine = None
+        self._runner = None
         self._input_name = ""
         self._max_batch = 1
 
     def _load(self) -> None:
         require_file(self.path, "TensorRT engine")
         trt = import_tensorrt()
-        self._trt = trt
-        logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(self.path.read_bytes())
-        if engine is None:
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            runner = TrtRunner(EngineFromBytes(self.path.read_bytes()))
+            runner.activate()
+        except PolygraphyException as exc:
             raise ExportError("TensorRT cannot deserialize the engine", expected="a plan built by this TensorRT "
-                              "version on this GPU family", found=str(self.path),
-                              fix="rebuild the engine here (plans are not portable across versions/GPUs)")
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+                              "version on this GPU family", found=f"{self.path}: {exc}",
+                              fix="rebuild the engine here (plans are not portable across versions/GPUs)") from exc
+        inputs = list(runner.get_input_metadata())
         if len(inputs) != 1:
+            runner.deactivate()
             raise ExportError("The engine must have exactly one image input", expected="1 input",
                               found=f"{inputs}", fix="export the student with export_onnx")
+        engine = runner.engine
         self._input_name = inputs[0]
-        self.output_names = tuple(n for n in names if n not in inputs)
+        self.output_names = tuple(name for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
+                                  if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT)
         self.input_chw = tuple(int(d) for d in engine.get_tensor_shape(self._input_name))[1:]
         self._max_batch = int(engine.get_tensor_profile_shape(self._input_name, 0)[2][0])
-        self._engine, self._context = engine, engine.create_execution_context()
+        self._runner = runner
         sidecar = read_sidecar(self.path) if sidecar_path(self.path).is_file() else {}
-        self.info = {"runtime": f"tensorrt {trt.__version__}", "device": "cuda", "max_batch": self._max_batch,
-                     "precision": sidecar.get("precision"), "path": str(self.path)}
-
-    def _run_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
-        import torch
-
-        trt, ctx = self._trt, self._context
-        x = torch.from_numpy(chunk).cuda()
-        ctx.set_input_shape(self._input_name, tuple(x.shape))
-        ctx.set_tensor_address(self._input_name, x.data_ptr())
-        outs = {}
-        for name in self.output_names:
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self._engine.get_tensor_dtype(name)))).dtype
-            outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            ctx.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise ExportError("TensorRT execution failed", expected="execute_async_v3 to return True",
-                              found="False", fix="see the TensorRT log; check the batch against the profile")
-        stream.synchronize()
-        return {name: out.float().cpu().numpy() for name, out in outs.items()}
+        self.info = {"runtime": f"tensorrt {trt.__version__} (polygraphy TrtRunner)", "device": "cuda",
+                     "max_batch": self._max_batch, "precision": sidecar.get("precision"), "path": str(self.path)}
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # Batches larger than the profile's max are run in profile-sized chunks.
-        parts = [self._run_chunk(batch[i:i + self._max_batch]) for i in range(0, len(batch), self._max_batch)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        parts = [self._runner.infer({self._input_name: batch[i:i + self._max_batch]}, copy_outputs_to_host=True)
+                 for i in range(0, len(batch), self._max_batch)]
+        return {name: np.concatenate([np.asarray(p[name], dtype=np.float32) for p in parts])
+                for name in self.output_names}

@@ -1,15 +1,19 @@
-"""TensorRT pure logic (profiles, sidecar, realised-precision check) without the runtime; runtime steps skip."""
+"""TensorRT through Polygraphy: what needs no runtime (ONNX input and profile, the Polygraphy build config, sidecar,
+realised-precision check, the errors without TensorRT) runs here; the engine build and run skip without TensorRT."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from singer_deploy.errors import BackendUnavailableError, ConfigError, ExportError
-from singer_deploy.export.tensorrt import (TensorRTRunner, build_engine, check_engine_precision, layer_precision,
-                                           profile_shapes, read_sidecar, sidecar_path, tensor_precision,
-                                           write_sidecar)
+from singer_deploy.config import TensorRTBuildConfig
+from singer_deploy.export.tensorrt import (TensorRTRunner, build_engine, check_engine_precision, create_config,
+                                           layer_precision, onnx_io, profile_shapes, read_sidecar, sidecar_path,
+                                           tensor_precision, write_sidecar)
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
@@ -87,26 +91,76 @@ def test_precision_check_on_recorded_layer_reports():
         check_engine_precision({"Layers": ["layer_a", "layer_b"]}, "fp16")   # LAYER_NAMES_ONLY build
 
 
+def _identity_onnx(path, chw=(3, 28, 28)):
+    """A one-node graph with the exported student's input (dynamic batch, fixed C, H, W) and two outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *chw])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *chw]) for name in ("cls", "tokens")]
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["cls"]),
+                               helper.make_node("Identity", ["images"], ["tokens"])], "g", [images], outputs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_io_gives_the_engine_input_and_outputs(tmp_path):
+    assert onnx_io(_identity_onnx(tmp_path / "m.onnx")) == ("images", (3, 28, 28), ("cls", "tokens"))
+    name, chw, _ = onnx_io(_identity_onnx(tmp_path / "dynamic.onnx", chw=(3, "height", 28)))
+    with pytest.raises(ConfigError, match="fixed"):   # the profile needs a fixed resolution
+        profile_shapes(chw)
+
+
+def test_polygraphy_build_config_is_strongly_typed_with_one_batch_profile(tmp_path):
+    """The engine's precision comes from the ONNX, so no precision flag and no calibrator are set for any precision
+    (TensorRT 11 has neither; 10.x rejects them on strongly typed networks). TF32 follows allow_tf32, the batch
+    profile the build config, and a timing cache is loaded once it exists."""
+    shapes = profile_shapes((3, 28, 28), 1, 4, 8)
+    cache = tmp_path / "timing.cache"
+    config = create_config("images", shapes, TensorRTBuildConfig(min_batch=1, opt_batch=4, max_batch=8,
+                                                                 optimization_level=5, timing_cache=cache))
+    assert not any((config.fp16, config.bf16, config.int8, config.fp8, config.tf32)) and config.calibrator is None
+    assert config.builder_optimization_level == 5 and config.timing_cache_path is None   # no cache file yet
+    (profile,) = config.profiles
+    assert list(profile) == ["images"]
+    assert (tuple(profile["images"].min), tuple(profile["images"].opt), tuple(profile["images"].max)) == \
+        ((1, 3, 28, 28), (4, 3, 28, 28), (8, 3, 28, 28))
+    cache.write_bytes(b"cache")
+    config = create_config("images", shapes, TensorRTBuildConfig(min_batch=1, opt_batch=4, max_batch=8,
+                                                                 timing_cache=cache, allow_tf32=True))
+    assert config.tf32 and config.timing_cache_path == str(cache)
+
+
+def test_importing_the_tensorrt_module_loads_neither_tensorrt_nor_polygraphy():
+    code = ("import sys, singer_deploy.export.tensorrt; "
+            "print(sorted(m for m in ('tensorrt', 'polygraphy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and CUDA are available here: the unavailable path cannot be shown")
 def test_tensorrt_steps_say_not_available_here(tmp_path):
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"")
-    with pytest.raises(BackendUnavailableError, match="not available here"):
+    onnx_file = _identity_onnx(tmp_path / "m.onnx")
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not available here") as build_error:
         build_engine(onnx_file, tmp_path / "m.engine", precision="fp32")
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"PLAN")
-    with pytest.raises(BackendUnavailableError, match="not available here"):
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not available here") as run_error:
         TensorRTRunner(engine).load()
+    for error in (build_error.value, run_error.value):
+        assert error.expected and error.found and error.fix   # what the CLI prints, with exit code 3
+        if importlib.util.find_spec("tensorrt") is None:
+            assert "ImportError" in error.found and "singer-deploy[gpu]" in error.fix
+    assert not engine.with_name("m.engine.json").exists()   # nothing is written before the runtime is found
 
 
 def test_tensorrt_build_and_run_on_a_gpu(tmp_path):
     if not HAVE_TRT:
-        pytest.skip("TensorRT is not installed here or there is no CUDA device: the engine build cannot run")
+        pytest.skip("TensorRT is not installed (or there is no CUDA device): the engine build and TrtRunner cannot run")
     from export_fixtures import shape_images, tiny_vit
     from singer_deploy.export.onnx import export_onnx
     from singer_deploy.export.parity import compare_outputs
     from singer_deploy.export.runner import TorchRunner
-    from singer_deploy.config import TensorRTBuildConfig
 
     student = tiny_vit()
     onnx_path = export_onnx(student, tmp_path / "s.onnx").path
