@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from singer_deploy.config import PLANTED, RunConfig
+from singer_deploy.config import PLANTED, RunConfig, is_auto_precision
 from singer_deploy.method.alignment import resolve_teacher_layers
 from singer_deploy.pipeline.runconfig import load_run_config, read_config_file
 
@@ -56,6 +56,9 @@ def estimate(config_path: str) -> tuple[list[Row], float]:
     raw = read_config_file(config_path)
     raw["data"] = {**raw.get("data", {}), "source": "synthetic"}   # the images are not needed, only their count
     config = load_run_config(raw)
+    if is_auto_precision(config.export.precision):
+        raise SystemExit("disk_estimate: export.precision auto builds and measures several candidates; name one "
+                         "precision (fp32, fp16, int8) to estimate its files")
     d_t, depth_t = _teacher_width_depth(config)
     student = _meta_model(config.student.name, config.student.kwargs)
     d_s, tokens = student.embed_dim, student.patch_embed.num_patches
