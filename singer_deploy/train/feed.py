@@ -104,9 +104,11 @@ def step_batches(data: Dataset, sampler: StreamSampler, start: int, stop: int, d
     """A DataLoader yielding batches start..stop-1 in order: workers decode ahead, pinned memory when training on
     CUDA (so the copy to the GPU can overlap compute), persistent workers.
 
-    Workers start by "forkserver", not fork: a process that already runs OpenMP / oneDNN / OpenVINO thread pools
-    (any process that exported or benchmarked before training) can crash in a forked child (seen here as a
-    segfault in the test suite); forkserver children come from a clean, single-threaded server process."""
+    Workers start by "forkserver", not fork: forking a process that already runs OpenMP / oneDNN / OpenVINO thread
+    pools (any process that exported or benchmarked before training) copies their locks and signal state mid-use.
+    The forked-worker segfault once seen in the test suite came after OpenVINO had left the thread on a freed signal
+    stack (docs/export.md, "One OpenVINO Core per process"); forkserver children come from a clean, single-threaded
+    server process."""
     workers = default_workers(device) if workers is None else workers
     return DataLoader(_Seeded(data, sampler.seed), batch_sampler=_StepBatches(sampler, start, stop),
                       num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
