@@ -116,25 +116,14 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     layer_rows = {method: artifact_rows(teacher, run, images, refine=run.refiner, clean=clean_teacher,
                                         artifact_mask=artifact_mask, batch_size=batch_size)
                   for method, run in runs.items()}
-    scored = [(_method_row(method, layer_rows[method], run), run.student, -1) for method, run in runs.items()]
-    references = [("teacher (raw)", RAW, teacher)]
-    if clean_teacher is not None:
-        references.append(("teacher (clean twin)", CLEAN, clean_teacher))
-    scored += [(_reference_row(name, source, layer_rows[next(iter(runs))], first.teacher_layers), backbone,
-                first.teacher_layers[-1]) for name, source, backbone in references]
-    for row, source, layer in scored:
-        scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=train.seed)
-        row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
-        row["n_test"] = int(scores["n_test"])
-    rows = [_ordered(row) for row, _, _ in scored]
+    rows = _probed_rows(runs, layer_rows, teacher, clean_teacher, data, batch_size, train.seed)
 
     formats = installed_export_formats() if export_formats is None else tuple(export_formats)
     runner_rows = []
     if formats and "singer" in runs:
         run = runs["singer"]
         # With the projector, as api.export ships it, so the artifact checked here is the deployable one.
-        projector = run.projectors.last
-        runner_rows = runner_probe_agreement(run.student, data, out_dir / "singer_export", projector=projector,
+        runner_rows = runner_probe_agreement(run.student, data, out_dir / "singer_export", projector=run.projectors.last,
                                              formats=formats, batch_size=batch_size, seed=train.seed)
 
     notes = _notes(rows, data.labels, first) + _runner_notes(runner_rows)
@@ -146,6 +135,24 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     result.files = {"json": atomic_write_json(out_dir / JSON, document),
                     "markdown": atomic_write_text(out_dir / MARKDOWN, to_markdown(rows, notes, runner_rows))}
     return result
+
+
+def _probed_rows(runs: dict, layer_rows: dict, teacher: Backbone, clean_teacher: Backbone | None, data,
+                 batch_size: int, seed: int) -> list[dict]:
+    """One row per method (its student's last block) and per reference teacher (its last distilled layer), each
+    with its artifact columns and probe scores."""
+    first = next(iter(runs.values()))
+    scored = [(_method_row(method, layer_rows[method], run), run.student, -1) for method, run in runs.items()]
+    references = [("teacher (raw)", RAW, teacher)]
+    if clean_teacher is not None:
+        references.append(("teacher (clean twin)", CLEAN, clean_teacher))
+    scored += [(_reference_row(name, source, layer_rows[next(iter(runs))], first.teacher_layers), backbone,
+                first.teacher_layers[-1]) for name, source, backbone in references]
+    for row, source, layer in scored:
+        scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=seed)
+        row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
+        row["n_test"] = int(scores["n_test"])
+    return [_ordered(row) for row, _, _ in scored]
 
 
 def _distil_each(methods: Sequence[str], teacher: Backbone, make_student: Callable[[], Backbone],
