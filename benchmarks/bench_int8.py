@@ -86,17 +86,7 @@ def runner_parity(runners: dict, reference_outputs: dict, images: np.ndarray) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (random init)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--calib-per-photo", type=int, default=16, help="calibration crops per bundled photo")
-    parser.add_argument("--eval-per-photo", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed batch-1 calls per runner")
-    parser.add_argument("--target", default="host", choices=TARGET_NAMES, help="CPU the INT8 IRs are encoded for")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = _parse(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     host, target = host_capabilities(), resolve_target(args.target)
@@ -155,6 +145,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (random init)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--calib-per-photo", type=int, default=16, help="calibration crops per bundled photo")
+    parser.add_argument("--eval-per-photo", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed batch-1 calls per runner")
+    parser.add_argument("--target", default="host", choices=TARGET_NAMES, help="CPU the INT8 IRs are encoded for")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
