@@ -8,7 +8,6 @@ whose pixels equal a parity image (a duplicate file, an overlapping split) is dr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,14 +15,15 @@ import numpy as np
 from singer_deploy.calibration.selection import DEFAULT_CALIBRATION_SIZE, CalibrationSet, random_selection
 from singer_deploy.calibration.source import ImageSource, load_calibration_images
 from singer_deploy.errors import DataError
+from singer_deploy.hashing import array_sha256
 
 _HASH_CHARS = 16   # 64 bits per image: collisions among a few thousand images are out of the question
 
 
 def image_hashes(images: np.ndarray) -> list[str]:
-    """A short sha256 of each float32 image's bytes: equal pixels, equal hash."""
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    return [hashlib.sha256(image.tobytes()).hexdigest()[:_HASH_CHARS] for image in images]
+    """A short sha256 of each image as float32 (hashing.array_sha256): equal pixels, equal hash."""
+    images = np.asarray(images, dtype=np.float32)
+    return [array_sha256(image)[:_HASH_CHARS] for image in images]
 
 
 @dataclass(frozen=True)
