@@ -7,15 +7,16 @@ positions), artifact direction inside (default) or outside the next block's null
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats
-for the refined teacher at each distilled layer. It prints the settings table (published / demo / faithful) and the
-initialisation ablation (nullspace / random / zero / remove, same everything else).
+for the refined teacher at each distilled layer. It prints the settings table (published / demo / faithful / the
+best option) and the initialisation ablation (nullspace / random / zero / remove, faithful losses, everything else the
+same) on the --ablation-cases.
 
-Part "distill" (slow): SiNGER (published and faithful) vs FitNet with the student, per case
+Part "distill" (slow): SiNGER (published and the best option) vs FitNet with the student, per case
 (evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
     python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,8p,2p,8c-out]
-                                         [--settings published,demo (median),faithful] [--select-k 4]
-                                         [--inits nullspace,random,zero,remove | none] [--n-eval 128] [--out DIR]
+                                         [--settings published,...] [--select-k 4] [--n-eval 128] [--out DIR]
+                                         [--inits nullspace,random,zero,remove | none] [--ablation-cases 8c,2c,8c-out]
 
 `--select-k 2,4` runs the faithful setting once per artifact selection (raw teacher tokens above k x the median).
 
@@ -67,13 +68,20 @@ class Case:
 CASES = {c.key: c for c in (Case("8c", 0.08), Case("2c", 0.02), Case("8p", 0.08, "position"),
                             Case("2p", 0.02, "position"), Case("8c-out", 0.08, u_in_null=False),
                             Case("2c-out", 0.02, u_in_null=False))}
+
 # The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the demo's median target;
-# and the faithful option (artifacts selected on the raw teacher, pulled to the normal-token median norm, L_info on
-# normal tokens only). All with the target detached (adapters learn from L_out + L_info only) and rank 8.
+# the faithful losses (artifacts selected on the raw teacher, pulled to the normal-token median norm with a relative
+# error, L_info on normal tokens only); and the best option found (README, "Is the artifact gone?"): the faithful
+# losses started from the removed null component. All with the target detached (adapters learn from L_out + L_info
+# only), rank 8 and adapter lr 1e-2.
 _BASE = SingerConfig(rank=RANK, detach_target=True, info_variant="paper", last_block_info=True)
+_FAITHFUL = replace(_BASE, outlier_target="normal", info_tokens="normal")
+BEST = "faithful + remove init"
 SETTINGS = {"published": _BASE,
             "demo (median)": replace(_BASE, outlier_target="median"),
-            "faithful": replace(_BASE, outlier_target="normal", info_tokens="normal")}
+            "faithful": _FAITHFUL,
+            BEST: replace(_FAITHFUL, adapter_init="remove")}
+ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove")
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_2", "HNR_2"),
         ("hnr_4", "HNR_4"), ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"),
@@ -143,29 +151,33 @@ def _row(case: Case, layer: int, setting: str, stats: dict) -> dict:
 
 def faithful_settings(select_ks: list[float]) -> dict[str, SingerConfig]:
     """The faithful setting at each artifact selection k (the default SingerConfig.select_k keeps its plain name)."""
-    default = SETTINGS["faithful"].select_k
-    return {"faithful" if k == default else f"faithful, select {k:g}x": replace(SETTINGS["faithful"], select_k=k)
+    return {"faithful" if k == _FAITHFUL.select_k else f"faithful, select {k:g}x": replace(_FAITHFUL, select_k=k)
             for k in select_ks}
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                n_eval: int) -> None:
+                ablation_cases: list[Case], n_eval: int) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = build_planted_teacher(case.planted())
         twin = refined_stats(planted, None, case, n_eval)
         settings_rows += [_row(case, layer, "clean twin (target)", twin[layer]) for layer in LAYERS]
-        for name, singer in settings.items():
-            stats = refined_stats(planted, refine_only(planted, case, singer, steps=steps), case, n_eval)
+        runs = {}  # SingerConfig -> stats: the ablation reuses a setting's run when they are the same
+
+        def measure(singer: SingerConfig, label: str) -> dict:
+            if singer not in runs:
+                refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR)
+                runs[singer] = refined_stats(planted, refiner, case, n_eval)
+                print(f"  done: {case.label}, {label}", flush=True)
+            return runs[singer]
+
+        for name, setting in settings.items():
+            stats = measure(setting, name)
             settings_rows += [_row(case, layer, name, stats[layer]) for layer in LAYERS]
-            if name == "faithful" and "nullspace" in inits:  # the same run as the ablation's nullspace row
-                ablation_rows += [_row(case, layer, "faithful, nullspace init", stats[layer]) for layer in LAYERS]
-            print(f"  done: {case.label}, {name}", flush=True)
-        for init in [i for i in inits if i != "nullspace" or "faithful" not in settings]:
-            singer = replace(SETTINGS["faithful"], adapter_init=init)
-            stats = refined_stats(planted, refine_only(planted, case, singer, steps=steps), case, n_eval)
-            ablation_rows += [_row(case, layer, f"faithful, {init} init", stats[layer]) for layer in LAYERS]
-            print(f"  done: {case.label}, {init} init", flush=True)
+        if case in ablation_cases:
+            for init in inits:
+                stats = measure(replace(_FAITHFUL, adapter_init=init), f"{init} init")
+                ablation_rows += [_row(case, layer, f"faithful, {init} init", stats[layer]) for layer in LAYERS]
     print(f"\nRefined teacher per distilled layer ({steps} adapter steps, {n_eval} held-out images; targets: "
           "art/normal <= 1.5, art cos clean >= 0.9, normal cos >= 0.99, next-block cos >= 0.99)\n")
     _print_table(settings_rows)
@@ -174,16 +186,17 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
         _print_table(ablation_rows)
 
 
-def distill_part(cases: list[Case], steps: int, out: Path) -> None:
-    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=1e-2)
+def distill_part(cases: list[Case], steps: int, settings: list[str], out: Path) -> None:
+    """FitNet, then SiNGER with each setting, per case (student lr 3e-3, adapter lr ADAPTER_LR)."""
+    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR)
     rows = []
     for case in cases:
         planted = build_planted_teacher(case.planted())
         data = SyntheticShapes(2048, 64, 8, flat_share=case.share, seed=0)
         held_out = SyntheticShapes(256, 64, 8, flat_share=case.share, seed=1)
-        for name in ("published", "faithful"):
-            methods = ("fitnet", "singer") if name == "published" else ("singer",)
-            result = compare_methods(planted.backbone, _student, data, held_out, out / case.key / name,
+        for index, name in enumerate(settings):
+            methods = ("fitnet", "singer") if index == 0 else ("singer",)
+            result = compare_methods(planted.backbone, _student, data, held_out, out / case.key / f"setting{index}",
                                      layers=[LAYERS[0]], singer=SETTINGS[name], train=train,
                                      clean_teacher=planted.clean, methods=methods, export_formats=(),
                                      artifact_mask=planted_mask(planted))
@@ -227,11 +240,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--cases", default="8c,2c,8p,2p,8c-out",
                         help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
-    parser.add_argument("--select-k", default=f"{SETTINGS['faithful'].select_k:g}",
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="refine part: comma-separated settings (distill part: 'published' and the best)")
+    parser.add_argument("--select-k", default=f"{_FAITHFUL.select_k:g}",
                         help="refine part: faithful setting's artifact selection(s), comma-separated k x median")
     parser.add_argument("--inits", default=",".join(INITS),
-                        help="refine part: ablation inits on content cases, comma-separated, or 'none'")
+                        help="refine part: ablation inits, comma-separated, or 'none'")
+    parser.add_argument("--ablation-cases", default="8c,2c,8c-out", help="refine part: cases of the ablation")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
@@ -242,9 +257,10 @@ def main() -> None:
         for name in args.settings.split(","):
             settings.update(faithful_settings([float(k) for k in args.select_k.split(",")]) if name == "faithful"
                             else {name: SETTINGS[name]})
-        refine_part(cases, args.steps, settings, inits, args.n_eval)
+        refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
+                    args.n_eval)
     if args.part in ("distill", "all"):
-        distill_part([c for c in cases if c.u_in_null], args.steps,
+        distill_part([c for c in cases if c.u_in_null], args.steps, ["published", BEST],
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
 
 

@@ -162,10 +162,13 @@ def test_trap_warning_from_the_loss_names_the_layer(tiny_teacher):
 def test_normal_target_pulls_raw_selected_tokens_into_the_normal_range():
     raw = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 10.0]])
     # Refined: the artifact already shrank to 3x, below any 4x threshold; it is still selected (on the raw teacher)
-    # and pulled to the median of the other tokens (1.0), so the loss sees the residual: (3 - 1)^2.
+    # and pulled to the median of the other tokens (1.0), so the loss sees the residual: (3 / 1 - 1)^2.
     refined = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 3.0]]).requires_grad_(True)
     loss = outlier_loss(refined, target="normal", raw=raw, select_k=4.0)
     assert loss.item() == pytest.approx(4.0)
+    # The error is relative to the image's normal norm: the same picture at 10x the scale gives the same loss, so
+    # an image with large norms cannot outweigh the others in the batch mean.
+    assert outlier_loss(refined * 10, target="normal", raw=raw * 10, select_k=4.0).item() == pytest.approx(4.0)
     assert outlier_loss(refined, target="median", median_k=2.0).item() == pytest.approx(1.0)   # stops at 2x
     assert outlier_loss(refined, target="normal", raw=raw, norm_scale=3.0).item() == 0.0
     with pytest.raises(ModelError, match="raw teacher"):

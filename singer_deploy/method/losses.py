@@ -43,7 +43,10 @@ def outlier_loss(patches: Tensor, *, alpha: float = 0.97, target: str = "quantil
     exceed 1 - alpha of the patches; it stops pulling at median_k x median, so a residual of that size stays.
     "normal": tokens whose RAW norm exceeds select_k x the raw image median (a fixed set: it does not shrink as the
     artifacts do) are pulled down to t = norm_scale x the median refined norm of the image's other tokens, i.e. into
-    the normal-token norm range rather than to its edge. Needs `raw` (the unrefined patch tokens).
+    the normal-token norm range rather than to its edge. Needs `raw` (the unrefined patch tokens). Its error is
+    relative, (norm / t - 1)^2: scale-free, so an image with large norms or one natural high-norm token far above t
+    cannot dominate the batch and jolt the shared adapter (with the absolute error such tokens made loss spikes ~100x
+    the typical value and cost the normal tokens; docs/method.md, "Faithful refinement").
     t is detached and computed in fp32 (torch.quantile rejects half precision). Zero, with a graph, when no token
     is selected.
     """
@@ -61,10 +64,12 @@ def outlier_loss(patches: Tensor, *, alpha: float = 0.97, target: str = "quantil
                 raise ModelError("Unknown outlier target", expected=" or ".join(map(repr, OUTLIER_TARGETS)),
                                  found=repr(target), fix="set outlier_target='quantile'")
         mask = norms > threshold
+        error = norms - threshold
         if target == "normal":
             mask = mask & selected
+            error = error / threshold.clamp_min(torch.finfo(norms.dtype).tiny)
         # Masked sum / count instead of boolean indexing: no host sync, and 0 (not NaN) when nothing is selected.
-        return ((norms - threshold).square() * mask).sum() / mask.sum().clamp_min(1)
+        return (error.square() * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _raw_outliers(raw: Tensor | None, k: float, shape: torch.Size) -> Tensor:
