@@ -69,16 +69,16 @@ CASES = {c.key: c for c in (Case("8c", 0.08), Case("2c", 0.02), Case("8p", 0.08,
                             Case("2p", 0.02, "position"), Case("8c-out", 0.08, u_in_null=False),
                             Case("2c-out", 0.02, u_in_null=False))}
 
-# The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the demo's median target;
-# the faithful losses (artifacts selected on the raw teacher, pulled to the normal-token median norm with a relative
-# error, L_info on normal tokens only); and the best option found (README, "Is the artifact gone?"): the faithful
-# losses started from the removed null component. All with the target detached (adapters learn from L_out + L_info
-# only), rank 8 and adapter lr 1e-2.
+# The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the median target (2x the
+# per-image median; the demo's setting before the faithful option); the faithful losses (artifacts selected on the raw
+# teacher, pulled to the normal-token median norm with a relative error, L_info on normal tokens only); and the best
+# option found (README, "Is the artifact gone?"): the faithful losses started from the removed null component. All
+# with the target detached (adapters learn from L_out + L_info only), rank 8 and adapter lr 1e-2.
 _BASE = SingerConfig(rank=RANK, detach_target=True, info_variant="paper", last_block_info=True)
 _FAITHFUL = replace(_BASE, outlier_target="normal", info_tokens="normal")
 BEST = "faithful + remove init"
 SETTINGS = {"published": _BASE,
-            "demo (median)": replace(_BASE, outlier_target="median"),
+            "median target": replace(_BASE, outlier_target="median"),
             "faithful": _FAITHFUL,
             BEST: replace(_FAITHFUL, adapter_init="remove")}
 ADAPTER_LR = 1e-2
