@@ -110,8 +110,9 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
             f"cluster. Expect one of two failures at {label}: the artifacts barely shrink (HNR stays), or they "
             "shrink only by pulling every token above the quantile, which damages normal tokens (normal-token "
             "cosine to the raw teacher falls, e.g. 0.93). Fix: outlier_target='normal' (selects the high-norm "
-            "tokens on the raw teacher and pulls them into the normal-token norm range); outlier_target='median' "
-            f"or alpha below {1.0 - share:.2f} only move the target below the cluster.", stacklevel=2)
+            "tokens on the raw teacher and pulls them into the normal-token norm range), with info_tokens='normal' "
+            "and adapter_init='remove' (the faithful option, docs/method.md); outlier_target='median' or alpha "
+            f"below {1.0 - share:.2f} only move the target below the cluster.", stacklevel=2)
     return QuantileTrapCheck(share=share, limit=limit, fired=fired)
 
 
