@@ -7,16 +7,17 @@ positions), artifact direction inside (default) or outside the next block's null
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats
-for the refined teacher at each distilled layer. It prints the settings table (published / demo / faithful / the
-best option) and the initialisation ablation (nullspace / random / zero / remove, faithful losses, everything else the
-same) on the --ablation-cases.
+for the refined teacher at each distilled layer. It prints the settings table (SETTINGS, the published one to the
+best option) and the initialisation ablation (nullspace / random / zero / remove, the --ablation-losses, everything
+else the same) on the --ablation-cases.
 
-Part "distill" (slow): SiNGER (published and the best option) vs FitNet with the student, per case
+Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the student, per case
 (evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
     python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,8p,2p,8c-out]
                                          [--settings published,...] [--select-k 4] [--n-eval 128] [--out DIR]
                                          [--inits nullspace,random,zero,remove | none] [--ablation-cases 8c,2c,8c-out]
+                                         [--ablation-losses faithful|direction] [--distill-settings published,...]
 
 `--select-k 2,4` runs the faithful setting once per artifact selection (raw teacher tokens above k x the median).
 
@@ -37,6 +38,7 @@ from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
 from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
 from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
+from singer_deploy.method.artifact_direction import estimate_artifact_directions
 from singer_deploy.method.losses import SingerLoss
 from singer_deploy.method.metrics import ArtifactStats, artifacts_remain
 from singer_deploy.method.nullspace import surrogate_block
@@ -71,18 +73,22 @@ CASES = {c.key: c for c in (Case("8c", 0.08), Case("2c", 0.02), Case("8p", 0.08,
 
 # The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the median target (2x the
 # per-image median; the demo's setting before the faithful option); the faithful losses (artifacts selected on the raw
-# teacher, pulled to the normal-token median norm with a relative error, L_info on normal tokens only); and the best
-# option found (README, "Is the artifact gone?"): the faithful losses started from the removed null component. All
-# with the target detached (adapters learn from L_out + L_info only), rank 8 and adapter lr 1e-2.
+# teacher, pulled to the normal-token median norm with a relative error, L_info on normal tokens only); the faithful
+# losses started from the removed null component; and the best option found (README, "Is the artifact gone?"): the
+# same with the "direction" target (each selected token pulled to itself minus its artifact-direction component,
+# method/artifact_direction.py). All with the target detached (adapters learn from L_out + L_info only), rank 8 and
+# adapter lr 1e-2.
 _BASE = SingerConfig(rank=RANK, detach_target=True, info_variant="paper", last_block_info=True)
 _FAITHFUL = replace(_BASE, outlier_target="normal", info_tokens="normal")
-BEST = "faithful + remove init"
+BEST = "direction target"
 SETTINGS = {"published": _BASE,
             "median target": replace(_BASE, outlier_target="median"),
             "faithful": _FAITHFUL,
-            BEST: replace(_FAITHFUL, adapter_init="remove")}
+            "faithful + remove init": replace(_FAITHFUL, adapter_init="remove"),
+            BEST: replace(_FAITHFUL, outlier_target="direction", adapter_init="remove")}
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove")
+ABLATION_LOSSES = {"faithful": _FAITHFUL, "direction": SETTINGS[BEST]}
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_2", "HNR_2"),
         ("hnr_4", "HNR_4"), ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"),
         ("next_cos", "next-block cos"))
@@ -99,10 +105,12 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     refiner = Refiner.from_teacher(teacher, LAYERS, rank=singer.rank, rule=singer.rule, tau=singer.tau,
                                    seed=singer.seed, init=singer.adapter_init)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
-    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0)
+    images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
+    directions = (estimate_artifact_directions(teacher, images.split(batch_size)[:singer.direction_batches], LAYERS,
+                                               singer.select_k) if singer.outlier_target == "direction" else None)
+    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, directions=directions)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
-    images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
     with torch.no_grad():
         taps = [teacher.forward_taps(batch, LAYERS) for batch in images.split(64)]
     pool = {layer: torch.cat([t[layer] for t in taps]) for layer in LAYERS}
@@ -156,7 +164,7 @@ def faithful_settings(select_ks: list[float]) -> dict[str, SingerConfig]:
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                ablation_cases: list[Case], n_eval: int) -> None:
+                ablation_cases: list[Case], ablation_losses: str, n_eval: int) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = build_planted_teacher(case.planted())
@@ -176,13 +184,14 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
             settings_rows += [_row(case, layer, name, stats[layer]) for layer in LAYERS]
         if case in ablation_cases:
             for init in inits:
-                stats = measure(replace(_FAITHFUL, adapter_init=init), f"{init} init")
-                ablation_rows += [_row(case, layer, f"faithful, {init} init", stats[layer]) for layer in LAYERS]
+                stats = measure(replace(ABLATION_LOSSES[ablation_losses], adapter_init=init), f"{init} init")
+                ablation_rows += [_row(case, layer, f"{ablation_losses}, {init} init", stats[layer])
+                                  for layer in LAYERS]
     print(f"\nRefined teacher per distilled layer ({steps} adapter steps, {n_eval} held-out images; targets: "
           "art/normal <= 1.5, art cos clean >= 0.9, normal cos >= 0.99, next-block cos >= 0.99)\n")
     _print_table(settings_rows)
     if ablation_rows:
-        print("\nAdapter-initialisation ablation (faithful losses, everything else the same)\n")
+        print(f"\nAdapter-initialisation ablation ({ablation_losses} losses, everything else the same)\n")
         _print_table(ablation_rows)
 
 
@@ -247,6 +256,10 @@ def main() -> None:
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
     parser.add_argument("--ablation-cases", default="8c,2c,8c-out", help="refine part: cases of the ablation")
+    parser.add_argument("--ablation-losses", choices=tuple(ABLATION_LOSSES), default="direction",
+                        help="refine part: the losses the ablation varies the initialisation of")
+    parser.add_argument("--distill-settings", default=f"published,{BEST}",
+                        help="distill part: comma-separated SiNGER settings run against FitNet")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
@@ -258,9 +271,9 @@ def main() -> None:
             settings.update(faithful_settings([float(k) for k in args.select_k.split(",")]) if name == "faithful"
                             else {name: SETTINGS[name]})
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.n_eval)
+                    args.ablation_losses, args.n_eval)
     if args.part in ("distill", "all"):
-        distill_part([c for c in cases if c.u_in_null], args.steps, ["published", BEST],
+        distill_part([c for c in cases if c.u_in_null], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from singer_deploy.errors import ConfigError, SingerDeployError
 
 NULLSPACE_RULES = ("smallest", "official")
-OUTLIER_TARGETS = ("quantile", "median", "normal")
+OUTLIER_TARGETS = ("quantile", "median", "normal", "direction")
 ADAPTER_INITS = ("nullspace", "remove", "random", "zero")
 INFO_VARIANTS = ("reference", "paper")
 METHODS = ("singer", "fitnet")
@@ -58,11 +58,15 @@ class SingerConfig:
     outlier_target: "quantile" (published) or "median" (target = median_k x per-image median patch norm; robust
         when artifacts exceed 1 - alpha of the patches, where the quantile sits inside the artifact cluster), or
         "normal" (faithful option, docs/method.md): the raw teacher's tokens above select_k x its median are pulled
-        to norm_scale x the median refined norm of the other tokens.
+        to norm_scale x the median refined norm of the other tokens. "direction" (best option, docs/method.md): the
+        same tokens are pulled to the raw token with its component along the layer's artifact direction set to the
+        normal tokens' level; the direction is estimated before training from the first direction_batches batches,
+        at the block whose update sets the artifact tokens apart most (method/artifact_direction.py).
     select_k: the artifact selection of "normal" and of info_tokens "normal", on the raw teacher. Default 4, the
         artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a lower k
         also selects natural high-norm tokens and costs normal-token fidelity (README, "Is the artifact gone?").
     norm_scale: the "normal" target as a multiple of the other tokens' median norm.
+    direction_batches: training batches (the run's first ones) the "direction" target's estimate reads.
     adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
         at F) or "random" (a random orthonormal basis instead of N, the reference code's ablation).
     info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
@@ -95,6 +99,7 @@ class SingerConfig:
     median_k: float = 2.0
     select_k: float = 4.0
     norm_scale: float = 1.0
+    direction_batches: int = 8
     adapter_init: str = "nullspace"
     info_variant: str = "reference"
     info_tokens: str = "all"
@@ -119,6 +124,7 @@ class SingerConfig:
         _positive("median_k", self.median_k, "2.0")
         _positive("norm_scale", self.norm_scale, "1.0")
         _positive("select_k", self.select_k, "4.0")
+        _positive_int("SingerConfig", "direction_batches", self.direction_batches, "set direction_batches=8")
         _choice("adapter_init", self.adapter_init, ADAPTER_INITS)
         _choice("rule", self.rule, NULLSPACE_RULES)
         _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)

@@ -80,7 +80,7 @@ def test_quantile_trap_detector_fires_at_8_percent_not_at_2():
     message = str(caught[0].message)
     # The layer, the share above threshold, both failure modes, and the option that fixes them.
     for part in ("at layer 17", "8.0% of its patch tokens", "barely shrink", "damages normal tokens",
-                 "outlier_target='normal'", "info_tokens='normal'", "adapter_init='remove'"):
+                 "outlier_target='direction'", "info_tokens='normal'", "adapter_init='remove'"):
         assert part in message, part
     assert trapped.fired and trapped.share == pytest.approx(0.08)
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ def test_defaults_and_demo_config_load(tmp_path):
     config = load_run_config(demo_config_path())
     assert config.teacher.name == "planted"
     assert (config.singer.outlier_target, config.singer.info_tokens, config.singer.adapter_init) == (
-        "normal", "normal", "remove")   # the faithful option (docs/method.md)
+        "direction", "normal", "remove")   # the faithful option (docs/method.md)
     assert config.export.formats == ("onnx", "openvino")
     auto = load_run_config({"export": {"precision": "auto", "target": "amx"}}).export
     assert (auto.precision, auto.target, auto.calibration_size) == ("auto", "amx", 300)

@@ -19,6 +19,7 @@ from torch import Tensor
 from singer_deploy.config import OUTLIER_TARGETS, SingerConfig
 from singer_deploy.errors import ModelError
 from singer_deploy.method.alignment import TokenAligner
+from singer_deploy.method.artifact_direction import ArtifactDirection, direction_loss
 from singer_deploy.method.metrics import DEFAULT_K, cosine_gram, high_norm_mask
 from singer_deploy.method.nullspace import surrogate_block
 
@@ -95,7 +96,7 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
     cluster. Two outcomes were measured on the planted teacher (docs/method.md): at some layers L_out barely shrinks
     the artifacts; at others it does shrink them, but by pulling every token above the quantile, at the cost of the
     normal tokens (normal-token cosine 0.93, and the student below FitNet). The message names the layer, the share,
-    both outcomes and the option that avoids them.
+    both outcomes and the option that avoids them (the "direction" target).
 
     Run it on the raw teacher patches of the first batches; the share is pooled over the batch.
     """
@@ -109,9 +110,10 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
             f"than 1 - alpha = {limit:.1%}, so the alpha = {alpha:g} quantile target sits inside the artifact "
             f"cluster. Expect one of two failures at {label}: the artifacts barely shrink (HNR stays), or they "
             "shrink only by pulling every token above the quantile, which damages normal tokens (normal-token "
-            "cosine to the raw teacher falls, e.g. 0.93). Fix: outlier_target='normal' (selects the high-norm "
-            "tokens on the raw teacher and pulls them into the normal-token norm range), with info_tokens='normal' "
-            "and adapter_init='remove' (the faithful option, docs/method.md); outlier_target='median' or alpha "
+            "cosine to the raw teacher falls, e.g. 0.93). Fix: outlier_target='direction' (selects the high-norm "
+            "tokens on the raw teacher and removes their component along the artifact direction, estimated at the "
+            "block that writes it), with info_tokens='normal' and adapter_init='remove' (the faithful option, "
+            "docs/method.md); outlier_target='median' or alpha "
             f"below {1.0 - share:.2f} only move the target below the cluster.", stacklevel=2)
     return QuantileTrapCheck(share=share, limit=limit, fired=fired)
 
@@ -157,11 +159,14 @@ class SingerLoss:
     anywhere. `aligner` selects the L_kd tokens of the
     teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
     patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
+    outlier_target "direction" needs `directions` (method.artifact_direction.estimate_artifact_directions), given
+    here or set before the first call.
     """
 
     def __init__(self, config: SingerConfig, layers: Sequence[int], backbone, aligner: TokenAligner, *,
-                 trap_check_batches: int = 2):
-        self.config, self.layers = config, list(layers)
+                 trap_check_batches: int = 2,
+                 directions: Mapping[int, ArtifactDirection | None] | None = None):
+        self.config, self.layers, self.directions = config, list(layers), dict(directions or {})
         self.backbone, self.aligner = backbone, aligner
         self.prefix = int(backbone.num_prefix_tokens)
         self.trap_checks: dict[int, QuantileTrapCheck] = {}
@@ -186,9 +191,7 @@ class SingerLoss:
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = outlier_loss(refined[layer][:, p:], alpha=cfg.alpha, target=cfg.outlier_target,
-                                                 median_k=cfg.median_k, raw=raw[layer][:, p:],
-                                                 select_k=cfg.select_k, norm_scale=cfg.norm_scale)
+            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw[layer][:, p:])
             if layer != final:
                 terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
             else:
@@ -203,6 +206,18 @@ class SingerLoss:
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
         return {**out, **terms}
+
+    def _outlier(self, layer: int, refined: Tensor, raw: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.outlier_target == "direction":
+            if layer not in self.directions:
+                raise ModelError("outlier_target 'direction' needs the artifact direction of every distilled layer",
+                                 expected=f"directions for layers {self.layers}", found=str(sorted(self.directions)),
+                                 fix="set SingerLoss.directions = estimate_artifact_directions(teacher, batches, "
+                                     "layers, select_k) before the first step")
+            return direction_loss(refined, raw, high_norm_mask(raw, cfg.select_k), self.directions[layer])
+        return outlier_loss(refined, alpha=cfg.alpha, target=cfg.outlier_target, median_k=cfg.median_k, raw=raw,
+                            select_k=cfg.select_k, norm_scale=cfg.norm_scale)
 
     def _normal_tokens(self, raw: Tensor) -> Tensor | None:
         """info_tokens "normal": (B, T) bool, False on the raw teacher's patch tokens above select_k x the median

@@ -412,6 +412,12 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
         summary["quantile trap"] = {layer: "FIRED" if d["fired"] else "no"
                                     for layer, d in diagnostics["quantile_trap"].items()} or \
             f"not applicable (outlier_target {config.singer.outlier_target})"
+        if "artifact_direction" in diagnostics:
+            summary["artifact direction"] = {
+                layer: "none found (no token above select_k x the median)" if d is None else
+                f"written by block {d['block']} ({d['block_share']:.0%} of the layer's artifact gap, "
+                f"{d['artifact_tokens']} artifact tokens)"
+                for layer, d in diagnostics["artifact_direction"].items()}
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}
