@@ -50,7 +50,7 @@ class ArtifactDirection:
 
 class DirectionEstimator:
     """Running sums over batches of raw taps; `result()` gives each layer's ArtifactDirection (None when no token of
-    that layer was selected, e.g. a teacher without artifacts)."""
+    that layer was selected, e.g. a teacher without artifacts). Only (D,) sums are kept, never the tokens."""
 
     def __init__(self, layers: Sequence[int], select_k: float, num_prefix_tokens: int):
         self.layers, self.select_k, self.prefix = sorted(layers), float(select_k), int(num_prefix_tokens)
@@ -65,15 +65,17 @@ class DirectionEstimator:
     @torch.no_grad()
     def add(self, taps: dict[int, Tensor]) -> None:
         """taps: block -> raw tokens (B, prefix + N, D) for every block in `blocks_needed`."""
-        patches = {b: taps[b][:, self.prefix:].double() for b in self.blocks_needed}
+        # float32 per batch, float64 across batches: a ViT-L's 24 taps stay under 1 GB for a batch of 32.
+        patches = {b: taps[b][:, self.prefix:].float() for b in self.blocks_needed}
         for layer in self.layers:
             selected = high_norm_mask(patches[layer], self.select_k)
             for kind, mask in (("artifact", selected), ("normal", ~selected)):
+                weight = mask.unsqueeze(-1).float()
                 self._counts[layer, kind] += int(mask.sum())
-                self._add((layer, kind, "level"), patches[layer][mask].sum(0))
+                self._add((layer, kind, "level"), (patches[layer] * weight).sum((0, 1)).double())
                 for block in range(layer + 1):
                     update = patches[block] if block == 0 else patches[block] - patches[block - 1]
-                    self._add((layer, kind, block), update[mask].sum(0))
+                    self._add((layer, kind, block), (update * weight).sum((0, 1)).double())
 
     def _add(self, key: tuple, value: Tensor) -> None:
         self._sums[key] = self._sums[key] + value if key in self._sums else value
