@@ -62,9 +62,10 @@ class SingerConfig:
         same tokens are pulled to the raw token with its component along the layer's artifact direction set to the
         normal tokens' level; the direction is estimated before training from the first direction_batches batches,
         at the block whose update sets the artifact tokens apart most (method/artifact_direction.py).
-    select_k: the artifact selection of "normal", "direction" and info_tokens "normal", on the raw teacher. Default 4, the
-        artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a lower k
-        also selects natural high-norm tokens and costs normal-token fidelity (README, "Is the artifact gone?").
+    select_k: the artifact selection of "normal", "direction" and info_tokens "normal", on the raw teacher. Default
+        4, the artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a
+        lower k also selects natural high-norm tokens and costs normal-token fidelity (README, "Is the artifact
+        gone?").
     norm_scale: the "normal" target as a multiple of the other tokens' median norm.
     direction_batches: training batches (the run's first ones) the "direction" target's estimate reads.
     adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
