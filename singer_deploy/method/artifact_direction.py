@@ -13,8 +13,8 @@ where the artifact is written instead: for every block b <= l, the difference of
 x_b - x_{b-1} between the tokens selected at layer l and the others (block 0: of its output), and keep the block with
 the largest one. Artifact tokens are written by a few neurons of one block (docs/method.md cites the register-
 neuron findings); that block's update is the artifact plus a small content difference, not the content difference
-accumulated over every block. On the planted teacher this is 0.99999 cosine to the planted direction on flat-patch
-artifacts, where the layer's own difference of means is 0.9985.
+accumulated over every block. On the planted teacher its cosine to the planted direction is 0.99997 or better on
+flat-patch artifacts, where the layer's own difference of means reaches 0.9985.
 """
 
 from __future__ import annotations
