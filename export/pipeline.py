@@ -323,7 +323,6 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
                 path = convert(onnx_fp32.path, out_dir / f"{stem}_{reduced}.onnx", calib_images)
             onnx_records[reduced] = ArtifactRecord(f"onnx/{reduced}", "onnx", reduced, Path(path),
                                                    _converter_name(convert), time.perf_counter() - start)
-    onnx_target = onnx_records[precision] if onnx_fp32 is not None else None
     if "onnx" in names:
         records += [onnx_records[p] for p in precisions]
     if "openvino" in names:
@@ -331,6 +330,7 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
+        onnx_target = onnx_records[precision]   # converted above: TensorRT builds from the ONNX file of its precision
         with stage(f"build: TensorRT {precision} engine from {onnx_target.path.name}"):
             built = build_engine(onnx_target.path, out_dir / f"{stem}_{precision}.engine", precision=precision,
                                  config=tensorrt_config)
