@@ -1,5 +1,5 @@
-"""benchmarks/disk_estimate.py: it runs, its rows match the files a demo-size run writes, and the README's table of
-the DINOv2 example is what it prints."""
+"""benchmarks/disk_estimate.py: it runs, its rows match the files a demo-size run writes, and the table of the DINOv2
+example in docs/results.md, and the README's headline figure, are what it prints."""
 
 import fnmatch
 import importlib.util
@@ -62,12 +62,15 @@ def test_every_row_matches_the_files_of_a_demo_size_run(demo_run):
             assert -0.01 * row.bytes <= actual - row.bytes <= 256 * KB, (row.label, actual, row.bytes)
 
 
-def test_the_readme_table_is_what_the_script_prints_for_the_dinov2_example(capsys):
+def test_the_documented_table_and_headline_are_what_the_script_prints_for_the_dinov2_example(capsys):
     module = _disk_estimate()
     assert module.main([str(ROOT / "examples" / "dinov2_vitl14_to_vits14.yaml")]) == 0
     printed = dict(re.findall(r"^\| (\S+)[^|]*\| \**([\d,.]+)\** \|$", capsys.readouterr().out, re.M))
-    readme = ROOT.joinpath("README.md").read_text()
-    table = readme[readme.index("Disk use of the DINOv2 example"):]
+    results = ROOT.joinpath("docs", "results.md").read_text()
+    table = results[results.index("## Disk use of the DINOv2 example"):]
     table = table[:table.index("\n\n", table.index("| file | MB |"))]
     documented = dict(re.findall(r"^\| (\S+)[^|]*\| \**(?:about )?([\d,.]+)\** \|$", table, re.M))
     assert documented and documented == printed
+    headline = re.search(r"^- Disk use of the DINOv2[^:]*: about ([\d,.]+) MB", ROOT.joinpath("README.md").read_text(),
+                         re.M)
+    assert headline and headline.group(1) == printed["**total**"]
