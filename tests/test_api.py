@@ -268,17 +268,24 @@ def test_an_export_only_run_loads_the_student_without_building_the_teacher(finis
     np.testing.assert_array_equal(load_run(old)[3], load_run(finished.out_dir)[3])
 
 
-def test_summary_prints_one_line_per_layer_and_source(tmp_path):
-    remain = {"4": "artifacts REMAIN in refined teacher (refined teacher 2.96x, student 1.15x; limit 1.5x the "
-                   "normal-token median norm)", "7": "no artifacts remain (refined teacher 0.65x; limit 1.5x)"}
-    summary = {"method": "singer", "artifacts remain": remain,
-               "artifacts": {"4": {"raw teacher": {"hnr_4": 0.078, "artifact_ratio": 10.4}}},
-               "parity": {"onnx/fp32": "pass"}}
-    lines = format_summary(PipelineResult(tmp_path, True, summary)).splitlines()
-    assert "  artifacts remain:" in lines                        # too long for one line: one line per layer
-    assert f"    4: {remain['4']}" in lines and f"    7: {remain['7']}" in lines
-    assert "      raw teacher: hnr_4 0.078, artifact_ratio 10.400" in lines   # nested: per layer, per source
-    assert "  parity: onnx/fp32 pass" in lines and "  method: singer" in lines
+def test_the_summary_starts_with_the_verdict_and_stays_short(finished):
+    lines = format_summary(finished).splitlines()
+    assert lines[0].startswith(f"Run: {finished.out_dir}") and lines[1].startswith("Verdict: WARN - all 3 exported")
+    verdict = finished.summary["verdict"]
+    # Parity per artifact with its worst metric against its gate, then each layer, then what ships.
+    parity = [line.split() for line in lines if line.startswith("  parity")]
+    assert [(row[1], row[2]) for row in parity] == [(key, "pass") for key in finished.summary["parity"]]
+    assert all("(gate" in line for line in lines if line.startswith("  parity"))
+    assert [line.split()[1:4] for line in lines if line.startswith("  artifacts")] == [
+        ["layer", "4", "REMAIN"], ["layer", "7", "REMAIN"]]            # 4 steps leave the artifacts
+    assert [item["artifact"] for item in verdict["shipped"]] == list(finished.summary["parity"])
+    # Aligned: the detail column starts at the same place on every verdict row.
+    start = next(line for line in lines if line.startswith("  parity")).index("worst:")
+    details = [line[start:] for line in lines if line.startswith(("  parity", "  artifacts", "  shipped"))]
+    assert all(detail.startswith(("worst:", "artifact/normal norm raw teacher")) or
+               re.match(r"\d+(\.\d+)? ms p50, \d+(\.\d+)?x eager", detail) for detail in details), details
+    assert lines[-1].startswith("Full detail: ") and "report.html" in lines[-1]
+    assert len(lines) <= 25 and "  method: singer" in lines
 
 
 def test_int8_calibrates_on_training_images_disjoint_from_the_parity_images(tmp_path):
@@ -299,7 +306,8 @@ def test_int8_calibrates_on_training_images_disjoint_from_the_parity_images(tmp_
     assert not set(record["image_sha256"]) & set(image_hashes(evals))
     assert result.summary["shipped"] == {"onnx": "onnx/int8"}
     assert result.summary["int8 calibration"].startswith("32 training images, 0 shared")
-    assert "not benchmarked" in result.summary["warnings"][0]
+    assert any("not benchmarked" in warning for warning in result.summary["warnings"])
+    assert result.summary["verdict"]["warnings"] == result.summary["warnings"]
 
 
 def test_precision_auto_ships_the_fastest_passing_candidate_with_its_decision_table(finished, tmp_path, capsys):

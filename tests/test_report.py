@@ -89,8 +89,13 @@ def full_report(tmp_path_factory) -> Path:
     lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1), "l_kd": 0.5, "l_out": 0.1, "l_info": 0.2,
                          "target_hnr": 0.01, "target_e_out": 0.3, "phase": "train"}) for s in range(6)]
     metrics.write_text("\n".join(lines) + '\n{"step": 6, "lo', encoding="utf-8")  # killed mid-write
+    from singer_deploy.reporting.verdict import build_verdict
+
+    artifacts = [{"method": "raw teacher", "layer": 4, "artifact_ratio": 10.43, "hnr_4": 0.078},
+                 {"method": "refined teacher", "layer": 4, "artifact_ratio": 0.713, "hnr_4": 0.0}]
     data = ReportData(
         title="run <b>&</b> 'demo'",
+        verdict=build_verdict(artifact_rows=artifacts, judged=("refined teacher",)), artifacts=artifacts,
         summary={"artifact rate": {"before": 0.031, "after": 0.002}, "p50 latency ms": 3.2},
         config={"teacher": "vit_tiny", "layers": (2, 3), "out_dir": Path("/tmp/run")},
         versions={"torch": "2.14.1", "timm": "1.0.31"},
@@ -120,12 +125,12 @@ def test_full_report_embeds_every_figure_as_png(full_report):
 def test_full_report_tables_hold_the_given_values(full_report):
     checker, text = _parse(full_report)
     cell_text = [value for _, value in checker.cells]
-    for expected in ["0.999987", "0.9123", "1.25e-05", "0.875", "3.21", "311.5", "1.84", "SiNGER", "0.002",
-                     "skipped: TensorRT is not installed", "2.14.1", "0.031"]:
+    for expected in ["1 - 1.3e-05", "0.9123", "1.25e-05", "0.8750", "3.210", "311.5", "1.840", "SiNGER", "0.0020",
+                     "skipped: TensorRT is not installed", "2.14.1", "before: 0.0310; after: 0.0020"]:
         assert expected in cell_text, expected
     assert ("pass", "PASS") in checker.cells and ("fail", "FAIL") in checker.cells and ("skip", "n/a") in checker.cells
     assert checker.row_classes.count("pass") == 1 and checker.row_classes.count("fail") == 1
-    assert "token cosine min" in text and "artifact rate.before" in text
+    assert "token cosine min" in text and "artifact rate.before" not in text   # no dotted keys
     assert "Sections not run" not in text
     assert "<details>" in text and "out_dir: /tmp/run" in text
 
@@ -143,9 +148,10 @@ def test_summary_only_report_names_the_sections_not_run(tmp_path):
     _assert_well_formed(checker)
     assert checker.srcs == []
     banner = text.split("Sections not run: ", 1)[1].split(".</p>", 1)[0]
-    assert banner.split(", ") == ["Norm maps", "Norm histograms", "PCA feature maps", "Training curves", "Parity",
-                                  "Latency", "Comparison", "Configuration", "Environment"]
-    assert text.count("Not run: ") == 9
+    assert banner.split(", ") == ["Verdict", "Norm maps", "Norm histograms", "PCA feature maps", "Training curves",
+                                  "Artifacts per distilled layer", "Parity", "Latency", "Comparison",
+                                  "Configuration", "Environment"]
+    assert text.count("Not run: ") == 11
     assert "training crashed" in text
 
 
@@ -221,11 +227,11 @@ def _section_table(text: str, anchor: str) -> tuple[list[str], list[list[str]]]:
 
 
 def _rendered(key: str, value) -> str:
-    from singer_deploy.reporting.report import _fmt
+    from singer_deploy.reporting.report import cell_text
 
     if key == "passed":
         return {True: "PASS", False: "FAIL", None: "n/a"}[value]
-    return _fmt(value)
+    return cell_text(key, value)
 
 
 def test_the_report_shows_parity_and_latency_rows_exactly_as_the_export_code_writes_them(tmp_path):
@@ -265,3 +271,31 @@ def test_the_report_shows_parity_and_latency_rows_exactly_as_the_export_code_wri
         keys = [next((k for k, label in known.items() if label == cell), cell) for cell in header]
         assert set(keys) == set(rows[0])     # every key the producer wrote is shown
         assert body == [[_rendered(key, row[key]) for key in keys] for row in rows]
+
+
+def test_the_verdict_comes_first_and_each_layer_gets_an_artifact_matrix(tmp_path):
+    from singer_deploy.reporting.verdict import build_verdict
+
+    rows = [{"method": source, "layer": layer, "student_block": 2, "artifact_ratio": ratio, "artifact_cos_clean": 0.9,
+             "normal_cos": 0.999, "normal_cos_p1": 0.99, "next_cos": 0.998, "hnr_2": 0.05, "hnr_4": 0.001,
+             "e_out": 0.2, "explained_share": 0.41}
+            for layer in (4, 7)
+            for source, ratio in (("raw teacher", 10.43), ("refined teacher", 0.71 if layer == 4 else 2.5))]
+    warning = "low explained share at layer 7: 41% of the artifact gap"
+    verdict = build_verdict(artifact_rows=rows, judged=("refined teacher",), warnings=[warning])
+    text = write_report(tmp_path, ReportData(verdict=verdict, artifacts=rows, summary={"method": "singer"})).read_text()
+    checker, _ = _parse(tmp_path / "report.html")
+    _assert_well_formed(checker)
+    body = text.split("<body>", 1)[1]
+    assert body.index('<section id="verdict" class="WARN">') < body.index("<section") + 1   # the first section
+    verdict_html = body.split('<section id="verdict"', 1)[1].split("</section>", 1)[0]
+    assert warning in verdict_html and "removed" in verdict_html and "REMAIN" in verdict_html   # 0.71x / 2.5x
+    for layer in (4, 7):
+        matrix = text.split(f"<h3>Layer {layer}</h3>", 1)[1].split("<details>", 1)[0]
+        header, body_rows = _section_table(f'<section id="m">{matrix}</section>', "m")
+        assert header[:8] == ["source", "artifact / normal norm", "artifact cos to clean twin", "normal cos",
+                              "normal cos p1", "next-block cos", "HNR_2", "HNR_4"]
+        assert "explained_share" in header                 # a figure the report does not know still shows
+        assert "e_out" not in header and "method" not in header and "student_block" not in header
+        assert [row[0] for row in body_rows] == ["raw teacher", "refined teacher"]
+    assert '<td class="num fail">10.43</td>' in text       # above the limit: marked

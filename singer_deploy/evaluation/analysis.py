@@ -56,6 +56,9 @@ class ArtifactAnalysis:
     norm_maps: dict[str, np.ndarray] = field(default_factory=dict)   # source -> (B, gh, gw)
     norms: dict[str, np.ndarray] = field(default_factory=dict)       # source -> flat patch norms
     tokens: dict[str, np.ndarray] = field(default_factory=dict)      # source -> (B, N, D) for PCA maps
+    limit: float = REMAIN_RATIO                                      # the artifact/normal ratio `remain` judges by
+    # Sentences for the run's verdict (reporting/verdict.py): anything the analysis finds that a user must read.
+    warnings: list[str] = field(default_factory=list)
 
 
 def planted_mask(planted: PlantedTeacher) -> ArtifactMask:
@@ -159,7 +162,7 @@ def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result:
                          batch_size=batch_size)
     headline = {str(layer): {row["method"]: {key: _rounded(row[key]) for key in SUMMARY_KEYS if key in row}
                              for row in rows if row["layer"] == layer} for layer in result.teacher_layers}
-    analysis = ArtifactAnalysis(rows, headline, remain_lines(rows, remain_limit))
+    analysis = ArtifactAnalysis(rows, headline, remain_lines(rows, remain_limit), limit=remain_limit)
     _add_maps(analysis, teacher, refined, result, images, clean, batch_size)
     return analysis
 

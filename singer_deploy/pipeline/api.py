@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from singer_deploy import __version__
 from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, format_name,
                                   from_mapping, is_auto_precision, normalize_precision, with_changes)
-from singer_deploy.evaluation.analysis import ArtifactAnalysis, analyse_artifacts
+from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
@@ -137,6 +137,7 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
     summary = _summary(analysis, exported, latency_rows, result, config)
     data_record = _data_record(train_data, result)
     _note_skipped_images(summary, data_record)
+    summary = {"verdict": _verdict(summary, analysis, exported, latency_rows), **summary}
     files["report"] = report(out_dir, config, analysis, parity_rows, latency_rows, summary, eval_images,
                              display_normalisation(config, models.teacher))
     files["model_card"] = write_model_card(out_dir / STUDENT_DIR, config=config.to_dict(), summary=summary,
@@ -176,11 +177,32 @@ def _export_and_bench(result: DistillResult, out_dir: Path, eval_images: np.ndar
 
 
 def _note_skipped_images(summary: dict, data_record: dict) -> None:
-    """Image folders: how many listed files were unreadable (and the first one) goes into the summary."""
+    """Image folders: how many listed files were unreadable (and the first one) goes into the summary, and a
+    warning when any was."""
     if data_record:
         skipped = data_record["skipped_images"]
         summary["unreadable images skipped"] = f"{skipped['count']} of {data_record['listed']} files" + (
             f" (first: {next(iter(skipped['files']))})" if skipped["count"] else "")
+        if skipped["count"]:
+            _warn(summary, f"unreadable images: {summary['unreadable images skipped']} were skipped and replaced by "
+                           "the next readable file (manifest.json, data.skipped_images)")
+
+
+def _warn(summary: dict, warning: str) -> None:
+    """Every warning of a run goes to summary["warnings"] (and so to the verdict, the CLI and the report)."""
+    summary.setdefault("warnings", []).append(warning)
+
+
+def _verdict(summary: dict, analysis: ArtifactAnalysis, exported: ExportResult | None,
+             latency_rows: list[dict]) -> dict:
+    """The run's verdict (reporting/verdict.py), from the summary's warnings and the run's own objects."""
+    from singer_deploy.reporting.verdict import build_verdict
+
+    parity = {} if exported is None else {key: rec.parity for key, rec in exported.artifacts.items()}
+    decision = {} if exported is None else exported.notes.get("precision_decision") or {}
+    return build_verdict(parity=parity, artifact_rows=analysis.rows, judged=JUDGED, remain_limit=analysis.limit,
+                         shipped=None if exported is None else exported.shipped, decision=decision.get("table", []),
+                         latency_rows=latency_rows, warnings=summary.get("warnings", []))
 
 
 def _write_manifest(out_dir: Path, config: RunConfig, models: Models, result: DistillResult,
@@ -390,10 +412,11 @@ def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_
     mean, std = normalisation
     pixels = eval_images[shown].transpose(0, 2, 3, 1) * np.array(std) + np.array(mean)
     data = ReportData(
-        title="singer-deploy run", summary=summary, config=config.to_dict(), versions=environment(),
+        title="singer-deploy run", verdict=summary.get("verdict"), summary=summary, config=config.to_dict(),
+        versions=environment(), artifacts=analysis.rows,
         images=np.clip(pixels, 0, 1), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
         norm_histograms=analysis.norms, pca_tokens={k: v[shown] for k, v in analysis.tokens.items()},
-        metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows, comparison=analysis.rows)
+        metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows)
     return write_report(out_dir / "report.html", data)
 
 
@@ -405,6 +428,8 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
     # Every distilled layer, each source; and one line per layer on whether artifacts remain (not a parity verdict).
     summary["artifacts remain"] = analysis.remain
     summary["artifacts"] = analysis.headline
+    for warning in analysis.warnings:
+        _warn(summary, warning)
     diagnostics = result.diagnostics
     if diagnostics:
         summary["nullspace k below tau"] = {layer: f"{d['k_below_tau']} ({d['rule']} rule, rank {d['rank']})"
@@ -412,6 +437,12 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
         summary["quantile trap"] = {layer: "FIRED" if d["fired"] else "no"
                                     for layer, d in diagnostics["quantile_trap"].items()} or \
             f"not applicable (outlier_target {config.singer.outlier_target})"
+        for layer, d in diagnostics["quantile_trap"].items():
+            if d["fired"]:
+                _warn(summary, f"quantile trap at layer {layer}: {d['high_norm_share']:.1%} of the patch tokens are "
+                               f"high-norm, more than 1 - alpha = {d['limit']:.1%}, so L_out's quantile target sits "
+                               "inside the artifact cluster (docs/method.md, \"Traps\"; fix: outlier_target: "
+                               "direction)")
         if "artifact_direction" in diagnostics:
             summary["artifact direction"] = {
                 layer: "none found (no token above select_k x the median)" if d is None else
@@ -422,7 +453,10 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}
     if exported is not None:
-        summary.update(_precision_summary(exported, latency_rows, config))
+        precision = _precision_summary(exported, latency_rows, config)
+        for warning in precision.pop("warnings", []):
+            _warn(summary, warning)
+        summary.update(precision)
     if latency_rows:
         summary["latency_p50_ms"] = {r["runner"]: f"{r['p50_ms']:.2f} ({r.get('realised_precision') or '?'})"
                                      for r in latency_rows}
@@ -450,8 +484,7 @@ def _precision_summary(exported: ExportResult, latency_rows: list[dict], config:
             ["INT8 was not benchmarked (export.benchmark is off): whether it is faster than FP32 here is unknown"]
         for warning in warnings:
             log.warning(warning)
-        if warnings:
-            out["warnings"] = warnings
+            _warn(out, warning)
     return out
 
 

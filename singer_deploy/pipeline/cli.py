@@ -213,36 +213,33 @@ def _run(config: dict, overrides: dict, args) -> int:
     return EXIT_OK
 
 
-_LINE = 120   # summary lines longer than this are split, one entry per line
+_LINE = 120   # a detail line longer than this is split, one entry per line
 
 
 def format_summary(result: PipelineResult) -> str:
-    lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s)"]
-    for key, value in result.summary.items():
-        lines += _lines(key, value, "  ")
-    lines.append(f"  report: {result.files.get('report')}")
+    """The verdict first (reporting/verdict.py), aligned; then the run's other details, one line each (a mapping too
+    long for one line gets a line per entry); then where the full detail is: manifest.json and the report."""
+    from singer_deploy.reporting.report import SHOWN_ELSEWHERE, inline_text
+    from singer_deploy.reporting.verdict import verdict_lines
+
+    distill = result.summary.get("distill_seconds")
+    lines = [f"Run: {result.out_dir}  ({result.timings.get('total_s', 0):.0f} s"
+             + (f", distillation {distill:.0f} s)" if isinstance(distill, (int, float)) else ")")]
+    if "verdict" in result.summary:
+        lines += verdict_lines(result.summary["verdict"])
+    details = {key: value for key, value in result.summary.items()
+               if key not in SHOWN_ELSEWHERE and key != "distill_seconds"}
+    if details:
+        lines.append("Details:")
+    for key, value in details.items():
+        line = f"  {key}: {inline_text(value, key)}"
+        if len(line) > _LINE and isinstance(value, dict):
+            lines += [f"  {key}:"] + [f"    {inner}: {inline_text(v, str(inner))}" for inner, v in value.items()]
+        else:
+            lines.append(line)
+    lines.append(f"Full detail: {result.files.get('manifest', result.out_dir / 'manifest.json')}, "
+                 f"report: {result.files.get('report')}")
     return "\n".join(lines)
-
-
-def _lines(key, value, indent: str) -> list[str]:
-    """Nested tables (e.g. figures per layer per source) get a line per innermost table, and a table of sentences
-    too long for one line (e.g. 'artifacts remain' per layer) a line per sentence."""
-    line = f"{indent}{key}: {_inline(value)}"
-    nested = isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
-    sentences = isinstance(value, dict) and any(isinstance(v, str) for v in value.values()) and len(line) > _LINE
-    if nested or sentences:
-        return [f"{indent}{key}:"] + [line for k, v in value.items() for line in _lines(k, v, indent + "  ")]
-    return [line]
-
-
-def _inline(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {_number(v)}" for k, v in value.items())
-    return str(value)
-
-
-def _number(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _cmd_check(args) -> int:

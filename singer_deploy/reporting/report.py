@@ -1,5 +1,9 @@
 """One self-contained HTML report of a run: figures as base64 PNG, inline CSS, no scripts, no external links.
 
+Read top-down: the verdict first (reporting/verdict.py: parity, artifacts per layer, what ships, warnings), then the
+pictures, then the tables (one artifact matrix per distilled layer, parity, latency, run details), then the
+configuration, collapsed. Every table sits in its own scroll box, so the page never gets wider than the window.
+
 Every section is optional: a partial run (training crashed, a backend missing) still gets a report, and a section
 without data says "not run" instead of vanishing, so a reader can tell "not measured" from "forgot to look".
 """
@@ -10,10 +14,10 @@ import base64
 import dataclasses
 import html
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,12 @@ import numpy as np
 import yaml
 
 from singer_deploy import __version__
-from singer_deploy.reporting import plots
 from singer_deploy.errors import DataError
 from singer_deploy.io import atomic_write_text
+from singer_deploy.reporting import plots
+from singer_deploy.reporting.numbers import fmt, fmt_cosine, fmt_short, is_number
+from singer_deploy.reporting.verdict import (PARITY_LABELS, SPEEDUP, cosine_text, headline, latency_text,
+                                             ratio_text, state, worst_text)
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -37,7 +44,8 @@ class ReportData:
     """
 
     title: str = "singer-deploy report"
-    summary: Mapping[str, Any] | None = None         # headline numbers; nested mappings are flattened to "a.b"
+    verdict: Mapping[str, Any] | None = None         # reporting.verdict.build_verdict: the first screen
+    summary: Mapping[str, Any] | None = None         # run details; a nested mapping shows as "key: value, ..."
     config: Any = None                               # mapping or dataclass, shown as collapsible YAML
     versions: Mapping[str, Any] | None = None        # library versions, device, git hash ...
     images: Any = None                               # (n, H, W, 3) or (n, 3, H, W); uint8 or float 0..1
@@ -47,6 +55,7 @@ class ReportData:
     metrics: str | Path | Rows | None = None         # JSON-lines file of training records, or the records
     parity: Rows | None = None                       # ParityReport.table_rows(): one per artifact and output
     latency: Rows | None = None                      # export.bench.benchmark_runners rows: one per runner
+    artifacts: Rows | None = None                    # artifact analysis rows: one per (source "method", "layer")
     comparison: Rows | None = None                   # one row per method
     max_images: int = 6
 
@@ -59,31 +68,54 @@ class _NotRun:
 # Column order and readable headers for the keys the export code writes (ParityReport.table_rows and
 # export.bench.benchmark_runners, taken as they are); any other key still shows, after these.
 _PARITY_COLUMNS = {"candidate": "artifact", "precision": "precision", "output": "output",
-                   "token_cos_min": "token cosine min", "token_cos_p1": "token cosine p1",
-                   "image_cos_min": "image cosine min", "max_abs": "max abs diff", "max_abs_rel": "max abs / scale",
-                   "rel_err_p99": "rel. error p99", "knn_overlap": "kNN overlap", "norm_corr": "norm-map corr",
-                   "norm_rel_err_max": "norm rel. error max", "nonfinite": "NaN/Inf", "passed": "passed"}
+                   **{key: PARITY_LABELS[key] for key in ("token_cos_min", "token_cos_p1", "image_cos_min", "max_abs",
+                                                          "max_abs_rel", "rel_err_p99", "knn_overlap", "norm_corr",
+                                                          "norm_rel_err_max", "nonfinite")},
+                   "passed": "passed"}
 _LATENCY_COLUMNS = {"runner": "runner", "realised_precision": "realised precision", "parity": "parity",
                     "p50_ms": "p50 ms", "p90_ms": "p90 ms", "p99_ms": "p99 ms",
                     "min_ms": "min ms", "throughput_ips": "throughput img/s", "throughput_batch": "at batch",
                     "size_mb": "size MB", "build_s": "build s", "load_s": "load s", "peak_rss_mb": "peak RSS MB",
-                    "iters": "timed calls", "speedup_vs_pytorch/fp32": "speed-up vs eager"}
+                    "iters": "timed calls", SPEEDUP: "speed-up vs eager"}
 _COMPARISON_COLUMNS = {"method": "method", "hnr_4": "HNR_4", "e_out": "E_out", "knn_acc": "kNN acc",
                        "linear_acc": "linear acc", "miou": "mIoU"}
+# The artifact matrix (one per distilled layer, a row per source): the figures that say whether artifacts are gone
+# and what it cost, in this order. Any figure the analysis adds that is not named here shows after them; the
+# secondary ones go to a collapsed table under the matrix.
+_ARTIFACT_COLUMNS = {"artifact_ratio": "artifact / normal norm", "artifact_cos_clean": "artifact cos to clean twin",
+                     "normal_cos": "normal cos", "normal_cos_p1": "normal cos p1", "next_cos": "next-block cos",
+                     "hnr_2": "HNR_2", "hnr_4": "HNR_4"}
+_ARTIFACT_SECONDARY = {"artifact_ratio_p90": "artifact / normal p90", "artifact_cos_clean_p1": "artifact cos p1",
+                       "next_cos_p1": "next-block cos p1", "hnr_3": "HNR_3", "e_out": "E_out",
+                       "r_max": "max / median norm", "artifact_tokens": "artifact tokens"}
+_ROW_KEYS = ("method", "layer", "student_block")   # identify an artifact row, not figures
+# Summary keys the verdict or a table already shows in full.
+SHOWN_ELSEWHERE = ("verdict", "artifacts", "artifacts remain", "parity", "latency_p50_ms", "shipped", "warnings")
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-h1 { margin-bottom: 0.2em; } .meta { color: #666; font-size: 0.9em; }
-nav a { margin-right: 1em; } section { margin-top: 2em; border-top: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; } th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+body { font-family: system-ui, sans-serif; margin: 1em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { margin: 0 0 0.1em; font-size: 1.5em; } .meta { color: #666; font-size: 0.85em; margin: 0; }
+nav { font-size: 0.9em; margin: 0.3em 0; } nav a { margin-right: 0.8em; }
+section { margin-top: 1.5em; border-top: 1px solid #ddd; } h2 { font-size: 1.25em; } h3 { font-size: 1.05em; }
+.box { max-width: 100%; overflow-x: auto; margin: 0.4em 0; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; font-weight: 600; } thead th { max-width: 9em; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.pass td { background: #eaf7ea; } tr.fail td { background: #fbeaea; }
 td.pass { color: #1a7f1a; font-weight: bold; } td.fail { color: #b30000; font-weight: bold; }
-td.skip { color: #777; }
+td.skip { color: #777; } td.num.fail { background: #fbeaea; }
 .not-run { color: #8a6d00; background: #fff8e1; padding: 0.4em 0.8em; border-left: 4px solid #e0b000; }
-.caption { color: #555; font-size: 0.9em; max-width: 60em; }
+.caption { color: #555; font-size: 0.85em; max-width: 60em; }
 img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+#verdict { border-top: none; margin-top: 0.6em; padding: 0.3em 1em 0.6em; border-left: 6px solid #999;
+           background: #fafafa; }
+#verdict.PASS { border-color: #1a7f1a; } #verdict.FAIL { border-color: #b30000; }
+#verdict.WARN { border-color: #e0b000; }
+#verdict h2 { margin: 0.3em 0 0.1em; } #verdict .headline { margin: 0 0 0.5em; font-size: 1.05em; }
+#verdict table { width: 100%; } #verdict th { width: 7em; background: #eee; }
+td.remain, td.warning { color: #8a5a00; font-weight: bold; }
+details { margin: 0.3em 0; }
 """
 
 
@@ -97,7 +129,7 @@ def write_report(out_path: str | Path, data: ReportData) -> Path:
     if path.is_dir():
         path = path / "report.html"
     bodies = [(anchor, heading, render(data)) for anchor, heading, render in _SECTIONS]
-    document = _document(data.title, bodies)
+    document = _document(data.title, bodies, state(data.verdict) if data.verdict else None)
     atomic_write_text(path, document)
     return path
 
@@ -130,10 +162,68 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
 # Sections: each takes the ReportData and returns HTML, or _NotRun with the reason.
 
 
-def _summary_section(data: ReportData) -> str | _NotRun:
-    if not data.summary:
-        return _NotRun("no summary was given")
-    return _key_value_table(_flatten(data.summary))
+def _verdict_section(data: ReportData) -> str | _NotRun:
+    if not data.verdict:
+        return _NotRun("no verdict was given (the run did not finish its analysis)")
+    verdict = data.verdict
+    rows: list[tuple[str, str, str, str, str]] = []     # part, item, status, status class, details
+    for item in verdict["parity"]:
+        status = {True: "pass", False: "fail", None: "skip"}[item["passed"]]
+        rows.append(("parity", item["artifact"], {"skip": "n/a"}.get(status, status.upper()), status,
+                     "worst: " + worst_text(item["worst"])))
+    for item in verdict["artifacts"]:
+        status = {True: ("REMAIN", "remain"), False: ("removed", "pass"), None: ("unknown", "skip")}[item["remain"]]
+        details = f"artifact / normal norm: {ratio_text(item)} (limit {fmt_short(item['limit'])}x)"
+        if cosine_text(item):
+            details += f"<br>artifact cosine to the clean twin: {cosine_text(item)}"
+        rows.append(("artifacts", f"layer {item['layer']}", *status, details))
+    for item in verdict["shipped"]:
+        rows.append(("shipped", item["format"], item["artifact"], "", latency_text(item)
+                     + (f"<br>precision auto: {item['auto']}" if item["auto"] else "")))
+    rows += [("warnings", "", "", "", text) for text in verdict["warnings"]] or [("warnings", "", "none", "", "")]
+    body = []
+    for part, grouped in groupby(rows, key=lambda row: row[0]):
+        group = list(grouped)
+        for index, (_, item, status, css, details) in enumerate(group):
+            head = f'<th rowspan="{len(group)}">{html.escape(part)}</th>' if index == 0 else ""
+            lines = "<br>".join(html.escape(line) for line in details.split("<br>"))
+            css_attr = f' class="{css}"' if css else ""
+            body.append(f"<tr>{head}<td>{html.escape(item)}</td><td{css_attr}>{html.escape(status)}</td>"
+                        f"<td>{lines}</td></tr>")
+    return (f'<p class="headline">{html.escape(headline(verdict))}</p>'
+            f'<div class="box"><table><tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _artifacts_section(data: ReportData) -> str | _NotRun:
+    if not data.artifacts:
+        return _NotRun("no artifact analysis was given")
+    limit = data.verdict["artifacts"][0]["limit"] if data.verdict and data.verdict["artifacts"] else None
+    parts = []
+    for layer in sorted({row["layer"] for row in data.artifacts}, key=int):
+        rows = [{"source": row["method"], **{k: v for k, v in row.items() if k not in _ROW_KEYS}}
+                for row in data.artifacts if row["layer"] == layer]
+        main = {"source": "source", **_ARTIFACT_COLUMNS}
+        main.update({key: key for row in rows for key in row if key not in main and key not in _ARTIFACT_SECONDARY})
+        secondary = {"source": "source", **{k: label for k, label in _ARTIFACT_SECONDARY.items()
+                                            if any(k in row for row in rows)}}
+        parts.append(f"<h3>Layer {html.escape(str(layer))}</h3>"
+                     + _table(rows, main, strict=True, flag_above={"artifact_ratio": limit})
+                     + f"<details><summary>more figures at layer {html.escape(str(layer))}</summary>"
+                     + _table(rows, secondary, strict=True) + "</details>")
+    limit_text = f", {fmt_short(limit)}x" if limit is not None else ""
+    caption = ("Per distilled layer, a row per source. Artifact tokens are the planted teacher's ground truth, else "
+               "the raw teacher's high-norm tokens: one fixed set for every source. artifact / normal norm: their "
+               f"norm over the normal tokens' median (artifacts remain above the limit{limit_text}); cosines of "
+               "normal tokens and of the next teacher block's output are to the raw teacher, artifact cos to the "
+               "clean twin's tokens (docs/method.md, \"Metrics\").")
+    return f'<p class="caption">{html.escape(caption)}</p>' + "".join(parts)
+
+
+def _details_section(data: ReportData) -> str | _NotRun:
+    shown = {key: value for key, value in (data.summary or {}).items() if key not in SHOWN_ELSEWHERE}
+    if not shown:
+        return _NotRun("no run details were given")
+    return _key_value_table(shown)
 
 
 def _norm_maps_section(data: ReportData) -> str | _NotRun:
@@ -211,17 +301,19 @@ def _config_section(data: ReportData) -> str | _NotRun:
 def _versions_section(data: ReportData) -> str | _NotRun:
     if not data.versions:
         return _NotRun("no versions or environment were recorded")
-    return _key_value_table(_flatten(data.versions))
+    return _key_value_table(data.versions)
 
 
 _SECTIONS: tuple[tuple[str, str, Callable[[ReportData], str | _NotRun]], ...] = (
-    ("summary", "Summary", _summary_section),
+    ("verdict", "Verdict", _verdict_section),
     ("norm-maps", "Norm maps", _norm_maps_section),
     ("norm-histograms", "Norm histograms", _norm_histograms_section),
     ("pca", "PCA feature maps", _pca_section),
     ("training", "Training curves", _training_section),
+    ("artifacts", "Artifacts per distilled layer", _artifacts_section),
     ("parity", "Parity", _parity_section),
     ("latency", "Latency", _latency_section),
+    ("details", "Run details", _details_section),
     ("comparison", "Comparison", _comparison_section),
     ("config", "Configuration", _config_section),
     ("environment", "Environment", _versions_section),
@@ -232,24 +324,30 @@ _SECTIONS: tuple[tuple[str, str, Callable[[ReportData], str | _NotRun]], ...] = 
 # HTML helpers
 
 
-def _document(title: str, bodies: Sequence[tuple[str, str, str | _NotRun]]) -> str:
+def _document(title: str, bodies: Sequence[tuple[str, str, str | _NotRun]], verdict_state: str | None) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     not_run = [heading for _, heading, body in bodies if isinstance(body, _NotRun)]
     nav = " ".join(f'<a href="#{anchor}">{html.escape(heading)}</a>' for anchor, heading, _ in bodies)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
-        f'<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>',
+        f'<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>",
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">singer-deploy {html.escape(__version__)}, generated {stamp}</p>',
         f"<nav>{nav}</nav>",
     ]
-    if not_run:
-        parts.append(f'<p class="not-run">Sections not run: {html.escape(", ".join(not_run))}.</p>')
     for anchor, heading, body in bodies:
         content = (f'<p class="not-run">Not run: {html.escape(body.reason)}.</p>' if isinstance(body, _NotRun)
                    else body)
+        if anchor == "verdict":
+            heading = f"Verdict: {verdict_state}" if verdict_state else heading
+            parts.append(f'<section id="verdict" class="{verdict_state or "none"}"><h2>{html.escape(heading)}</h2>'
+                         f"{content}</section>")
+            if not_run:   # after the verdict, so the first screen stays the verdict
+                parts.append(f'<p class="not-run">Sections not run: {html.escape(", ".join(not_run))}.</p>')
+            continue
         parts.append(f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>{content}</section>')
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
@@ -261,19 +359,22 @@ def _figure(png: bytes, alt: str, caption: str) -> str:
             f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>')
 
 
-def _table(rows: Rows, known: Mapping[str, str]) -> str:
-    """Rows of dicts -> table; known keys first in their order, then any other key; a "passed" key colours rows."""
+def _table(rows: Rows, known: Mapping[str, str], *, strict: bool = False,
+           flag_above: Mapping[str, float | None] | None = None) -> str:
+    """Rows of dicts -> a table in its own scroll box; known keys first in their order, then any other key (none
+    with `strict`); a "passed" key colours rows; a value above `flag_above[key]` is marked."""
     keys = [key for key in known if any(key in row for row in rows)]
-    for row in rows:
-        keys += [key for key in row if key not in keys]
+    if not strict:
+        for row in rows:
+            keys += [key for key in row if key not in keys]
     header = "".join(f"<th>{html.escape(known.get(key, key))}</th>" for key in keys)
     body = []
     for row in rows:
         verdict = _verdict(row.get("passed")) if "passed" in row else None
-        cells = "".join(_cell(key, row.get(key)) for key in keys)
+        cells = "".join(_cell(key, row.get(key), (flag_above or {}).get(key)) for key in keys)
         row_class = f' class="{verdict}"' if verdict in ("pass", "fail") else ""
         body.append(f"<tr{row_class}>{cells}</tr>")
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="box"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _verdict(passed: Any) -> str:
@@ -282,46 +383,37 @@ def _verdict(passed: Any) -> str:
     return "pass" if bool(passed) else "fail"
 
 
-def _cell(key: str, value: Any) -> str:
+def cell_text(key: str, value: Any) -> str:
+    """The text of a table cell: a cosine as numbers.fmt_cosine (its distance to 1 near 1), else numbers.fmt."""
     if key == "passed":
-        verdict = _verdict(value)
-        label = {"pass": "PASS", "fail": "FAIL", "skip": "n/a"}[verdict]
-        return f'<td class="{verdict}">{label}</td>'
-    numeric = isinstance(_plain(value), (int, float)) and not isinstance(_plain(value), bool)
-    css = ' class="num"' if numeric else ""
-    return f"<td{css}>{html.escape(_fmt(value))}</td>"
+        return {"pass": "PASS", "fail": "FAIL", "skip": "n/a"}[_verdict(value)]
+    return fmt_cosine(value) if "cos" in key else fmt(value)
+
+
+def _cell(key: str, value: Any, limit: float | None = None) -> str:
+    if key == "passed":
+        return f'<td class="{_verdict(value)}">{cell_text(key, value)}</td>'
+    classes = (["num"] if is_number(value) else []) + (
+        ["fail"] if limit is not None and is_number(value) and value > limit else [])
+    css = f' class="{" ".join(classes)}"' if classes else ""
+    return f"<td{css}>{html.escape(cell_text(key, value))}</td>"
 
 
 def _key_value_table(items: Mapping[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(key))}</th>{_cell(str(key), value)}</tr>"
+    rows = "".join(f"<tr><th>{html.escape(str(key))}</th>"
+                   f"{_cell(str(key), inline_text(value) if isinstance(value, (Mapping, list, tuple)) else value)}</tr>"
                    for key, value in items.items())
-    return f"<table><tbody>{rows}</tbody></table>"
+    return f'<div class="box"><table><tbody>{rows}</tbody></table></div>'
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _fmt(value: Any) -> str:
-    value = _plain(value)
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return str(value) if not math.isfinite(value) else f"{value:.6g}"
-    return str(value)
+def inline_text(value: Any, key: str = "") -> str:
+    """A value on one line, numbers formatted: a mapping as 'key: value; key: value' (not as dotted keys), a list
+    as 'a, b'."""
+    if isinstance(value, Mapping):
+        return "; ".join(f"{inner_key}: {inline_text(inner, str(inner_key))}" for inner_key, inner in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(inline_text(item, key) for item in value)
+    return cell_text(key, value)
 
 
 def _first(array: Any, count: int) -> np.ndarray | None:

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from singer_deploy.devices import autocast_for, compute_dtype, training_device
 from singer_deploy.models.backbone import Backbone
@@ -30,6 +29,7 @@ from singer_deploy.models.data import SkippedImages
 from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.models.hub import save_timm_dir
 from singer_deploy.train.loggers import open_loggers
+from singer_deploy.train.progress import Progress
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
@@ -166,10 +166,9 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     sampler = StreamSampler(len(data), train.batch_size, train.seed, rank, world)
     batches = step_batches(data, sampler, start, train.steps, device, train.workers)
     skipped, watch = SkippedImages(len(data)), NonFiniteWatch(device, train.steps)
-    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, disable=not progress or rank != 0,
-               desc=f"distil[{train.method}]")
+    shown = Progress(start, train.steps, f"distil[{train.method}]", enabled=progress and rank == 0)
     began, seen = time.perf_counter(), 0
-    for step, batch in zip(bar, batches):
+    for step, batch in zip(range(start, train.steps), batches):
         images = batch["image"].to(device, non_blocking=True)
         skipped.add(batch)
         terms = train_step(runner, images, optimizer, scheduler, params, train.grad_clip, autocast)
@@ -185,10 +184,12 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
             record = _log_record(done, terms, scheduler, seen / (time.perf_counter() - began), module)
             for logger in loggers:
                 logger.log(record)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "kd", "out", "info", "img_s")})
+            shown.logged(record)
+        shown.advance()
         if rank == 0 and checkpoint_due:
             _save_checkpoint(out_dir / CHECKPOINT, module, optimizer, scheduler, done, run)
     seconds = time.perf_counter() - began
+    shown.close()
     for logger in loggers:
         logger.close()
     diagnostics = _diagnostics(module)
