@@ -156,6 +156,28 @@ def test_cli_verify_fails_on_a_perturbed_artifact(tmp_path, finished):
     assert main(["verify", str(perturbed), str(golden)]) == EXIT_PARITY
 
 
+def test_a_redirected_cli_run_logs_plain_progress_lines_and_the_verdict(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "run")}))
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:    # a file, as in CI: not a terminal
+        done = subprocess.run([sys.executable, "-c", "import sys; from singer_deploy.pipeline.cli import main; "
+                               "sys.exit(main())", "distill", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                              timeout=600)
+    text = log.read_text()
+    assert done.returncode == EXIT_OK, text[-3000:]
+    assert "\r" not in text                                         # no progress-bar redraws
+    progress = [line for line in text.splitlines() if line.startswith("INFO distil[singer] step ")]
+    assert progress[0].startswith("INFO distil[singer] step 2/4 (50%) | loss ") and " img/s | ETA " in progress[0]
+    assert progress[-1].startswith("INFO distil[singer] step 4/4 (100%) | loss ") and "| done in " in progress[-1]
+    assert any(line.startswith("Verdict: ") for line in text.splitlines())
+
+
 def test_keyword_shortcuts_and_a_distill_only_run(tmp_path):
     import singer_deploy
 

@@ -29,8 +29,8 @@ from singer_deploy.errors import DataError
 from singer_deploy.io import atomic_write_text
 from singer_deploy.reporting import plots
 from singer_deploy.reporting.numbers import fmt, fmt_cosine, fmt_short, is_number
-from singer_deploy.reporting.verdict import (PARITY_LABELS, SPEEDUP, cosine_text, headline, latency_text,
-                                             ratio_text, state, worst_text)
+from singer_deploy.reporting.verdict import (PARITY_COSINES, PARITY_LABELS, SPEEDUP, cosine_text, headline,
+                                             latency_text, ratio_text, state, worst_text)
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -362,11 +362,14 @@ def _figure(png: bytes, alt: str, caption: str) -> str:
 def _table(rows: Rows, known: Mapping[str, str], *, strict: bool = False,
            flag_above: Mapping[str, float | None] | None = None) -> str:
     """Rows of dicts -> a table in its own scroll box; known keys first in their order, then any other key (none
-    with `strict`); a "passed" key colours rows; a value above `flag_above[key]` is marked."""
+    with `strict`); a "passed" key colours rows; a value above `flag_above[key]` is marked. A column of mappings
+    (e.g. a runner's `info`) would make every row many lines tall: it goes to a collapsed table under this one."""
     keys = [key for key in known if any(key in row for row in rows)]
     if not strict:
         for row in rows:
             keys += [key for key in row if key not in keys]
+    nested = [key for key in keys if any(isinstance(row.get(key), Mapping) for row in rows)]
+    keys = [key for key in keys if key not in nested]
     header = "".join(f"<th>{html.escape(known.get(key, key))}</th>" for key in keys)
     body = []
     for row in rows:
@@ -374,7 +377,12 @@ def _table(rows: Rows, known: Mapping[str, str], *, strict: bool = False,
         cells = "".join(_cell(key, row.get(key), (flag_above or {}).get(key)) for key in keys)
         row_class = f' class="{verdict}"' if verdict in ("pass", "fail") else ""
         body.append(f"<tr{row_class}>{cells}</tr>")
-    return f'<div class="box"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    table = f'<div class="box"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    for key in nested:
+        label = known.get(key, key)
+        items = {f"{fmt(row.get(keys[0]))}": inline_text(row[key]) for row in rows if key in row}
+        table += f"<details><summary>{html.escape(label)} per row</summary>{_key_value_table(items)}</details>"
+    return table
 
 
 def _verdict(passed: Any) -> str:
@@ -384,10 +392,11 @@ def _verdict(passed: Any) -> str:
 
 
 def cell_text(key: str, value: Any) -> str:
-    """The text of a table cell: a cosine as numbers.fmt_cosine (its distance to 1 near 1), else numbers.fmt."""
+    """The text of a table cell: a parity cosine as numbers.fmt_cosine (its distance to 1 near 1, where the gates
+    sit), else numbers.fmt."""
     if key == "passed":
         return {"pass": "PASS", "fail": "FAIL", "skip": "n/a"}[_verdict(value)]
-    return fmt_cosine(value) if "cos" in key else fmt(value)
+    return fmt_cosine(value) if key in PARITY_COSINES else fmt(value)
 
 
 def _cell(key: str, value: Any, limit: float | None = None) -> str:
