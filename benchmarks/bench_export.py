@@ -1,14 +1,16 @@
 """Export benchmark: PyTorch eager vs ONNX Runtime vs OpenVINO vs the `precision: auto` artifact on one CPU.
 
-    python benchmarks/bench_export.py [--model vit_small_patch16_224] [--threads 2] [--budget-s 5] [--json out.json]
+    python benchmarks/bench_export.py [--model vit_small_patch16_224] [--threads 2] [--budget-s 5]
+                                      [--batch-sizes 1 8] [--json out.json]
     quick check: --model vit_tiny_patch16_224 --img-size 64 --budget-s 0.3 --calib-images 16
 
-Random-init timm model, batch-1 latency on the same inputs for every runner (a time budget per runner, timed calls
+Random-init timm model, latency at each batch size on the same inputs for every runner (a time budget per runner, timed calls
 interleaved across runners so load from other processes falls on all alike), ratios against eager (same CPU) from
 this one run. Every row carries its parity against eager on synthetic-shape images and the precision its runtime
 reports it executed; OpenVINO runs at the f32 parity hint and at its deployment default. The yardstick is a plain
-`torch.onnx` export of the bare timm model; the `auto` artifact is what `precision: auto` ships for this host
-(INT8 calibrated on other synthetic images than the parity ones). Target: auto / fastest plain export >= 0.97.
+`torch.onnx` export of the bare timm model; the `auto` artifact is what `precision: auto` ships for this host with
+`export.batch_sizes` = --batch-sizes (INT8 calibrated on other synthetic images than the parity ones), run at the
+inference precision hint it was gated with. Target: auto / fastest plain export >= 1.0 at every batch size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from singer_deploy.export.parity import compare_outputs
 from singer_deploy.export.runner import TorchRunner
 from singer_deploy.models.data import SyntheticShapes, stack_images
 
-COLUMNS = ["runner", "realised_precision", "parity", "p50_ms", "p90_ms", "min_ms", "iters", "speedup_vs_torch",
+COLUMNS = ["runner", "batch", "realised_precision", "parity", "p50_ms", "p90_ms", "min_ms", "iters", "speedup_vs_torch",
            "throughput_ips", "size_mb", "build_s"]
 
 
@@ -66,24 +69,36 @@ def _parity(reference: dict, runners: dict, images: np.ndarray) -> dict[str, boo
     return passed
 
 
-def _print_report(args, host, rows: list[dict], decision, load: tuple, auto_label: str, plain_best: str,
-                  parity: dict, work: Path) -> None:
-    """Latency table with realised precision and parity, the auto decision table and the two same-run ratios."""
+def _print_report(args, host, rows: list[dict], decision, load: tuple, auto_label: str, parity: dict,
+                  work: Path) -> list[dict]:
+    """Latency table with realised precision and parity, the auto decision table and, per batch size, the same-run
+    ratios; returns the ratio rows."""
     load_before, load_after = load
-    p50 = {row["runner"]: row["p50_ms"] for row in rows}
-    print(f"# {args.model} @ {args.img_size}px, batch 1, {args.threads} threads, budget {args.budget_s:.1f} s/runner")
+    print(f"# {args.model} @ {args.img_size}px, batch sizes {args.batch_sizes}, {args.threads} threads, "
+          f"budget {args.budget_s:.1f} s/runner")
     print(f"# host: {host.summary()}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min; > {args.threads} means "
           f"other processes shared the CPU)\n")
     print(markdown_table(rows, COLUMNS))
-    print("\nprecision auto, per format (candidates gated and timed on this host):")
-    print(markdown_table(decision.rows, ["key", "realised", "native", "gate", "p50_ms", "chosen", "reason"]))
-    print(f"\nauto artifact vs the fastest plain export, same run (p50 ratio; >= 0.97 is the target): "
-          f"{p50[plain_best] / p50[auto_label]:.2f}x ({auto_label} {p50[auto_label]:.2f} ms vs {plain_best} "
-          f"{p50[plain_best]:.2f} ms); auto passes its gate: {parity[auto_label]}")
-    print(f"our fp32 exports vs plain timm, same run (p50; > 1 means ours is slower): onnx "
-          f"{p50['onnx/fp32'] / p50['plain/onnx']:.2f}x, openvino {p50['openvino/fp32'] / p50['plain/openvino']:.2f}x")
+    print("\nprecision auto, per format (candidates gated and timed on this host; the first batch size decides):")
+    extra = [f"p50_ms@{b}" for b in args.batch_sizes[1:]]
+    print(markdown_table(decision.rows, ["key", "realised", "native", "gate", "p50_ms", *extra, "chosen", "reason"]))
+    for line in decision.ranking_lines():
+        print(f"ranking at {line}")
+    ratios = []
+    for batch in args.batch_sizes:
+        p50 = {row["runner"]: row["p50_ms"] for row in rows if row["batch"] == batch}
+        plain_best = min((label for label in p50 if label.startswith("plain/")), key=p50.get)
+        ratios.append({"batch": batch, "auto": auto_label, "auto_p50_ms": p50[auto_label],
+                       "fastest_plain": plain_best, "plain_p50_ms": p50[plain_best],
+                       "auto_vs_plain": p50[plain_best] / p50[auto_label],
+                       "ours_vs_plain_onnx": p50["onnx/fp32"] / p50["plain/onnx"],
+                       "ours_vs_plain_openvino": p50["openvino/fp32"] / p50["plain/openvino"]})
+    print(f"\nauto artifact vs the fastest plain export, same run (p50 ratio, >= 1.0 is the target; auto passes its "
+          f"gate: {parity[auto_label]}); our fp32 exports vs plain timm (> 1 means ours is slower):")
+    print(markdown_table(ratios))
     print(f"\nartifacts in {work}")
+    return ratios
 
 
 def main() -> None:
@@ -94,6 +109,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed batch-1 calls per runner")
     parser.add_argument("--parity-images", type=int, default=16)
     parser.add_argument("--calib-images", type=int, default=64, help="INT8 calibration images for auto")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                        help="deployment batch sizes (export.batch_sizes): auto ships the fastest at the first")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -108,7 +125,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
 
     auto = export_auto(model, work / "auto", ("onnx", "openvino"), img_size=args.img_size, parity_images=images,
-                       calib_images=calib, budget_s=args.budget_s / 2)
+                       calib_images=calib, budget_s=args.budget_s / 2, batch_sizes=args.batch_sizes)
     result, decision = auto.result, auto.decision
     fastest = decision.fastest
     ours = {key: result.artifacts[key] for key in ("onnx/fp32", "openvino/fp32")}
@@ -117,20 +134,20 @@ def main() -> None:
                                              for key, rec in ours.items()}))
     runners.update(_plain_exports(model, args.img_size, work, args.threads))
     auto_label = f"auto ({fastest})"
-    runners[auto_label] = open_runner(result.artifacts[fastest].path, num_threads=args.threads)
+    shipped = result.artifacts[fastest]
+    runners[auto_label] = open_runner(shipped.path, num_threads=args.threads, **shipped.runner_options)
     reference = runners["torch"].load().run(images)
     parity = _parity(reference, runners, images)
-    rows = add_ratios(benchmark_runners(runners, images, budget_s=args.budget_s, parity=parity,
-                                        artifacts={k: r.path for k, r in ours.items()} |
-                                        {auto_label: result.artifacts[fastest].path},
-                                        build_seconds={k: r.seconds for k, r in ours.items()}), baseline="torch")
+    rows = [row for batch in args.batch_sizes for row in add_ratios(benchmark_runners(
+        runners, images, budget_s=args.budget_s, parity=parity, batch=batch,
+        artifacts={k: r.path for k, r in ours.items()} | {auto_label: shipped.path},
+        build_seconds={k: r.seconds for k, r in ours.items()}), baseline="torch")]
     load_after = os.getloadavg()
-    p50 = {row["runner"]: row["p50_ms"] for row in rows}
-    plain_best = min((label for label in p50 if label.startswith("plain/")), key=p50.get)
 
-    _print_report(args, host, rows, decision, (load_before, load_after), auto_label, plain_best, parity, work)
+    ratios = _print_report(args, host, rows, decision, (load_before, load_after), auto_label, parity, work)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "decision": decision.to_dict(), "host": host.to_dict(),
+                                         "ratios": ratios, "command": " ".join(sys.argv),
                                          "load": [load_before, load_after],
                                          "when": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
 

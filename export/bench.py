@@ -126,12 +126,15 @@ DEFAULT_HINT_SUFFIX = "@default"
 def with_deployment_defaults(runners: dict[str, Runner]) -> dict[str, Runner]:
     """`runners` plus, for every OpenVINO runner pinned to a precision hint (parity's f32), the same IR at the CPU
     plugin's own default hint ("<label>@default"): what a deployment that sets no hint gets (bf16 on CPUs with
-    native BF16). Its realised precision says which it was."""
+    native BF16). Its realised precision says which it was. An IR that several runners open at different hints
+    ("openvino/fp32" and "openvino/bf16" share the FP32 IR) gets one such row."""
     from singer_deploy.export.openvino import OpenVINORunner
 
     out = dict(runners)
+    seen: set[Path] = set()
     for label, runner in runners.items():
-        if isinstance(runner, OpenVINORunner) and runner.hint is not None:
+        if isinstance(runner, OpenVINORunner) and runner.hint is not None and runner.path not in seen:
+            seen.add(runner.path)
             out[label + DEFAULT_HINT_SUFFIX] = OpenVINORunner(runner.path, device=runner.device,
                                                               inference_precision=None,
                                                               num_threads=runner.num_threads,

@@ -198,15 +198,27 @@ def open_runner(artifact_path: str | Path, **options) -> Runner:
     return format_for_path(artifact_path).runner_class()(artifact_path, **options)
 
 
+def recorded_runner_options(bundle: GoldenBundle, artifact_path: str | Path) -> dict:
+    """The runner options a bundle was gated with, when the artifact is of the format the bundle was written for
+    (bundles written before they recorded options: none, the runner's parity defaults)."""
+    recorded_format = str(bundle.manifest.get("artifact_key", "")).partition("/")[0]
+    if recorded_format != format_for_path(artifact_path).name:
+        return {}
+    return dict(bundle.manifest.get("runner_options") or {})
+
+
 def verify(artifact_path: str | Path, bundle_dir: str | Path, *, runner: Runner | None = None,
            **runner_options) -> ParityReport:
     """Run the artifact on the bundle's inputs and gate it with the bundle's policy.
 
     The report's notes list environment differences and whether the artifact bytes changed since the bundle
-    was written; they do not fail the check by themselves (the numbers do).
+    was written; they do not fail the check by themselves (the numbers do). The artifact runs with the runner
+    options its bundle recorded (an OpenVINO IR at the inference precision hint it was gated with) unless
+    `runner_options` name others.
     """
     bundle = load_golden(bundle_dir)
-    runner = (runner or open_runner(artifact_path, **runner_options)).load()
+    runner = (runner or open_runner(artifact_path, **{**recorded_runner_options(bundle, artifact_path),
+                                                      **runner_options})).load()
     outputs = runner.run(bundle.inputs)
     report = compare_outputs(bundle.outputs, outputs, bundle.policy.precision, bundle.policy,
                              reference_name=f"golden:{Path(bundle_dir).name}",

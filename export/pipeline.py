@@ -5,6 +5,10 @@
             -> parity of each artifact against eager PyTorch on the caller's real images, gated per precision
             -> a golden bundle per artifact and an export manifest (JSON)
 
+An OpenVINO artifact is an IR and the inference precision hint it runs at (`runner_options`): parity gates it at
+that hint, its golden bundle records it for `verify`, and the manifest says so; "openvino/bf16" is the FP32 IR at
+the bf16 hint (docs/export.md, "OpenVINO").
+
 Reduced-precision ONNX / TensorRT / OpenVINO-INT8 artifacts come from the `converters` the caller passes, keyed
 by (format, precision); the pipeline layer passes singer_deploy.calibration's. Export itself knows no converter:
 asking for a precision nobody converts to is a ConfigError before any work.
@@ -25,7 +29,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from singer_deploy.config import CPU_FORMATS, ParityPolicy, check_precision, format_name, normalize_precision
+from singer_deploy.config import (CPU_FORMATS, FORMAT_PRECISIONS, ParityPolicy, check_precision, format_name,
+                                  normalize_precision)
 from singer_deploy.devices import cpu_copy
 from singer_deploy.errors import ConfigError, DataError, ParityError
 from singer_deploy.export.golden import REFERENCE_DIR, open_runner, runner_device, write_golden, write_reference
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "export_manifest.json"
 DEFAULT_GOLDEN_SIZE = 32   # images in the shared golden reference set (parity itself uses every parity image)
+# OpenVINO precision -> the INFERENCE_PRECISION_HINT its artifact is gated, timed and shipped with. f32 pins what the
+# IR stores (the CPU plugin's own default would run bf16 on CPUs with native BF16); precision "auto" passes "f16" for
+# the FP16 IR on CPUs that compute FP16 natively.
+OPENVINO_HINTS: dict[str, str] = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f32"}
 
 # fn(fp32_artifact, out_path, calib_images or None) -> the path written. "onnx" converters also feed TensorRT.
 Converter = Callable[[Path, Path, "np.ndarray | None"], Path]
@@ -61,12 +70,14 @@ class ArtifactRecord:
     seconds: float           # export / build time
     parity: ParityReport | None = None
     golden_dir: Path | None = None
+    runner_options: dict = field(default_factory=dict)   # how to open it: parity, goldens, verify and bench use them
     runner_info: dict = field(default_factory=dict)
     runner: Runner | None = field(default=None, repr=False, compare=False)   # opened for parity, kept for reuse
 
     def to_dict(self) -> dict:
         return {"key": self.key, "format": self.format, "precision": self.precision, "path": str(self.path),
-                "exporter": self.exporter, "seconds": self.seconds, "runner": self.runner_info,
+                "exporter": self.exporter, "seconds": self.seconds, "runner_options": dict(self.runner_options),
+                "runner": self.runner_info,
                 "golden_dir": None if self.golden_dir is None else str(self.golden_dir),
                 "parity": None if self.parity is None else self.parity.to_dict()}
 
@@ -171,7 +182,12 @@ def _plan(formats: Sequence[str], precisions: tuple[str, ...],
                           expected="one precision with " + ", ".join(gpu_only), found=", ".join(precisions),
                           fix="export the GPU formats in a separate call with one precision")
     for precision in precisions:
-        _plan_one(names, precision, converters)
+        # Several precisions (auto's candidates): each format builds those it carries, e.g. bf16 only for OpenVINO.
+        carried = [n for n in names if len(precisions) == 1 or precision in FORMAT_PRECISIONS[n]]
+        if not carried:
+            raise ConfigError(f"No requested format carries {precision}", expected=f"a format whose precisions "
+                              f"include {precision}", found=", ".join(names), fix=f"drop {precision}")
+        _plan_one(carried, precision, converters)
     return names
 
 
@@ -191,7 +207,7 @@ def _plan_one(names: list[str], precision: str, converters: dict[tuple[str, str]
 
                 import_torch_tensorrt()
         needs_converter = (name in ("onnx", "tensorrt") and precision != "fp32") or \
-                          (name == "openvino" and precision not in ("fp32", "fp16"))
+                          (name == "openvino" and precision == "int8")
         if needs_converter:
             _converter(converters, "openvino" if name == "openvino" else "onnx", precision)
 
@@ -203,7 +219,8 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
                    policy: ParityPolicy | None = None, opset: int = DEFAULT_OPSET, stem: str = "student",
                    tensorrt_config: TensorRTBuildConfig | None = None, write_goldens: bool = True,
                    converters: Converters | None = None, golden_size: int = DEFAULT_GOLDEN_SIZE,
-                   polygraphy_goldens: bool = False) -> ExportResult:
+                   polygraphy_goldens: bool = False, openvino_hints: Mapping[str, str] | None = None
+                   ) -> ExportResult:
     """Export `student` (+ projector) to `formats`, check every artifact against eager PyTorch on
     `parity_images` (real, normalised images, float32 (B, C, H, W), B >= 11 for a full kNN@10 check), write a
     golden bundle per artifact and `export_manifest.json`. `policy` overrides the gate of artifacts whose precision
@@ -213,6 +230,7 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     The bundles share one reference set (`goldens/reference/`: the first `golden_size` parity images and their
     eager outputs), also written in Polygraphy's formats when `polygraphy_goldens` (export/polygraphy_goldens.py).
     Several precisions (CPU formats only) build every one side by side, e.g. the candidates of precision "auto".
+    `openvino_hints` overrides OPENVINO_HINTS (precision -> inference precision hint of that OpenVINO artifact).
     Returns the result without raising on parity failure: call `.raise_if_failed()` to gate.
     """
     precisions = _precisions(precision)
@@ -239,7 +257,7 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
     ref_outputs = reference.run(parity_images)
 
     records = _export_all(wrapper, out_dir, names, precisions, stem, opset, calib_images, tensorrt_config,
-                          converters)
+                          converters, {**OPENVINO_HINTS, **(openvino_hints or {})})
     goldens = None
     if write_goldens:
         with stage(f"goldens: shared reference set of {min(golden_size, len(parity_images))} images"
@@ -247,9 +265,10 @@ def export_student(student: nn.Module, out_dir: str | Path, formats: Sequence[st
             goldens = _GoldenSet.write(out_dir / "goldens", parity_images, ref_outputs, golden_size, wrapper,
                                        polygraphy_goldens)
     for record in records:
-        # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider; OpenVINO: f32 hint).
+        # Default runner options are the parity settings (ORT: TensorRT > CUDA > CPU provider); an OpenVINO
+        # record runs at its own hint.
         log.info("parity: %s on %d images", record.key, len(parity_images))
-        runner = open_runner(record.path).load()
+        runner = open_runner(record.path, **record.runner_options).load()
         gate = policy if (policy is not None and record.precision in precisions) else \
             ParityPolicy.for_precision(record.precision)
         record.parity = compare_outputs(ref_outputs, runner.run(parity_images), record.precision, gate,
@@ -282,7 +301,7 @@ class _GoldenSet:
         return cls(root, arrays, outputs, polygraphy)
 
     def bundle(self, record: ArtifactRecord, gate: ParityPolicy, model: nn.Module, device: str) -> Path:
-        extra = {"artifact_key": record.key, "exporter": record.exporter}
+        extra = {"artifact_key": record.key, "exporter": record.exporter, "runner_options": record.runner_options}
         command = polygraphy_command(record.path, self.root / REFERENCE_DIR, gate, self.outputs) \
             if self.polygraphy else None
         if command is not None:
@@ -303,8 +322,8 @@ def stage(what: str) -> Iterator[None]:
 
 def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], precisions: tuple[str, ...],
                 stem: str, opset: int, calib_images: np.ndarray | None,
-                tensorrt_config: TensorRTBuildConfig | None,
-                converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
+                tensorrt_config: TensorRTBuildConfig | None, converters: dict[tuple[str, str], Converter],
+                openvino_hints: Mapping[str, str]) -> list[ArtifactRecord]:
     records: list[ArtifactRecord] = []
     precision = precisions[0]   # the GPU formats' one precision (_plan allows several for CPU formats only)
     onnx_fp32 = None
@@ -315,7 +334,7 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
                                    exported.seconds)
     onnx_records = {"fp32": onnx_fp32}
     if onnx_fp32 is not None and {"onnx", "tensorrt"} & set(names):
-        for reduced in (p for p in precisions if p != "fp32"):
+        for reduced in (p for p in precisions if p != "fp32" and p in FORMAT_PRECISIONS["onnx"]):
             start = time.perf_counter()
             convert = converters[("onnx", reduced)]
             with stage(f"{'quantize' if reduced == 'int8' else 'convert'}: ONNX {reduced} "
@@ -324,9 +343,9 @@ def _export_all(wrapper: ExportableStudent, out_dir: Path, names: list[str], pre
             onnx_records[reduced] = ArtifactRecord(f"onnx/{reduced}", "onnx", reduced, Path(path),
                                                    _converter_name(convert), time.perf_counter() - start)
     if "onnx" in names:
-        records += [onnx_records[p] for p in precisions]
+        records += [onnx_records[p] for p in precisions if p in onnx_records]
     if "openvino" in names:
-        records += _export_openvino(onnx_fp32, out_dir, stem, precisions, calib_images, converters)
+        records += _export_openvino(onnx_fp32, out_dir, stem, precisions, calib_images, converters, openvino_hints)
     if "tensorrt" in names:
         from singer_deploy.export.tensorrt import build_engine
 
@@ -354,8 +373,9 @@ def _converter_name(convert: Converter) -> str:
 
 
 def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precisions: tuple[str, ...],
-                     calib_images: np.ndarray | None,
-                     converters: dict[tuple[str, str], Converter]) -> list[ArtifactRecord]:
+                     calib_images: np.ndarray | None, converters: dict[tuple[str, str], Converter],
+                     hints: Mapping[str, str]) -> list[ArtifactRecord]:
+    """The FP32 + FP16 IR pair, the FP32 IR at the bf16 hint when bf16 is asked for, and the INT8 IR when INT8 is."""
     from singer_deploy.export.openvino import export_openvino
 
     with stage(f"export: OpenVINO IR fp32 + fp16 from {onnx_fp32.path.name}"):
@@ -365,6 +385,9 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
                               ir.seconds),
                ArtifactRecord("openvino/fp16", "openvino", "fp16", ir.fp16_xml, f"{how}(compress_to_fp16=True)",
                               ir.seconds)]
+    if "bf16" in precisions:
+        records.append(ArtifactRecord("openvino/bf16", "openvino", "bf16", ir.fp32_xml,
+                                      f"{how}(compress_to_fp16=False)", ir.seconds))
     if "int8" in precisions:
         start = time.perf_counter()
         convert = converters[("openvino", "int8")]
@@ -372,4 +395,6 @@ def _export_openvino(onnx_fp32: ArtifactRecord, out_dir: Path, stem: str, precis
             path = convert(ir.fp32_xml, out_dir / f"{stem}_int8.xml", calib_images)
         records.append(ArtifactRecord("openvino/int8", "openvino", "int8", Path(path), _converter_name(convert),
                                       time.perf_counter() - start))
+    for record in records:
+        record.runner_options = {"inference_precision": hints[record.precision]}
     return records

@@ -288,7 +288,7 @@ _PRECISION_ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16"
 # Format -> the precisions its artifacts can carry (the reduced ones made by singer_deploy.calibration).
 FORMAT_PRECISIONS: dict[str, tuple[str, ...]] = {
     "onnx": ("fp32", "fp16", "int8"),
-    "openvino": ("fp32", "fp16", "int8"),
+    "openvino": ("fp32", "fp16", "bf16", "int8"),   # bf16: the FP32 IR run at the bf16 inference precision hint
     "tensorrt": ("fp32", "fp16", "bf16", "int8"),
     "torch_tensorrt": ("fp32", "fp16", "bf16"),
 }
@@ -586,9 +586,11 @@ class ExportSpec:
     benchmark: bool = True
     golden_size: int = 32          # images in the run's shared golden reference set (all artifacts point at it)
     polygraphy_goldens: bool = False   # also write the goldens in Polygraphy's formats (needs polygraphy)
+    batch_sizes: tuple[int, ...] = (1,)   # deployment batch sizes: auto ships the fastest at the first, ranks the rest
 
     def __post_init__(self):
         target_name(self.target)
+        check_batch_sizes(self.batch_sizes)
         auto = is_auto_precision(self.precision)
         precision = "int8" if auto else normalize_precision(self.precision)   # auto may build INT8
         for fmt in self.formats:
@@ -605,6 +607,15 @@ class ExportSpec:
         if precision == "int8" and self.calibration_size < 1:
             raise ConfigError("export.precision: INT8 needs calibration data", expected="export.calibration_size >= 1",
                               found=str(self.calibration_size), fix="set calibration_size (e.g. 300)")
+
+
+def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+    """export.batch_sizes / --batch-sizes: a non-empty list of positive integers."""
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ConfigError("export.batch_sizes must list positive integers", expected="e.g. [1] or [1, 8, 32] (auto "
+                          "ships the fastest at the first)", found=repr(list(batch_sizes or [])),
+                          fix="batch_sizes: [1]")
+    return tuple(batch_sizes)
 
 
 def _check_weight_source(role: str, spec: ModelSpec) -> None:

@@ -42,9 +42,9 @@ def test_precision_rules():
     assert normalize_precision("FP16") == "fp16" and normalize_precision("float32") == "fp32"
     with pytest.raises(ConfigError):
         normalize_precision("fp64")
-    assert check_precision("trt", "BF16") == "bf16"
+    assert check_precision("trt", "BF16") == "bf16" and check_precision("ov", "bf16") == "bf16"
     with pytest.raises(ConfigError, match="cannot carry"):
-        check_precision("openvino", "bf16")
+        check_precision("onnx", "bf16")
 
 
 def test_the_export_table_and_the_config_names_agree():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from singer_deploy.errors import EXIT_OK
+from singer_deploy.errors import EXIT_INPUT, EXIT_OK
+from singer_deploy.export.golden import verify
 from singer_deploy.export.hardware import host_capabilities
 from singer_deploy.pipeline.cli import main
 
@@ -35,13 +36,19 @@ PRECISIONS = ("fp32", "fp16", "int8", "auto")
 
 # File each artifact key is written to (OpenVINO IRs come with a .bin beside the .xml).
 FILES = {"onnx/fp32": "student.onnx", "onnx/fp16": "student_fp16.onnx", "onnx/int8": "student_int8.onnx",
-         "openvino/fp32": "student_fp32.xml", "openvino/fp16": "student_fp16.xml", "openvino/int8": "student_int8.xml"}
+         "openvino/fp32": "student_fp32.xml", "openvino/fp16": "student_fp16.xml", "openvino/int8": "student_int8.xml",
+         "openvino/bf16": "student_fp32.xml"}   # the FP32 IR, run at the bf16 inference precision hint
+# The inference precision hint each OpenVINO artifact is gated and shipped with (auto: FP16 computes in FP16 where
+# this host can).
+HINTS = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def expected_artifacts(fmt: str, precision: str) -> set[str]:
     """What one format leaves for one requested precision (the contract of docs/export.md)."""
+    host = host_capabilities()
     if precision == "auto":   # every candidate the host computes natively is built, gated and kept
-        native = {"fp32", "int8"} | ({"fp16"} if host_capabilities().fp16 or fmt == "openvino" else set())
+        native = {"fp32", "int8"} | ({"fp16"} if host.fp16 or fmt == "openvino" else set()) | \
+            ({"bf16"} if host.bf16 and fmt == "openvino" else set())
         return {f"{fmt}/{p}" for p in native}
     built = {precision} | ({"fp32"} if precision == "int8" else set())   # INT8 is measured against FP32
     if fmt == "openvino":
@@ -71,6 +78,7 @@ def check_export(out: Path, formats: tuple[str, ...], precision: str) -> dict:
     shipped = manifest["shipped"]
     assert (None if shipped is None else set(shipped)) == expected_shipped(formats, precision)
     assert manifest["passed"] is True
+    host = host_capabilities()
     for key, record in manifest["artifacts"].items():
         path = Path(record["path"])
         assert path.name == FILES[key] and path.is_file(), key
@@ -78,7 +86,16 @@ def check_export(out: Path, formats: tuple[str, ...], precision: str) -> dict:
             assert path.with_suffix(".bin").is_file(), key
         bundle = out / "goldens" / key.replace("/", "-")
         assert Path(record["golden_dir"]) == bundle and (bundle / "manifest.json").is_file(), key
-        if shipped is None or key in shipped.values():
+        if key.startswith("openvino/"):
+            fmt_precision = key.split("/")[1]
+            hint = "f16" if precision == "auto" and fmt_precision == "fp16" and host.fp16 else HINTS[fmt_precision]
+            assert record["runner_options"] == {"inference_precision": hint}, key
+            bundle_manifest = json.loads((bundle / "manifest.json").read_text())
+            assert bundle_manifest["runner_options"] == record["runner_options"], key
+            # verify (and so the CLI and the pytest fixture) runs the IR at the hint it was gated with.
+            report = verify(path, bundle)
+            assert report.passed and report.notes["runner"]["requested_precision_hint"] == hint, key
+        elif shipped is None or key in shipped.values():
             assert main(["verify", str(path), str(bundle)]) == EXIT_OK, key
     assert (out / "goldens" / "reference" / "golden.npz").is_file()
     return manifest
@@ -99,6 +116,19 @@ def test_export_run_dir_leaves_what_each_format_and_precision_promise(run_dir, f
         assert all(f"auto {key}: " in captured.out for key in rows)
 
 
+def test_bf16_is_an_openvino_precision_and_refused_for_onnx(run_dir, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["export", str(run_dir), "--formats", "openvino", "--precision", "bf16", "--out", str(out)]) == EXIT_OK
+    manifest = check_export(out, ("openvino",), "bf16")
+    realised = manifest["artifacts"]["openvino/bf16"]["runner"]["realised_precision"]
+    if host_capabilities().bf16:
+        assert realised == "bf16"
+    code = main(["export", str(run_dir), "--formats", "onnx", "openvino", "--precision", "bf16", "--out",
+                 str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT and "onnx cannot carry precision bf16" in err.lower() and "Traceback" not in err
+
+
 @pytest.mark.parametrize("precision", ("fp16", "int8"))
 def test_run_with_openvino_alone_at_a_reduced_precision(tmp_path, precision, capsys):
     config = tmp_path / "ov.yaml"
@@ -106,4 +136,17 @@ def test_run_with_openvino_alone_at_a_reduced_precision(tmp_path, precision, cap
                                                          "precision": precision}}))
     code = main(["run", str(config), "--out-dir", str(tmp_path / "run"), "--no-progress"])
     assert code == EXIT_OK, capsys.readouterr().err
-    check_export(tmp_path / "run" / "export", ("openvino",), precision)
+    manifest = check_export(tmp_path / "run" / "export", ("openvino",), precision)
+    # The model card says how each shipped artifact was gated: a deployment runs it the same way.
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    shipped = manifest["artifacts"] if manifest["shipped"] is None else manifest["shipped"].values()
+    for key in shipped:
+        assert f"- {key}: inference_precision={manifest['artifacts'][key]['runner_options']['inference_precision']}" \
+            in card
+
+
+def test_batch_sizes_are_checked_before_any_work(run_dir, tmp_path, capsys):
+    code = main(["export", str(run_dir), "--precision", "auto", "--batch-sizes", "1", "0", "--out",
+                 str(tmp_path / "never")])
+    assert code == EXIT_INPUT and "batch_sizes must list positive integers" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -52,7 +52,11 @@ def test_a_config_built_in_code_is_validated_like_one_read_from_yaml():
     from singer_deploy.config import ExportSpec, ModelSpec, TensorRTBuildConfig
 
     with pytest.raises(ConfigError, match="cannot carry precision bf16"):
-        ExportSpec(formats=("openvino",), precision="bf16")
+        ExportSpec(formats=("onnx", "openvino"), precision="bf16")
+    with pytest.raises(ConfigError, match="batch_sizes must list positive integers"):
+        ExportSpec(batch_sizes=(1, 0))
+    with pytest.raises(ConfigError, match="batch_sizes must list positive integers"):
+        ExportSpec(batch_sizes=())
     with pytest.raises(ConfigError, match="layers: index beyond the teacher's depth"):
         RunConfig(layers=(42,))
     with pytest.raises(ConfigError, match="planted model is a teacher only"):

@@ -169,10 +169,11 @@ def _export_and_bench(result: DistillResult, out_dir: Path, eval_images: np.ndar
     if not config.export.benchmark:
         return exported, []
     with _timed(timings, "bench_s"):
-        latency_rows = bench(exported.reference, exported.runners, eval_images, artifacts=exported.paths,
-                             build_seconds={key: record.seconds for key, record in exported.artifacts.items()},
-                             parity={key: record.parity.passed for key, record in exported.artifacts.items()
-                                     if record.parity is not None})
+        latency_rows = [row for batch in config.export.batch_sizes for row in bench(
+            exported.reference, exported.runners, eval_images, artifacts=exported.paths, batch=batch,
+            build_seconds={key: record.seconds for key, record in exported.artifacts.items()},
+            parity={key: record.parity.passed for key, record in exported.artifacts.items()
+                    if record.parity is not None})]
     return exported, latency_rows
 
 
@@ -317,17 +318,20 @@ def export(result: DistillResult, out_dir: Path, eval_images: np.ndarray, config
     return export_model(result.student, result.projectors.last, out_dir, eval_images, train_data,
                         formats=config.export.formats, precision=config.export.precision,
                         calibration_size=config.export.calibration_size, target=config.export.target,
-                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens)
+                        golden_size=config.export.golden_size, polygraphy_goldens=config.export.polygraphy_goldens,
+                        batch_sizes=config.export.batch_sizes)
 
 
 def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, eval_images: np.ndarray,
                  train_data: Dataset, *, formats: Sequence[str], precision: str, calibration_size: int,
-                 target: str = "host", golden_size: int = 32, polygraphy_goldens: bool = False) -> ExportResult:
+                 target: str = "host", golden_size: int = 32, polygraphy_goldens: bool = False,
+                 batch_sizes: Sequence[int] = (1,)) -> ExportResult:
     """export_student with calibration's converters for `target`: where the pipeline composes the two.
 
     INT8 calibrates on up to `calibration_size` training images, never on the parity (eval) images, so its gate is
-    out of sample; the manifest records both sets by index and hash. Precision "auto" builds every native candidate
-    and ships the fastest passing one per format (calibration/auto_export.py); an explicit INT8 also builds FP32
+    out of sample; the manifest records both sets by index and hash. Precision "auto" builds every native candidate,
+    times each at every one of `batch_sizes` and ships the fastest passing one per format at the first
+    (calibration/auto_export.py); an explicit INT8 also builds FP32
     beside it, so the run can warn when INT8 is the slower one here (`_precision_summary`).
     """
     from singer_deploy.calibration.auto_export import export_auto
@@ -343,7 +347,8 @@ def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, 
     goldens = {"golden_size": golden_size, "polygraphy_goldens": polygraphy_goldens}
     if auto:
         exported = export_auto(student.model, out_dir, formats, img_size=student.img_size, projector=projector,
-                               parity_images=eval_images, calib_images=calib, target=target, **goldens).result
+                               parity_images=eval_images, calib_images=calib, target=target,
+                               batch_sizes=batch_sizes, **goldens).result
     else:
         # A GPU format among them: the Q/DQ file feeds a TensorRT build, so it takes TensorRT's INT8 encoding.
         gpu_int8 = any(format_name(f) not in CPU_FORMATS for f in formats)
@@ -471,10 +476,16 @@ def _precision_summary(exported: ExportResult, latency_rows: list[dict], config:
     out: dict = {"target": exported.notes.get("target", {}).get("isa", config.export.target)}
     if exported.shipped is not None:
         out["shipped"] = exported.shipped
+    shipped = exported.artifacts if exported.shipped is None else exported.shipped.values()
+    # How each shipped artifact was gated and timed, so a deployment runs it the same way (OpenVINO's hint).
+    out["runner options"] = {key: ", ".join(f"{k}={v}" for k, v in exported.artifacts[key].runner_options.items())
+                             for key in shipped if exported.artifacts[key].runner_options}
     decision = exported.notes.get("precision_decision")
     if decision:
         out["precision auto"] = {row["key"]: ("SHIPPED: " if row["chosen"] else "not chosen: ") + row["reason"]
                                  for row in decision["table"]}
+        if decision.get("ranking_lines"):
+            out["precision auto ranking"] = decision["ranking_lines"]
     if "calibration" in exported.notes:
         calib = exported.notes["calibration"]
         out["int8 calibration"] = (f"{calib['size']} training images, {calib['overlap_with_parity']} shared with the "

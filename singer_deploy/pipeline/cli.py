@@ -119,6 +119,9 @@ def _add_artifact_commands(sub) -> None:
     export.add_argument("--target", default=None,
                         help="CPU the artifacts will run on: host, avx2, avx512, avx512_vnni, avx512_bf16, amx ... "
                              "(default: the run config's export.target, host for a timm model)")
+    export.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                        help="deployment batch sizes: auto ships the fastest at the first and ranks the others "
+                             "(default: the run config's export.batch_sizes, [1])")
     export.add_argument("--out", default=None, help="output folder (default RUN_DIR/export-PRECISION, or "
                                                     "exports/NAME-PRECISION for a timm model)")
     export.set_defaults(handler=_cmd_export)
@@ -279,12 +282,13 @@ def _cmd_export(args) -> int:
                               expected="a timm name with them, or a run directory alone", found=str(source),
                               fix="drop them: a run directory exports its own student on its own images")
         result = export_run(source, args.formats, args.precision, Path(args.out) if args.out else None,
-                            target=args.target)
+                            target=args.target, batch_sizes=args.batch_sizes)
     else:
         raw = {"student": {"name": args.source, "weights": args.weights},
                "data": {"source": args.images or "synthetic"},
                "export": {"formats": args.formats, "precision": args.precision,
-                          **({"target": args.target} if args.target else {})}}
+                          **({"target": args.target} if args.target else {}),
+                          **({"batch_sizes": args.batch_sizes} if args.batch_sizes else {})}}
         config = load_run_config(apply_overrides(raw, args.overrides))
         name = args.source.replace(":", "-").replace("/", "-").strip("-")
         result = export_timm_model(config, Path(args.out or f"exports/{name}-{config.export.precision}"))
@@ -293,8 +297,11 @@ def _cmd_export(args) -> int:
         role = "" if result.shipped is None else ("  SHIPPED" if key in shipped else "  (candidate)")
         print(f"{key}: {record.path} parity {'pass' if record.parity.passed else 'FAIL'}"
               f" realised {record.runner_info.get('realised_precision', '?')}{role}")
-    for row in result.notes.get("precision_decision", {}).get("table", []):
+    decision = result.notes.get("precision_decision", {})
+    for row in decision.get("table", []):
         print(f"  auto {row['key']}: {'SHIPPED' if row['chosen'] else 'not chosen'} - {row['reason']}")
+    for line in decision.get("ranking_lines", []):
+        print(f"  auto ranking at {line}")
     result.raise_if_failed()
     return EXIT_OK
 

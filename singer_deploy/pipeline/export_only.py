@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from singer_deploy.config import RunConfig
+from singer_deploy.config import RunConfig, check_batch_sizes
 from singer_deploy.errors import ConfigError
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
@@ -56,14 +56,18 @@ def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
 
 
 def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None,
-               target: str | None = None) -> ExportResult:
+               target: str | None = None, batch_sizes: Sequence[int] | None = None) -> ExportResult:
     """Export a finished run's student (+ last-layer projector) with parity on its held-out images, INT8
-    calibrated on its training images, for `target` (default: the run config's export.target)."""
+    calibrated on its training images, for `target` and `batch_sizes` (default: the run config's export.target and
+    export.batch_sizes)."""
+    if batch_sizes is not None:
+        check_batch_sizes(batch_sizes)
     config, student, projector, eval_images, train_data = load_run(run_dir)
     return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images, train_data,
                         formats=formats, precision=precision, calibration_size=config.export.calibration_size,
                         target=target or config.export.target, golden_size=config.export.golden_size,
-                        polygraphy_goldens=config.export.polygraphy_goldens)
+                        polygraphy_goldens=config.export.polygraphy_goldens,
+                        batch_sizes=batch_sizes or config.export.batch_sizes)
 
 
 def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
@@ -75,7 +79,7 @@ def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
     return export_model(student, None, out_dir, eval_images, train_data, formats=config.export.formats,
                         precision=config.export.precision, calibration_size=config.export.calibration_size,
                         target=config.export.target, golden_size=config.export.golden_size,
-                        polygraphy_goldens=config.export.polygraphy_goldens)
+                        polygraphy_goldens=config.export.polygraphy_goldens, batch_sizes=config.export.batch_sizes)
 
 
 def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1,),
@@ -103,6 +107,7 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     exported = json.loads(listing.read_text())["artifacts"]
     parity = {key: a["parity"]["passed"] for key, a in exported.items() if a.get("parity")}
     artifacts = {key: Path(a["path"]) for key, a in exported.items()}
+    options = {key: a.get("runner_options") or {} for key, a in exported.items()}   # e.g. OpenVINO's precision hint
     if formats:
         wanted = {format_name(name) for name in formats}
         artifacts = {key: path for key, path in artifacts.items() if format_for_path(path).name in wanted}
@@ -114,8 +119,8 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
         torch.set_num_threads(threads)
     _, student, projector, eval_images, _ = load_run(run_dir)
     reference = TorchRunner(student.model.eval(), projector=projector)
-    runners = {key: open_runner(path, **({"num_threads": threads} if threads and format_for_path(path).name
-                                         in ("onnx", "openvino") else {}))
+    runners = {key: open_runner(path, **options[key], **({"num_threads": threads} if threads and
+                                                         format_for_path(path).name in ("onnx", "openvino") else {}))
                for key, path in artifacts.items()}
     rows = []
     for batch in batch_sizes:

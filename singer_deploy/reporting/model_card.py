@@ -64,11 +64,21 @@ def model_card(student_dir: Path, *, config: Mapping[str, Any], summary: Mapping
         *_artifact_lines(summary.get("artifacts")), "",
         "## Parity of the exported artifacts against eager PyTorch", "",
         markdown_table(list(parity), _PARITY_COLUMNS, digits=6) if parity else "Not run (no export in this run).", "",
+        *_runner_option_lines(summary.get("runner options")),
         "## Latency", "",
         markdown_table(list(latency), _LATENCY_COLUMNS) if latency else "Not run (no benchmark in this run).", "",
         "Latency depends on the machine and its load; re-measure with `singer-deploy bench RUN_DIR`.", "",
     ]
     return "\n".join(lines)
+
+
+def _runner_option_lines(options: Mapping[str, str] | None) -> list[str]:
+    """How each shipped artifact was gated and timed (e.g. an OpenVINO IR's inference precision hint): `verify` and
+    the golden_check fixture run it the same way; a deployment should too."""
+    if not options:
+        return []
+    return ["Run each shipped artifact as it was gated and timed (`singer-deploy verify` does):", "",
+            *[f"- {key}: {setting}" for key, setting in options.items()], ""]
 
 
 def _kwargs(kwargs: Mapping[str, Any] | None) -> str:
