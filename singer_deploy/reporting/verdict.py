@@ -185,7 +185,9 @@ def _artifact_items(rows: Sequence[Mapping[str, Any]], judged: Sequence[str], li
 
 def _shipped_items(parity: Mapping[str, Any], shipped: Mapping[str, str] | None,
                    decision: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    by_runner = {row["runner"]: row for row in latency_rows}
+    by_runner: dict[str, Mapping[str, Any]] = {}
+    for row in latency_rows:   # several export.batch_sizes: the first is the one the artifact ships for
+        by_runner.setdefault(row["runner"], row)
     reasons = {row["key"]: row["reason"] for row in decision if row.get("chosen")}
     keys = list(shipped.values()) if shipped is not None else list(parity)
     items = []
