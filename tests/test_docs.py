@@ -52,3 +52,13 @@ def test_every_headline_figure_is_in_the_results_section_it_links_to():
         section = _section(results, anchors[0])
         missing = [figure for figure in FIGURE.findall(line) if figure not in section]
         assert not missing, f"{missing} of '{line[:60]}...' are not in docs/results.md#{anchors[0]}"
+
+
+def test_the_readme_demo_output_is_the_recorded_run_it_links_to():
+    readme = README.read_text()
+    quoted = readme[readme.index("[the whole output, host and date](docs/results.md#demo-run)"):]
+    quoted = quoted[quoted.index("```\n") + 4:]
+    quoted = quoted[:quoted.index("```")].splitlines()
+    recorded = _section((ROOT / "docs" / "results.md").read_text(), "demo-run")
+    assert quoted[0].startswith("Run: ") and quoted[1].startswith("Verdict: ")
+    assert [line for line in quoted if line not in recorded.splitlines()] == []

@@ -115,7 +115,7 @@ img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: 
 #verdict h2 { margin: 0.3em 0 0.1em; } #verdict .headline { margin: 0 0 0.5em; font-size: 1.05em; }
 #verdict table { width: 100%; } #verdict th { width: 7em; background: #eee; }
 td.remain, td.warning { color: #8a5a00; font-weight: bold; }
-details { margin: 0.3em 0; }
+details { margin: 0.3em 0; } table.kv td.num { text-align: left; }
 """
 
 
@@ -412,7 +412,7 @@ def _key_value_table(items: Mapping[str, Any]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(key))}</th>"
                    f"{_cell(str(key), inline_text(value) if isinstance(value, (Mapping, list, tuple)) else value)}</tr>"
                    for key, value in items.items())
-    return f'<div class="box"><table><tbody>{rows}</tbody></table></div>'
+    return f'<div class="box"><table class="kv"><tbody>{rows}</tbody></table></div>'
 
 
 def inline_text(value: Any, key: str = "") -> str:
