@@ -17,7 +17,7 @@ from singer_deploy.calibration.policy import DEFAULT_POLICY, nncf_args
 from singer_deploy.config import PrecisionPolicy
 from singer_deploy.calibration.selection import CalibrationSet
 from singer_deploy.errors import ConfigError, ExportError
-from singer_deploy.export.openvino import export_openvino
+from singer_deploy.export.openvino import export_openvino, save_ir
 from singer_deploy.export.openvino_core import import_openvino, openvino_core
 
 
@@ -43,7 +43,6 @@ def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: Cal
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    ov = import_openvino()
     model = load_openvino_model(source)
     subset = subset_size or len(calibration)
     if subset < 1 or len(calibration) == 0:
@@ -64,19 +63,12 @@ def quantize_openvino_int8(source: Any, output_xml: str | Path, calibration: Cal
                           found=f"{type(exc).__name__}: {exc}", fix="quantize the FP32 IR (student_fp32.xml)") from exc
     finally:
         nncf.set_log_level(previous)
-    output_xml = Path(output_xml)
-    output_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(output_xml), compress_to_fp16=False)
-    return output_xml
+    return save_ir(quantized, Path(output_xml), compress_to_fp16=False)
 
 
 def openvino_fp16(source: Any, out_dir: str | Path, *, stem: str = "student") -> Path:
     """The FP16-compressed IR: export_openvino's for an ONNX file; a re-save with compression for an ov.Model/IR."""
-    ov = import_openvino()
     out_dir = Path(out_dir)
     if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx":
         return export_openvino(source, out_dir, stem=stem, fp16=True).fp16_xml
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output_xml = out_dir / f"{stem}_fp16.xml"
-    ov.save_model(load_openvino_model(source), str(output_xml), compress_to_fp16=True)
-    return output_xml
+    return save_ir(load_openvino_model(source), out_dir / f"{stem}_fp16.xml", compress_to_fp16=True)

@@ -28,6 +28,7 @@ from singer_deploy.export.realised_runtime import onnxruntime_realised
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.runtimes import import_onnxruntime
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
+from singer_deploy.io import atomic_path
 
 DEFAULT_OPSET = 18
 _META_PREFIX = "singer_deploy."
@@ -126,6 +127,25 @@ def simplify_onnx(path: Path, x: np.ndarray) -> tuple[bool, str]:
     return True, "simplified with onnxslim and re-verified"
 
 
+def _export_graph(wrapper: ExportableStudent, x: torch.Tensor, path: Path, opset: int,
+                  dynamic: bool) -> tuple[str, str | None, float]:
+    """Write the graph to `path` with the dynamo exporter, else TorchScript; (exporter, fallback reason, seconds)."""
+    start = time.perf_counter()
+    exporter, fallback_reason = "dynamo", None
+    with explicit_attention(wrapper), torch.no_grad():
+        try:
+            _export_dynamo(wrapper, x, path, opset, dynamic)
+        except Exception as exc:  # any dynamo failure: the legacy exporter is the documented fallback
+            exporter, fallback_reason = "torchscript", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            try:
+                _export_torchscript(wrapper, x, path, opset, dynamic)
+            except Exception as exc2:
+                raise ExportError("Both ONNX exporters failed", expected="a traceable student graph",
+                                  found=f"dynamo: {fallback_reason}; torchscript: {type(exc2).__name__}: {exc2}",
+                                  fix="check that the student is a timm ViT at a fixed img_size") from exc2
+    return exporter, fallback_reason, time.perf_counter() - start
+
+
 def export_onnx(student: nn.Module, path: str | Path, *, projector: nn.Module | None = None,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, trace_batch: int = 2,
                 simplify: bool = False) -> OnnxExport:
@@ -139,35 +159,24 @@ def export_onnx(student: nn.Module, path: str | Path, *, projector: nn.Module | 
     wrapper = student if isinstance(student, ExportableStudent) else ExportableStudent(student, projector)
     wrapper = on_cpu(wrapper)   # traced on the CPU in fp32 (singer_deploy.devices)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = example_batch(wrapper, trace_batch)
-    start = time.perf_counter()
-    exporter, fallback_reason = "dynamo", None
-    with explicit_attention(wrapper), torch.no_grad():
-        try:
-            _export_dynamo(wrapper, x, path, opset, dynamic_batch)
-        except Exception as exc:  # any dynamo failure: the legacy exporter is the documented fallback
-            exporter, fallback_reason = "torchscript", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            try:
-                _export_torchscript(wrapper, x, path, opset, dynamic_batch)
-            except Exception as exc2:
-                raise ExportError("Both ONNX exporters failed", expected="a traceable student graph",
-                                  found=f"dynamo: {fallback_reason}; torchscript: {type(exc2).__name__}: {exc2}",
-                                  fix="check that the student is a timm ViT at a fixed img_size") from exc2
-    seconds = time.perf_counter() - start
-    import onnx
+    # Exported, stamped, checked (and simplified) under a temporary name: the final name only ever holds a complete
+    # file (a kill mid-export or mid-stamp leaves the previous file or none; singer_deploy/io.py).
+    with atomic_path(path) as tmp:
+        exporter, fallback_reason, seconds = _export_graph(wrapper, x, tmp, opset, dynamic_batch)
+        import onnx
 
-    written_opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                          if o.domain in ("", "ai.onnx")), opset)
-    _stamp_metadata(path, {"exporter": exporter, "output_names": ",".join(wrapper.output_names),
-                           "cls_source": wrapper.cls_source, "torch": torch.__version__})
-    check_onnx(path)
-    notes: tuple[str, ...] = ()
-    simplified = False
-    if simplify:
-        simplified, note = simplify_onnx(path, x.numpy())
-        notes = (note,)
-        check_onnx(path)
+        written_opset = next((o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import
+                              if o.domain in ("", "ai.onnx")), opset)
+        _stamp_metadata(tmp, {"exporter": exporter, "output_names": ",".join(wrapper.output_names),
+                              "cls_source": wrapper.cls_source, "torch": torch.__version__})
+        check_onnx(tmp)
+        notes: tuple[str, ...] = ()
+        simplified = False
+        if simplify:
+            simplified, note = simplify_onnx(tmp, x.numpy())
+            notes = (note,)
+            check_onnx(tmp)
     return OnnxExport(path, exporter, int(written_opset), dynamic_batch, wrapper.output_names, seconds,
                       simplified, fallback_reason, notes)
 

@@ -23,6 +23,7 @@ from singer_deploy.export.openvino_core import import_openvino, openvino_core
 from singer_deploy.export.realised_runtime import openvino_realised
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import INPUT_NAME, ExportableStudent
+from singer_deploy.io import atomic_files
 
 # Hint values the runner accepts; None keeps the plugin's default (bf16 on CPUs with native BF16, else f32).
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", None: None,
@@ -72,13 +73,18 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, stem
     except Exception as exc:
         raise ExportError("OpenVINO could not convert the student", expected="a convertible ONNX file or module",
                           found=f"{type(exc).__name__}: {exc}", fix="convert from the exported ONNX file") from exc
-    fp32_xml = out_dir / f"{stem}_fp32.xml"
-    ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
-    fp16_xml = None
-    if fp16:
-        fp16_xml = out_dir / f"{stem}_fp16.xml"
-        ov.save_model(model, str(fp16_xml), compress_to_fp16=True)
+    fp32_xml = save_ir(model, out_dir / f"{stem}_fp32.xml", compress_to_fp16=False)
+    fp16_xml = save_ir(model, out_dir / f"{stem}_fp16.xml", compress_to_fp16=True) if fp16 else None
     return OpenVINOExport(fp32_xml, fp16_xml, kind, time.perf_counter() - start)
+
+
+def save_ir(model, xml_path: Path, *, compress_to_fp16: bool) -> Path:
+    """ov.save_model as an atomic pair: the .xml and its .bin are written under temporary names and renamed into
+    place once both are complete (singer_deploy/io.py, atomic_files), so a kill never leaves a truncated IR."""
+    xml_path = Path(xml_path)
+    with atomic_files([xml_path, xml_path.with_suffix(".bin")]) as (tmp_xml, _):
+        import_openvino().save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
+    return xml_path
 
 
 class OpenVINORunner(Runner):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from singer_deploy.errors import DataError, ExportError
+from singer_deploy.errors import DataError, ExportError, shown_path
 from singer_deploy.export.student import ExportableStudent
 
 
@@ -24,7 +24,7 @@ def require_file(path: str | Path, what: str) -> Path:
     """The artifact must exist before a runtime is asked to open it (runtimes word this error poorly)."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"The {what} artifact does not exist", expected="an existing file", found=str(path),
+        raise ExportError(f"The {what} artifact does not exist", expected="an existing file", found=shown_path(path),
                           fix="export it first (singer_deploy.export.export_student) or check the path")
     return path
 

@@ -24,6 +24,7 @@ from singer_deploy.export.formats import FORMATS
 from singer_deploy.export.runner import Runner, require_file
 from singer_deploy.export.student import OUTPUT_NAMES, ExportableStudent
 from singer_deploy.export.tensorrt import profile_shapes
+from singer_deploy.io import atomic_files
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -82,7 +83,8 @@ def compile_torch_tensorrt(student: nn.Module, path: str | Path, *, projector: n
         compiled = ttrt.compile(wrapper, ir="dynamo", arg_inputs=inputs, require_full_compilation=True,
                                 **_precision_settings(ttrt, precision), **extra)
         example = torch.randn(*shapes["opt"], device="cuda")
-        ttrt.save(compiled, str(path), output_format="exported_program", arg_inputs=[example])
+        with atomic_files([path]) as (tmp,):   # same name in a temporary folder: ttrt.save reads the suffix
+            ttrt.save(compiled, str(tmp), output_format="exported_program", arg_inputs=[example])
     except (TypeError, RuntimeError) as exc:
         raise ExportError("Torch-TensorRT could not compile the student", expected="a fully compiled graph",
                           found=f"{type(exc).__name__}: {exc}", fix="use the ONNX -> TensorRT route") from exc

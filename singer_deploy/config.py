@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from singer_deploy.errors import ConfigError, SingerDeployError
+from singer_deploy.errors import ConfigError, SingerDeployError, shown_path
 
 NULLSPACE_RULES = ("smallest", "official")
 OUTLIER_TARGETS = ("quantile", "median", "normal", "direction")
@@ -564,7 +564,7 @@ class DataSpec:
     def __post_init__(self):
         if self.source != "synthetic" and not Path(self.source).expanduser().exists():
             raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
-                              found=self.source, fix="check the path")
+                              found=shown_path(self.source), fix="check the path")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ConfigError("data.n must be a positive integer", expected="n >= 1 synthetic training images",
                               found=repr(self.n), fix="e.g. n: 512")
@@ -670,14 +670,22 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The key a section's one-word form means (`data: /images` is data.source, `teacher: vit_base...` teacher.name).
+_SHORTHAND_KEYS: dict[type, str] = {DataSpec: "source", ModelSpec: "name"}
+
+
 def from_mapping(cls: type, raw: Any, prefix: str = ""):
     """Build config dataclass `cls` from YAML / dict data; unknown keys and wrong types name the key, e.g.
     `train.stpes: unknown key (did you mean 'steps'?)`. Nested dataclass fields take mappings (or instances)."""
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping", expected="key: value pairs",
-                          found=repr(raw), fix=f"write {prefix.rstrip('.') or 'the config'} as a mapping")
+        section = prefix.rstrip('.') or 'config'
+        shorthand = _SHORTHAND_KEYS.get(cls)
+        fix = f"write {section} as a mapping" if not (shorthand and isinstance(raw, str) and prefix) else \
+            f"write the value under its key: {section}: {{{shorthand}: {raw}}} (or {section}.{shorthand}={raw} " \
+            "on the command line)"
+        raise ConfigError(f"{section}: expected a mapping", expected="key: value pairs", found=repr(raw), fix=fix)
     return _construct(cls, {key: _field_value(cls, key, value, prefix) for key, value in raw.items()}, prefix)
 
 
@@ -700,7 +708,7 @@ def _construct(make, values: dict, prefix: str):
 
 
 def _field_value(cls: type, key: Any, value: Any, prefix: str):
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]   # declaration order: the same message in every process
     name = f"{prefix}{key}"
     if key not in fields:
         close = difflib.get_close_matches(str(key), fields, n=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class SingerDeployError(Exception):
     """Base class of every error this SDK raises on purpose."""
@@ -77,3 +79,22 @@ def exit_code(error: BaseException) -> int | None:
         if isinstance(error, kind):
             return code
     return None
+
+
+def shown_path(path) -> str:
+    """A path as a message shows it: a relative one with the directory it was resolved against (the working
+    directory), so "does not exist" says where it was looked for."""
+    text = str(path)
+    return text if os.path.isabs(text) else f"{text} (resolved against {os.getcwd()})"
+
+
+def whole_sentences(text: str, limit: int = 300) -> str:
+    """The first line of a library's message, cut at a sentence end within `limit` characters, never mid-sentence
+    (the first sentence is kept whole even when longer)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    kept: list[str] = []
+    for sentence in line.replace(". ", ".\n").split("\n"):
+        if kept and len(" ".join([*kept, sentence])) > limit:
+            break
+        kept.append(sentence)
+    return " ".join(kept)

@@ -2,7 +2,8 @@
 
 Writes that fail for a reason of the place (disk full, file too large, read-only, no permission, a path component
 that is a file) raise StorageError naming the path; the temporary file is removed. A process killed mid-write leaves
-a `.NAME.*.tmp` file: `remove_stale_temporaries` clears those when a run directory is taken again.
+a `.NAME.*.tmp` file (or folder, `atomic_files`): `remove_stale_temporaries` clears those when a run directory is
+taken again.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_files(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Temporary paths, with the same names, for files one writer makes together in one folder (an OpenVINO IR's
+    .xml + .bin: the writer derives the .bin name from the .xml, and a library may insist on a suffix). They lie in
+    a `.NAME.*.tmp` folder next to the final files; on success the first path (the entry point a reader opens) is
+    removed, the others renamed into place, then the first: a kill at any moment leaves the previous files or no
+    entry point, never a mixed or truncated set. On error the folder is removed."""
+    paths = [Path(p) for p in paths]
+    folder = paths[0].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{paths[0].name}.", suffix=TEMPORARY_SUFFIX, dir=folder))
+    except OSError as err:
+        raise storage_error(err, paths[0], "write") from err
+    try:
+        temporaries = [tmp_dir / p.name for p in paths]
+        yield temporaries
+        for tmp in temporaries:
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+        paths[0].unlink(missing_ok=True)
+        for tmp, path in [*zip(temporaries[1:], paths[1:]), (temporaries[0], paths[0])]:
+            os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in _STORAGE_ERRNOS:
+            raise storage_error(err, paths[0], "write") from err
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -130,12 +163,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the `.NAME.*.tmp` files atomic writes of a killed process left under `folder`; returns them.
+    """Delete the `.NAME.*.tmp` files and folders atomic writes of a killed process left under `folder`; returns
+    them.
 
     Only call it on a folder this process holds exclusively (a locked run directory): a live writer's temporary
     file looks the same.
     """
-    stale = [p for p in Path(folder).rglob(f".*{TEMPORARY_SUFFIX}") if p.is_file()]
+    stale = sorted(Path(folder).rglob(f".*{TEMPORARY_SUFFIX}"))
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale

@@ -1,22 +1,30 @@
-"""kill -9 at random points of a real `singer-deploy run` (in training, in a checkpoint write, in export): started
-again, the run completes with the same student as an uninterrupted run and leaves no temporary or lock file.
+"""kill -9 at random points of a real `singer-deploy run` (in training, in a checkpoint write, in export, in the
+writes of the ONNX file, the OpenVINO IR pair and the goldens): started again, the run completes with the same
+student as an uninterrupted run and leaves no temporary or lock file. After every kill, each file under a final name
+in the export folder is complete (it parses and loads): artifacts are written under temporary names and renamed
+into place (singer_deploy/io.py).
 
-Each kill waits for its phase to show on disk (the metrics log, a checkpoint's temporary file, the export folder),
-then a random extra delay (seeded), then sends SIGKILL to the real subprocess.
+Each kill waits for its phase to show on disk (the metrics log, a temporary file or folder of the write, the export
+folder), then a random extra delay (seeded), then sends SIGKILL to the real subprocess.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from singer_deploy.export.openvino_core import openvino_core
 
 from singer_deploy.pipeline.rundir import LOCK
 
@@ -28,14 +36,18 @@ CONFIG = {
     "layers": [4],
     "singer": {"rank": 8, "outlier_target": "median"},
     "train": {"steps": 6, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
-    "export": {"formats": ["onnx"], "benchmark": False},
+    "export": {"formats": ["onnx", "openvino"], "benchmark": False},
 }
 # (phase, what shows on disk when the run is in it; `left` = the temporary files a previous kill left behind)
 PHASES = [
     ("training", lambda out, left: (out / "metrics.jsonl").is_file()),
     ("checkpoint write", lambda out, left: bool(set(out.glob(".checkpoint.pt.*.tmp")) - left)),
     ("export", lambda out, left: (out / "export").is_dir()),
+    ("ONNX write", lambda out, left: bool(set(out.glob("export/.student.onnx.*.tmp")) - left)),
+    ("OpenVINO IR write", lambda out, left: bool(set(out.glob("export/.student_fp*.xml.*.tmp")) - left)),
+    ("golden write", lambda out, left: bool(set(out.glob("export/goldens/**/.*.tmp")) - left)),
 ]
+WRITES = ("ONNX write", "OpenVINO IR write", "golden write")
 TIMEOUT_S = 600
 
 
@@ -46,7 +58,7 @@ def start(config: Path, out: Path) -> subprocess.Popen:
 
 def kill_in_phase(process: subprocess.Popen, out: Path, shows, delay_s: float) -> bool:
     """SIGKILL the run `delay_s` after `shows(out, left)` first holds; False when the run ended before that."""
-    left = set(out.glob(".*.tmp"))
+    left = set(out.glob("**/.*.tmp"))
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -77,10 +89,11 @@ def test_runs_killed_at_random_points_complete_with_the_same_student(tmp_path):
     for phase, shows in PHASES:
         if kill_in_phase(start(config, out), out, shows, delay_s=rng.uniform(0.0, 0.05)):
             killed_in.append(phase)
+            assert_complete_under_final_names(out / "export")
     final = start(config, out)
     assert final.wait(TIMEOUT_S) == 0, final.stdout.read()
 
-    assert {"training", "export"} <= set(killed_in), killed_in
+    assert {"training", "export", *WRITES} <= set(killed_in), killed_in
     if "checkpoint write" not in killed_in:
         pytest.fail(f"no kill landed in a checkpoint write (killed in: {killed_in})")
     expected, got = trained(tmp_path / "reference"), trained(out)
@@ -89,3 +102,21 @@ def test_runs_killed_at_random_points_complete_with_the_same_student(tmp_path):
         assert torch.equal(expected[key], got[key]), key
     assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))
     assert not (out / LOCK).exists() and not (tmp_path / "victim-2").exists()
+
+
+def assert_complete_under_final_names(folder: Path) -> None:
+    """Every file under a final (not temporary) name loads whole: ONNX passes the checker, each IR reads with its
+    .bin, JSON parses, .npz arrays read."""
+    finals = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") and part.endswith(".tmp")
+                                                                    for part in p.relative_to(folder).parts)]
+    for path in finals:
+        if path.suffix == ".onnx":
+            onnx.checker.check_model(str(path))
+        elif path.suffix == ".xml":
+            assert path.with_suffix(".bin").is_file(), path
+            openvino_core().read_model(str(path))
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                [arrays[key] for key in arrays.files]

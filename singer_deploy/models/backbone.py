@@ -21,7 +21,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
-from singer_deploy.errors import ModelError
+from singer_deploy.errors import ModelError, whole_sentences
 from singer_deploy.models.hub import resolve_model_source
 from singer_deploy.models.weights import check_weights_file, load_weights_strict, resolve_cached_weights
 
@@ -169,6 +169,12 @@ def load_backbone(name: str | nn.Module, *, weights: str | Path | None = None, p
     except TypeError as err:  # an argument this architecture does not take, e.g. a misspelt kwargs key
         raise ModelError(f"timm cannot build '{name}' with these kwargs", expected="arguments of the timm model",
                          found=f"{sorted(timm_kwargs)}: {err}", fix="remove or correct the kwargs key") from err
+    except Exception as err:  # noqa: BLE001 - a kwargs value timm cannot build with: ValueError (img_size 0),
+        # AssertionError (embed_dim not divisible by num_heads), RuntimeError (a size too large to allocate) ...
+        raise ModelError(f"timm cannot build '{name}' with these kwargs values", expected="sizes the architecture "
+                         "can take (img_size a multiple of patch_size, embed_dim of num_heads ...)",
+                         found=f"{sorted(timm_kwargs)}: {type(err).__name__}: {whole_sentences(str(err))}",
+                         fix="correct the kwargs values (examples/ has working ones)") from err
     backbone = Backbone(model.eval())
     if path is None and pretrained:
         path = resolve_cached_weights(model, name)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from singer_deploy.errors import DataError
+from singer_deploy.errors import DataError, shown_path
 
 if TYPE_CHECKING:
     from singer_deploy.models.backbone import Backbone
@@ -221,9 +221,13 @@ class ImageFolder(Dataset):
     def _candidates(self) -> list[Path]:
         if not self.source.exists():
             raise DataError("The image source does not exist", expected="a folder or a list file",
-                            found=str(self.source), fix="check the path")
+                            found=shown_path(self.source), fix="check the path")
         if self.source.is_dir():
             return sorted(p for p in self.source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.source.is_file():   # a FIFO would block the read forever, /dev/zero fill the memory
+            raise DataError(f"{self.source} is neither a folder nor a regular file",
+                            expected="a folder of images or a text file listing them",
+                            found="a device, FIFO or socket", fix="point data.source at a folder or a list file")
         try:
             text = self.source.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from singer_deploy.io import file_mode
-from singer_deploy.errors import ModelError
+from singer_deploy.errors import ModelError, whole_sentences
 
 if TYPE_CHECKING:
     from torch import nn
@@ -71,7 +71,7 @@ def _cached_snapshot(repo: str, cache_dir: str | Path | None) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as err:
         raise ModelError(f"{HF_HUB}{repo} is not in the local Hugging Face cache (nothing is downloaded)",
                          expected=f"a cached snapshot of {repo_id} under {cache_dir or 'HF_HUB_CACHE'}",
-                         found=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                         found=f"{type(err).__name__}: {whole_sentences(str(err), limit=200)}",
                          fix=f"on a connected machine run `hf download {repo_id}` and copy the cache, or "
                              f"save the model with timm.models.save_for_hf and use local-dir:PATH") from err
 

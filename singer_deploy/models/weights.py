@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from singer_deploy.errors import ModelError
+from singer_deploy.errors import ModelError, shown_path, whole_sentences
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class WeightsReport:
 def check_weights_file(weights: str | Path) -> Path:
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ModelError("The weights file does not exist", expected="a readable file", found=str(path),
+        raise ModelError("The weights file does not exist", expected="a readable file", found=shown_path(path),
                          fix="check the path")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelError("Unsupported weights file type", expected=" or ".join(WEIGHT_SUFFIXES),
@@ -104,7 +104,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise _unreadable(path, err) from err
         raise ModelError(f"Refused to load {path}: it holds Python objects besides tensors",
                          expected="tensors only (safetensors, or a torch.save of a state dict)",
-                         found=str(err).splitlines()[0][:200] + " (nothing in it was executed)",
+                         found=whole_sentences(str(err), limit=200) + " (nothing in it was executed)",
                          fix="re-save the weights with safetensors.torch.save_file(model.state_dict(), ...)"
                          ) from err
     except Exception as err:  # noqa: BLE001 - safetensors and torch raise many unrelated types for broken files
@@ -121,7 +121,7 @@ def _refused_by_weights_only(err: Exception) -> bool:
 
 
 def _unreadable(path: Path, err: Exception) -> ModelError:
-    detail = str(err).splitlines()[0][:200] if str(err) else "no detail"
+    detail = whole_sentences(str(err), limit=200) or "no detail"
     return ModelError(f"Cannot read the weights file {path}",
                       expected="a complete .safetensors file or a torch.save'd state dict",
                       found=f"{type(err).__name__}: {detail}",

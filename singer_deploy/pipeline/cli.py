@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE overrides may stand anywhere after the command (also after options such as --formats a b):
     # argparse assigns positionals before it sees later ones, so the leftovers are collected here.
     args, extra = parser.parse_known_args(argv)
+    # `--formats onnx KEY=VALUE`: nargs="+" takes the override too; a format name never holds "=".
+    if getattr(args, "formats", None) and any("=" in item for item in args.formats):
+        extra = [*extra, *(item for item in args.formats if "=" in item)]
+        args.formats = [item for item in args.formats if "=" not in item]
+        if not args.formats:
+            parser.error("--formats needs at least one format name (e.g. --formats onnx)")
     stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -50,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the exit-code contract: every error ends in a code and one message
         code = exit_code(err)
         if code is None:
-            logging.getLogger(__name__).info("traceback of the internal error", exc_info=True)
+            if args.verbose:   # our own loggers always print at INFO, so the traceback is printed only on request
+                traceback.print_exc(file=sys.stderr)
             print(f"singer-deploy: internal error (a bug, please report it; -v shows the traceback): "
                   f"{type(err).__name__}: {err}", file=sys.stderr)
             return EXIT_BUG
@@ -112,10 +120,11 @@ def _add_artifact_commands(sub) -> None:
     export.add_argument("--weights", default=None, help="local weights file for a timm name (no download)")
     export.add_argument("--images", default=None, help="image folder for parity and goldens of a timm model "
                                                        "(default: synthetic shapes)")
-    export.add_argument("--formats", nargs="+", default=["onnx", "openvino"], help="e.g. onnx openvino trt")
-    export.add_argument("--precision", default="fp32",
+    export.add_argument("--formats", nargs="+", default=None,
+                        help="e.g. onnx openvino trt (default onnx openvino; wins over export.formats=)")
+    export.add_argument("--precision", default=None,
                         help="fp32, fp16, bf16, int8, or auto (the fastest passing precision the target runs "
-                             "natively, per format)")
+                             "natively, per format); default fp32; wins over export.precision=")
     export.add_argument("--target", default=None,
                         help="CPU the artifacts will run on: host, avx2, avx512, avx512_vnni, avx512_bf16, amx ... "
                              "(default: the run config's export.target, host for a timm model)")
@@ -270,26 +279,22 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from singer_deploy.pipeline.rundir import MANIFEST
-    from singer_deploy.pipeline.export_only import export_run, export_timm_model
-    from singer_deploy.pipeline.overrides import apply_overrides
+    from singer_deploy.pipeline.export_only import export_run, export_settings, export_timm_model
     from singer_deploy.pipeline.runconfig import load_run_config
 
     source = Path(args.source)
-    if (source / MANIFEST).is_file():
-        if args.weights or args.images or args.overrides:
-            raise ConfigError("--weights, --images and KEY=VALUE apply to exporting a timm model",
-                              expected="a timm name with them, or a run directory alone", found=str(source),
+    flags = {"formats": args.formats, "precision": args.precision, "target": args.target,
+             "batch_sizes": args.batch_sizes}
+    if source.is_dir():   # a timm name is never a directory (a timm model folder is local-dir:PATH)
+        if args.weights or args.images:
+            raise ConfigError("--weights and --images apply to exporting a timm model",
+                              expected="a timm name with them, or a run directory without them", found=str(source),
                               fix="drop them: a run directory exports its own student on its own images")
-        result = export_run(source, args.formats, args.precision, Path(args.out) if args.out else None,
-                            target=args.target, batch_sizes=args.batch_sizes)
+        result = export_run(source, out_dir=Path(args.out) if args.out else None, overrides=args.overrides, **flags)
     else:
         raw = {"student": {"name": args.source, "weights": args.weights},
-               "data": {"source": args.images or "synthetic"},
-               "export": {"formats": args.formats, "precision": args.precision,
-                          **({"target": args.target} if args.target else {}),
-                          **({"batch_sizes": args.batch_sizes} if args.batch_sizes else {})}}
-        config = load_run_config(apply_overrides(raw, args.overrides))
+               "data": {"source": args.images or "synthetic"}, "export": {}}
+        config = load_run_config(export_settings(raw, args.overrides, flags))
         name = args.source.replace(":", "-").replace("/", "-").strip("-")
         result = export_timm_model(config, Path(args.out or f"exports/{name}-{config.export.precision}"))
     shipped = set(result.artifacts if result.shipped is None else result.shipped.values())

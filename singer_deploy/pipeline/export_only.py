@@ -7,23 +7,25 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from singer_deploy.config import RunConfig, check_batch_sizes
-from singer_deploy.errors import ConfigError
+from singer_deploy.config import RunConfig
+from singer_deploy.errors import ConfigError, ModelError, SingerDeployError, shown_path, whole_sentences
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import TeacherInput
 from singer_deploy.models.hub import WEIGHTS_NAME
+from singer_deploy.models.weights import check_weights_file, read_state_dict
 from singer_deploy.pipeline.api import BENCH_BUDGET_S, bench, build_data, build_models, export_model, load_model
-from singer_deploy.pipeline.rundir import MANIFEST
+from singer_deploy.pipeline.overrides import apply_overrides, parse_override
+from singer_deploy.pipeline.rundir import MANIFEST, MARKER
 from singer_deploy.pipeline.runconfig import load_run_config
-from singer_deploy.train.loop import STUDENT_DIR
+from singer_deploy.train.loop import CHECKPOINT, STUDENT_DIR
 
 if TYPE_CHECKING:
     from singer_deploy.export.pipeline import ExportResult
@@ -31,20 +33,86 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray, Dataset]:
+# What `singer-deploy export RUN_DIR` builds unless told otherwise, whatever the run itself exported (a distill-only
+# run exported nothing).
+EXPORT_DEFAULTS = {"formats": ["onnx", "openvino"], "precision": "fp32"}
+
+
+def load_run(run_dir: Path, overrides: Sequence[str] = (), **export: Any
+             ) -> tuple[RunConfig, Backbone, nn.Module, np.ndarray, Dataset]:
     """(config, student Backbone with trained weights, last-layer projector, held-out evaluation images, training
-    data)."""
-    manifest_path = run_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise ConfigError("Not a finished run directory", expected=f"{manifest_path} (written at the end of a run)",
-                          found="no manifest.json", fix="point at the out_dir of a completed `run` or `demo`")
-    manifest = json.loads(manifest_path.read_text())
-    config = load_run_config(manifest["config"])
+    data). `overrides` (KEY=VALUE, export.* keys only) and then `export` (formats=, precision=, target=) change the
+    run config's export section; the rest of the config is the run's own (its student, its images)."""
+    overrides = _export_only(overrides, run_dir)
+    manifest = read_run_manifest(run_dir)
+    config = load_run_config(export_settings(manifest["config"], overrides, export))
     student = load_model(config.student)
-    student.model.load_state_dict(load_file(str(run_dir / STUDENT_DIR / WEIGHTS_NAME)))
-    projector = last_projector(load_projectors(load_file(str(run_dir / "projectors.safetensors"))))
+    weights, projectors = run_dir / STUDENT_DIR / WEIGHTS_NAME, run_dir / "projectors.safetensors"
+    try:
+        student.model.load_state_dict(read_state_dict(check_weights_file(weights)))
+        projector = last_projector(load_projectors(read_state_dict(check_weights_file(projectors))))
+    except (RuntimeError, KeyError, ValueError) as err:
+        if isinstance(err, SingerDeployError):
+            raise
+        raise ModelError(f"The run's weights do not fit its config ({run_dir})", expected=f"{weights} and "
+                         f"{projectors.name} as the run wrote them", found=f"{type(err).__name__}: "
+                         f"{whole_sentences(str(err))}", fix="export an intact run directory, or run it again "
+                         "with --overwrite") from err
     train_data, eval_images = build_data(config, _teacher_input(manifest, config))
     return config, student.eval(), projector.eval(), eval_images, train_data
+
+
+def read_run_manifest(run_dir: Path) -> dict:
+    """A finished run's manifest.json; a ConfigError that says what the directory is otherwise: an unfinished run
+    (and how to finish it), a directory no run wrote, or a manifest that is not a run's."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        if (run_dir / MARKER).is_file():
+            checkpoint = " and a checkpoint" if (run_dir / CHECKPOINT).is_file() else ""
+            raise ConfigError(f"{run_dir} holds an unfinished run", expected="a finished run (its manifest.json is "
+                              "written last)", found=f"a run marker{checkpoint}, no manifest.json",
+                              fix=f"run the same `singer-deploy run CONFIG --out-dir {run_dir}` command again: it "
+                              "resumes where the run stopped and finishes it; then export it")
+        raise ConfigError(f"{shown_path(run_dir)} is not a run directory", expected="the out_dir of a finished "
+                          "`run` or `demo` (with its manifest.json), or a timm model name",
+                          found="a directory without manifest.json or run marker",
+                          fix="point at a finished run's out_dir; a timm model folder is local-dir:PATH")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not a run manifest", expected="the JSON a finished run writes",
+                          found=f"{type(err).__name__}: {whole_sentences(str(err))}",
+                          fix="point at a finished run's out_dir, or run it again with --overwrite") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        found = f"a JSON {type(manifest).__name__}" if not isinstance(manifest, dict) else \
+            f"no 'config' mapping (keys: {', '.join(map(str, manifest)) or 'none'})"
+        raise ConfigError(f"{path} is not a run manifest", expected="the manifest.json a finished run writes, with "
+                          "its config", found=found, fix="point at the out_dir of a finished `run` or `demo`")
+    return manifest
+
+
+def export_settings(raw: dict, overrides: Sequence[str], export: Mapping[str, Any]) -> dict:
+    """`raw` (a config mapping) with EXPORT_DEFAULTS in its export section, then the KEY=VALUE overrides, then the
+    `export` values given (the CLI's --formats, --precision, --target win over overrides)."""
+    section = raw.get("export", {})
+    raw = {**raw, "export": {**section, **EXPORT_DEFAULTS}} if isinstance(section, dict) else raw
+    raw = apply_overrides(raw, overrides)
+    given = {key: value for key, value in export.items() if value is not None}
+    if given and isinstance(raw.get("export"), dict):   # not a mapping: load_run_config says so with the key
+        raw["export"].update(given)
+    return raw
+
+
+def _export_only(overrides: Sequence[str], run_dir: Path) -> Sequence[str]:
+    """The overrides of an export-only run: export.* keys only (the student and its images are the run's)."""
+    for item in overrides:
+        path, _ = parse_override(item)
+        if path[0] != "export":
+            raise ConfigError(f"{item}: only export settings change when exporting a run",
+                              expected="export.KEY=VALUE (e.g. export.polygraphy_goldens=true)", found=item,
+                              fix=f"a run directory exports its own student on its own images; to change "
+                              f"{'.'.join(path)}, run again with it ({run_dir})")
+    return overrides
 
 
 def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
@@ -55,19 +123,21 @@ def _teacher_input(manifest: dict, config: RunConfig) -> TeacherInput:
     return TeacherInput.of(build_models(config).teacher)
 
 
-def export_run(run_dir: Path, formats: Sequence[str], precision: str, out_dir: Path | None = None,
-               target: str | None = None, batch_sizes: Sequence[int] | None = None) -> ExportResult:
+def export_run(run_dir: Path, formats: Sequence[str] | None = None, precision: str | None = None,
+               out_dir: Path | None = None, target: str | None = None, batch_sizes: Sequence[int] | None = None,
+               overrides: Sequence[str] = ()) -> ExportResult:
     """Export a finished run's student (+ last-layer projector) with parity on its held-out images, INT8
-    calibrated on its training images, for `target` and `batch_sizes` (default: the run config's export.target and
-    export.batch_sizes)."""
-    if batch_sizes is not None:
-        check_batch_sizes(batch_sizes)
-    config, student, projector, eval_images, train_data = load_run(run_dir)
-    return export_model(student, projector, out_dir or run_dir / f"export-{precision}", eval_images, train_data,
-                        formats=formats, precision=precision, calibration_size=config.export.calibration_size,
-                        target=target or config.export.target, golden_size=config.export.golden_size,
-                        polygraphy_goldens=config.export.polygraphy_goldens,
-                        batch_sizes=batch_sizes or config.export.batch_sizes)
+    calibrated on its training images. Formats and precision default to EXPORT_DEFAULTS, target and batch sizes
+    to the run config's; `overrides` are KEY=VALUE items on the export section (e.g.
+    export.polygraphy_goldens=true), and formats / precision / target / batch_sizes, when given, win over them."""
+    config, student, projector, eval_images, train_data = load_run(run_dir, overrides, formats=formats,
+                                                                   precision=precision, target=target,
+                                                                   batch_sizes=batch_sizes)
+    spec = config.export
+    return export_model(student, projector, out_dir or run_dir / f"export-{spec.precision}", eval_images,
+                        train_data, formats=spec.formats, precision=spec.precision,
+                        calibration_size=spec.calibration_size, target=spec.target, golden_size=spec.golden_size,
+                        polygraphy_goldens=spec.polygraphy_goldens, batch_sizes=spec.batch_sizes)
 
 
 def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
@@ -104,7 +174,7 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     if not listing.is_file():
         raise ConfigError("The run has no exported artifacts", expected=str(listing), found="no export manifest",
                           fix="run `singer-deploy export RUN_DIR` first")
-    exported = json.loads(listing.read_text())["artifacts"]
+    exported = _exported_artifacts(listing)
     parity = {key: a["parity"]["passed"] for key, a in exported.items() if a.get("parity")}
     artifacts = {key: Path(a["path"]) for key, a in exported.items()}
     options = {key: a.get("runner_options") or {} for key, a in exported.items()}   # e.g. OpenVINO's precision hint
@@ -133,3 +203,18 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
         rows += bench(reference, runners, images, artifacts=artifacts, batch=batch, budget_s=budget_s,
                       parity=parity)
     return rows
+
+
+def _exported_artifacts(listing: Path) -> dict[str, dict]:
+    """The `artifacts` table of an export manifest; a ConfigError when the file is not one an export wrote."""
+    try:
+        artifacts = json.loads(listing.read_text(encoding="utf-8"))["artifacts"]
+        if all(isinstance(a["path"], str) and "passed" in (a.get("parity") or {"passed": None})
+               and isinstance(a.get("parity") or {}, dict) for a in artifacts.values()):
+            return artifacts
+        found = "an artifact entry without a path or parity record"
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        found = f"{type(err).__name__}: {whole_sentences(str(err))}"
+    raise ConfigError(f"{listing} is not an export manifest", expected="the export_manifest.json an export "
+                      "writes (an 'artifacts' table with each artifact's path and parity)", found=found,
+                      fix="export the run again: `singer-deploy export RUN_DIR`")

@@ -13,14 +13,14 @@ from pathlib import Path
 import yaml
 
 from singer_deploy.config import RunConfig, from_mapping
-from singer_deploy.errors import ConfigError
+from singer_deploy.errors import ConfigError, shown_path
 
 
 def read_config_file(path: str | Path) -> dict:
     """The raw mapping of a YAML config file (not yet validated), with clear errors for a missing or broken file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("The config file does not exist", expected="a YAML file", found=str(path),
+        raise ConfigError("The config file does not exist", expected="a YAML file", found=shown_path(path),
                           fix="check the path (examples/ has working configs)")
     try:
         text = path.read_bytes().decode("utf-8")

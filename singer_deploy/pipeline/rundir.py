@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -60,6 +61,10 @@ def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
     A finished run (manifest.json) is never clobbered: without `overwrite` the run goes to `<dir>-2`, `-3`, ...
     Under torchrun only rank 0 takes the directory; the other ranks only train and write nothing.
+
+    Taking it is one step for concurrent starts: create-or-open, then the lock, and only under the lock is the
+    directory judged (foreign or a run's) and marked. Of several runs started at once on one out_dir, one takes it
+    and every other one gets RunLockedError (exit 5), whatever moment it looks.
     """
     check_out_dir(out_dir)
     if (out_dir / MANIFEST).is_file() and not overwrite:
@@ -67,18 +72,14 @@ def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if int(os.environ.get("RANK", "0")) != 0:
         yield out_dir
         return
+    _refuse_foreign(out_dir, holding_lock=False)   # before any write: a foreign directory gets no lock file
     created = not out_dir.exists()
-    existed = not created and any(out_dir.iterdir())
-    if existed and not (out_dir / MARKER).is_file():
-        raise _foreign(out_dir, "holds files singer-deploy did not write (it has no run marker)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise storage_error(err, out_dir, "create the run directory") from err
+    _make_dir(out_dir)
     lock = RunLock(out_dir / LOCK)
     lock.acquire()
     try:
-        if existed and overwrite:
+        _refuse_foreign(out_dir, holding_lock=True)   # now no other run can be writing its marker
+        if overwrite:
             _empty_run_dir(out_dir)
         if not (out_dir / MARKER).is_file():
             atomic_write_json(out_dir / MARKER, {"created_by": "singer-deploy", "version": __version__,
@@ -88,11 +89,34 @@ def open_run_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
             log.info("Removed %d temporary file(s) a killed run left in %s", len(stale), out_dir)
         yield out_dir
     except BaseException:
+        if created and set(os.listdir(out_dir)) <= {MARKER, LOCK}:
+            # Failed before writing anything: leave no empty folder. A run that created its lock file in it since
+            # our release keeps it (rmdir only removes an empty folder).
+            (out_dir / MARKER).unlink(missing_ok=True)
+            lock.release()
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
         lock.release()
-        if created and set(os.listdir(out_dir)) <= {MARKER}:
-            shutil.rmtree(out_dir, ignore_errors=True)  # failed before writing anything: leave no empty folder
         raise
     lock.release()
+
+
+def _make_dir(out_dir: Path) -> None:
+    """Create out_dir (and its parents), or open it when it exists (another run may create it at the same time)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, out_dir, "create the run directory") from err
+
+
+def _refuse_foreign(out_dir: Path, *, holding_lock: bool) -> None:
+    """A directory with entries but no run marker is not this tool's: refuse it. Before we hold the lock, a lock
+    file there is a run that is starting (it writes its marker under the lock): the lock decides between us."""
+    entries = set(os.listdir(out_dir)) if out_dir.is_dir() else set()
+    if LOCK in entries and not holding_lock:
+        return
+    if entries - {LOCK} and MARKER not in entries:
+        raise _foreign(out_dir, "holds files singer-deploy did not write (it has no run marker)")
 
 
 class RunLock:
@@ -174,8 +198,9 @@ def _fresh_sibling(out_dir: Path) -> Path:
 
 
 def _empty_run_dir(out_dir: Path) -> None:
-    """Delete a marked run directory's contents (not the lock we hold), after checking they are all a run's."""
-    entries = [p for p in out_dir.iterdir() if p.name != LOCK]
+    """Delete a marked run directory's contents (not the lock we hold, nor the marker), after checking they are all
+    a run's."""
+    entries = [p for p in out_dir.iterdir() if p.name not in (LOCK, MARKER)]   # the marker stays: still ours
     foreign = [p.name for p in entries if not _written_by_a_run(p)]
     if foreign:
         raise _foreign(out_dir, f"holds entries a run does not write: {', '.join(sorted(foreign)[:8])}")
@@ -187,9 +212,11 @@ def _empty_run_dir(out_dir: Path) -> None:
 
 
 def _written_by_a_run(entry: Path) -> bool:
+    if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX):   # an atomic write's file or folder
+        return True
     if entry.is_dir() and not entry.is_symlink():
         return entry.name in RUN_FOLDERS or entry.name.startswith(RUN_FOLDER_PREFIX)
-    return entry.name in RUN_ENTRIES or (entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX))
+    return entry.name in RUN_ENTRIES
 
 
 def _foreign(out_dir: Path, found: str) -> ConfigError:
