@@ -206,6 +206,14 @@ class TrainConfig:
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.warmup_steps must be an integer >= 0", expected="an int >= 0",
                               found=repr(self.warmup_steps), fix="e.g. warmup_steps=10")
+        check_seed("TrainConfig.seed", self.seed)
+
+
+def check_seed(name: str, seed: object) -> None:
+    """A seed every generator takes: numpy refuses negative seeds, torch those of 2**63 and above."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"{name} must be an integer in [0, 2**63)", expected="0 <= seed < 2**63",
+                          found=repr(seed), fix="e.g. seed: 0")
 
 
 def _finite(value: object) -> bool:
@@ -565,6 +573,7 @@ class DataSpec:
         if self.source != "synthetic" and not Path(self.source).expanduser().exists():
             raise ConfigError("data.source: the image source does not exist", expected="'synthetic' or a folder/list",
                               found=shown_path(self.source), fix="check the path")
+        check_seed("data.seed", self.seed)
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ConfigError("data.n must be a positive integer", expected="n >= 1 synthetic training images",
                               found=repr(self.n), fix="e.g. n: 512")

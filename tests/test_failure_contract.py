@@ -181,3 +181,22 @@ def test_a_relative_path_that_does_not_exist_names_where_it_was_looked_for(tmp_p
     assert code == EXIT_INPUT and f"images/train (resolved against {tmp_path})" in err
     code, err = cli(capsys, "check-config", "missing.yaml")
     assert code == EXIT_INPUT and f"missing.yaml (resolved against {tmp_path})" in err
+
+
+# Found by the fuzzer (tests/fuzz_cli.py).
+
+@pytest.mark.parametrize("section, value, words", [
+    ("data", {"seed": -1}, "data.seed must be an integer in [0, 2**63)"),
+    ("train", {"seed": 2 ** 63}, "train: TrainConfig.seed must be an integer in [0, 2**63)"),
+    ("student", {"kwargs": {"img_size": 0, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+     "timm cannot build 'vit_tiny_patch16_224' with these kwargs values"),
+])
+def test_values_the_fuzzer_found_are_input_errors(tmp_path, capsys, section, value, words):
+    code, err = cli(capsys, "check-config", config_file(tmp_path, **{section: value}))
+    assert code == EXIT_INPUT and words in err, err
+
+
+def test_a_fifo_as_data_source_is_refused_not_read(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    code, err = cli(capsys, "check-config", config_file(tmp_path, data={"source": str(tmp_path / "fifo")}))
+    assert code == EXIT_INPUT and "neither a folder nor a regular file" in err
