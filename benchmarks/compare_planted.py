@@ -1,25 +1,27 @@
-"""Is the planted artifact really gone? Refinement settings, FitNet and the adapter-initialisation ablation, per
-distilled layer, on the built-in planted teacher (64 px, patch 8, width 96, 8 blocks, artifacts written at block 4;
-distilled layers [4] + last = 7; rank 8 = the planted null subspace).
+"""Is the planted artifact really gone? The published and the faithful (default) settings, FitNet and the
+adapter-initialisation ablation, per distilled layer and per artifact cluster, on every planted family (64 px,
+patch 8, width 96, 8 blocks; distilled layers 4 and 7 = the last; rank 8 = the planted null subspace).
 
-Cases: artifact share 2% / 8% of the patches, content-triggered (exactly flat patches) or position-triggered (fixed
-positions), artifact direction inside (default) or outside the next block's nullspace.
+Cases (docs/planted_teacher.md, "Families"), each at 8% and 2% of the patches:
+  c    content-triggered (exactly flat patches), written by block 4 along one direction
+  p    position-triggered (fixed positions), block 4
+  c-out  content-triggered with the direction outside the next block's nullspace
+  two  two mechanisms: content-triggered at block 4 and position-triggered at block 6, different directions
+  g    grown: one cluster written over blocks 3, 4 and 5 along directions 60 degrees apart
+  v    image-dependent: a fixed part plus a part that varies from token to token within 3 directions (block 4)
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
-detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats
-for the refined teacher at each distilled layer. It prints the settings table (SETTINGS, the published one to the
-best option) and the initialisation ablation (nullspace / random / zero / remove, the --ablation-losses, everything
-else the same) on the --ablation-cases.
+detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats for
+the refined teacher at each distilled layer and each cluster written at or before it, judged against the clean twin.
+It also prints the initialisation ablation (nullspace / random / zero / remove, faithful losses) on --ablation-cases.
 
 Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the student, per case
 (evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
-    python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,8p,2p,8c-out]
-                                         [--settings published,...] [--select-k 4] [--n-eval 128] [--out DIR]
-                                         [--inits nullspace,random,zero,remove | none] [--ablation-cases 8c,2c,8c-out]
-                                         [--ablation-losses faithful|direction] [--distill-settings published,...]
-
-`--select-k 2,4` runs the faithful setting once per artifact selection (raw teacher tokens above k x the median).
+    python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...]
+                                         [--settings published,faithful] [--n-eval 128] [--out DIR]
+                                         [--inits nullspace,random,zero,remove | none] [--ablation-cases 8c,2c]
+                                         [--distill-settings faithful]
 
 Figures are accuracy metrics on the planted teacher: they validate the mechanics, not real-world efficacy.
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,9 +40,9 @@ from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
 from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
 from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
-from singer_deploy.method.artifact_direction import estimate_artifact_directions
+from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss
-from singer_deploy.method.metrics import ArtifactStats, artifacts_remain
+from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.models.backbone import load_backbone
@@ -58,42 +60,38 @@ class Case:
     share: float
     trigger: str = "content"
     u_in_null: bool = True
+    family: dict = field(default_factory=dict)   # PlantedConfig fields of the family
 
     @property
     def label(self) -> str:
-        return f"{self.share:.0%} {self.trigger}" + ("" if self.u_in_null else ", u outside N")
+        kind = {"second_layer": "two mechanisms", "grow_blocks": "grown", "varying_dims": "image-dependent"}
+        name = next((kind[key] for key in self.family if key in kind), self.trigger)
+        return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N")
 
     def planted(self) -> PlantedConfig:
-        return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null)
+        return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null,
+                             **self.family)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
 
-CASES = {c.key: c for c in (Case("8c", 0.08), Case("2c", 0.02), Case("8p", 0.08, "position"),
-                            Case("2p", 0.02, "position"), Case("8c-out", 0.08, u_in_null=False),
-                            Case("2c-out", 0.02, u_in_null=False))}
+_FAMILIES = {"c": {}, "p": {"trigger": "position"}, "c-out": {"u_in_null": False},
+             "two": {"family": {"second_layer": 6}}, "g": {"family": {"artifact_layer": 3, "grow_blocks": 3}},
+             "v": {"family": {"varying_dims": 3}}}
+CASES = {f"{pct}{name}": Case(f"{pct}{name}", pct / 100, **kwargs)
+         for name, kwargs in _FAMILIES.items() for pct in (8, 2)}
 
-# The published losses (0.97 quantile target, L_info over all tokens, nullspace init); the median target (2x the
-# per-image median; the demo's setting before the faithful option); the faithful losses (artifacts selected on the raw
-# teacher, pulled to the normal-token median norm with a relative error, L_info on normal tokens only); the faithful
-# losses started from the removed null component; and the best option found (README, "Is the artifact gone?"): the
-# same with the "direction" target (each selected token pulled to itself minus its artifact-direction component,
-# method/artifact_direction.py). All with the target detached (adapters learn from L_out + L_info only), rank 8 and
-# adapter lr 1e-2.
-_BASE = SingerConfig(rank=RANK, detach_target=True, info_variant="paper", last_block_info=True)
-_FAITHFUL = replace(_BASE, outlier_target="normal", info_tokens="normal")
-BEST = "direction target"
-SETTINGS = {"published": _BASE,
-            "median target": replace(_BASE, outlier_target="median"),
-            "faithful": _FAITHFUL,
-            "faithful + remove init": replace(_FAITHFUL, adapter_init="remove"),
-            BEST: replace(_FAITHFUL, outlier_target="direction", adapter_init="remove")}
+# Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
+# L_info only), so the published row differs from the published preset in that one respect.
+SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_target=True),
+            "faithful": SingerConfig(rank=RANK)}
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove")
-ABLATION_LOSSES = {"faithful": _FAITHFUL, "direction": SETTINGS[BEST]}
-KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_2", "HNR_2"),
-        ("hnr_4", "HNR_4"), ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"),
-        ("next_cos", "next-block cos"))
-TARGETS = {"artifact_ratio": ("<=", 1.5), "artifact_cos_clean": (">=", 0.9), "normal_cos": (">=", 0.99),
-           "next_cos": (">=", 0.99)}
+KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_4", "HNR_4"),
+        ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"), ("next_cos", "next-block cos"))
+# Issue targets: ratio <= max(1.5, 1.2 x the clean twin's), artifact cos to the twin >= 0.95, normal and next >= 0.99.
+COS_TARGETS = {"artifact_cos_clean": 0.95, "normal_cos": 0.99, "next_cos": 0.99}
 
 
 def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, steps: int, lr: float = 1e-2,
@@ -106,9 +104,10 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
                                    seed=singer.seed, init=singer.adapter_init)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
     images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
-    directions = (estimate_artifact_directions(teacher, images.split(batch_size)[:singer.direction_batches], LAYERS,
-                                               singer.select_k) if singer.outlier_target == "direction" else None)
-    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, directions=directions)
+    subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], LAYERS,
+                                             singer.select_k, max_rank=singer.rank)
+                 if singer.outlier_target == "subspace" else None)
+    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
     with torch.no_grad():
@@ -131,10 +130,11 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
 
 @torch.no_grad()
 def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, n_eval: int = 128) -> dict:
-    """layer -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None)."""
+    """(layer, cluster) -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None), for
+    every cluster written at or before the layer, and "all" (their union)."""
     teacher, clean = planted.backbone, planted.clean
     images = stack_images(SyntheticShapes(n_eval, 64, 8, flat_share=case.share, seed=1))
-    mask = planted.artifact_mask(images)
+    clusters = planted.cluster_masks(images)
     raw, twin = teacher.forward_taps(images, LAYERS), clean.forward_taps(images, LAYERS)
     p = teacher.num_prefix_tokens
     out = {}
@@ -142,34 +142,32 @@ def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, 
         block = surrogate_block(layer, teacher.depth)
         patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
             [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
-        stats = ArtifactStats()
-        stats.add(patches[:, p:], mask, raw=raw[layer][:, p:],
-                  next_out=teacher.run_blocks(patches, block, block + 1)[:, p:],
-                  raw_next_out=teacher.run_blocks(raw[layer], block, block + 1)[:, p:], clean=twin[layer][:, p:])
-        out[layer] = stats.result()
+        written = {c.name: clusters[c.name] for c in planted.clusters if c.first_block <= layer}
+        masks = {"all": torch.stack(list(written.values())).any(0), **(written if len(written) > 1 else {})}
+        for name, mask in masks.items():
+            stats = ArtifactStats()
+            stats.add(patches[:, p:], mask, raw=raw[layer][:, p:],
+                      next_out=teacher.run_blocks(patches, block, block + 1)[:, p:],
+                      raw_next_out=teacher.run_blocks(raw[layer], block, block + 1)[:, p:], clean=twin[layer][:, p:])
+            out[layer, name] = stats.result()
     return out
 
 
-def _row(case: Case, layer: int, setting: str, stats: dict) -> dict:
-    met = [key for key, (op, bound) in TARGETS.items()
-           if (stats[key] <= bound if op == "<=" else stats[key] >= bound)]
-    return {"case": case.label, "layer": layer, "setting": setting, **stats,
-            "targets met": f"{len(met)}/{len(TARGETS)}", "remain": "yes" if artifacts_remain(stats) else "no"}
-
-
-def faithful_settings(select_ks: list[float]) -> dict[str, SingerConfig]:
-    """The faithful setting at each artifact selection k (the default SingerConfig.select_k keeps its plain name)."""
-    return {"faithful" if k == _FAITHFUL.select_k else f"faithful, select {k:g}x": replace(_FAITHFUL, select_k=k)
-            for k in select_ks}
+def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
+    """One table row; "targets met" counts the issue's four refined-teacher targets (the ratio against the twin)."""
+    limit = max(REMAIN_RATIO, 1.2 * twin[key]["artifact_ratio"])
+    met = [stats["artifact_ratio"] <= limit] + [stats[k] >= bound for k, bound in COS_TARGETS.items()]
+    return {"case": case.label, "layer": key[0], "cluster": key[1], "setting": setting, **stats,
+            "targets met": f"{sum(met)}/{len(met)}", "remain": "yes" if artifacts_remain(stats) else "no"}
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                ablation_cases: list[Case], ablation_losses: str, n_eval: int) -> None:
+                ablation_cases: list[Case], n_eval: int) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = build_planted_teacher(case.planted())
         twin = refined_stats(planted, None, case, n_eval)
-        settings_rows += [_row(case, layer, "clean twin (target)", twin[layer]) for layer in LAYERS]
+        settings_rows += [_row(case, key, "clean twin (target)", twin[key], twin) for key in twin]
         runs = {}  # SingerConfig -> stats: the ablation reuses a setting's run when they are the same
 
         def measure(singer: SingerConfig, label: str) -> dict:
@@ -181,17 +179,17 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
 
         for name, setting in settings.items():
             stats = measure(setting, name)
-            settings_rows += [_row(case, layer, name, stats[layer]) for layer in LAYERS]
+            settings_rows += [_row(case, key, name, stats[key], twin) for key in stats]
         if case in ablation_cases:
             for init in inits:
-                stats = measure(replace(ABLATION_LOSSES[ablation_losses], adapter_init=init), f"{init} init")
-                ablation_rows += [_row(case, layer, f"{ablation_losses}, {init} init", stats[layer])
-                                  for layer in LAYERS]
-    print(f"\nRefined teacher per distilled layer ({steps} adapter steps, {n_eval} held-out images; targets: "
-          "art/normal <= 1.5, art cos clean >= 0.9, normal cos >= 0.99, next-block cos >= 0.99)\n")
+                stats = measure(replace(SETTINGS["faithful"], adapter_init=init), f"{init} init")
+                ablation_rows += [_row(case, key, f"faithful, {init} init", stats[key], twin) for key in stats]
+    print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps, {n_eval} held-out images; "
+          "targets: art/normal <= max(1.5, 1.2 x the twin's), art cos clean >= 0.95, normal cos >= 0.99, next-block "
+          "cos >= 0.99)\n")
     _print_table(settings_rows)
     if ablation_rows:
-        print(f"\nAdapter-initialisation ablation ({ablation_losses} losses, everything else the same)\n")
+        print("\nAdapter-initialisation ablation (faithful losses, everything else the same)\n")
         _print_table(ablation_rows)
 
 
@@ -226,7 +224,7 @@ def _student():
     return load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)
 
 
-def _print_table(rows: list[dict], lead: tuple[str, ...] = ("case", "layer", "setting")) -> None:
+def _print_table(rows: list[dict], lead: tuple[str, ...] = ("case", "layer", "cluster", "setting")) -> None:
     tail = ("targets met", "remain") if "targets met" in rows[0] else ()
     columns = [(key, key) for key in lead] + list(KEYS) + [(key, key) for key in tail]
     print("| " + " | ".join(header for _, header in columns) + " |")
@@ -247,18 +245,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("refine", "distill", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--cases", default="8c,2c,8p,2p,8c-out",
-                        help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--settings", default=",".join(SETTINGS),
-                        help="refine part: comma-separated settings (distill part: 'published' and the best)")
-    parser.add_argument("--select-k", default=f"{_FAITHFUL.select_k:g}",
-                        help="refine part: faithful setting's artifact selection(s), comma-separated k x median")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
-    parser.add_argument("--ablation-cases", default="8c,2c,8c-out", help="refine part: cases of the ablation")
-    parser.add_argument("--ablation-losses", choices=tuple(ABLATION_LOSSES), default="direction",
-                        help="refine part: the losses the ablation varies the initialisation of")
-    parser.add_argument("--distill-settings", default=f"published,{BEST}",
+    parser.add_argument("--ablation-cases", default="8c,2c,8two", help="refine part: cases of the ablation")
+    parser.add_argument("--distill-settings", default="faithful",
                         help="distill part: comma-separated SiNGER settings run against FitNet")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
@@ -266,12 +258,9 @@ def main() -> None:
     cases = [CASES[key] for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
-        settings = {}
-        for name in args.settings.split(","):
-            settings.update(faithful_settings([float(k) for k in args.select_k.split(",")]) if name == "faithful"
-                            else {name: SETTINGS[name]})
+        settings = {name: SETTINGS[name] for name in args.settings.split(",")}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.ablation_losses, args.n_eval)
+                    args.n_eval)
     if args.part in ("distill", "all"):
         distill_part([c for c in cases if c.u_in_null], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))

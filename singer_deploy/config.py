@@ -29,8 +29,17 @@ from typing import Any
 from singer_deploy.errors import ConfigError, SingerDeployError, shown_path
 
 NULLSPACE_RULES = ("smallest", "official")
-OUTLIER_TARGETS = ("quantile", "median", "normal", "direction")
+OUTLIER_TARGETS = ("quantile", "subspace")
 ADAPTER_INITS = ("nullspace", "remove", "random", "zero")
+# SingerConfig.preset: the settings a preset fills in where the config leaves them unset (docs/method.md, "Defaults,
+# and where we depart from the paper"). "faithful" (default) removes the artifacts and keeps everything else on every
+# planted family; "published" is the paper's and the reference code's losses.
+SINGER_PRESETS: dict[str, dict[str, object]] = {
+    "faithful": {"outlier_target": "subspace", "info_tokens": "normal", "adapter_init": "remove",
+                 "detach_target": True, "info_variant": "paper", "last_block_info": True},
+    "published": {"outlier_target": "quantile", "info_tokens": "all", "adapter_init": "nullspace",
+                  "detach_target": False, "info_variant": "reference", "last_block_info": False},
+}
 INFO_VARIANTS = ("reference", "paper")
 METHODS = ("singer", "fitnet")
 TRAIN_LOGGERS = ("jsonl", "tensorboard")   # singer_deploy/train/loggers.py
@@ -54,30 +63,29 @@ class SingerConfig:
         on small or randomly initialised teachers nearly all of them do, and "official" then picks the least-null
         directions. "smallest" is never less null than "official", and the paper's Table 4 shows nullspace
         initialisation itself has no measurable accuracy effect, so this choice cannot cost the published numbers.
+    preset: "faithful" (default) or "published" (SINGER_PRESETS): fills outlier_target, info_tokens, adapter_init,
+        detach_target, info_variant and last_block_info where they are left unset (None); a value set explicitly
+        wins. The published losses are `preset: published`.
     alpha: per-image quantile of refined patch-token norms above which L_out acts ("quantile" target).
-    outlier_target: "quantile" (published) or "median" (target = median_k x per-image median patch norm; robust
-        when artifacts exceed 1 - alpha of the patches, where the quantile sits inside the artifact cluster), or
-        "normal" (faithful option, docs/method.md): the raw teacher's tokens above select_k x its median are pulled
-        to norm_scale x the median refined norm of the other tokens. "direction" (best option, docs/method.md): the
-        same tokens are pulled to the raw token with its component along the layer's artifact direction set to the
-        normal tokens' level; the direction is estimated before training from the first direction_batches batches,
-        at the block whose update sets the artifact tokens apart most (method/artifact_direction.py).
-    select_k: the artifact selection of "normal", "direction" and info_tokens "normal", on the raw teacher. Default
-        4, the artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a
-        lower k also selects natural high-norm tokens and costs normal-token fidelity (README, "Is the artifact
-        gone?").
-    norm_scale: the "normal" target as a multiple of the other tokens' median norm.
-    direction_batches: training batches (the run's first ones) the "direction" target's estimate reads.
+    outlier_target: "quantile" (published: the tokens above the alpha-quantile of the refined norms are pulled to it)
+        or "subspace" (faithful): the raw teacher's tokens above select_k x its median are pulled to the raw token
+        with its component in the layer's artifact subspace set to the normal tokens' mean, everything else kept;
+        the subspace is estimated before training from the first estimate_batches batches, from every block that
+        writes the artifact (method/artifact_subspace.py).
+    select_k: the artifact selection of "subspace" and info_tokens "normal", on the raw teacher. Default 4, the
+        artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a lower k
+        also selects natural high-norm tokens and costs normal-token fidelity (docs/results.md).
+    estimate_batches: training batches (the run's first ones) the "subspace" estimate reads.
     adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
         at F) or "random" (a random orthonormal basis instead of N, the reference code's ablation).
     info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
         reference code) or "paper" (refined last vs raw last). A single distilled layer always uses "paper".
-    info_tokens: "all" (published) or "normal": L_info leaves out the tokens select_k selects, whose raw value the
-        next block's residual path would otherwise pull the refined tokens back to.
-    last_block_info: also hold the LAST distilled layer with the intermediate layers' term,
+    info_tokens: "all" (published) or "normal" (faithful): L_info leaves out the tokens select_k selects, whose raw
+        value the next block's residual path would otherwise pull the refined tokens back to.
+    last_block_info: (faithful: on) also hold the LAST distilled layer with the intermediate layers' term,
         MSE(Block_s(F_hat), Block_s(F)), where s is the block whose FFN initialised that layer's adapter (the next
         block, or the block itself for the teacher's last block, used as a surrogate reader). Added to the cosine-Gram
-        term. Deviation from the paper and the reference code, hence off by default: the Gram term is invariant to
+        term. Deviation from the paper and the reference code (off in the published preset): the Gram term is invariant to
         any rotation and per-token rescaling of the features, so at the last layer nothing anchors F_hat to F while
         L_out pulls; on the planted teacher the last-layer normal-token cosine to the raw teacher fell to 0.86 with
         the Gram term alone and stayed 0.995 with this term (HNR still 0). The paper reports cosine only for an
@@ -92,24 +100,27 @@ class SingerConfig:
     rank: int = 64
     tau: float = 0.05
     rule: str = "smallest"
+    preset: str = "faithful"
     alpha: float = 0.97
     w_kd: float = 1.0
     w_out: float = 0.01
     w_info: float = 1.0
-    outlier_target: str = "quantile"
-    median_k: float = 2.0
+    outlier_target: str | None = None
     select_k: float = 4.0
-    norm_scale: float = 1.0
-    direction_batches: int = 8
-    adapter_init: str = "nullspace"
-    info_variant: str = "reference"
-    info_tokens: str = "all"
-    detach_target: bool = False
-    last_block_info: bool = False
+    estimate_batches: int = 8
+    adapter_init: str | None = None
+    info_variant: str | None = None
+    info_tokens: str | None = None
+    detach_target: bool | None = None
+    last_block_info: bool | None = None
     map_last_to_last: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _choice("preset", self.preset, tuple(SINGER_PRESETS))
+        for key, value in SINGER_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError("SingerConfig.rank must be a positive integer", expected="an int >= 1 (published 64)",
                               found=repr(self.rank), fix="set rank=64, or lower for narrow teachers")
@@ -122,18 +133,17 @@ class SingerConfig:
             if not (_finite(value) and value >= 0.0):
                 raise ConfigError(f"SingerConfig.{key} must be a finite number >= 0", expected="a weight >= 0",
                                   found=repr(value), fix="published weights are w_kd 1.0, w_out 0.01, w_info 1.0")
-        _positive("median_k", self.median_k, "2.0")
-        _positive("norm_scale", self.norm_scale, "1.0")
         _positive("select_k", self.select_k, "4.0")
-        _positive_int("SingerConfig", "direction_batches", self.direction_batches, "set direction_batches=8")
+        _positive_int("SingerConfig", "estimate_batches", self.estimate_batches, "set estimate_batches=8")
         _choice("adapter_init", self.adapter_init, ADAPTER_INITS)
         _choice("rule", self.rule, NULLSPACE_RULES)
         _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)
         _choice("info_variant", self.info_variant, INFO_VARIANTS)
         _choice("info_tokens", self.info_tokens, INFO_TOKENS)
-        if not isinstance(self.last_block_info, bool):
-            raise ConfigError("SingerConfig.last_block_info must be True or False", expected="a bool",
-                              found=repr(self.last_block_info), fix="pass last_block_info=True or False")
+        for key in ("last_block_info", "detach_target"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"SingerConfig.{key} must be True or False", expected="a bool",
+                                  found=repr(getattr(self, key)), fix=f"pass {key}=True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("SingerConfig.seed must be an integer", expected="an int", found=repr(self.seed),
                               fix="pass e.g. seed=0")
@@ -244,8 +254,10 @@ def _positive_int(owner: str, key: str, value: object, fix: str) -> None:
 PLANTED = "planted"              # ModelSpec.name of the built-in planted-artifact teacher
 PLANTED_TEXTURE_FILTERS = 6
 PLANTED_TRIGGERS = ("content", "position")   # what fires the artifacts: exactly flat patches, or fixed positions
-# Reserved channel pairs of the planted teacher: patch indicator, texture responses, energy, flatness.
+# Reserved channel pairs of the planted teacher: patch indicator, texture responses, energy, flatness; a teacher with a
+# second, position-triggered mechanism (PlantedConfig.second_layer) reserves one more pair for its position flag.
 PLANTED_CHANNEL_PAIRS = ("patch", *[f"texture{k}" for k in range(PLANTED_TEXTURE_FILTERS)], "energy", "flat")
+PLANTED_POSITION_FLAG = "posflag"
 
 
 @dataclass(frozen=True)
@@ -266,6 +278,15 @@ class PlantedConfig:
     sink_logit: float = 6.0      # attention logit boost artifact tokens get in later blocks
     trigger: str = "content"     # "content": artifacts on exactly flat patches; "position": on fixed positions
     position_share: float = 0.08  # trigger "position": share of the patch positions that carry an artifact
+    # Families with more than one fixed write (docs/planted_teacher.md, "Families"); all off by default.
+    grow_blocks: int = 1         # the main artifact is written over this many consecutive blocks from artifact_layer,
+                                 # each along its own direction, 60 degrees from the previous block's
+    second_layer: int | None = None   # a second mechanism: block that writes position-triggered artifacts (own
+                                      # direction, position_share of the positions) next to the content-triggered ones
+    second_rho: float = 8.0      # its median artifact norm / median normal norm at second_layer
+    varying_dims: int = 0        # image-dependent part: the register neurons also write a vector that varies from
+                                 # token to token within this many directions (a linear read of the token's content)
+    varying_rho: float = 5.0     # its RMS norm / median normal norm at the artifact layer
     seed: int = 0
 
     def __post_init__(self):
@@ -280,10 +301,44 @@ class PlantedConfig:
             raise ConfigError("position_share must be a share of the patch positions",
                               expected="0 < position_share < 1", found=repr(self.position_share),
                               fix="e.g. 0.08 (5 of 64 patches)")
-        needed = 2 * len(PLANTED_CHANNEL_PAIRS) + self.null_dim + 8
+        self._check_families()
+        needed = 2 * (len(PLANTED_CHANNEL_PAIRS) + (self.second_layer is not None)) + self.null_dim + 8
         if self.embed_dim < needed:
             raise ConfigError("embed_dim is too small for the planted channels", expected=f">= {needed}",
                               found=str(self.embed_dim), fix="raise embed_dim")
+
+    @property
+    def extra_directions(self) -> int:
+        """Planted directions besides u: the grown blocks', the second mechanism's and the varying part's."""
+        return self.grow_blocks - 1 + (self.second_layer is not None) + self.varying_dims
+
+    @property
+    def writer_blocks(self) -> tuple[int, ...]:
+        """Every block whose register neurons write an artifact, ascending."""
+        grown = range(self.artifact_layer, self.artifact_layer + self.grow_blocks)
+        return tuple(sorted({*grown, *(() if self.second_layer is None else (self.second_layer,))}))
+
+    def _check_families(self) -> None:
+        for key in ("grow_blocks", "varying_dims"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "grow_blocks" else 0):
+                raise ConfigError(f"PlantedConfig.{key} must be a whole number", expected="grow_blocks >= 1, "
+                                  "varying_dims >= 0", found=repr(value), fix="e.g. grow_blocks=3, varying_dims=3")
+        if self.artifact_layer + self.grow_blocks > self.depth - 1:
+            raise ConfigError("The grown artifact must end before the last block",
+                              expected=f"artifact_layer + grow_blocks <= {self.depth - 1}",
+                              found=f"{self.artifact_layer} + {self.grow_blocks}", fix="lower grow_blocks")
+        if self.second_layer is not None:
+            if self.trigger != "content" or not self.artifact_layer < self.second_layer < self.depth:
+                raise ConfigError("The second (position-triggered) mechanism needs content-triggered main artifacts "
+                                  "and a later block", expected=f"trigger 'content', artifact_layer < second_layer "
+                                  f"< {self.depth}", found=f"trigger {self.trigger!r}, second_layer "
+                                  f"{self.second_layer}", fix="e.g. trigger='content', second_layer=6")
+        if self.extra_directions and not (self.u_in_null and self.extra_directions < self.null_dim):
+            raise ConfigError("Extra planted directions live inside the ignored subspace N next to u",
+                              expected=f"u_in_null and fewer than null_dim ({self.null_dim}) extra directions",
+                              found=f"u_in_null {self.u_in_null}, {self.extra_directions} extra directions",
+                              fix="raise null_dim or use fewer grown blocks / varying directions")
 
 
 # ---------------------------------------------------------------------------------------------------------------

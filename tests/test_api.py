@@ -14,7 +14,7 @@ TINY = {
                 "kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
     "data": {"n": 32, "eval_n": 12, "flat_share": 0.08},
     "layers": [4],
-    "singer": {"rank": 8, "outlier_target": "median"},
+    "singer": {"rank": 8, "preset": "published"},
     "train": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2},
     "export": {"formats": ["onnx", "openvino"]},
 }
@@ -232,8 +232,9 @@ def test_run_student_folder_is_a_timm_model_with_a_model_card(finished):
     assert "vit_tiny_patch16_224 distilled from planted (singer)" in card
     assert f'timm.create_model("local-dir:{student_dir}", pretrained=True)' in card
     assert "Layers (teacher -> student): [4, 7] -> " in card
-    # The refinement settings that decide what the student learned, the faithful option's keys included.
-    assert "outlier_target median, select_k 4.0, info_tokens all, adapter_init nullspace" in card
+    # The refinement settings that decide what the student learned, the preset and the keys it fills included.
+    assert "preset published, rank 8" in card
+    assert "outlier_target quantile, select_k 4.0, info_tokens all, adapter_init nullspace" in card
     for row in finished.parity:  # the card's parity table carries the run's measured numbers
         assert f"| {row['candidate']} | {row['precision']} | {row['output']} | {row['token_cos_min']:.6g}" in card
     assert "| pytorch/fp32 |" in card and "hnr_4" in card and "synthetic shapes" in card

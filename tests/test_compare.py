@@ -14,7 +14,7 @@ from singer_deploy.config import SingerConfig, TrainConfig
 from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.errors import ConfigError
 
-SINGER = SingerConfig(rank=4, outlier_target="median")
+SINGER = SingerConfig(rank=4, preset="published")
 TRAIN = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
 
 

@@ -69,7 +69,7 @@ def trained(tmp_path_factory):
     train = TrainConfig(steps=2, batch_size=4, log_every=1, checkpoint_every=2, device="cpu", precision="bf16")
     before = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
     result = distill(teacher.backbone, tiny_student(), SyntheticShapes(8, 32, 8, flat_share=0.08, seed=1),
-                     tmp_path_factory.mktemp("bf16"), layers=[2], singer=SingerConfig(rank=4, outlier_target="median"),
+                     tmp_path_factory.mktemp("bf16"), layers=[2], singer=SingerConfig(rank=4, preset="published"),
                      train=train, progress=False)
     return teacher, before, result
 

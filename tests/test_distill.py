@@ -20,7 +20,7 @@ from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.train.loop import CHECKPOINT, METRICS_LOG, distill
 
-SINGER = SingerConfig(rank=4, outlier_target="median")
+SINGER = SingerConfig(rank=4, preset="published")
 LAYERS = [2]  # + the teacher's last block (3); student blocks 0 and 1
 
 
@@ -182,7 +182,7 @@ def test_finished_run_is_not_trained_again(teacher, data, reference):
     (dict(train=train_config(steps=8)), "train.steps"),
     (dict(train=train_config(method="fitnet")), "singer.alpha"),
     (dict(train=train_config(seed=1)), "train.seed"),
-    (dict(singer=SingerConfig(rank=2, outlier_target="median")), "singer.rank"),
+    (dict(singer=SingerConfig(rank=2, preset="published")), "singer.rank"),
     (dict(layers=[1]), "layers.teacher"),
 ])
 def test_resuming_a_different_run_is_a_config_error(teacher, data, reference, change, named):
@@ -230,7 +230,7 @@ _TORCHRUN_SCRIPT = """
         train = TrainConfig(method=method, steps=4, batch_size=4, checkpoint_every=2, log_every=1, warmup_steps=2,
                             device="cpu")
         distill(teacher, student, data, f"{{sys.argv[1]}}/{{method}}", layers=[2],
-                singer=SingerConfig(rank=4, outlier_target="median"), train=train, progress=False)
+                singer=SingerConfig(rank=4, preset="published"), train=train, progress=False)
     print(f"rank {{dist.get_rank()}} of {{dist.get_world_size()}} done", flush=True)
     dist.destroy_process_group()
 """

@@ -34,7 +34,7 @@ CONFIG = {
                 "kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}},
     "data": {"n": 32, "eval_n": 8, "flat_share": 0.08},
     "layers": [4],
-    "singer": {"rank": 8, "outlier_target": "median"},
+    "singer": {"rank": 8, "preset": "published"},
     "train": {"steps": 6, "batch_size": 4, "log_every": 1, "checkpoint_every": 1},
     "export": {"formats": ["onnx", "openvino"], "benchmark": False},
 }

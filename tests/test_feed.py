@@ -56,7 +56,7 @@ def test_augmented_batches_depend_only_on_the_step(folder):
 def test_killed_run_with_dataloader_workers_resumes_to_the_same_weights(folder, tmp_path):
     teacher = build_planted_teacher(PlantedConfig(img_size=32, patch_size=8, embed_dim=64, depth=4,
                                                   artifact_layer=2, null_dim=4)).backbone
-    singer = SingerConfig(rank=4, outlier_target="median")
+    singer = SingerConfig(rank=4, preset="published")
     train = TrainConfig(steps=6, batch_size=4, checkpoint_every=3, log_every=1, warmup_steps=2, device="cpu",
                         workers=2)
 

@@ -40,7 +40,7 @@ def test_distill_and_export_end_to_end_on_cuda(tmp_path):
     config = {"teacher": {"name": "vit_tiny_patch16_224", "kwargs": TEACHER},
               "student": {"name": "vit_tiny_patch16_224", "kwargs": STUDENT},
               "data": {"n": 64, "eval_n": 16}, "layers": [1],
-              "singer": {"rank": 16, "outlier_target": "median"},
+              "singer": {"rank": 16, "preset": "published"},
               "train": {"steps": 20, "batch_size": 16, "log_every": 5, "checkpoint_every": 10, "device": "cuda"},
               "export": {"formats": formats}}
     run = distill_and_export(config, out_dir=str(tmp_path / "run"), progress=False)
@@ -80,7 +80,7 @@ def _run(out_dir, data, precision: str = "fp32", steps: int = 6):
     train = TrainConfig(steps=steps, batch_size=8, checkpoint_every=3, log_every=1, warmup_steps=2, device="cuda",
                         precision=precision)
     return distill(vit(TEACHER), vit(STUDENT, seed=1), data, out_dir, layers=[1],
-                   singer=SingerConfig(rank=8, outlier_target="median"), train=train, progress=False)
+                   singer=SingerConfig(rank=8, preset="published"), train=train, progress=False)
 
 
 def _max_difference(a, b) -> float:
@@ -108,7 +108,7 @@ def test_kill_and_resume_on_cuda(tmp_path):
 
 def test_bf16_step_with_a_frozen_bf16_teacher_gives_finite_losses(tmp_path):
     teacher, student = vit(TEACHER), vit(STUDENT, seed=1)
-    step = DistillStep(teacher, student, [1, 3], [0, 1], SingerConfig(rank=8, outlier_target="median"), "singer",
+    step = DistillStep(teacher, student, [1, 3], [0, 1], SingerConfig(rank=8, preset="published"), "singer",
                        teacher_dtype=compute_dtype("auto", CUDA)).to(CUDA)
     frozen = step.teacher
     assert next(frozen.model.blocks[0].parameters()).dtype == torch.bfloat16

@@ -31,7 +31,7 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
     data = SyntheticShapes(16, 32, 8, seed=0)
     train = TrainConfig(steps=4, batch_size=4, log_every=2, checkpoint_every=2, loggers=("jsonl", "tensorboard"))
     distill(planted.backbone, student, data, tmp_path, layers=[2], train=train, progress=False,
-            singer=SingerConfig(rank=4, outlier_target="median"))
+            singer=SingerConfig(rank=4, preset="published"))
     records = [json.loads(line) for line in (tmp_path / METRICS_LOG).read_text().splitlines()]
     scalars = _event_scalars(tmp_path / TENSORBOARD_DIR)
     expected = {key for record in records for key in record if key != "step"}
@@ -70,7 +70,7 @@ def _tiny_run(small_planted, out_dir, train, kill_at_call=None, resume=True):
         patch.setattr(loop, "train_step", step_or_die)
         try:
             distill(small_planted.backbone, student, data, out_dir, layers=[2], train=train, progress=False,
-                    singer=SingerConfig(rank=4, outlier_target="median"), resume=resume)
+                    singer=SingerConfig(rank=4, preset="published"), resume=resume)
         except _Killed:
             pass
     return [json.loads(line) for line in (out_dir / METRICS_LOG).read_text().splitlines()]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,10 +47,7 @@ def test_outlier_loss_quantile_hand_values():
     assert outlier_loss(patches[:1], alpha=0.97).item() == pytest.approx((10 - 9.28) ** 2, rel=1e-5)
 
 
-def test_outlier_loss_median_target_and_detached_threshold():
-    patches = _norm_tokens([[1, 2, 3, 4, 10], [1, 1, 1, 1, 5]])
-    # target = 2 x median: image 1 t = 6 -> (10-6)^2 = 16; image 2 t = 2 -> (5-2)^2 = 9; pooled 25 / 2.
-    assert outlier_loss(patches, target="median", median_k=2.0).item() == pytest.approx(12.5)
+def test_outlier_loss_threshold_is_detached():
     one = _norm_tokens([[1, 2, 3, 4, 10]]).requires_grad_(True)
     outlier_loss(one, alpha=0.5).backward()
     # d/dn of ((4-q)^2 + (10-q)^2) / 2 with q detached: (4-3) and (10-3); nothing flows through q.
@@ -62,8 +61,6 @@ def test_outlier_loss_empty_selection_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value = outlier_loss(torch.randn(2, 50, 8, dtype=torch.bfloat16))
     assert value.dtype == torch.float32 and torch.isfinite(value)
-    with pytest.raises(ModelError, match="outlier target"):
-        outlier_loss(flat, target="mean")
 
 
 def _artifact_batch(num_artifacts: int, n: int = 100, b: int = 4, d: int = 16) -> torch.Tensor:
@@ -78,19 +75,18 @@ def test_quantile_trap_detector_fires_at_8_percent_not_at_2():
     with pytest.warns(UserWarning) as caught:
         trapped = check_quantile_trap(_artifact_batch(8), alpha=0.97, label="layer 17")
     message = str(caught[0].message)
-    # The layer, the share above threshold, both failure modes, and the option that fixes them.
+    # The layer, the share above threshold, both failure modes, and the setting that fixes them.
     for part in ("at layer 17", "8.0% of its patch tokens", "barely shrink", "damages normal tokens",
-                 "outlier_target='direction'", "info_tokens='normal'", "adapter_init='remove'"):
+                 "leave out `preset: published`", "artifact subspace"):
         assert part in message, part
     assert trapped.fired and trapped.share == pytest.approx(0.08)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fine = check_quantile_trap(_artifact_batch(2), alpha=0.97)
     assert not fine.fired and fine.share == pytest.approx(0.02)
-    # The trap itself: with 8% artifacts the 0.97 quantile sits inside the artifact cluster, the median target not.
+    # The trap itself: with 8% artifacts the 0.97 quantile sits inside the artifact cluster.
     norms = _artifact_batch(8).norm(dim=-1)
     assert torch.quantile(norms, 0.97, dim=1).min() > 4 * norms.median(dim=1).values.max()
-    assert outlier_loss(_artifact_batch(8), target="median") > 100 * outlier_loss(_artifact_batch(8))
 
 
 def test_next_block_info_loss_value_and_gradient_path():
@@ -123,7 +119,7 @@ def _taps(teacher, layers):
 @pytest.mark.parametrize("variant", ["reference", "paper"])
 def test_singer_loss_combines_terms(tiny_teacher, variant):
     layers = [0, 2]
-    cfg = SingerConfig(rank=4, alpha=0.5, info_variant=variant, w_out=0.5, w_info=2.0)
+    cfg = SingerConfig(preset="published", rank=4, alpha=0.5, info_variant=variant, w_out=0.5, w_info=2.0)
     refiner = Refiner.from_teacher(tiny_teacher, layers, rank=4)
     layout = TokenLayout.of(tiny_teacher)
     aligner = TokenAligner(layout, layout)
@@ -153,26 +149,10 @@ def test_trap_warning_from_the_loss_names_the_layer(tiny_teacher):
     patches = raw[2][:, 1:].clone()
     patches[:, :1] *= 20.0                                          # 1 of 4 patches: 25% > 1 - alpha = 3%
     raw = {2: torch.cat([raw[2][:, :1], patches], dim=1)}
-    loss = SingerLoss(SingerConfig(rank=4), [2], tiny_teacher, TokenAligner(layout, layout))
+    loss = SingerLoss(SingerConfig(preset="published", rank=4), [2], tiny_teacher, TokenAligner(layout, layout))
     with pytest.warns(UserWarning, match=r"quantile trap at layer 2: 25\.0% of its patch tokens"):
         loss(raw, raw, raw)
     assert loss.trap_checks[2].fired
-
-
-def test_normal_target_pulls_raw_selected_tokens_into_the_normal_range():
-    raw = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 10.0]])
-    # Refined: the artifact already shrank to 3x, below any 4x threshold; it is still selected (on the raw teacher)
-    # and pulled to the median of the other tokens (1.0), so the loss sees the residual: (3 / 1 - 1)^2.
-    refined = _norm_tokens([[1.0, 1.0, 1.0, 1.0, 3.0]]).requires_grad_(True)
-    loss = outlier_loss(refined, target="normal", raw=raw, select_k=4.0)
-    assert loss.item() == pytest.approx(4.0)
-    # The error is relative to the image's normal norm: the same picture at 10x the scale gives the same loss, so
-    # an image with large norms cannot outweigh the others in the batch mean.
-    assert outlier_loss(refined * 10, target="normal", raw=raw * 10, select_k=4.0).item() == pytest.approx(4.0)
-    assert outlier_loss(refined, target="median", median_k=2.0).item() == pytest.approx(1.0)   # stops at 2x
-    assert outlier_loss(refined, target="normal", raw=raw, norm_scale=3.0).item() == 0.0
-    with pytest.raises(ModelError, match="raw teacher"):
-        outlier_loss(refined, target="normal")
 
 
 def test_single_layer_uses_paper_gram(tiny_teacher):
@@ -180,7 +160,7 @@ def test_single_layer_uses_paper_gram(tiny_teacher):
     layout = TokenLayout.of(tiny_teacher)
     raw = _taps(tiny_teacher, [2])
     refined = {2: refiner(2, raw[2])}
-    terms = SingerLoss(SingerConfig(rank=4), [2], tiny_teacher, TokenAligner(layout, layout))(refined, refined, raw)
+    terms = SingerLoss(SingerConfig(preset="published", rank=4), [2], tiny_teacher, TokenAligner(layout, layout))(refined, refined, raw)
     assert terms["kd"].item() == 0.0
     assert terms["info"].item() == pytest.approx(gram_info_loss(refined[2][:, 1:], raw[2][:, 1:]).item())
 
@@ -208,9 +188,9 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
     refined = {layer: torch.cat([raw[layer][:, :1], 2.0 * raw[layer][:, 1:]], dim=1) for layer in layers}
     layout = TokenLayout(1, True, (1, 2))
     aligner = TokenAligner(layout, layout)
-    plain = SingerLoss(SingerConfig(rank=1, info_variant="paper"), layers, _ScalingTeacher(), aligner)
-    held = SingerLoss(SingerConfig(rank=1, info_variant="paper", last_block_info=True), layers, _ScalingTeacher(),
-                      aligner)
+    published = SingerConfig(preset="published", rank=1, info_variant="paper")
+    plain = SingerLoss(published, layers, _ScalingTeacher(), aligner)
+    held = SingerLoss(replace(published, last_block_info=True), layers, _ScalingTeacher(), aligner)
     assert plain(refined, refined, raw)[f"info@{final}"].item() == pytest.approx(0.0, abs=1e-6)
     terms = held(refined, refined, raw)
     assert terms[f"info@{final}"].item() == pytest.approx(4 * block_gain ** 2 / 6, rel=1e-5)
@@ -218,10 +198,22 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
     assert terms["info@0"].item() == pytest.approx(4 * 4.0 / 6, rel=1e-5)
 
 
+def test_presets_fill_what_is_left_unset():
+    faithful, published = SingerConfig(), SingerConfig(preset="published")
+    assert (faithful.outlier_target, faithful.info_tokens, faithful.adapter_init, faithful.detach_target,
+            faithful.info_variant, faithful.last_block_info) == ("subspace", "normal", "remove", True, "paper", True)
+    assert (published.outlier_target, published.info_tokens, published.adapter_init, published.detach_target,
+            published.info_variant, published.last_block_info) == ("quantile", "all", "nullspace", False,
+                                                                   "reference", False)
+    mixed = SingerConfig(preset="published", info_tokens="normal")     # an explicit value wins over the preset
+    assert (mixed.outlier_target, mixed.info_tokens) == ("quantile", "normal")
+
+
 def test_config_validation_names_the_key():
     assert SingerConfig().rank == 64 and SingerConfig().rule == "smallest"
     for key, value in (("rank", 0), ("tau", -1.0), ("alpha", 1.0), ("w_out", float("nan")),
-                       ("rule", "largest"), ("outlier_target", "mean"), ("info_variant", "gram"),
-                       ("last_block_info", 1)):
+                       ("rule", "largest"), ("outlier_target", "mean"), ("outlier_target", "direction"),
+                       ("info_variant", "gram"), ("last_block_info", 1), ("detach_target", "yes"),
+                       ("preset", "paper")):
         with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
             SingerConfig(**{key: value})

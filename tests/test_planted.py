@@ -4,7 +4,7 @@ import torch
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.method.metrics import artifact_metrics, high_norm_mask, mask_precision_recall
 from singer_deploy.config import PlantedConfig
-from singer_deploy.models.planted import build_planted_teacher
+from singer_deploy.models.planted import build_planted_teacher, trigger_positions
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,86 @@ def test_unknown_trigger_is_a_config_error():
 
     with pytest.raises(ConfigError, match="trigger"):
         PlantedConfig(trigger="both")
+
+
+FAMILIES = {
+    "two mechanisms": PlantedConfig(second_layer=6),
+    "grown": PlantedConfig(artifact_layer=3, grow_blocks=3),
+    "image-dependent": PlantedConfig(varying_dims=3),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_families_have_their_clusters_and_a_clean_twin(name):
+    """Each cluster is high-norm from its first writer block on (and not before), the clean twin has none anywhere,
+    and normal tokens stay close to the twin's."""
+    teacher = build_planted_teacher(FAMILIES[name])
+    images = stack_images(SyntheticShapes(32, flat_share=0.08, seed=7))
+    masks = teacher.cluster_masks(images)
+    union = teacher.artifact_mask(images)
+    layers = list(range(teacher.config.depth))
+    with torch.no_grad():
+        raw = teacher.backbone.forward_taps(images, layers)
+        clean = teacher.clean.forward_taps(images, layers)
+    for layer in layers:
+        patches, twin = teacher.backbone.split(raw[layer])[1], teacher.clean.split(clean[layer])[1]
+        assert artifact_metrics(twin)["hnr"] < 0.005, layer
+        norms = patches.norm(dim=-1)
+        normal = norms[~union].median()
+        for cluster in teacher.clusters:
+            ratio = (norms[masks[cluster.name]].median() / normal).item()
+            assert (ratio > 3.0) == (layer >= cluster.first_block), (cluster.name, layer, ratio)
+        cos = torch.nn.functional.cosine_similarity(patches[~union], twin[~union], dim=-1)
+        assert cos.mean() > 0.99
+
+
+def test_two_mechanisms_write_different_directions_at_their_own_blocks():
+    teacher = build_planted_teacher(FAMILIES["two mechanisms"])
+    assert [(c.name, c.trigger, c.first_block) for c in teacher.clusters] == [("main", "content", 4),
+                                                                               ("position", "position", 6)]
+    content, position = (w.direction for w in teacher.writers)
+    assert abs(float(content @ position)) < 1e-6
+    images = stack_images(SyntheticShapes(16, flat_share=0.08, seed=8))
+    masks = teacher.cluster_masks(images)
+    assert torch.equal(masks["position"], trigger_positions(teacher.config).expand_as(masks["position"]))
+    with torch.no_grad():
+        gap = teacher.backbone.split(teacher.backbone.forward_taps(images, [7])[7])[1] - \
+            teacher.clean.split(teacher.clean.forward_taps(images, [7])[7])[1]
+    only_position = masks["position"] & ~masks["main"]
+    along = torch.nn.functional.cosine_similarity(gap[only_position], position.expand(int(only_position.sum()), -1))
+    assert along.abs().min() > 0.95                       # the position cluster's artifact lies along its direction
+
+
+def test_grown_artifact_turns_from_block_to_block():
+    teacher = build_planted_teacher(FAMILIES["grown"])
+    blocks = [w.block for w in teacher.writers]
+    assert blocks == [3, 4, 5]
+    directions = torch.stack([w.direction for w in teacher.writers])
+    cos = directions @ directions.T
+    assert torch.allclose(torch.diagonal(cos, 1), torch.full((2,), 0.5), atol=1e-5)     # 60 degrees apart
+
+
+def test_image_dependent_part_varies_from_token_to_token_within_its_directions():
+    teacher = build_planted_teacher(FAMILIES["image-dependent"])
+    images = stack_images(SyntheticShapes(32, flat_share=0.08, seed=9))
+    mask = teacher.artifact_mask(images)
+    writer = teacher.writers[0]
+    with torch.no_grad():
+        layer = teacher.artifact_layer
+        gap = (teacher.backbone.split(teacher.backbone.forward_taps(images, [layer])[layer])[1] -
+               teacher.clean.split(teacher.clean.forward_taps(images, [layer])[layer])[1])[mask]
+        normal = teacher.clean.split(teacher.clean.forward_taps(images, [layer])[layer])[1][~mask].norm(dim=-1)
+    varying = gap @ writer.varying.T                                       # (tokens, varying_dims)
+    spread = (varying - varying.mean(0)).square().sum(-1).mean().sqrt() / normal.median()
+    assert spread > 2.0                                                   # several normal norms, token to token
+    fixed = gap - varying @ writer.varying
+    assert torch.nn.functional.cosine_similarity(fixed, writer.direction.expand_as(fixed)).min() > 0.99
+
+
+def test_family_settings_are_validated():
+    from singer_deploy.errors import ConfigError
+
+    for bad in (dict(second_layer=4), dict(second_layer=6, trigger="position"), dict(grow_blocks=4),
+                dict(varying_dims=8), dict(varying_dims=2, u_in_null=False), dict(grow_blocks=0)):
+        with pytest.raises(ConfigError):
+            PlantedConfig(**bad)

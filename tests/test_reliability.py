@@ -42,7 +42,7 @@ TINY = {
     "student": {"name": "vit_tiny_patch16_224", "kwargs": STUDENT_KW},
     "data": {"n": 16, "eval_n": 4, "flat_share": 0.08},
     "layers": [4],
-    "singer": {"rank": 8, "outlier_target": "median"},
+    "singer": {"rank": 8, "preset": "published"},
     "train": {"steps": 4, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 10},
     "export": {"formats": [], "benchmark": False},
 }

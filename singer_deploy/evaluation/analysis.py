@@ -62,10 +62,11 @@ class ArtifactAnalysis:
 
 
 def planted_mask(planted: PlantedTeacher) -> ArtifactMask:
-    """Ground truth of a planted teacher: its artifact tokens at and after the artifact layer, none before."""
+    """Ground truth of a planted teacher: at each layer, the tokens of every cluster written at or before it."""
     def mask(images: Tensor, layer: int) -> Tensor:
-        truth = planted.artifact_mask(images)
-        return truth if layer >= planted.artifact_layer else torch.zeros_like(truth)
+        masks = planted.cluster_masks(images)
+        written = [masks[c.name] for c in planted.clusters if c.first_block <= layer]
+        return torch.stack(written).any(0) if written else torch.zeros_like(planted.artifact_mask(images))
     return mask
 
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from singer_deploy.config import OUTLIER_TARGETS, SingerConfig
+from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ModelError
 from singer_deploy.method.alignment import TokenAligner
-from singer_deploy.method.artifact_direction import ArtifactDirection, direction_loss
+from singer_deploy.method.artifact_subspace import ArtifactSubspace, subspace_loss
 from singer_deploy.method.metrics import DEFAULT_K, cosine_gram, high_norm_mask
 from singer_deploy.method.nullspace import surrogate_block
 
@@ -35,50 +35,18 @@ def kd_loss(student: Tensor, target: Tensor, *, detach_target: bool = False) -> 
     return F.mse_loss(student, target.detach() if detach_target else target)
 
 
-def outlier_loss(patches: Tensor, *, alpha: float = 0.97, target: str = "quantile", median_k: float = 2.0,
-                 raw: Tensor | None = None, select_k: float = 4.0, norm_scale: float = 1.0) -> Tensor:
-    """Pooled mean of (norm - t)^2 over refined patch tokens selected as outliers, per image.
-
-    target "quantile" (published): tokens above t = the alpha-quantile of the image's refined patch norms.
-    "median": tokens above t = median_k x the image's refined median patch norm, which still acts when artifacts
-    exceed 1 - alpha of the patches; it stops pulling at median_k x median, so a residual of that size stays.
-    "normal": tokens whose RAW norm exceeds select_k x the raw image median (a fixed set: it does not shrink as the
-    artifacts do) are pulled down to t = norm_scale x the median refined norm of the image's other tokens, i.e. into
-    the normal-token norm range rather than to its edge. Needs `raw` (the unrefined patch tokens). Its error is
-    relative, (norm / t - 1)^2: scale-free, so an image with large norms or one natural high-norm token far above t
-    cannot dominate the batch and jolt the shared adapter (with the absolute error such tokens made loss spikes ~100x
-    the typical value and cost the normal tokens; docs/method.md, "Faithful refinement").
-    t is detached and computed in fp32 (torch.quantile rejects half precision). Zero, with a graph, when no token
-    is selected.
+def outlier_loss(patches: Tensor, *, alpha: float = 0.97) -> Tensor:
+    """Published L_out: pooled mean of (norm - t)^2 over refined patch tokens above t = the alpha-quantile of the
+    image's refined patch norms. t is detached and computed in fp32 (torch.quantile rejects half precision). Zero,
+    with a graph, when no token is above t. (The faithful target is method.artifact_subspace.subspace_loss.)
     """
     with torch.autocast(device_type=patches.device.type, enabled=False):
         norms = patches.float().norm(dim=-1)                                   # (B, N)
         with torch.no_grad():
-            if target == "quantile":
-                threshold = torch.quantile(norms, alpha, dim=1, keepdim=True)
-            elif target == "median":
-                threshold = median_k * torch.quantile(norms, 0.5, dim=1, keepdim=True)
-            elif target == "normal":
-                selected = _raw_outliers(raw, select_k, norms.shape)
-                threshold = norm_scale * norms.masked_fill(selected, float("nan")).nanmedian(1, keepdim=True).values
-            else:
-                raise ModelError("Unknown outlier target", expected=" or ".join(map(repr, OUTLIER_TARGETS)),
-                                 found=repr(target), fix="set outlier_target='quantile'")
+            threshold = torch.quantile(norms, alpha, dim=1, keepdim=True)
         mask = norms > threshold
-        error = norms - threshold
-        if target == "normal":
-            mask = mask & selected
-            error = error / threshold.clamp_min(torch.finfo(norms.dtype).tiny)
         # Masked sum / count instead of boolean indexing: no host sync, and 0 (not NaN) when nothing is selected.
-        return (error.square() * mask).sum() / mask.sum().clamp_min(1)
-
-
-def _raw_outliers(raw: Tensor | None, k: float, shape: torch.Size) -> Tensor:
-    if raw is None or raw.shape[:2] != shape:
-        raise ModelError("The 'normal' outlier target selects tokens on the raw teacher",
-                         expected=f"raw patch tokens of shape {tuple(shape)} + (D,)",
-                         found="none" if raw is None else str(tuple(raw.shape)), fix="pass raw=raw_patches")
-    return high_norm_mask(raw, k)
+        return ((norms - threshold).square() * mask).sum() / mask.sum().clamp_min(1)
 
 
 @dataclass(frozen=True)
@@ -96,7 +64,7 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
     cluster. Two outcomes were measured on the planted teacher (docs/method.md): at some layers L_out barely shrinks
     the artifacts; at others it does shrink them, but by pulling every token above the quantile, at the cost of the
     normal tokens (normal-token cosine 0.93, and the student below FitNet). The message names the layer, the share,
-    both outcomes and the option that avoids them (the "direction" target).
+    both outcomes and the setting that avoids them (the default "faithful" preset).
 
     Run it on the raw teacher patches of the first batches; the share is pooled over the batch.
     """
@@ -110,11 +78,10 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
             f"than 1 - alpha = {limit:.1%}, so the alpha = {alpha:g} quantile target sits inside the artifact "
             f"cluster. Expect one of two failures at {label}: the artifacts barely shrink (HNR stays), or they "
             "shrink only by pulling every token above the quantile, which damages normal tokens (normal-token "
-            "cosine to the raw teacher falls, e.g. 0.93). Fix: outlier_target='direction' (selects the high-norm "
-            "tokens on the raw teacher and removes their component along the artifact direction, estimated at the "
-            "block that writes it), with info_tokens='normal' and adapter_init='remove' (the faithful option, "
-            "docs/method.md); outlier_target='median' or alpha "
-            f"below {1.0 - share:.2f} only move the target below the cluster.", stacklevel=2)
+            "cosine to the raw teacher falls, e.g. 0.93). Fix: leave out `preset: published` (the default preset "
+            "'faithful' selects the high-norm tokens on the raw teacher and removes their component in the "
+            "artifact subspace, estimated from the blocks that write it; docs/method.md); an alpha "
+            f"below {1.0 - share:.2f} only moves the target below the cluster.", stacklevel=2)
     return QuantileTrapCheck(share=share, limit=limit, fired=fired)
 
 
@@ -159,14 +126,14 @@ class SingerLoss:
     anywhere. `aligner` selects the L_kd tokens of the
     teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
     patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
-    outlier_target "direction" needs `directions` (method.artifact_direction.estimate_artifact_directions), given
+    outlier_target "subspace" needs `subspaces` (method.artifact_subspace.estimate_artifact_subspaces), given
     here or set before the first call.
     """
 
     def __init__(self, config: SingerConfig, layers: Sequence[int], backbone, aligner: TokenAligner, *,
                  trap_check_batches: int = 2,
-                 directions: Mapping[int, ArtifactDirection | None] | None = None):
-        self.config, self.layers, self.directions = config, list(layers), dict(directions or {})
+                 subspaces: Mapping[int, ArtifactSubspace | None] | None = None):
+        self.config, self.layers, self.subspaces = config, list(layers), dict(subspaces or {})
         self.backbone, self.aligner = backbone, aligner
         self.prefix = int(backbone.num_prefix_tokens)
         self.trap_checks: dict[int, QuantileTrapCheck] = {}
@@ -209,19 +176,18 @@ class SingerLoss:
 
     def _outlier(self, layer: int, refined: Tensor, raw: Tensor) -> Tensor:
         cfg = self.config
-        if cfg.outlier_target == "direction":
-            if layer not in self.directions:
-                raise ModelError("outlier_target 'direction' needs the artifact direction of every distilled layer",
-                                 expected=f"directions for layers {self.layers}", found=str(sorted(self.directions)),
-                                 fix="set SingerLoss.directions = estimate_artifact_directions(teacher, batches, "
-                                     "layers, select_k) before the first step")
-            return direction_loss(refined, raw, high_norm_mask(raw, cfg.select_k), self.directions[layer])
-        return outlier_loss(refined, alpha=cfg.alpha, target=cfg.outlier_target, median_k=cfg.median_k, raw=raw,
-                            select_k=cfg.select_k, norm_scale=cfg.norm_scale)
+        if cfg.outlier_target == "quantile":
+            return outlier_loss(refined, alpha=cfg.alpha)
+        if layer not in self.subspaces:
+            raise ModelError("outlier_target 'subspace' needs the artifact subspace of every distilled layer",
+                             expected=f"subspaces for layers {self.layers}", found=str(sorted(self.subspaces)),
+                             fix="set SingerLoss.subspaces = estimate_artifact_subspaces(teacher, batches, layers, "
+                                 "select_k) before the first step")
+        return subspace_loss(refined, raw, high_norm_mask(raw, cfg.select_k), self.subspaces[layer])
 
     def _normal_tokens(self, raw: Tensor) -> Tensor | None:
         """info_tokens "normal": (B, T) bool, False on the raw teacher's patch tokens above select_k x the median
-        (the tokens the "normal" L_out target acts on), True on prefix and normal tokens; None ("all", published)."""
+        (the tokens the "subspace" L_out target acts on), True on prefix and normal tokens; None ("all", published)."""
         if self.config.info_tokens == "all":
             return None
         with torch.no_grad():

@@ -9,6 +9,11 @@ It imitates how real artifacts arise (docs/planted_teacher.md):
   block L_a MLP    -> two "register neurons" read f and write alpha * u, a fixed direction, onto flat patches;
   blocks > L_a     -> keys see u (attention sinks); values and the FFN input ignore the subspace N that holds u,
                       which is SiNGER's premise: the next block barely reads the artifact direction.
+Families (docs/planted_teacher.md, "Families"), each off by default: `grow_blocks` writes the artifact over several
+consecutive blocks along directions that turn from block to block; `second_layer` adds a second, position-triggered
+mechanism in a later block along its own direction; `varying_dims` makes the register neurons also write a part that
+varies from token to token within a few directions (register-like tokens carry image content). The clean twin has
+every register neuron off; `clusters` names each mechanism's tokens and the blocks that write them.
 Every reserved channel is written by exactly one module and read as a +/- channel PAIR: LayerNorm shifts all channels
 by the token mean and scales them by the token std, so only the pair difference is zero exactly when the signal is.
 
@@ -18,7 +23,7 @@ It validates mechanics (taps, prefix handling, nullspace maths, losses, metrics)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -26,7 +31,32 @@ from torch import Tensor
 
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
-from singer_deploy.config import PLANTED_CHANNEL_PAIRS, PLANTED_TEXTURE_FILTERS, PlantedConfig
+from singer_deploy.config import (PLANTED_CHANNEL_PAIRS, PLANTED_POSITION_FLAG, PLANTED_TEXTURE_FILTERS,
+                                  PlantedConfig)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Register neurons of one block: they read the `flag` channel pair and write `scale` x `direction` (a saturating
+    pair, neurons `neurons`), plus, with `varying` rows, a part linear in the token's content along those rows."""
+
+    cluster: str
+    block: int
+    flag: str
+    direction: Tensor
+    neurons: tuple[int, ...]
+    scale: float = 1.0
+    varying: Tensor | None = None       # (varying_dims, D) orthonormal write directions
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One artifact mechanism: its tokens fire on `trigger`; blocks first..last write them."""
+
+    name: str
+    trigger: str
+    first_block: int
+    last_block: int
 
 
 @dataclass
@@ -34,21 +64,37 @@ class PlantedTeacher:
     """The planted teacher, its clean twin and the ground truth."""
 
     backbone: Backbone
-    clean: Backbone              # same weights, register neurons off
+    clean: Backbone              # same weights, every register neuron off
     config: PlantedConfig
-    u: Tensor                    # unit artifact direction (D,)
-    null_basis: Tensor           # (null_dim, D) orthonormal rows; contains u when u_in_null
-    alpha: float                 # magnitude the register neurons write
+    u: Tensor                    # unit artifact direction of the first writer (D,)
+    null_basis: Tensor           # (null_dim, D) orthonormal rows; contains every planted direction when u_in_null
+    alpha: float                 # magnitude the first writer's register neurons write
     register_neurons: tuple[int, int]
+    writers: tuple[Writer, ...] = ()
 
     @property
     def artifact_layer(self) -> int:
         return self.config.artifact_layer
 
+    @property
+    def clusters(self) -> tuple[Cluster, ...]:
+        """The main cluster (content or position) and, with `second_layer`, the position cluster of the second
+        mechanism."""
+        main = [w.block for w in self.writers if w.cluster == "main"]
+        out = [Cluster("main", self.config.trigger, min(main), max(main))]
+        if self.config.second_layer is not None:
+            out.append(Cluster("position", "position", self.config.second_layer, self.config.second_layer))
+        return tuple(out)
+
+    def cluster_masks(self, images: Tensor) -> dict[str, Tensor]:
+        """Each cluster's ground-truth tokens (B, N) (they may overlap: a flat patch at a trigger position)."""
+        return {c.name: _trigger_mask(self.config, images, c.trigger) for c in self.clusters}
+
     def artifact_mask(self, images: Tensor) -> Tensor:
-        """Ground-truth artifact tokens (B, N), where the register neurons fire: the exactly flat patches, or the
-        fixed trigger positions (trigger "position")."""
-        return _trigger_mask(self.config, images)
+        """Ground-truth artifact tokens (B, N), where any register neurons fire: the exactly flat patches, or the
+        fixed trigger positions (trigger "position"), and the second mechanism's positions."""
+        masks = list(self.cluster_masks(images).values())
+        return torch.stack(masks).any(0)
 
 
 def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher:
@@ -58,40 +104,52 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
     model = VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
                               depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
                               num_classes=0).eval()
-    channels = _reserve_channels(config.embed_dim)
+    channels = _reserve_channels(config)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    u, null_basis = _artifact_geometry(config, channels, generator)
+    u, null_basis, spare = _artifact_geometry(config, channels, generator)
+    writers = _plan_writers(config, u, spare)
     calibration = stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
                                                seed=10_000 + config.seed))
     with torch.no_grad():
-        _clear_reserved(model, channels, config.artifact_layer)
+        _clear_reserved(model, channels, max(config.writer_blocks))
         _write_texture_filters(model, channels, config.patch_size, generator)
         _write_energy_neurons(model, channels)
-        flat = _trigger_mask(config, calibration)
+        main = _trigger_mask(config, calibration)
         if config.trigger == "position":
-            _write_position_flag(model, channels, flat[0])
+            _write_position_flag(model, channels, "flat", main[0])
         else:
-            _write_flatness_neuron(model, channels, calibration, flat)
-        neurons = _write_register_neurons(model, channels, calibration, flat, u, config)
-        _ignore_subspace_after(model, config, null_basis, u)
+            _write_flatness_neuron(model, channels, calibration, main)
+        if config.second_layer is not None:
+            _write_position_flag(model, channels, PLANTED_POSITION_FLAG, trigger_positions(config))
+        masks = _cluster_masks(config, calibration)
+        for writer in writers:
+            _write_register_neurons(model, config, channels, calibration, masks[writer.cluster], writer)
+        directions = torch.stack([w.direction for w in writers] + [v for w in writers if w.varying is not None
+                                                                   for v in w.varying])
+        _ignore_subspace_after(model, config, null_basis, directions)
         _add_attention_sinks(model, config, u, generator)
-        alpha = _calibrate_alpha(model, config, calibration, flat, u, neurons)
+        writers = _calibrate_writers(model, config, calibration, masks, writers)
         clean = copy.deepcopy(model)
-        clean.blocks[config.artifact_layer].mlp.fc2.weight[:, list(neurons)] = 0.0
-    return PlantedTeacher(Backbone(model), Backbone(clean.eval()), config, u, null_basis, alpha, neurons)
+        for writer in writers:
+            clean.blocks[writer.block].mlp.fc2.weight[:, list(writer.neurons)] = 0.0
+    first = writers[0]
+    return PlantedTeacher(Backbone(model), Backbone(clean.eval()), config, u, null_basis, first.scale,
+                          first.neurons[:2], tuple(writers))
 
 
-def _reserve_channels(dim: int) -> dict[str, tuple[int, int]]:
-    first = dim - 2 * len(PLANTED_CHANNEL_PAIRS)
-    return {name: (first + 2 * i, first + 2 * i + 1) for i, name in enumerate(PLANTED_CHANNEL_PAIRS)}
+def _reserve_channels(config: PlantedConfig) -> dict[str, tuple[int, int]]:
+    names = PLANTED_CHANNEL_PAIRS + ((PLANTED_POSITION_FLAG,) if config.second_layer is not None else ())
+    first = config.embed_dim - 2 * len(names)
+    return {name: (first + 2 * i, first + 2 * i + 1) for i, name in enumerate(names)}
 
 
 def _all_reserved(channels: dict[str, tuple[int, int]]) -> list[int]:
     return [c for pair in channels.values() for c in pair]
 
 
-def _artifact_geometry(config: PlantedConfig, channels, generator) -> tuple[Tensor, Tensor]:
-    """A zero-mean unit direction u off the reserved channels, and an orthonormal subspace N (with or without u)."""
+def _artifact_geometry(config: PlantedConfig, channels, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """A zero-mean unit direction u off the reserved channels, an orthonormal subspace N (with or without u), and the
+    rest of N's basis orthogonal to u (rows), from which the families draw their other directions."""
     free = torch.ones(config.embed_dim, dtype=torch.bool)
     free[_all_reserved(channels)] = False
     raw = torch.randn(config.null_dim + 1, config.embed_dim, generator=generator) * free
@@ -99,7 +157,27 @@ def _artifact_geometry(config: PlantedConfig, channels, generator) -> tuple[Tens
     basis, _ = torch.linalg.qr(raw.T)
     u = basis[:, 0].contiguous()
     null = basis[:, :config.null_dim] if config.u_in_null else basis[:, 1:config.null_dim + 1]
-    return u, null.T.contiguous()
+    return u, null.T.contiguous(), basis[:, 1:config.null_dim].T.contiguous()
+
+
+def _plan_writers(config: PlantedConfig, u: Tensor, spare: Tensor) -> list[Writer]:
+    """Which block writes what: the main mechanism's blocks (each 60 degrees from the previous one's direction when
+    grown), its varying part (first block), and the second mechanism. Directions come from N, so the blocks after
+    the first writer ignore all of them (docs/planted_teacher.md, "Families")."""
+    spare_rows = iter(spare)
+    varying = torch.stack([next(spare_rows) for _ in range(config.varying_dims)]) if config.varying_dims else None
+    writers, direction = [], u
+    for step in range(config.grow_blocks):
+        if step:
+            direction = 0.5 * direction + 0.75 ** 0.5 * next(spare_rows)
+        neurons = (0, 1) + tuple(range(2, 2 + 2 * config.varying_dims) if step == 0 else ())
+        writers.append(Writer("main", config.artifact_layer + step, "flat", direction.clone(), neurons,
+                              varying=varying if step == 0 else None))
+    if config.second_layer is not None:
+        used = {w.block: len(w.neurons) for w in writers}.get(config.second_layer, 0)
+        writers.append(Writer("position", config.second_layer, PLANTED_POSITION_FLAG, next(spare_rows).clone(),
+                              (used, used + 1)))
+    return writers
 
 
 def _clear_reserved(model: VisionTransformer, channels, artifact_layer: int) -> None:
@@ -192,16 +270,16 @@ def trigger_positions(config: PlantedConfig) -> Tensor:
     return mask
 
 
-def _trigger_mask(config: PlantedConfig, images: Tensor) -> Tensor:
-    if config.trigger == "position":
+def _trigger_mask(config: PlantedConfig, images: Tensor, trigger: str | None = None) -> Tensor:
+    if (trigger or config.trigger) == "position":
         return trigger_positions(config).expand(images.shape[0], -1).clone()
     return _flat_patches(images, config.patch_size)
 
 
-def _write_position_flag(model: VisionTransformer, channels, positions: Tensor) -> None:
-    """The "flat" channel pair set by the position embedding on the trigger positions (as the flatness neuron
-    would write it), so the same register neurons fire there whatever the image shows."""
-    plus, minus = channels["flat"]
+def _write_position_flag(model: VisionTransformer, channels, pair: str, positions: Tensor) -> None:
+    """A flag channel pair set by the position embedding on the trigger positions (as the flatness neuron would
+    write it), so register neurons reading it fire there whatever the image shows."""
+    plus, minus = channels[pair]
     prefix = model.num_prefix_tokens if not getattr(model, "no_embed_class", False) else 0
     index = prefix + torch.nonzero(positions).flatten()
     model.pos_embed[0, index, plus] = 0.2
@@ -225,18 +303,35 @@ def _write_flatness_neuron(model: VisionTransformer, channels, images: Tensor, f
     _write_saturating_pair(model.blocks[1].mlp, (0, 1), reads, 0.0, _pair_reader(dim, channels["flat"], 0.2))
 
 
-def _write_register_neurons(model, channels, images, flat, u, config: PlantedConfig) -> tuple[int, int]:
-    flatness = _pair_difference(model, images, config.artifact_layer, channels["flat"])
-    gain = 12.0 / flatness[flat].min().item()
-    neurons = (0, 1)
-    reads = _pair_reader(model.embed_dim, channels["flat"], gain)
-    _write_saturating_pair(model.blocks[config.artifact_layer].mlp, neurons, reads, -5.0, u.clone())
-    return neurons
+def _write_register_neurons(model, config: PlantedConfig, channels, images, tokens: Tensor, writer: Writer) -> None:
+    """The saturating pair that writes the fixed part on `tokens` (the flagged ones); with `varying` rows, one gated
+    pair per row whose difference is ~2 x (a random read of the token's LayerNorm-ed content) on flagged tokens and
+    ~0 elsewhere."""
+    flag = _pair_difference(model, images, writer.block, channels[writer.flag])
+    # A later writer sees its flag through LayerNorm after an earlier writer's artifact has grown the token ~rho-fold
+    # (the scales are calibrated afterwards), so it reads the flag with that much more margin; the pair saturates.
+    margin = 1.0 if writer.block == config.artifact_layer else 2.0 * max(config.rho, config.second_rho)
+    gain = 12.0 * margin / flag[tokens].min().item()
+    reads = _pair_reader(model.embed_dim, channels[writer.flag], gain)
+    mlp = model.blocks[writer.block].mlp
+    _write_saturating_pair(mlp, writer.neurons[:2], reads, -5.0, writer.direction.clone())
+    if writer.varying is None:
+        return
+    generator = torch.Generator().manual_seed(writer.block)
+    content = torch.randn(len(writer.varying), model.embed_dim, generator=generator)
+    content[:, _all_reserved(channels)] = 0.0
+    content /= content.norm(dim=1, keepdim=True)
+    for k, (read, write) in enumerate(zip(content, writer.varying)):
+        plus, minus = writer.neurons[2 + 2 * k], writer.neurons[3 + 2 * k]
+        _write_neuron(mlp, plus, reads + read, -5.0, write.clone())
+        _write_neuron(mlp, minus, reads - read, -5.0, -write.clone())
 
 
-def _ignore_subspace_after(model: VisionTransformer, config: PlantedConfig, null_basis: Tensor, u: Tensor) -> None:
+def _ignore_subspace_after(model: VisionTransformer, config: PlantedConfig, null_basis: Tensor,
+                           directions: Tensor) -> None:
     projector = torch.eye(config.embed_dim) - null_basis.T @ null_basis
-    value_projector = torch.eye(config.embed_dim) - torch.outer(u, u)
+    written, _ = torch.linalg.qr(directions.T)
+    value_projector = torch.eye(config.embed_dim) - written @ written.T
     dim = config.embed_dim
     for block in model.blocks[config.artifact_layer + 1:]:
         block.mlp.fc1.weight.copy_(block.mlp.fc1.weight @ projector)
@@ -256,21 +351,57 @@ def _add_attention_sinks(model: VisionTransformer, config: PlantedConfig, u: Ten
         block.attn.qkv.bias[:dim] += strength * key_dir
 
 
-def _calibrate_alpha(model, config: PlantedConfig, images: Tensor, flat: Tensor, u: Tensor,
-                     neurons: tuple[int, int]) -> float:
-    """Scale the register neurons' output until artifact / normal median norms at the artifact layer equal rho."""
-    backbone = Backbone(model)
-    fc2 = model.blocks[config.artifact_layer].mlp.fc2
-    alpha = 1.0
-    for _ in range(6):
-        tokens = backbone.forward_taps(images, [config.artifact_layer])[config.artifact_layer]
-        norms = backbone.split(tokens)[1].norm(dim=-1)
-        ratio = (norms[flat].median() / norms[~flat].median()).item()
-        step = config.rho / ratio
-        if abs(step - 1.0) < 1e-3:
-            break
-        alpha *= step
-        fc2.weight[:, neurons[0]] = alpha * u
-        fc2.weight[:, neurons[1]] = -alpha * u
-    return float(alpha)
+def _cluster_masks(config: PlantedConfig, images: Tensor) -> dict[str, Tensor]:
+    masks = {"main": _trigger_mask(config, images)}
+    if config.second_layer is not None:
+        masks["position"] = _trigger_mask(config, images, "position")
+    return masks
 
+
+def _calibrate_writers(model, config: PlantedConfig, images: Tensor, masks: dict[str, Tensor],
+                       writers: list[Writer]) -> list[Writer]:
+    """Scale the varying part so that its RMS norm on the main tokens is varying_rho x the normal median norm, then
+    each mechanism's fixed part so that, at its last writer block, its tokens' median norm / the other tokens' median
+    norm is rho (second_rho for the second mechanism), varying part included. Returns the writers with scales."""
+    backbone = Backbone(model)
+    normal = ~torch.stack(list(masks.values())).any(0)
+    for writer in writers:
+        _calibrate_varying(model, config, images, writer, masks["main"], normal)
+    scaled = []
+    for cluster, rho in (("main", config.rho), ("position", config.second_rho)):
+        group = [w for w in writers if w.cluster == cluster]
+        if not group:
+            continue
+        layer, alpha = group[-1].block, 1.0
+        for _ in range(6):
+            norms = backbone.split(backbone.forward_taps(images, [layer])[layer])[1].norm(dim=-1)
+            step = rho / (norms[masks[cluster]].median() / norms[normal].median()).item()
+            if abs(step - 1.0) < 1e-3:
+                break
+            alpha *= step
+            for w in group:
+                _set_fixed_scale(model, w, alpha)
+        scaled += [replace(w, scale=alpha) for w in group]
+    return scaled
+
+
+def _set_fixed_scale(model, writer: Writer, alpha: float) -> None:
+    fc2 = model.blocks[writer.block].mlp.fc2
+    fc2.weight[:, writer.neurons[0]] = alpha * writer.direction
+    fc2.weight[:, writer.neurons[1]] = -alpha * writer.direction
+
+
+def _calibrate_varying(model, config: PlantedConfig, images: Tensor, writer: Writer, tokens: Tensor,
+                       normal: Tensor) -> None:
+    """fc2 is linear in the varying columns, so one measurement of the varying write sets its scale exactly."""
+    if writer.varying is None:
+        return
+    backbone, columns = Backbone(model), list(writer.neurons[2:])
+    fc2 = model.blocks[writer.block].mlp.fc2
+    kept = fc2.weight[:, columns].clone()
+    with_part = backbone.split(backbone.forward_taps(images, [writer.block])[writer.block])[1]
+    fc2.weight[:, columns] = 0.0
+    without = backbone.split(backbone.forward_taps(images, [writer.block])[writer.block])[1]
+    part = (with_part - without)[tokens]
+    rms = part.square().sum(-1).mean().sqrt().item()
+    fc2.weight[:, columns] = kept * (config.varying_rho * without[normal].norm(dim=-1).median().item() / rms)

@@ -29,6 +29,7 @@ from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, R
                                   from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
+from singer_deploy.method.artifact_subspace import describe_subspace, low_share_note
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
@@ -425,13 +426,20 @@ def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_
     return write_report(out_dir / "report.html", data)
 
 
+def _with_estimate_notes(remain: dict, diagnostics: dict) -> dict:
+    """Each layer's "artifacts remain" line, with the subspace estimate's low explained share next to it."""
+    subspaces = diagnostics.get("artifact_subspace", {})
+    return {layer: line if (facts := subspaces.get(str(layer))) is None or facts["complete"]
+            else f"{line}; {low_share_note(facts['explained_share'])}" for layer, line in remain.items()}
+
+
 def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_rows: list[dict],
              result: DistillResult, config: RunConfig) -> dict:
     summary = {"method": "singer" if result.refiner is not None else "fitnet",
                "teacher_layers": result.teacher_layers, "student_layers": result.student_layers,
                "distill_seconds": round(result.seconds, 1)}
     # Every distilled layer, each source; and one line per layer on whether artifacts remain (not a parity verdict).
-    summary["artifacts remain"] = analysis.remain
+    summary["artifacts remain"] = _with_estimate_notes(analysis.remain, result.diagnostics)
     summary["artifacts"] = analysis.headline
     for warning in analysis.warnings:
         _warn(summary, warning)
@@ -446,14 +454,15 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
             if d["fired"]:
                 _warn(summary, f"quantile trap at layer {layer}: {d['high_norm_share']:.1%} of the patch tokens are "
                                f"high-norm, more than 1 - alpha = {d['limit']:.1%}, so L_out's quantile target sits "
-                               "inside the artifact cluster (docs/method.md, \"Traps\"; fix: outlier_target: "
-                               "direction)")
-        if "artifact_direction" in diagnostics:
-            summary["artifact direction"] = {
-                layer: "none found (no token above select_k x the median)" if d is None else
-                f"written by block {d['block']} ({d['block_share']:.0%} of the layer's artifact gap, "
-                f"{d['artifact_tokens']} artifact tokens)"
-                for layer, d in diagnostics["artifact_direction"].items()}
+                               "inside the artifact cluster (docs/method.md, \"Traps\"; fix: leave out "
+                               "`preset: published`)")
+        if "artifact_subspace" in diagnostics:
+            summary["artifact subspace"] = {
+                layer: "none found (no token above select_k x the median)" if d is None else describe_subspace(d)
+                for layer, d in diagnostics["artifact_subspace"].items()}
+            for layer, d in diagnostics["artifact_subspace"].items():
+                if d is not None and not d["complete"]:
+                    _warn(summary, f"layer {layer}: {low_share_note(d['explained_share'])}")
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}

@@ -86,8 +86,8 @@ def _kwargs(kwargs: Mapping[str, Any] | None) -> str:
 
 
 def _singer_settings(singer: Mapping[str, Any]) -> str:
-    keys = ("rank", "tau", "rule", "alpha", "outlier_target", "select_k", "info_tokens", "adapter_init", "w_kd",
-            "w_out", "w_info", "info_variant", "last_block_info")
+    keys = ("preset", "rank", "tau", "rule", "alpha", "outlier_target", "select_k", "info_tokens", "adapter_init",
+            "w_kd", "w_out", "w_info", "info_variant", "last_block_info")
     return ", ".join(f"{k} {singer[k]}" for k in keys if k in singer)
 
 

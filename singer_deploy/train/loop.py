@@ -33,7 +33,7 @@ from singer_deploy.train.progress import Progress
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
-from singer_deploy.method.artifact_direction import estimate_artifact_directions
+from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss, kd_loss
 from singer_deploy.method.metrics import artifact_metrics
 from singer_deploy.method.nullspace import surrogate_block
@@ -161,8 +161,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     if train.compile:
         runner = torch.compile(runner)
     autocast = autocast_for(train.precision, device)
-    if module.singer_loss is not None and singer.outlier_target == "direction":
-        module.singer_loss.directions = _artifact_directions(module, data, train, singer, device)
+    if module.singer_loss is not None and singer.outlier_target == "subspace":
+        module.singer_loss.subspaces = _artifact_subspaces(module, data, train, singer, device)
     sampler = StreamSampler(len(data), train.batch_size, train.seed, rank, world)
     batches = step_batches(data, sampler, start, train.steps, device, train.workers)
     skipped, watch = SkippedImages(len(data)), NonFiniteWatch(device, train.steps)
@@ -394,25 +394,28 @@ def _save_outputs(out_dir: Path, module: DistillStep, singer: SingerConfig, trai
     return files
 
 
-def _artifact_directions(module: DistillStep, data: Dataset, train: TrainConfig, singer: SingerConfig,
-                         device: torch.device) -> dict:
-    """The "direction" target's estimate from the run's first `direction_batches` GLOBAL batches (a one-process
-    sampler: every rank reads the same images and gets the same directions, and a resumed run the same ones again)."""
-    count = min(singer.direction_batches, train.steps)
+def _artifact_subspaces(module: DistillStep, data: Dataset, train: TrainConfig, singer: SingerConfig,
+                        device: torch.device) -> dict:
+    """The "subspace" target's estimate from the run's first `estimate_batches` GLOBAL batches (a one-process
+    sampler: every rank reads the same images and gets the same subspaces, and a resumed run the same ones again);
+    at most `rank` directions, all a rank-r adapter can take out."""
+    count = min(singer.estimate_batches, train.steps)
     sampler = StreamSampler(len(data), train.batch_size, train.seed)
     batches = (batch["image"].to(device) for batch in step_batches(data, sampler, 0, count, device, train.workers))
     with autocast_for(train.precision, device):   # the frozen teacher may hold bf16/fp16 weights
-        directions = estimate_artifact_directions(module.teacher, batches, module.teacher_layers, singer.select_k)
-    for layer, found in directions.items():
-        log.info("artifact direction of layer %d: %s", layer, found.describe() if found else
+        subspaces = estimate_artifact_subspaces(module.teacher, batches, module.teacher_layers, singer.select_k,
+                                                max_rank=singer.rank)
+    for layer, found in subspaces.items():
+        log.info("artifact subspace of layer %d: %s", layer, found.describe() if found else
                  "no token above select_k x the median in the estimation batches; L_out is zero at this layer")
-    return directions
+    return subspaces
 
 
 def _diagnostics(module: DistillStep) -> dict:
     """What the run decided on its own, kept next to the weights: the nullspace selection per layer (k = number of
-    singular values below tau, the rule, padding), the quantile-trap check of L_out and, with the "direction"
-    target, each layer's artifact-direction estimate (its block, share, level and token counts)."""
+    singular values below tau, the rule, padding), the quantile-trap check of L_out and, with the "subspace"
+    target, each layer's artifact-subspace estimate (ArtifactSubspace.summary: rank, writer blocks, explained
+    share, token counts)."""
     if module.refiner is None:
         return {}
     nullspace = {str(layer): {"rule": b.rule, "tau": b.tau, "k_below_tau": b.k, "rank": b.rank,
@@ -420,7 +423,6 @@ def _diagnostics(module: DistillStep) -> dict:
                  for layer, b in module.refiner.init_report.items()}
     traps = {str(layer): {"high_norm_share": c.share, "limit": c.limit, "fired": c.fired}
              for layer, c in module.singer_loss.trap_checks.items()}
-    directions = {str(layer): None if d is None else {k: v for k, v in vars(d).items() if k != "direction"}
-                  for layer, d in module.singer_loss.directions.items()}
+    subspaces = {str(layer): None if d is None else d.summary() for layer, d in module.singer_loss.subspaces.items()}
     return {"nullspace": nullspace, "quantile_trap": traps,
-            **({"artifact_direction": directions} if directions else {})}
+            **({"artifact_subspace": subspaces} if subspaces else {})}

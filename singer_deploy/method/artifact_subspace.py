@@ -1,0 +1,220 @@
+"""Each distilled layer's artifact subspace, estimated from the blocks that write it (outlier_target "subspace";
+docs/method.md, "Faithful refinement").
+
+A refined artifact token should be the raw token with the artifact taken out and everything else kept. Real teachers
+write their artifacts in several ways at once: more than one mechanism (content- and position-triggered) in different
+blocks along different directions, one artifact built up over several blocks, and a part that varies from token to
+token because register-like tokens carry image content. One fixed direction per layer leaves all of that in place.
+
+What we estimate instead, per distilled layer l, from the raw teacher on the first batches of the run:
+- the tokens selected at l (raw norm above select_k x the image median) and the others ("normal");
+- for every block b <= l, how the block's update x_b - x_{b-1} on the selected tokens differs from its mean update on
+  normal tokens, as an excess second moment (the selected tokens' spread around the normal mean minus the normal
+  tokens' own spread), summed over the blocks. Block updates rather than the layer's own tokens: the block that writes
+  an artifact adds it plus a small content difference, while the layer's tokens carry every content difference
+  accumulated on the way (flat patches have content of their own), which tilts the estimate; the artifact is ~10x a
+  normal token, so a tilt of 3 degrees already leaves half a normal token behind;
+- its eigenvectors whose excess is large against a normal token's energy (EXCESS_LIMIT), at most `max_rank`;
+- the share of the selected tokens' excess energy at l the subspace explains, token by token: for each selected
+  token, its squared distance to the normal mean beyond a normal token's (the normal tokens' mean squared
+  distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
+  cannot see a part whose mean is zero.
+
+The L_out target of a selected token F is T = F - P (F - mu): its component in the subspace set to the normal tokens'
+mean, the rest of the token kept. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the
+estimate then misses a part of the artifact (more directions than `max_rank`, or a part no block update shows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from singer_deploy.method.metrics import high_norm_mask
+
+# A direction joins the subspace when the selected tokens carry, along it, more than this share of a normal token's
+# energy (its squared distance to the normal mean) beyond what normal tokens carry. Measured on the planted families
+# (docs/method.md, "Artifact subspace"): artifact directions sit at 3-100, the content that sets flat patches apart
+# at 0.03-0.2, the rest below 0.01. A share of the excess would not do as a rule: 95% of a 10x artifact's excess
+# leaves a residual of 2.2x a normal token.
+EXCESS_LIMIT = 0.5
+# Below this explained share a layer's estimate is reported as incomplete (run summary, report, distill_config.json).
+LOW_SHARE = 0.95
+# A block is named as a writer when it holds at least this share of the subspace's energy on the selected tokens.
+WRITER_SHARE = 0.1
+# Selected tokens kept per layer for the per-token shares (the sums use every token).
+MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class ArtifactSubspace:
+    """basis: (k, D) orthonormal rows; normal_mean: (D,) the normal tokens' mean at the layer; writers: block ->
+    share of the subspace's energy its update holds on the selected tokens (blocks at or above WRITER_SHARE);
+    explained_share: how much of the selected tokens' excess energy the subspace explains, token by token;
+    artifact_tokens / normal_tokens: how many tokens the estimate rests on."""
+
+    basis: Tensor
+    normal_mean: Tensor
+    writers: dict[int, float]
+    explained_share: float
+    artifact_tokens: int
+    normal_tokens: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def complete(self) -> bool:
+        return self.explained_share >= LOW_SHARE
+
+    def target(self, raw: Tensor) -> Tensor:
+        """T = F - P (F - mu) for raw tokens F (..., D), in float32."""
+        basis = self.basis.to(device=raw.device, dtype=torch.float32)
+        centred = raw.float() - self.normal_mean.to(device=raw.device, dtype=torch.float32)
+        return raw.float() - (centred @ basis.T) @ basis
+
+    def describe(self) -> str:
+        return describe_subspace(self.summary())
+
+    def summary(self) -> dict:
+        """JSON-safe facts (distill_config.json, the run summary and the report)."""
+        return {"rank": self.rank, "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
+                "explained_share": round(self.explained_share, 4), "complete": self.complete,
+                "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens}
+
+
+def describe_subspace(facts: dict) -> str:
+    """One line from ArtifactSubspace.summary() (also as read back from distill_config.json)."""
+    rank, writers = facts["rank"], facts["writers"]
+    blocks = ", ".join(f"{block} ({share:.0%})" for block, share in writers.items())
+    text = (f"{rank} direction{'s' * (rank != 1)} written by block{'s' * (len(writers) != 1)} {blocks}; explains "
+            f"{facts['explained_share']:.1%} of the artifact tokens' excess energy ({facts['artifact_tokens']} "
+            f"artifact / {facts['normal_tokens']} normal tokens)")
+    return text if facts["complete"] else text + f"; {low_share_note(facts['explained_share'])}"
+
+
+def low_share_note(share: float) -> str:
+    return (f"the estimate explains only {share:.0%} of the artifact tokens' excess energy (below {LOW_SHARE:.0%}): "
+            "part of the artifact is outside it (docs/method.md, \"Artifact subspace\")")
+
+
+class SubspaceEstimator:
+    """Running sums over batches of raw taps; `result()` gives each layer's ArtifactSubspace (None when no token of
+    that layer was selected, e.g. a teacher without artifacts).
+
+    Kept per layer: one (D, D) excess second moment summed over blocks, the normal tokens' (D, D) second moment at
+    the layer, (D,) sums per block, and up to MAX_TOKENS selected tokens with their per-block updates (float32, on
+    the CPU) for the per-token shares and the writer shares."""
+
+    def __init__(self, layers: Sequence[int], select_k: float, num_prefix_tokens: int, *,
+                 max_rank: int | None = None):
+        self.layers, self.select_k, self.prefix = sorted(layers), float(select_k), int(num_prefix_tokens)
+        self.max_rank = max_rank
+        self._sums: dict[tuple, Tensor] = {}
+        self._counts = {(layer, kind): 0 for layer in self.layers for kind in ("artifact", "normal")}
+        self._kept: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}  # (n, blocks + 1, D)
+
+    @property
+    def blocks_needed(self) -> list[int]:
+        """The taps `add` reads: every block up to the deepest layer."""
+        return list(range(max(self.layers) + 1))
+
+    @torch.no_grad()
+    def add(self, taps: dict[int, Tensor]) -> None:
+        """taps: block -> raw tokens (B, prefix + N, D) for every block in `blocks_needed`."""
+        patches = {b: taps[b][:, self.prefix:].float() for b in self.blocks_needed}
+        updates = {b: patches[b] if b == 0 else patches[b] - patches[b - 1] for b in self.blocks_needed}
+        for layer in self.layers:
+            selected = high_norm_mask(patches[layer], self.select_k)
+            normal = ~selected
+            self._counts[layer, "artifact"] += int(selected.sum())
+            self._counts[layer, "normal"] += int(normal.sum())
+            tokens = patches[layer][normal]
+            self._add((layer, "normal", "x"), tokens.sum(0))
+            self._add((layer, "normal", "xx"), tokens.T @ tokens)
+            for block in range(layer + 1):
+                for kind, mask in (("artifact", selected), ("normal", normal)):
+                    rows = updates[block][mask]
+                    self._add((layer, kind, block), rows.sum(0))
+                    self._add((layer, kind, "uu"), rows.T @ rows)       # summed over blocks
+            room = MAX_TOKENS - sum(len(t) for t in self._kept[layer])
+            if room > 0 and selected.any():
+                stack = torch.stack([patches[layer][selected]] + [updates[b][selected] for b in range(layer + 1)], 1)
+                self._kept[layer].append(stack[:room].cpu())
+
+    def _add(self, key: tuple, value: Tensor) -> None:
+        value = value.double()
+        self._sums[key] = self._sums[key] + value if key in self._sums else value
+
+    def result(self) -> dict[int, ArtifactSubspace | None]:
+        return {layer: self._subspace(layer) for layer in self.layers}
+
+    def _subspace(self, layer: int) -> ArtifactSubspace | None:
+        n_a, n_n = self._counts[layer, "artifact"], self._counts[layer, "normal"]
+        if not n_a or not n_n:
+            return None
+        sums = {key[1:]: value.cpu() for key, value in self._sums.items() if key[0] == layer}
+        blocks = range(layer + 1)
+        mean_update = {b: sums["normal", b] / n_n for b in blocks}
+        # Excess second moment of the updates: selected tokens around the normal mean, minus the normal spread.
+        excess = sums["artifact", "uu"] / n_a - sums["normal", "uu"] / n_n
+        for b in blocks:
+            a_mean = sums["artifact", b] / n_a
+            mu = mean_update[b]
+            excess -= torch.outer(a_mean, mu) + torch.outer(mu, a_mean) - 2 * torch.outer(mu, mu)
+        mean = sums["normal", "x"] / n_n
+        covariance = sums["normal", "xx"] / n_n - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh((excess + excess.T) / 2)
+        order = values.argsort(descending=True)
+        chosen = order[values[order] > EXCESS_LIMIT * torch.trace(covariance)][:self.max_rank]
+        basis = vectors[:, chosen].T                                    # (k, D), largest excess first
+        kept = torch.cat(self._kept[layer]).double()
+        share = _explained_share(kept[:, 0] - mean, covariance, basis)
+        energy = torch.stack([((kept[:, 1 + b] - mean_update[b]) @ basis.T).square().sum() for b in blocks])
+        shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
+        writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
+        return ArtifactSubspace(basis.float(), mean.float(), writers, share, n_a, n_n)
+
+
+def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> float:
+    """1 - (excess energy left once the subspace is taken out) / (excess energy before), summed over the selected
+    tokens `centred` (minus the normal mean); a token's excess is its squared distance to the normal mean beyond a
+    normal token's mean one, clipped at 0 token by token."""
+    typical = torch.trace(covariance)
+    before = (centred.square().sum(-1) - typical).clamp_min(0)
+    kept = centred - (centred @ basis.T) @ basis
+    after = (kept.square().sum(-1) - typical + torch.trace(basis @ covariance @ basis.T)).clamp_min(0)
+    total = before.sum()
+    return float(1.0 - after.sum() / total) if total > 0 else 1.0
+
+
+@torch.no_grad()
+def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_k: float,
+                                max_rank: int | None = None) -> dict[int, ArtifactSubspace | None]:
+    """Each distilled layer's ArtifactSubspace from raw teacher taps of `batches` (iterable of image tensors);
+    `teacher` is a lead Backbone (forward_taps, num_prefix_tokens); `max_rank` caps the directions (the adapter
+    rank: a linear adapter of rank r cannot remove more than r)."""
+    estimator = SubspaceEstimator(layers, select_k, teacher.num_prefix_tokens, max_rank=max_rank)
+    for images in batches:
+        estimator.add(teacher.forward_taps(images, estimator.blocks_needed))
+    return estimator.result()
+
+
+def subspace_loss(patches: Tensor, raw: Tensor, selected: Tensor, artifact: ArtifactSubspace | None) -> Tensor:
+    """Mean over selected tokens of ||F_hat - T||^2 / ||T||^2, T = ArtifactSubspace.target(raw): the raw token with
+    its component in the artifact subspace set to the normal tokens' mean, everything else kept.
+
+    Relative, so no image or layer dominates by scale. Zero, with a graph, when nothing is selected or the layer has
+    no subspace."""
+    if artifact is None:
+        return patches.sum() * 0.0
+    with torch.autocast(device_type=patches.device.type, enabled=False):
+        target = artifact.target(raw)
+        error = (patches.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(
+            torch.finfo(torch.float32).tiny)
+        mask = selected.to(error.dtype)
+        return (error * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,150 @@
+"""The "subspace" outlier target: each layer's artifact subspace estimated from the blocks that write it, on every
+planted family (one mechanism, two mechanisms in two blocks, a grown artifact, an image-dependent one), its explained
+share, the loss on hand-made tokens, and a distillation run that records the estimate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
+from singer_deploy.errors import ConfigError, ModelError
+from singer_deploy.method.alignment import TokenAligner, TokenLayout
+from singer_deploy.method.artifact_subspace import (LOW_SHARE, ArtifactSubspace, describe_subspace,
+                                                    estimate_artifact_subspaces, subspace_loss)
+from singer_deploy.method.losses import SingerLoss
+from singer_deploy.models.backbone import load_backbone
+from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.models.planted import build_planted_teacher
+from singer_deploy.train.loop import distill
+
+LAYERS = [2, 3]
+# Width 64, 6 blocks: room for a writer two blocks before the last distilled layer.
+FAMILY_BASE = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, artifact_layer=2, null_dim=6)
+WIDE_LAYERS = [2, 4]
+
+
+def _batches(share: float, n: int = 64) -> list[torch.Tensor]:
+    return list(stack_images(SyntheticShapes(n, 32, 8, flat_share=share, seed=3)).split(16))
+
+
+def _captured(basis: torch.Tensor, direction: torch.Tensor) -> float:
+    """Share of a unit planted direction inside the estimated subspace."""
+    return float((basis.double() @ direction.double()).square().sum())
+
+
+def _planted_directions(planted) -> list[torch.Tensor]:
+    rows = [w.direction for w in planted.writers]
+    return rows + [v for w in planted.writers if w.varying is not None for v in w.varying]
+
+
+def test_one_mechanism_gives_one_direction_at_its_writer(small_planted):
+    found = estimate_artifact_subspaces(small_planted.backbone, _batches(0.08), LAYERS, select_k=4.0)
+    for layer in LAYERS:
+        subspace = found[layer]
+        assert subspace.rank == 1 and set(subspace.writers) == {small_planted.artifact_layer}
+        assert _captured(subspace.basis, small_planted.u) > 0.9999
+        assert subspace.explained_share > 0.99 and subspace.complete
+        assert subspace.artifact_tokens > 0 and subspace.normal_tokens > subspace.artifact_tokens
+
+
+@pytest.mark.parametrize("family, layer_writers", [
+    (dict(second_layer=4), {2: {2}, 4: {2, 4}}),                       # content at block 2, position at block 4
+    (dict(grow_blocks=3), {2: {2}, 4: {2, 3, 4}}),                     # one cluster over blocks 2, 3, 4
+    (dict(varying_dims=2), {2: {2}, 4: {2}}),                          # a fixed part + a part varying per token
+])
+def test_every_written_direction_is_found_with_the_blocks_that_write_it(family, layer_writers):
+    planted = build_planted_teacher(PlantedConfig(**FAMILY_BASE, position_share=0.08, **family))
+    found = estimate_artifact_subspaces(planted.backbone, _batches(0.08, 96), WIDE_LAYERS, select_k=4.0, max_rank=6)
+    for layer, writers in layer_writers.items():
+        subspace = found[layer]
+        assert set(subspace.writers) == writers, (layer, subspace.writers)
+        written = [w for w in planted.writers if w.block <= layer]
+        directions = [w.direction for w in written] + [v for w in written if w.varying is not None
+                                                        for v in w.varying]
+        assert all(_captured(subspace.basis, d) > 0.999 for d in directions), layer
+        assert subspace.explained_share > 0.99
+
+
+def test_an_estimate_capped_below_the_artifact_reports_a_low_explained_share():
+    """The image-dependent family needs 3 directions; capped at 1 (the mean direction, as the single-direction
+    estimate kept), the token-by-token share shows what is left, and the summary line says so."""
+    planted = build_planted_teacher(PlantedConfig(**FAMILY_BASE, varying_dims=2))
+    subspace = estimate_artifact_subspaces(planted.backbone, _batches(0.08, 96), [4], select_k=4.0,
+                                           max_rank=1)[4]
+    assert subspace.rank == 1 and subspace.explained_share < LOW_SHARE and not subspace.complete
+    assert "below 95%" in subspace.describe() and "part of the artifact is outside it" in subspace.describe()
+    # What the mean gap would say: the mean difference of the artifact tokens lies almost entirely in that direction.
+    full = estimate_artifact_subspaces(planted.backbone, _batches(0.08, 96), [4], select_k=4.0)[4]
+    assert full.rank == 3 and full.complete
+
+
+def test_a_teacher_without_artifacts_has_no_subspace_and_a_zero_loss(small_planted):
+    found = estimate_artifact_subspaces(small_planted.clean, _batches(0.08), LAYERS, select_k=4.0)
+    assert found == {2: None, 3: None}
+    refined = torch.randn(2, 4, 8, requires_grad=True)
+    loss = subspace_loss(refined, refined.detach(), torch.ones(2, 4, dtype=torch.bool), None)
+    assert loss.item() == 0.0
+    loss.backward()                                                     # a graph, so the step still runs
+
+
+def _subspace(basis, mean) -> ArtifactSubspace:
+    return ArtifactSubspace(torch.tensor(basis), torch.tensor(mean), {0: 1.0}, 1.0, 1, 2)
+
+
+def test_subspace_loss_hand_values():
+    # Two normal tokens and one artifact: 10 along e_1 on top of content e_0; the normal mean is (1.5, 0.5).
+    raw = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 10.0]]])
+    selected = torch.tensor([[False, False, True]])
+    artifact = _subspace([[0.0, 1.0]], [1.5, 0.5])
+    # Target for the artifact: [1, 0.5] (content kept, the subspace component at the normal mean's), |T|^2 = 1.25.
+    assert subspace_loss(raw, raw, selected, artifact).item() == pytest.approx(9.5 ** 2 / 1.25)
+    refined = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 0.5]]])
+    assert subspace_loss(refined, raw, selected, artifact).item() == pytest.approx(0.0)
+    # A shrink that keeps the direction is not what the target asks for.
+    shrunk = raw.clone()
+    shrunk[0, 2] = raw[0, 2] / 2
+    assert subspace_loss(shrunk, raw, selected, artifact).item() > 10.0
+    # Relative: the same picture at 10x the scale gives the same loss.
+    assert subspace_loss(raw * 10, raw * 10, selected, _subspace([[0.0, 1.0]], [15.0, 5.0])).item() == \
+        pytest.approx(9.5 ** 2 / 1.25)
+    # Two directions: both components go to the normal mean's, whatever else the token holds.
+    raw3 = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 6.0, -8.0]]])
+    two = _subspace([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1.0, 0.0, 0.0])
+    assert subspace_loss(raw3, raw3, selected, two).item() == pytest.approx(100.0)
+
+
+def test_describe_reads_the_recorded_facts():
+    facts = {"rank": 2, "writers": {"4": 0.6, "6": 0.4}, "explained_share": 0.998, "complete": True,
+             "artifact_tokens": 10, "normal_tokens": 90}
+    assert describe_subspace(facts) == ("2 directions written by blocks 4 (60%), 6 (40%); explains 99.8% of the "
+                                        "artifact tokens' excess energy (10 artifact / 90 normal tokens)")
+
+
+def test_singer_loss_without_subspaces_is_a_clear_error(small_planted):
+    teacher = small_planted.backbone
+    layout = TokenLayout.of(teacher)
+    raw = teacher.forward_taps(_batches(0.08)[0], LAYERS)
+    loss = SingerLoss(SingerConfig(rank=4), LAYERS, teacher, TokenAligner(layout, layout))
+    with pytest.raises(ModelError, match="artifact subspace of every distilled layer"):
+        loss(raw, raw, raw)
+
+
+def test_estimate_batches_is_validated():
+    with pytest.raises(ConfigError, match="estimate_batches"):
+        SingerConfig(estimate_batches=0)
+
+
+def test_distillation_estimates_and_records_the_subspace(small_planted, tmp_path):
+    torch.manual_seed(0)
+    student = load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    singer = SingerConfig(rank=4, estimate_batches=2)          # the default preset: "faithful"
+    train = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, device="cpu")
+    result = distill(small_planted.backbone, student, SyntheticShapes(32, 32, 8, flat_share=0.08, seed=1), tmp_path,
+                     layers=[2], singer=singer, train=train, progress=False)
+    recorded = json.loads(result.files["distill_config"].read_text())["diagnostics"]["artifact_subspace"]
+    assert set(recorded) == {"2", "3"}
+    assert all(entry["writers"].keys() == {str(small_planted.artifact_layer)} and entry["artifact_tokens"] > 0
+               and entry["complete"] for entry in recorded.values())
