@@ -110,13 +110,14 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
+    needed = loss.taps_needed()
     with torch.no_grad():
-        taps = [teacher.forward_taps(batch, LAYERS) for batch in images.split(64)]
-    pool = {layer: torch.cat([t[layer] for t in taps]) for layer in LAYERS}
+        taps = [teacher.forward_taps(batch, needed) for batch in images.split(64)]
+    pool = {layer: torch.cat([t[layer] for t in taps]) for layer in needed}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
-        raw = {layer: pool[layer][index] for layer in LAYERS}
+        raw = {layer: pool[layer][index] for layer in needed}
         refined = {layer: refiner(layer, raw[layer]) for layer in LAYERS}
         student = {layer: aligner.teacher(refined[layer]).detach() for layer in LAYERS}   # L_kd = 0
         terms = loss(student, refined, raw)
@@ -143,12 +144,14 @@ def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, 
         patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
             [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
         written = {c.name: clusters[c.name] for c in planted.clusters if c.first_block <= layer}
-        masks = {"all": torch.stack(list(written.values())).any(0), **(written if len(written) > 1 else {})}
+        union = torch.stack(list(written.values())).any(0)
+        masks = {"all": union, **(written if len(written) > 1 else {})}
         for name, mask in masks.items():
             stats = ArtifactStats()
             stats.add(patches[:, p:], mask, raw=raw[layer][:, p:],
                       next_out=teacher.run_blocks(patches, block, block + 1)[:, p:],
-                      raw_next_out=teacher.run_blocks(raw[layer], block, block + 1)[:, p:], clean=twin[layer][:, p:])
+                      raw_next_out=teacher.run_blocks(raw[layer], block, block + 1)[:, p:], clean=twin[layer][:, p:],
+                      normal=~union)
             out[layer, name] = stats.result()
     return out
 

@@ -82,38 +82,57 @@ def test_an_estimate_capped_below_the_artifact_reports_a_low_explained_share():
 
 
 def test_a_teacher_without_artifacts_has_no_subspace_and_a_zero_loss(small_planted):
-    found = estimate_artifact_subspaces(small_planted.clean, _batches(0.08), LAYERS, select_k=4.0)
+    teacher = small_planted.clean
+    found = estimate_artifact_subspaces(teacher, _batches(0.08), LAYERS, select_k=4.0)
     assert found == {2: None, 3: None}
-    refined = torch.randn(2, 4, 8, requires_grad=True)
-    loss = subspace_loss(refined, refined.detach(), torch.ones(2, 4, dtype=torch.bool), None)
-    assert loss.item() == 0.0
-    loss.backward()                                                     # a graph, so the step still runs
+    layout = TokenLayout.of(teacher)
+    loss = SingerLoss(SingerConfig(rank=4), LAYERS, teacher, TokenAligner(layout, layout), subspaces=found)
+    raw = teacher.forward_taps(_batches(0.08)[0], loss.taps_needed())
+    refined = {layer: raw[layer].clone().requires_grad_(True) for layer in LAYERS}
+    terms = loss(raw, refined, raw)
+    assert terms["out"].item() == 0.0
+    terms["total"].backward()                                           # a graph, so the step still runs
 
 
-def _subspace(basis, mean) -> ArtifactSubspace:
-    return ArtifactSubspace(torch.tensor(basis), torch.tensor(mean), {0: 1.0}, 1.0, 1, 2)
+def _subspace(basis, update_means, writers) -> ArtifactSubspace:
+    return ArtifactSubspace(torch.tensor(basis), torch.zeros(len(basis[0])), writers, 1.0, 1, 2,
+                            torch.tensor(update_means))
+
+
+def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks_compute():
+    """Block 1 writes 10 e_1 onto patch 3; block 2 doubles e_0 and adds e_0 component to e_1. The counterfactual of
+    layer 2 removes the write at block 1 (its update set to the normal mean update along e_1) and runs block 2 on
+    the cleaned token; the unselected tokens and the prefix token keep their raw values."""
+    def block(tokens, index):
+        assert index == 2
+        return tokens + tokens[..., :1] * torch.tensor([1.0, 1.0])
+
+    before = torch.tensor([[[5.0, 5.0], [1.0, 0.2], [2.0, 0.4], [3.0, 0.6]]])     # prefix + 3 patches, D = 2
+    after = before + torch.tensor([0.0, 0.1]) + torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 10.0]]])
+    taps = {0: before, 1: after, 2: block(after, 2)}
+    subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0]], {1: 1.0})
+    assert subspace.taps_needed() == [0, 1]
+    selected = torch.tensor([[False, False, True]])
+    out = subspace.counterfactual(taps, 2, selected, block, prefix=1)
+    # Patch 3 without the write: (3, 0.7) after block 1, then block 2: (6, 3.7). Others: raw block-2 values.
+    torch.testing.assert_close(out[0, 3], torch.tensor([6.0, 3.7]))
+    torch.testing.assert_close(out[:, :3], taps[2][:, :3])
+    # At the writer's own layer nothing runs: the update's excess along e_1 is gone, the input's e_1 part stays.
+    torch.testing.assert_close(subspace.counterfactual(taps, 1, selected, block, prefix=1)[0, 3],
+                               torch.tensor([3.0, 0.7]))
 
 
 def test_subspace_loss_hand_values():
-    # Two normal tokens and one artifact: 10 along e_1 on top of content e_0; the normal mean is (1.5, 0.5).
-    raw = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 10.0]]])
+    refined = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 10.0]]])
+    target = torch.tensor([[[9.0, 9.0], [9.0, 9.0], [1.0, 0.5]]])      # only the selected token's target counts
     selected = torch.tensor([[False, False, True]])
-    artifact = _subspace([[0.0, 1.0]], [1.5, 0.5])
-    # Target for the artifact: [1, 0.5] (content kept, the subspace component at the normal mean's), |T|^2 = 1.25.
-    assert subspace_loss(raw, raw, selected, artifact).item() == pytest.approx(9.5 ** 2 / 1.25)
-    refined = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 0.5]]])
-    assert subspace_loss(refined, raw, selected, artifact).item() == pytest.approx(0.0)
-    # A shrink that keeps the direction is not what the target asks for.
-    shrunk = raw.clone()
-    shrunk[0, 2] = raw[0, 2] / 2
-    assert subspace_loss(shrunk, raw, selected, artifact).item() > 10.0
+    assert subspace_loss(refined, target, selected).item() == pytest.approx(9.5 ** 2 / 1.25)
+    assert subspace_loss(target, target, selected).item() == pytest.approx(0.0)
     # Relative: the same picture at 10x the scale gives the same loss.
-    assert subspace_loss(raw * 10, raw * 10, selected, _subspace([[0.0, 1.0]], [15.0, 5.0])).item() == \
-        pytest.approx(9.5 ** 2 / 1.25)
-    # Two directions: both components go to the normal mean's, whatever else the token holds.
-    raw3 = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 6.0, -8.0]]])
-    two = _subspace([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1.0, 0.0, 0.0])
-    assert subspace_loss(raw3, raw3, selected, two).item() == pytest.approx(100.0)
+    assert subspace_loss(refined * 10, target * 10, selected).item() == pytest.approx(9.5 ** 2 / 1.25)
+    # Nothing selected: zero, with a graph.
+    none = subspace_loss(refined.requires_grad_(True), target, torch.zeros_like(selected))
+    assert none.item() == 0.0 and none.requires_grad
 
 
 def test_describe_reads_the_recorded_facts():

@@ -43,8 +43,11 @@ from singer_deploy.method.metrics import high_norm_mask
 EXCESS_LIMIT = 0.5
 # Below this explained share a layer's estimate is reported as incomplete (run summary, report, distill_config.json).
 LOW_SHARE = 0.95
-# A block is named as a writer when it holds at least this share of the subspace's energy on the selected tokens.
-WRITER_SHARE = 0.1
+# A block is a writer when its update holds at least this share of the subspace's energy on the selected tokens:
+# the counterfactual takes the artifact out of every writer's update. Measured on the planted families: writers hold
+# 33-100%, the other blocks 0.002% or less; a writer left out would leave its part (a 5% share of a 10x artifact is
+# 2.2x a normal token), so the bar is low.
+WRITER_SHARE = 0.01
 # Selected tokens kept per layer for the per-token shares (the sums use every token).
 MAX_TOKENS = 4096
 
@@ -62,20 +65,49 @@ class ArtifactSubspace:
     explained_share: float
     artifact_tokens: int
     normal_tokens: int
+    update_means: Tensor | None = None      # (layer + 1, D): normal tokens' mean update of every block
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[0])
 
     @property
+    def first_block(self) -> int | None:
+        """The first block that writes the artifact: where the counterfactual stream starts (None: no writer)."""
+        return min(self.writers) if self.writers and self.update_means is not None else None
+
+    def taps_needed(self) -> list[int]:
+        """Raw taps `counterfactual` reads: the first writer block's output and its input."""
+        first = self.first_block
+        return [] if first is None else [b for b in (first - 1, first) if b >= 0]
+
+    @torch.no_grad()
+    def counterfactual(self, taps: dict[int, Tensor], layer: int, selected: Tensor, run_block,
+                       prefix: int) -> Tensor:
+        """The layer's tokens (B, prefix + N, D) as the teacher computes them when the artifact is never written:
+        every writer block's update on the `selected` patch tokens (B, N) has its component in the subspace set to
+        the normal tokens' mean update, and the blocks after the first writer run on those tokens, so what they would
+        have computed from the token's content is there too (docs/method.md, "Artifact subspace").
+        `run_block(tokens, b)` applies teacher block b; `taps` holds the raw taps `taps_needed` names."""
+        first = self.first_block
+        if first is None:
+            return taps[layer]
+        tokens = taps[first]
+        before = taps[first - 1] if first > 0 else torch.zeros_like(tokens)
+        mask = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1).unsqueeze(-1)
+        basis = self.basis.to(device=tokens.device, dtype=tokens.dtype)
+        means = self.update_means.to(device=tokens.device, dtype=tokens.dtype)
+        for block in range(first, layer + 1):
+            if block > first:
+                before, tokens = tokens, run_block(tokens, block)
+            if block in self.writers:
+                excess = (tokens - before - means[block]) @ basis.T @ basis
+                tokens = tokens - torch.where(mask, excess, torch.zeros_like(excess))
+        return tokens
+
+    @property
     def complete(self) -> bool:
         return self.explained_share >= LOW_SHARE
-
-    def target(self, raw: Tensor) -> Tensor:
-        """T = F - P (F - mu) for raw tokens F (..., D), in float32."""
-        basis = self.basis.to(device=raw.device, dtype=torch.float32)
-        centred = raw.float() - self.normal_mean.to(device=raw.device, dtype=torch.float32)
-        return raw.float() - (centred @ basis.T) @ basis
 
     def describe(self) -> str:
         return describe_subspace(self.summary())
@@ -177,7 +209,8 @@ class SubspaceEstimator:
         energy = torch.stack([((kept[:, 1 + b] - mean_update[b]) @ basis.T).square().sum() for b in blocks])
         shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
         writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
-        return ArtifactSubspace(basis.float(), mean.float(), writers, share, n_a, n_n)
+        updates = torch.stack([mean_update[b] for b in blocks]).float()
+        return ArtifactSubspace(basis.float(), mean.float(), writers, share, n_a, n_n, updates)
 
 
 def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> float:
@@ -204,16 +237,13 @@ def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_
     return estimator.result()
 
 
-def subspace_loss(patches: Tensor, raw: Tensor, selected: Tensor, artifact: ArtifactSubspace | None) -> Tensor:
-    """Mean over selected tokens of ||F_hat - T||^2 / ||T||^2, T = ArtifactSubspace.target(raw): the raw token with
-    its component in the artifact subspace set to the normal tokens' mean, everything else kept.
+def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor) -> Tensor:
+    """Mean over selected tokens of ||F_hat - T||^2 / ||T||^2, T the layer's counterfactual patch tokens
+    (ArtifactSubspace.counterfactual): the token as the teacher computes it without the artifact.
 
-    Relative, so no image or layer dominates by scale. Zero, with a graph, when nothing is selected or the layer has
-    no subspace."""
-    if artifact is None:
-        return patches.sum() * 0.0
+    Relative, so no image or layer dominates by scale. Zero, with a graph, when nothing is selected."""
     with torch.autocast(device_type=patches.device.type, enabled=False):
-        target = artifact.target(raw)
+        target = target.float()
         error = (patches.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(
             torch.finfo(torch.float32).tiny)
         mask = selected.to(error.dtype)

@@ -158,7 +158,7 @@ class SingerLoss:
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw[layer][:, p:])
+            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw)
             if layer != final:
                 terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
             else:
@@ -174,8 +174,15 @@ class SingerLoss:
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
         return {**out, **terms}
 
-    def _outlier(self, layer: int, refined: Tensor, raw: Tensor) -> Tensor:
-        cfg = self.config
+    def taps_needed(self) -> list[int]:
+        """Raw teacher taps a call needs: the distilled layers, and what the "subspace" target's counterfactual
+        streams start from."""
+        extra = [b for subspace in self.subspaces.values() if subspace is not None for b in subspace.taps_needed()]
+        return sorted({*self.layers, *extra})
+
+    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor]) -> Tensor:
+        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D)."""
+        cfg, p = self.config, self.prefix
         if cfg.outlier_target == "quantile":
             return outlier_loss(refined, alpha=cfg.alpha)
         if layer not in self.subspaces:
@@ -183,7 +190,15 @@ class SingerLoss:
                              expected=f"subspaces for layers {self.layers}", found=str(sorted(self.subspaces)),
                              fix="set SingerLoss.subspaces = estimate_artifact_subspaces(teacher, batches, layers, "
                                  "select_k) before the first step")
-        return subspace_loss(refined, raw, high_norm_mask(raw, cfg.select_k), self.subspaces[layer])
+        subspace = self.subspaces[layer]
+        if subspace is None:
+            return refined.sum() * 0.0
+        selected = high_norm_mask(raw[layer][:, p:], cfg.select_k)
+        target = subspace.counterfactual(raw, layer, selected, self._run_block, p)
+        return subspace_loss(refined, target[:, p:], selected)
+
+    def _run_block(self, tokens: Tensor, block: int) -> Tensor:
+        return self.backbone.run_blocks(tokens, block, block + 1)
 
     def _normal_tokens(self, raw: Tensor) -> Tensor | None:
         """info_tokens "normal": (B, T) bool, False on the raw teacher's patch tokens above select_k x the median

@@ -85,14 +85,16 @@ def cosine_summary(cos: Tensor) -> dict[str, float]:
     return {"mean": cos.mean().item(), "p1": torch.quantile(cos, 0.01).item(), "min": cos.min().item()}
 
 
-def artifact_norm_ratios(patches: Tensor, artifacts: Tensor) -> Tensor:
+def artifact_norm_ratios(patches: Tensor, artifacts: Tensor, normal: Tensor | None = None) -> Tensor:
     """Norm of every artifact token over the median norm of its image's NORMAL tokens: a flat 1-D tensor.
 
     `artifacts` is a fixed (B, N) token set (ground truth, or the raw teacher's high-norm tokens), so a source that
-    shrinks its artifacts 3x reads 3.0 here even when no token is above any k x median threshold any more.
+    shrinks its artifacts 3x reads 3.0 here even when no token is above any k x median threshold any more. `normal`
+    defaults to every other token (one cluster of several is judged against the tokens of none).
     """
     norms = token_norms(patches)
-    normal = norms.masked_fill(artifacts, float("nan")).nanmedian(dim=1, keepdim=True).values
+    others = ~artifacts if normal is None else normal
+    normal = norms.masked_fill(~others, float("nan")).nanmedian(dim=1, keepdim=True).values
     return (norms / normal.clamp_min(1e-12))[artifacts]
 
 
@@ -102,8 +104,9 @@ class ArtifactStats:
 
     `add` takes the source's patch tokens and, where they exist: the fixed artifact token set, the raw teacher's
     patch tokens at the same layer (normal-token cosine), the next teacher block's output on the source's and on the
-    raw patches (next-block cosine), and the clean twin's patch tokens (cosine of the artifact tokens to their clean
-    counterparts, the only honest restoration score). `result()` gives:
+    raw patches (next-block cosine), the clean twin's patch tokens (cosine of the artifact tokens to their clean
+    counterparts, the only honest restoration score), and the normal token set when it is not every other token (one
+    cluster of several). `result()` gives:
 
     hnr_2 / hnr_3 / hnr_4   share of tokens above k x the per-image median norm (mean over images)
     r_max                   max norm / median norm (mean over images); e_out: energy share of the k = 4 tokens
@@ -119,7 +122,7 @@ class ArtifactStats:
 
     def add(self, patches: Tensor, artifacts: Tensor | None = None, *, raw: Tensor | None = None,
             next_out: Tensor | None = None, raw_next_out: Tensor | None = None,
-            clean: Tensor | None = None) -> None:
+            clean: Tensor | None = None, normal: Tensor | None = None) -> None:
         norms = token_norms(patches)
         median = norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
         for k in self.ks:
@@ -130,8 +133,8 @@ class ArtifactStats:
         self._keep(self._per_image, "r_max", norms.max(dim=1).values / median.squeeze(1))
         if artifacts is None:
             return
-        normal = ~artifacts
-        self._keep(self._per_token, "artifact_ratio", artifact_norm_ratios(patches, artifacts))
+        normal = ~artifacts if normal is None else normal
+        self._keep(self._per_token, "artifact_ratio", artifact_norm_ratios(patches, artifacts, normal))
         if raw is not None:
             self._keep(self._per_token, "normal_cos", token_cosines(patches, raw)[normal])
         if next_out is not None and raw_next_out is not None:

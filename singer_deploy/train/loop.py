@@ -103,7 +103,8 @@ class DistillStep(nn.Module):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            raw = self.teacher.forward_taps(images, self.teacher_layers)  # stops after the deepest needed block
+            taps = self.singer_loss.taps_needed() if self.singer_loss is not None else self.teacher_layers
+            raw = self.teacher.forward_taps(images, taps)  # stops after the deepest needed block
         taps = self.student.forward_taps(images, self.student_layers)
         student = {t: self.projectors(t, taps[s]) for t, s in zip(self.teacher_layers, self.student_layers)}
         if self.refiner is None:
