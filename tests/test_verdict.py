@@ -83,7 +83,7 @@ def test_shipped_artifacts_carry_latency_speedup_and_the_auto_decision():
 
 
 def test_any_warning_shows_without_a_change_to_the_verdict():
-    new_kind = "low explained share at layer 7: the artifact direction explains 41% of the artifact gap"
+    new_kind = "layer 7: the estimate explains only 41% of the artifact tokens' excess energy (below 95%)"
     verdict = build_verdict(warnings=["quantile trap at layer 4: ...", new_kind])
     assert verdict["warnings"][1] == new_kind and state(verdict) == "WARN"
     assert f"  warning  {new_kind}" in verdict_lines(verdict) and "2 warnings" in headline(verdict)
