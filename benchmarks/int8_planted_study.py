@@ -10,7 +10,7 @@ the study refuses to run if any comparison image is a calibration image (int8_st
 
 --case picks the planted artifacts: 8c / 2c = 8% / 2% of the patches, content-triggered (the exactly flat patches);
 8p / 2p = 8% / 2% of the patch positions, position-triggered. KEY=VALUE items override the config as on the CLI
-(e.g. singer.outlier_target=normal). INT8 is encoded for this host (calibration/int8_scheme.py), as an export here
+(e.g. singer.preset=published). INT8 is encoded for this host (calibration/int8_scheme.py), as an export here
 would be; the host line is printed with the table.
 """
 

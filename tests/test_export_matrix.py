@@ -26,7 +26,7 @@ TINY = {
     "student": {"name": "vit_tiny_patch16_224", "kwargs": STUDENT_KW},
     "data": {"n": 24, "eval_n": 12, "flat_share": 0.08},
     "layers": [3],
-    "singer": {"rank": 8, "outlier_target": "median"},
+    "singer": {"rank": 8, "preset": "published"},
     "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 2},
     "export": {"formats": [], "benchmark": False, "calibration_size": 16, "golden_size": 4},
 }
