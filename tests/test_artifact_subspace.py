@@ -124,15 +124,18 @@ def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks
 
 def test_subspace_loss_hand_values():
     refined = torch.tensor([[[1.0, 0.5], [2.0, 0.5], [1.0, 10.0]]])
-    target = torch.tensor([[[9.0, 9.0], [9.0, 9.0], [1.0, 0.5]]])      # only the selected token's target counts
+    target = torch.tensor([[[1.0, 0.5], [1.0, 0.5], [1.0, 0.5]]])
     selected = torch.tensor([[False, False, True]])
-    assert subspace_loss(refined, target, selected).item() == pytest.approx(9.5 ** 2 / 1.25)
+    # Selected tokens and the others are averaged apart: 9.5^2 / 1.25 for the artifact token, plus the normal
+    # tokens' mean (0 and 1 / 1.25).
+    expected = 9.5 ** 2 / 1.25 + (1.0 / 1.25) / 2
+    assert subspace_loss(refined, target, selected).item() == pytest.approx(expected)
     assert subspace_loss(target, target, selected).item() == pytest.approx(0.0)
     # Relative: the same picture at 10x the scale gives the same loss.
-    assert subspace_loss(refined * 10, target * 10, selected).item() == pytest.approx(9.5 ** 2 / 1.25)
-    # Nothing selected: zero, with a graph.
+    assert subspace_loss(refined * 10, target * 10, selected).item() == pytest.approx(expected)
+    # Nothing selected: only the normal tokens count, with a graph.
     none = subspace_loss(refined.requires_grad_(True), target, torch.zeros_like(selected))
-    assert none.item() == 0.0 and none.requires_grad
+    assert none.item() == pytest.approx((1.0 + 9.5 ** 2) / 1.25 / 3) and none.requires_grad
 
 
 def test_describe_reads_the_recorded_facts():
@@ -167,3 +170,4 @@ def test_distillation_estimates_and_records_the_subspace(small_planted, tmp_path
     assert set(recorded) == {"2", "3"}
     assert all(entry["writers"].keys() == {str(small_planted.artifact_layer)} and entry["artifact_tokens"] > 0
                and entry["complete"] for entry in recorded.values())
+

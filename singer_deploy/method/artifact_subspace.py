@@ -20,8 +20,8 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
   distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
   cannot see a part whose mean is zero.
 
-The L_out target of a selected token F is T = F - P (F - mu): its component in the subspace set to the normal tokens'
-mean, the rest of the token kept. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the
+The L_out target of the layer is the teacher's counterfactual: its tokens as the teacher computes them when every
+writer's update on the selected tokens has its component in the subspace set to the normal tokens' mean update. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the
 estimate then misses a part of the artifact (more directions than `max_rank`, or a part no block update shows).
 """
 
@@ -238,13 +238,16 @@ def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_
 
 
 def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor) -> Tensor:
-    """Mean over selected tokens of ||F_hat - T||^2 / ||T||^2, T the layer's counterfactual patch tokens
-    (ArtifactSubspace.counterfactual): the token as the teacher computes it without the artifact.
+    """The refined layer held to the teacher's counterfactual (ArtifactSubspace.counterfactual) at every patch token:
+    the mean of ||F_hat - T||^2 / ||T||^2 over the selected tokens plus the same mean over the other tokens.
 
-    Relative, so no image or layer dominates by scale. Zero, with a graph, when nothing is selected."""
+    The two groups are averaged apart so a 2% artifact cluster is not outweighed. The normal tokens are held here,
+    directly, because the next block alone does not hold them: a reader block can cancel most of a change along the
+    directions it responds to (docs/method.md, "Faithful refinement"). Relative, so no image or layer dominates by
+    scale. A group with no token adds zero, with a graph."""
     with torch.autocast(device_type=patches.device.type, enabled=False):
         target = target.float()
         error = (patches.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(
             torch.finfo(torch.float32).tiny)
-        mask = selected.to(error.dtype)
-        return (error * mask).sum() / mask.sum().clamp_min(1)
+        return sum((error * mask).sum() / mask.sum().clamp_min(1)
+                   for mask in (selected.to(error.dtype), (~selected).to(error.dtype)))
