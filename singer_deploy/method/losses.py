@@ -154,11 +154,13 @@ class SingerLoss:
                     self.trap_checks[layer] = check
         terms: dict[str, Tensor] = {}
         final = self.layers[-1]
-        keep = {layer: self._normal_tokens(raw[layer]) for layer in self.layers}
+        with torch.no_grad():
+            selected = {layer: high_norm_mask(raw[layer][:, p:], cfg.select_k) for layer in self.layers}
+        keep = {layer: self._normal_tokens(selected[layer]) for layer in self.layers}
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw)
+            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, selected[layer])
             if layer != final:
                 terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
             else:
@@ -180,8 +182,9 @@ class SingerLoss:
         extra = [b for subspace in self.subspaces.values() if subspace is not None for b in subspace.taps_needed()]
         return sorted({*self.layers, *extra})
 
-    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor]) -> Tensor:
-        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D)."""
+    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor) -> Tensor:
+        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected:
+        the raw patch tokens above select_k x the image median at the layer (B, N)."""
         cfg, p = self.config, self.prefix
         if cfg.outlier_target == "quantile":
             return outlier_loss(refined, alpha=cfg.alpha)
@@ -193,22 +196,20 @@ class SingerLoss:
         subspace = self.subspaces[layer]
         if subspace is None:
             return refined.sum() * 0.0
-        selected = high_norm_mask(raw[layer][:, p:], cfg.select_k)
         target = subspace.counterfactual(raw, layer, selected, self._run_block, p)
         return subspace_loss(refined, target[:, p:], selected)
 
     def _run_block(self, tokens: Tensor, block: int) -> Tensor:
         return self.backbone.run_blocks(tokens, block, block + 1)
 
-    def _normal_tokens(self, raw: Tensor) -> Tensor | None:
-        """info_tokens "normal": (B, T) bool, False on the raw teacher's patch tokens above select_k x the median
-        (the tokens the "subspace" L_out target acts on), True on prefix and normal tokens; None ("all", published)."""
+    def _normal_tokens(self, selected: Tensor) -> Tensor | None:
+        """info_tokens "normal": (B, T) bool, False on the `selected` patch tokens (the raw teacher's tokens above
+        select_k x the median, which the "subspace" L_out target acts on), True on prefix and normal tokens; None
+        ("all", published)."""
         if self.config.info_tokens == "all":
             return None
-        with torch.no_grad():
-            outliers = high_norm_mask(raw[:, self.prefix:], self.config.select_k)
-        prefix = torch.zeros_like(outliers[:, :self.prefix])
-        return ~torch.cat([prefix, outliers], dim=1)
+        prefix = torch.zeros_like(selected[:, :self.prefix])
+        return ~torch.cat([prefix, selected], dim=1)
 
     def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
                     keep: Tensor | None) -> Tensor:
