@@ -95,7 +95,7 @@ def test_a_teacher_without_artifacts_has_no_subspace_and_a_zero_loss(small_plant
 
 
 def _subspace(basis, update_means, writers) -> ArtifactSubspace:
-    return ArtifactSubspace(torch.tensor(basis), torch.zeros(len(basis[0])), writers, 1.0, 1, 2,
+    return ArtifactSubspace(torch.tensor(basis), writers, 1.0, 1, 2,
                             torch.tensor(update_means))
 
 

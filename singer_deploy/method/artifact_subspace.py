@@ -54,18 +54,17 @@ MAX_TOKENS = 4096
 
 @dataclass(frozen=True)
 class ArtifactSubspace:
-    """basis: (k, D) orthonormal rows; normal_mean: (D,) the normal tokens' mean at the layer; writers: block ->
-    share of the subspace's energy its update holds on the selected tokens (blocks at or above WRITER_SHARE);
-    explained_share: how much of the selected tokens' excess energy the subspace explains, token by token;
-    artifact_tokens / normal_tokens: how many tokens the estimate rests on."""
+    """basis: (k, D) orthonormal rows; writers: block -> share of the subspace's energy its update holds on the
+    selected tokens (blocks at or above WRITER_SHARE); explained_share: how much of the selected tokens' excess
+    energy the subspace explains, token by token; artifact_tokens / normal_tokens: how many tokens the estimate
+    rests on; update_means: (layer + 1, D) the normal tokens' mean update of every block up to the layer."""
 
     basis: Tensor
-    normal_mean: Tensor
     writers: dict[int, float]
     explained_share: float
     artifact_tokens: int
     normal_tokens: int
-    update_means: Tensor | None = None      # (layer + 1, D): normal tokens' mean update of every block
+    update_means: Tensor
 
     @property
     def rank(self) -> int:
@@ -74,7 +73,7 @@ class ArtifactSubspace:
     @property
     def first_block(self) -> int | None:
         """The first block that writes the artifact: where the counterfactual stream starts (None: no writer)."""
-        return min(self.writers) if self.writers and self.update_means is not None else None
+        return min(self.writers) if self.writers else None
 
     def taps_needed(self) -> list[int]:
         """Raw taps `counterfactual` reads: the first writer block's output and its input."""
@@ -210,7 +209,7 @@ class SubspaceEstimator:
         shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
         writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
         updates = torch.stack([mean_update[b] for b in blocks]).float()
-        return ArtifactSubspace(basis.float(), mean.float(), writers, share, n_a, n_n, updates)
+        return ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates)
 
 
 def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> float:
