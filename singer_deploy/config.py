@@ -404,6 +404,11 @@ def is_auto_precision(precision: str) -> bool:
     return str(precision).strip().lower() == AUTO_PRECISION
 
 
+def calibrates(precision: str) -> bool:
+    """Whether an export at `precision` reads INT8 calibration images: int8, or auto (which may build INT8)."""
+    return is_auto_precision(precision) or normalize_precision(precision) == "int8"
+
+
 def check_precision(fmt: str, precision: str) -> str:
     """Normalise `precision` and make sure format `fmt` (any accepted name) can carry it."""
     name, key = format_name(fmt), normalize_precision(precision)

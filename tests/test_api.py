@@ -248,6 +248,11 @@ def test_cli_bench_options(finished, capsys):
                for line in table.splitlines() if line.startswith("| ") and not line.startswith("| runner")}
     assert runners == {"pytorch/fp32@1", "onnx/fp32@1", "pytorch/fp32@2", "onnx/fp32@2"}   # no openvino rows
     assert main(["bench", str(finished.out_dir), "--formats", "tensorrt"]) == EXIT_INPUT
+    # A batch beyond any machine's memory is refused before it is tiled (singer_deploy/memory.py), not OOM-killed.
+    capsys.readouterr()
+    assert main(["bench", str(finished.out_dir), "--batch-sizes", "1", str(10 ** 12)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "The benchmark: these settings need more memory" in err and "Fix: lower --batch-sizes" in err
 
 
 def test_cli_overrides_on_run_are_validated_like_yaml(tmp_path, capsys):

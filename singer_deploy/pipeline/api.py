@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from singer_deploy import __version__
-from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, format_name,
-                                  from_mapping, is_auto_precision, normalize_precision, with_changes)
+from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, calibrates,
+                                  format_name, from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.artifact_subspace import describe_subspace, low_share_note
@@ -35,7 +35,7 @@ from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
                                        default_crop_pct, image_transform, stack_images)
 from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
-from singer_deploy.pipeline.preflight import check_built, check_settings
+from singer_deploy.pipeline.preflight import check_built, check_data_memory, check_settings
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.reporting.model_card import write_model_card
@@ -270,27 +270,32 @@ def load_model(spec: ModelSpec) -> Backbone:
     return load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained, **spec.kwargs)
 
 
-def build_data(config: RunConfig, teacher: Backbone | TeacherInput) -> tuple[Dataset, np.ndarray]:
+def build_data(config: RunConfig, teacher: Backbone | TeacherInput, *, training: bool = True
+               ) -> tuple[Dataset, np.ndarray]:
     """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32.
 
-    `teacher` is the built teacher or the TeacherInput a run's manifest recorded (export-only runs)."""
+    `teacher` is the built teacher or the TeacherInput a run's manifest recorded (export-only runs, which pass
+    training=False). The data sets are opened lazily; `check_data_memory` refuses settings whose images cannot fit
+    in memory before the held-out images are stacked."""
     spec = config.data
     if spec.source == "synthetic":
         size, patch = teacher.img_size[0], teacher.patch_size[0]
         train = SyntheticShapes(spec.n, size, patch, flat_share=spec.flat_share, seed=spec.seed)
         held_out = SyntheticShapes(spec.eval_n, size, patch, flat_share=spec.flat_share, seed=spec.seed + 1)
+        check_data_memory(config, teacher.img_size, len(train), len(held_out), training=training)
         return train, stack_images(held_out).numpy()
     folder = ImageFolder(spec.source)
     crop_pct = spec.crop_pct if spec.crop_pct is not None else \
         default_crop_pct(folder, teacher.img_size, teacher.data_config()["crop_pct"])
     transform = teacher.data_config(crop_pct)   # the model's own input size, the teacher's mean/std
-    training = folder.with_transform(image_transform(transform, training=spec.augment))
+    training_images = folder.with_transform(image_transform(transform, training=spec.augment))
     folder = folder.with_transform(image_transform(transform, training=False))
     eval_n = min(spec.eval_n, max(len(folder) // 5, 1))
     generator = torch.Generator().manual_seed(spec.seed)
     order = torch.randperm(len(folder), generator=generator).tolist()
     held_out, train_idx = order[:eval_n], order[eval_n:] or order
-    return torch.utils.data.Subset(training, train_idx), stack_images(folder, held_out).numpy()
+    check_data_memory(config, teacher.img_size, len(train_idx), len(held_out), training=training)
+    return torch.utils.data.Subset(training_images, train_idx), stack_images(folder, held_out).numpy()
 
 
 def _data_record(train_data: Dataset, result: DistillResult) -> dict:
@@ -342,8 +347,7 @@ def export_model(student: Backbone, projector: nn.Module | None, out_dir: Path, 
     from singer_deploy.export.pipeline import export_student
 
     auto = is_auto_precision(precision)
-    held = calibration_from_training(train_data, eval_images, size=calibration_size) \
-        if auto or _explicit_int8(precision) else None
+    held = calibration_from_training(train_data, eval_images, size=calibration_size) if calibrates(precision) else None
     calib = None if held is None else held.calibration.images
     goldens = {"golden_size": golden_size, "polygraphy_goldens": polygraphy_goldens}
     if auto:

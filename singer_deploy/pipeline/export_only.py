@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from singer_deploy.config import RunConfig
 from singer_deploy.errors import ConfigError, ModelError, SingerDeployError, shown_path, whole_sentences
+from singer_deploy.memory import Need, check_fits
 from singer_deploy.method.alignment import last_projector, load_projectors
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import TeacherInput
@@ -58,7 +59,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), **export: Any
                          f"{projectors.name} as the run wrote them", found=f"{type(err).__name__}: "
                          f"{whole_sentences(str(err))}", fix="export an intact run directory, or run it again "
                          "with --overwrite") from err
-    train_data, eval_images = build_data(config, _teacher_input(manifest, config))
+    train_data, eval_images = build_data(config, _teacher_input(manifest, config), training=False)
     return config, student.eval(), projector.eval(), eval_images, train_data
 
 
@@ -145,7 +146,7 @@ def export_timm_model(config: RunConfig, out_dir: Path) -> ExportResult:
     name): no distillation, no projector. Parity and goldens use `config.data`'s held-out images (synthetic shapes
     unless data.source names an image folder)."""
     student = load_model(config.student)
-    train_data, eval_images = build_data(config, student)
+    train_data, eval_images = build_data(config, student, training=False)
     return export_model(student, None, out_dir, eval_images, train_data, formats=config.export.formats,
                         precision=config.export.precision, calibration_size=config.export.calibration_size,
                         target=config.export.target, golden_size=config.export.golden_size,
@@ -188,6 +189,10 @@ def bench_run(run_dir: Path, *, formats: Sequence[str] | None = None, batch_size
     if threads:
         torch.set_num_threads(threads)
     _, student, projector, eval_images, _ = load_run(run_dir)
+    largest = max(batch_sizes)   # (tile_batch refuses sizes below 1, with the flag's name)
+    shape = "x".join(map(str, eval_images.shape[1:]))
+    check_fits([Need("--batch-sizes", f"a timed batch of {largest} images of {shape} float32",
+                     largest * eval_images[0].nbytes)], "The benchmark")
     reference = TorchRunner(student.model.eval(), projector=projector)
     runners = {key: open_runner(path, **options[key], **({"num_threads": threads} if threads and
                                                          format_for_path(path).name in ("onnx", "openvino") else {}))
