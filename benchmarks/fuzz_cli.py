@@ -71,8 +71,12 @@ def main() -> int:
         @given(config=mutated_configs(zoo.paths), command=st.booleans())
         def configs(config, command):
             path = write_config(zoo, config)
-            run_case(zoo, ["check-config", str(path)] if command else
-                     ["run", str(path), "--out-dir", "runs/x", "--no-progress"])
+            try:
+                run_case(zoo, ["check-config", str(path)] if command else
+                         ["run", str(path), "--out-dir", "runs/x", "--no-progress"])
+            except AssertionError:
+                TALLY.failures[-1]["config"] = config   # case.yaml is rewritten by the next case
+                raise
             progress.case_done()
 
         @long

@@ -290,6 +290,20 @@ class PlantedConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Sizes timm's VisionTransformer is built with: it would fail on them with an AssertionError or ValueError.
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "null_dim"):
+            _positive_int("PlantedConfig", key, getattr(self, key), fix=f"e.g. {key}: {getattr(type(self), key)}")
+        if self.img_size % self.patch_size or self.embed_dim % self.num_heads:
+            raise ConfigError("PlantedConfig: img_size must be a multiple of patch_size, embed_dim of num_heads",
+                              expected="img_size % patch_size == 0 and embed_dim % num_heads == 0",
+                              found=f"img_size {self.img_size}, patch_size {self.patch_size}, embed_dim "
+                                    f"{self.embed_dim}, num_heads {self.num_heads}",
+                              fix="e.g. img_size 64, patch_size 8, embed_dim 96, num_heads 4")
+        check_seed("PlantedConfig.seed", self.seed)
+        for key in ("mlp_ratio", "rho", "second_rho", "varying_rho"):
+            if not (_finite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"PlantedConfig.{key} must be a finite number > 0", expected="a positive number",
+                                  found=repr(getattr(self, key)), fix=f"e.g. {key}: {getattr(type(self), key)}")
         if not 2 <= self.artifact_layer < self.depth - 1:
             raise ConfigError("artifact_layer must leave blocks before and after it",
                               expected=f"2 <= artifact_layer < {self.depth - 1}", found=str(self.artifact_layer),
@@ -605,15 +619,9 @@ class ModelSpec:
     planted: dict = field(default_factory=dict)       # PlantedConfig fields when name == "planted"
 
     def planted_config(self) -> PlantedConfig:
-        """The planted teacher's PlantedConfig (only the teacher may be the planted model)."""
-        try:
-            return PlantedConfig(**self.planted)
-        except TypeError as err:
-            raise ConfigError(f"teacher.planted: {err}", expected="PlantedConfig fields",
-                              found=str(sorted(self.planted)), fix="see singer_deploy.config.PlantedConfig") from err
-        except ConfigError as err:
-            raise ConfigError(f"teacher.planted: {err.problem}", expected=err.expected, found=err.found,
-                              fix=err.fix) from err
+        """The planted teacher's PlantedConfig (only the teacher may be the planted model), each value checked
+        against its field's type as the rest of the config is (a float img_size, a text seed ...)."""
+        return from_mapping(PlantedConfig, self.planted, "teacher.planted.")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ class Need:
 def available_memory() -> tuple[int, str] | None:
     """(bytes this process can still allocate, where the figure comes from), or None where nothing can be read.
 
-    The least of: the host's MemAvailable (/proc/meminfo), the cgroup's limit minus its usage (a container's share),
-    and the address-space limit (`ulimit -v`) minus this process's size. Never a fixed host size."""
+    The least of: the host's MemAvailable (/proc/meminfo), the limit less the usage of the cgroup mounted at
+    /sys/fs/cgroup (v2 or v1: a container's own share, under a cgroup namespace), and the address-space limit
+    (`ulimit -v`) less this process's size. Never a fixed host size."""
     found = []
     meminfo = _kib_fields(Path("/proc/meminfo"))
     if "MemAvailable" in meminfo:

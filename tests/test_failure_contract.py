@@ -200,3 +200,18 @@ def test_a_fifo_as_data_source_is_refused_not_read(tmp_path, capsys):
     os.mkfifo(tmp_path / "fifo")
     code, err = cli(capsys, "check-config", config_file(tmp_path, data={"source": str(tmp_path / "fifo")}))
     assert code == EXIT_INPUT and "neither a folder nor a regular file" in err
+
+
+# Found by the long fuzzer run (docs/reliability.md): planted-teacher values timm's VisionTransformer cannot be built
+# with ended in exit 70 (AssertionError, TypeError, an overflowing seed); each is now named as the key it is.
+@pytest.mark.parametrize("planted, message", [
+    ({"embed_dim": 98}, "embed_dim of num_heads"),
+    ({"img_size": 64.5}, "teacher.planted.img_size: wrong type"),
+    ({"patch_size": 0}, "PlantedConfig.patch_size must be a positive integer"),
+    ({"seed": 2 ** 63}, "PlantedConfig.seed must be an integer in [0, 2**63)"),
+    ({"mlp_ratio": float("inf")}, "PlantedConfig.mlp_ratio must be a finite number > 0"),
+    ({"position_share": "a"}, "teacher.planted.position_share: wrong type"),
+])
+def test_planted_teacher_values_timm_cannot_build_are_input_errors(tmp_path, capsys, planted, message):
+    code, err = cli(capsys, "check-config", config_file(tmp_path, teacher={"name": "planted", "planted": planted}))
+    assert code == EXIT_INPUT and message in err

@@ -91,3 +91,13 @@ def test_check_fits_refuses_only_what_exceeds_the_available_memory():
         check_fits([Need("data.eval_n", "held-out images", 2 ** 20),
                     Need("train.batch_size", "a batch", 2 * available[0])], "Training")
     assert "data.eval_n: held-out images = 1 MiB" in str(refused.value)
+
+
+@pytest.mark.parametrize("planted, key", [({"embed_dim": 2 ** 31}, "teacher.planted.embed_dim or depth"),
+                                          ({"depth": BEYOND_ANY_HOST}, "teacher.planted.embed_dim or depth"),
+                                          ({"img_size": 2 ** 33}, "teacher.planted.img_size")])
+def test_a_planted_teacher_beyond_memory_is_refused_before_it_is_built(tmp_path, capsys, planted, key):
+    # The fuzzer's exit 70: the allocator's RuntimeError (or, below the kernel's overcommit limit, an OOM kill).
+    code, err = cli(capsys, "check-config", config_file(tmp_path, teacher={"name": "planted", "planted": planted}))
+    assert code == EXIT_INPUT and "Building the planted teacher: these settings need more memory" in err
+    assert f"Fix: lower {key}" in err

@@ -29,6 +29,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from singer_deploy.memory import Need, check_fits
 from singer_deploy.models.backbone import Backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.config import (PLANTED_CHANNEL_PAIRS, PLANTED_POSITION_FLAG, PLANTED_TEXTURE_FILTERS,
@@ -97,9 +98,21 @@ class PlantedTeacher:
         return torch.stack(masks).any(0)
 
 
+def weight_needs(config: PlantedConfig) -> list[Need]:
+    """A lower bound on the bytes of the planted ViT's float32 weights, known before it is built: the attention and
+    MLP matrices of its blocks, and its position and patch embeddings (biases and norms left out)."""
+    width, tokens = config.embed_dim, (config.img_size // config.patch_size) ** 2 + 1
+    blocks = config.depth * round((4 + 2 * config.mlp_ratio) * width * width)
+    return [Need("teacher.planted.embed_dim or depth", f"attention and MLP weights of {config.depth} blocks of width "
+                 f"{width}", 4 * blocks),
+            Need("teacher.planted.img_size", f"position and patch embeddings of {tokens} tokens",
+                 4 * (tokens + 3 * config.patch_size ** 2) * width)]
+
+
 def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher:
     """Build the planted teacher deterministically from `config.seed` (about a second on a CPU)."""
     config = config or PlantedConfig()
+    check_fits(weight_needs(config), "Building the planted teacher")
     torch.manual_seed(config.seed)
     model = VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
                               depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
