@@ -207,6 +207,8 @@ def test_a_fifo_as_data_source_is_refused_not_read(tmp_path, capsys):
 @pytest.mark.parametrize("planted, message", [
     ({"embed_dim": 98}, "embed_dim of num_heads"),
     ({"img_size": 64.5}, "teacher.planted.img_size: wrong type"),
+    ({"depth": 8.0}, "teacher.planted.depth: wrong type"),
+    ({"seed": 10 ** 30}, "PlantedConfig.seed must be an integer in [0, 2**63)"),
     ({"patch_size": 0}, "PlantedConfig.patch_size must be a positive integer"),
     ({"seed": 2 ** 63}, "PlantedConfig.seed must be an integer in [0, 2**63)"),
     ({"mlp_ratio": float("inf")}, "PlantedConfig.mlp_ratio must be a finite number > 0"),
