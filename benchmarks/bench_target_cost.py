@@ -1,10 +1,11 @@
 """What the counterfactual L_out target costs per distillation step, measured in one run on the demo's setting.
 
-The faithful preset's target runs the teacher blocks between the first artifact writer and each distilled layer once
-more per step (without gradients; docs/method.md, "Artifact subspace"). The single-direction target it replaced ran
-no extra block. Timed side by side, taking turns (so load from other processes hits all alike), on the demo's
-planted teacher (8 blocks, artifacts written at block 4, distilled layers 4 and 7), its tiny student and batch:
-  faithful         the default: counterfactual target (blocks 5-7 run again for layer 7)
+The faithful preset's target re-runs the selected tokens through the teacher blocks between the first artifact writer
+and each distilled layer every step (without gradients; docs/method.md, "Artifact subspace"). The single-direction
+target it replaced ran no extra block. Timed side by side, taking turns (so load from other processes hits all
+alike), on the demo's planted teacher (8 blocks, artifacts written at block 4, distilled layers 4 and 7), its tiny
+student and batch:
+  faithful         the default: counterfactual target (the selected tokens re-run through blocks 5-7 for layer 7)
   layer-local      the same subspaces, the target computed at the layer itself (no block run again): the cost of
                    the single-direction target of the previous release
   published        the published losses (quantile L_out), for reference

@@ -46,7 +46,7 @@ def main() -> None:
                                                             for v in w.varying]
             captured = min(float((subspace.basis.double() @ d.double()).square().sum()) for d in directions)
             selected = high_norm_mask(raw[layer][:, p:], 4.0)
-            target = subspace.counterfactual(raw, layer, selected, lambda t, b: teacher.run_blocks(t, b, b + 1), p)
+            target = subspace.counterfactual(raw, layer, selected, teacher.run_block_rows, p)
             cos = token_cosines(target[:, p:], clean[layer][:, p:])[truth]
             writers = ", ".join(f"{b} ({s:.0%})" for b, s in sorted(subspace.writers.items()))
             print(f"| {case.label} | {layer} | {subspace.rank} | {writers} | {subspace.explained_share:.4f} | "

@@ -100,23 +100,30 @@ def _subspace(basis, update_means, writers) -> ArtifactSubspace:
 
 
 def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks_compute():
-    """Block 1 writes 10 e_1 onto patch 3; block 2 doubles e_0 and adds e_0 component to e_1. The counterfactual of
-    layer 2 removes the write at block 1 (its update set to the normal mean update along e_1) and runs block 2 on
-    the cleaned token; the unselected tokens and the prefix token keep their raw values."""
-    def block(tokens, index):
-        assert index == 2
-        return tokens + tokens[..., :1] * torch.tensor([1.0, 1.0])
+    """Block 1 writes 10 e_1 onto patch 3; blocks 2 and 3 add to every token the mean e_1 component of the tokens
+    they read (an attention-like mix). The counterfactual of layer 3 removes the write at block 1 (its update set to
+    the normal mean update along e_1) and runs blocks 2 and 3 on the cleaned token, which reads the other tokens as
+    the raw teacher has them; the unselected tokens and the prefix token keep their raw values."""
+    def mix(tokens):
+        return tokens + tokens[..., 1:].mean(1, keepdim=True)
+
+    def block(tokens, index, rows):
+        assert index in (2, 3)
+        return mix(tokens)[rows]
 
     before = torch.tensor([[[5.0, 5.0], [1.0, 0.2], [2.0, 0.4], [3.0, 0.6]]])     # prefix + 3 patches, D = 2
     after = before + torch.tensor([0.0, 0.1]) + torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 10.0]]])
-    taps = {0: before, 1: after, 2: block(after, 2)}
-    subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0]], {1: 1.0})
-    assert subspace.taps_needed() == [0, 1]
+    taps = {0: before, 1: after, 2: mix(after)}
+    taps[3] = mix(taps[2])
+    subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]], {1: 1.0})
+    assert subspace.taps_needed(3) == [0, 1, 2, 3] and subspace.taps_needed(1) == [0, 1]
     selected = torch.tensor([[False, False, True]])
-    out = subspace.counterfactual(taps, 2, selected, block, prefix=1)
-    # Patch 3 without the write: (3, 0.7) after block 1, then block 2: (6, 3.7). Others: raw block-2 values.
-    torch.testing.assert_close(out[0, 3], torch.tensor([6.0, 3.7]))
-    torch.testing.assert_close(out[:, :3], taps[2][:, :3])
+    out = subspace.counterfactual(taps, 3, selected, block, prefix=1)
+    # Patch 3 without the write: (3, 0.7) after block 1. Block 2 reads e_1 parts 5.1, 0.3, 0.5 and its own 0.7:
+    # + 1.65 -> (4.65, 2.35). Block 3 reads the raw block-2 tokens (raw mean 4.15 added: 9.25, 4.45, 4.65) and its own
+    # 2.35: + 5.175 -> (9.825, 7.525). Others: raw block-3 values.
+    torch.testing.assert_close(out[0, 3], torch.tensor([9.825, 7.525]))
+    torch.testing.assert_close(out[:, :3], taps[3][:, :3])
     # At the writer's own layer nothing runs: the update's excess along e_1 is gone, the input's e_1 part stays.
     torch.testing.assert_close(subspace.counterfactual(taps, 1, selected, block, prefix=1)[0, 3],
                                torch.tensor([3.0, 0.7]))

@@ -112,3 +112,47 @@ def test_state_dict_for_another_architecture(tmp_path):
 def test_non_vit_model_is_rejected():
     with pytest.raises(ModelError, match="not a timm Vision Transformer"):
         Backbone(timm.create_model("resnet18", num_classes=0))
+
+
+@pytest.mark.parametrize(("name", "kwargs", "rows_path"), [
+    ("vit_tiny_patch16_224", {}, True),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "embed_dim": 48, "depth": 2, "num_heads": 2}, True),
+    ("vit_tiny_patch16_224", {"qk_norm": True, "init_values": 0.1, "qkv_bias": False}, True),
+    ("vit_tiny_patch16_224", {"block_fn": timm.models.vision_transformer.ResPostBlock}, False),
+])
+def test_run_block_rows_equals_the_whole_block_at_the_rows(name, kwargs, rows_path):
+    """The block's own output at the rows (their attention reads every token). From the second call on, timm's pre-norm Block computes only the rows' part (its MLP sees the rows alone); any other
+    block runs whole."""
+    torch.manual_seed(0)
+    backbone = load_backbone(name, **({**TINY, **kwargs} if name.startswith("vit_tiny") else kwargs))
+    size = backbone.img_size[0]
+    tokens = backbone.forward_taps(torch.randn(3, 3, size, size), [0])[0]
+    block = backbone.model.blocks[1]
+    whole = block(tokens)
+    for seed in (1, 2):
+        rows = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(seed)) < 0.3
+        rows[0, 1] = True
+        mlp_rows = []
+        hook = block.mlp.register_forward_hook(lambda _m, args, _o: mlp_rows.append(args[0].shape[0]))
+        try:
+            out = backbone.run_block_rows(tokens, 1, rows)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(out, whole[rows], rtol=1e-5, atol=1e-5)
+    assert (mlp_rows == [int(rows.sum())]) is rows_path
+
+
+def test_run_block_rows_runs_the_whole_block_where_the_rows_path_disagrees(monkeypatch):
+    """A timm version whose Block computes something else than block_rows: the first call's check sees it and every
+    call runs the whole block."""
+    from singer_deploy.models import block_rows
+    backbone = load_backbone("vit_tiny_patch16_224", **TINY)
+    right = block_rows.block_rows
+    monkeypatch.setattr(block_rows, "block_rows", lambda *args: right(*args) * 1.001)
+    tokens = backbone.forward_taps(torch.randn(2, 3, 32, 32), [0])[0]
+    rows = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+    rows[:, 2:5] = True
+    whole = backbone.model.blocks[1](tokens)
+    for _ in range(2):
+        torch.testing.assert_close(backbone.run_block_rows(tokens, 1, rows), whole[rows], rtol=0, atol=0)
+    assert backbone.run_block_rows(tokens, 1, torch.zeros_like(rows)).shape == (0, 48)

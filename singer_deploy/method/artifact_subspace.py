@@ -20,9 +20,10 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
   distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
   cannot see a part whose mean is zero.
 
-The L_out target of the layer is the teacher's counterfactual: its tokens as the teacher computes them when every
-writer's update on the selected tokens has its component in the subspace set to the normal tokens' mean update. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the
-estimate then misses a part of the artifact (more directions than `max_rank`, or a part no block update shows).
+The L_out target of the layer is the teacher's counterfactual: each selected token as the teacher computes it when
+every writer's update on it has its component in the subspace set to the normal tokens' mean update, the other tokens
+as they are. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the estimate then misses a
+part of the artifact (more directions than `max_rank`, or a part no block update shows).
 """
 
 from __future__ import annotations
@@ -75,34 +76,37 @@ class ArtifactSubspace:
         """The first block that writes the artifact: where the counterfactual stream starts (None: no writer)."""
         return min(self.writers) if self.writers else None
 
-    def taps_needed(self) -> list[int]:
-        """Raw taps `counterfactual` reads: the first writer block's output and its input."""
+    def taps_needed(self, layer: int) -> list[int]:
+        """Raw taps `counterfactual` reads for `layer`: every block output from the first writer's input on."""
         first = self.first_block
-        return [] if first is None else [b for b in (first - 1, first) if b >= 0]
+        return [] if first is None else list(range(max(first - 1, 0), layer + 1))
 
     @torch.no_grad()
     def counterfactual(self, taps: dict[int, Tensor], layer: int, selected: Tensor, run_block,
                        prefix: int) -> Tensor:
-        """The layer's tokens (B, prefix + N, D) as the teacher computes them when the artifact is never written:
-        every writer block's update on the `selected` patch tokens (B, N) has its component in the subspace set to
-        the normal tokens' mean update, and the blocks after the first writer run on those tokens, so what they would
-        have computed from the token's content is there too (docs/method.md, "Artifact subspace").
-        `run_block(tokens, b)` applies teacher block b; `taps` holds the raw taps `taps_needed` names."""
+        """The layer's tokens (B, prefix + N, D) with each `selected` patch token (B, N) as the teacher computes it
+        when its artifact is never written: every writer block's update on the selected tokens has its component in
+        the subspace set to the normal tokens' mean update, and the blocks after the first writer run on those
+        tokens, so what they would have computed from the token's content is there too. The other tokens keep their
+        raw values, at the layer and as the context the selected tokens read through attention at every block
+        (docs/method.md, "Artifact subspace"). `run_block(tokens, b, rows)` gives teacher block b's output at `rows`
+        (B, prefix + N) in the order of rows.nonzero() (Backbone.run_block_rows); `taps` holds the raw taps
+        `taps_needed(layer)` names."""
         first = self.first_block
         if first is None:
             return taps[layer]
-        tokens = taps[first]
-        before = taps[first - 1] if first > 0 else torch.zeros_like(tokens)
-        mask = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1).unsqueeze(-1)
-        basis = self.basis.to(device=tokens.device, dtype=tokens.dtype)
-        means = self.update_means.to(device=tokens.device, dtype=tokens.dtype)
+        rows = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1)
+        at = rows.nonzero(as_tuple=True)
+        basis = self.basis.to(device=taps[layer].device, dtype=taps[layer].dtype)
+        means = self.update_means.to(device=basis.device, dtype=basis.dtype)
+        tokens = taps[first][at]                                        # (M, D): the selected tokens only
+        before = taps[first - 1][at] if first > 0 else torch.zeros_like(tokens)
         for block in range(first, layer + 1):
             if block > first:
-                before, tokens = tokens, run_block(tokens, block)
+                before, tokens = tokens, run_block(taps[block - 1].index_put(at, tokens), block, rows)
             if block in self.writers:
-                excess = (tokens - before - means[block]) @ basis.T @ basis
-                tokens = tokens - torch.where(mask, excess, torch.zeros_like(excess))
-        return tokens
+                tokens = tokens - (tokens - before - means[block]) @ basis.T @ basis
+        return taps[layer].index_put(at, tokens)
 
     @property
     def complete(self) -> bool:

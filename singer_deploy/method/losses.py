@@ -121,8 +121,8 @@ def _masked_mse(a: Tensor, b: Tensor, keep: Tensor) -> Tensor:
 class SingerLoss:
     """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
 
-    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, and depth when
-    `last_block_info` is on); it is used, not owned, so this is a plain callable and never adds teacher parameters
+    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, depth when `last_block_info`
+    is on, run_block_rows for the "subspace" target); it is used, not owned, so this is a plain callable and never adds teacher parameters
     anywhere. `aligner` selects the L_kd tokens of the
     teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
     patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
@@ -179,7 +179,8 @@ class SingerLoss:
     def taps_needed(self) -> list[int]:
         """Raw teacher taps a call needs: the distilled layers, and what the "subspace" target's counterfactual
         streams start from."""
-        extra = [b for subspace in self.subspaces.values() if subspace is not None for b in subspace.taps_needed()]
+        extra = [b for layer, subspace in self.subspaces.items() if subspace is not None
+                 for b in subspace.taps_needed(layer)]
         return sorted({*self.layers, *extra})
 
     def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor) -> Tensor:
@@ -196,11 +197,8 @@ class SingerLoss:
         subspace = self.subspaces[layer]
         if subspace is None:
             return refined.sum() * 0.0
-        target = subspace.counterfactual(raw, layer, selected, self._run_block, p)
+        target = subspace.counterfactual(raw, layer, selected, self.backbone.run_block_rows, p)
         return subspace_loss(refined, target[:, p:], selected)
-
-    def _run_block(self, tokens: Tensor, block: int) -> Tensor:
-        return self.backbone.run_blocks(tokens, block, block + 1)
 
     def _normal_tokens(self, selected: Tensor) -> Tensor | None:
         """info_tokens "normal": (B, T) bool, False on the `selected` patch tokens (the raw teacher's tokens above

@@ -22,6 +22,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError, whole_sentences
+from singer_deploy.models.block_rows import RowRunner
 from singer_deploy.models.hub import resolve_model_source
 from singer_deploy.models.weights import check_weights_file, load_weights_strict, resolve_cached_weights
 
@@ -49,6 +50,7 @@ class Backbone(nn.Module):
         self.embed_dim: int = int(model.embed_dim)
         self.depth: int = len(model.blocks)
         self.weights_report: dict | None = None   # set when weights were loaded from a file (models/weights.py)
+        self._row_runner = RowRunner(model.blocks)
 
     @property
     def num_patches(self) -> int:
@@ -71,6 +73,11 @@ class Backbone(nn.Module):
         for block in self.model.blocks[start:stop]:
             tokens = block(tokens)
         return tokens
+
+    def run_block_rows(self, tokens: Tensor, index: int, rows: Tensor) -> Tensor:
+        """Block `index`'s output on `tokens` (B, T, D) at `rows` (B, T) bool only: (M, D) in the order of
+        rows.nonzero(), computing only what the rows need where the block allows it (models/block_rows.py)."""
+        return self._row_runner(tokens, index, rows)
 
     def forward_taps(self, images: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
         """Raw outputs of the requested blocks; blocks after the deepest requested one are never run."""

@@ -1,0 +1,92 @@
+"""A teacher block's output at a few chosen tokens only (the "subspace" L_out target's counterfactual, docs/method.md,
+"Artifact subspace"): those tokens are re-run through the blocks after the artifact's writer every step, while the
+other tokens keep their raw values.
+
+A whole block costs a query, a key and a value per token, attention of every token to every token and an MLP per
+token. For the chosen rows only their queries, their attention and their MLP are needed; the keys and values of every
+token are still needed (the rows read all of them). For timm's pre-norm `Block` with its `Attention` (timm's
+VisionTransformer: ViT, DeiT-III, DINOv2, CLIP) `block_rows` computes exactly that. timm has no public call for
+attention at a subset of queries, so the block's forward is written out here from its own submodules; to stay right
+on a timm version whose forward differs, `RowRunner` checks it against the block itself on the first call of each
+block and runs the whole block wherever the two disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+# block_rows and the whole block count as the same computation when their relative difference (Frobenius, over the
+# rows) is within AGREEMENT, or within AGREEMENT_EPS units of the autocast dtype's precision where that is coarser:
+# the two orders of summation differ by ~1e-6 in float32 and a few units in half precision; a submodule left out
+# (layer scale, q/k norm, a gate) changes the output far more.
+AGREEMENT = 1e-4
+AGREEMENT_EPS = 4
+_NEEDED = ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_NEEDED_ATTN = ("qkv", "q_norm", "k_norm", "proj", "proj_drop", "num_heads", "head_dim")
+
+
+class RowRunner:
+    """Runs block `index` of `blocks` at `rows`: by `block_rows` where its first call showed that agrees with the
+    whole block, else by the whole block."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.blocks = blocks
+        self.rows_path: dict[int, bool] = {}
+
+    def __call__(self, tokens: Tensor, index: int, rows: Tensor) -> Tensor:
+        block = self.blocks[index]
+        if not rows.any():
+            return tokens[rows]
+        if self.rows_path.get(index, False):
+            return block_rows(block, tokens, rows)
+        whole = block(tokens)[rows]
+        if index not in self.rows_path:
+            self.rows_path[index] = supports_rows(block) and _agree(block_rows(block, tokens, rows), whole)
+        return whole
+
+
+def supports_rows(block: nn.Module) -> bool:
+    """timm's pre-norm Block with timm's Attention (forwards not overridden), with the parts block_rows reads."""
+    attn = getattr(block, "attn", None)
+    return (type(block).forward is Block.forward and type(attn).forward is Attention.forward
+            and all(hasattr(block, name) for name in _NEEDED) and all(hasattr(attn, name) for name in _NEEDED_ATTN))
+
+
+def block_rows(block: Block, tokens: Tensor, rows: Tensor) -> Tensor:
+    """`block(tokens)[rows]` (rows: (B, T) bool; result (M, D) in the order of rows.nonzero()), computing only the
+    rows' queries, attention and MLP."""
+    attn = block.attn
+    heads, head_dim = attn.num_heads, attn.head_dim
+    width = heads * head_dim
+    batch, length, _ = tokens.shape
+    normed = block.norm1(tokens)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    keys_values = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+    keys, values = keys_values.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    keys = attn.k_norm(keys)
+    # Each image's rows go into slots 0..n-1 of a padded query block, so attention stays one batched call.
+    image, token = rows.nonzero(as_tuple=True)
+    slot = (rows.cumsum(1) - 1)[image, token]
+    picked = normed[image, token]
+    queries = F.linear(picked, weight[:width], None if bias is None else bias[:width]).reshape(-1, heads, head_dim)
+    padded = queries.new_zeros(batch, int(rows.sum(1).max()), heads, head_dim)
+    padded[image, slot] = attn.q_norm(queries)
+    read = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values).transpose(1, 2)
+    read = read[image, slot].reshape(-1, width)
+    if getattr(attn, "norm", None) is not None:        # scale_norm; absent in older timm
+        read = attn.norm(read)
+    if getattr(attn, "gate", None) is not None:         # absent in older timm
+        read = read * attn.gate(picked).sigmoid()
+    out = tokens[image, token] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(read))))
+    return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+
+
+def _agree(fast: Tensor, whole: Tensor) -> bool:
+    device = whole.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else whole.dtype
+    limit = max(AGREEMENT, AGREEMENT_EPS * torch.finfo(dtype).eps) * whole.float().norm()
+    return bool((fast.float() - whole.float()).norm() <= limit)
