@@ -20,7 +20,7 @@ Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the studen
 
     python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...]
                                          [--settings published,faithful] [--n-eval 128] [--out DIR]
-                                         [--inits nullspace,random,zero,remove | none] [--ablation-cases 8c,2c]
+                                         [--inits nullspace,random,zero,remove,subspace | none] [--ablation-cases 8c,2c]
                                          [--distill-settings faithful]
 
 Figures are accuracy metrics on the planted teacher: they validate the mechanics, not real-world efficacy.
@@ -87,7 +87,7 @@ CASES = {f"{pct}{name}": Case(f"{pct}{name}", pct / 100, **kwargs)
 SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_target=True),
             "faithful": SingerConfig(rank=RANK)}
 ADAPTER_LR = 1e-2
-INITS = ("nullspace", "random", "zero", "remove")
+INITS = ("nullspace", "random", "zero", "remove", "subspace")
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_4", "HNR_4"),
         ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"), ("next_cos", "next-block cos"))
 # Issue targets: ratio <= max(1.5, 1.2 x the clean twin's), artifact cos to the twin >= 0.95, normal and next >= 0.99.
@@ -107,6 +107,8 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], LAYERS,
                                              singer.select_k, max_rank=singer.rank)
                  if singer.outlier_target == "subspace" else None)
+    if singer.adapter_init == "subspace":
+        refiner.start_at_subspaces({layer: None if s is None else s.basis for layer, s in subspaces.items()})
     loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))

@@ -30,12 +30,12 @@ from singer_deploy.errors import ConfigError, SingerDeployError, shown_path
 
 NULLSPACE_RULES = ("smallest", "official")
 OUTLIER_TARGETS = ("quantile", "subspace")
-ADAPTER_INITS = ("nullspace", "remove", "random", "zero")
+ADAPTER_INITS = ("nullspace", "remove", "random", "zero", "subspace")
 # SingerConfig.preset: the settings a preset fills in where the config leaves them unset (docs/method.md, "Defaults,
 # and where we depart from the paper"). "faithful" (default) removes the artifacts and keeps everything else on every
 # planted family; "published" is the paper's and the reference code's losses.
 SINGER_PRESETS: dict[str, dict[str, object]] = {
-    "faithful": {"outlier_target": "subspace", "info_tokens": "normal", "adapter_init": "remove",
+    "faithful": {"outlier_target": "subspace", "info_tokens": "normal", "adapter_init": "subspace",
                  "detach_target": True, "info_variant": "paper", "last_block_info": True},
     "published": {"outlier_target": "quantile", "info_tokens": "all", "adapter_init": "nullspace",
                   "detach_target": False, "info_variant": "reference", "last_block_info": False},
@@ -77,7 +77,9 @@ class SingerConfig:
         also selects natural high-norm tokens and costs normal-token fidelity (docs/results.md).
     estimate_batches: training batches (the run's first ones) the "subspace" estimate reads.
     adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
-        at F) or "random" (a random orthonormal basis instead of N, the reference code's ablation).
+        at F), "random" (a random orthonormal basis instead of N, the reference code's ablation) or "subspace"
+        (F - F S^T S with S the layer's estimated artifact subspace: the artifact's component gone at step 0; needs
+        outlier_target "subspace").
     info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
         reference code) or "paper" (refined last vs raw last). A single distilled layer always uses "paper".
     info_tokens: "all" (published) or "normal" (faithful): L_info leaves out the tokens select_k selects, whose raw
@@ -140,6 +142,12 @@ class SingerConfig:
         _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)
         _choice("info_variant", self.info_variant, INFO_VARIANTS)
         _choice("info_tokens", self.info_tokens, INFO_TOKENS)
+        if self.adapter_init == "subspace" and self.outlier_target != "subspace":
+            raise ConfigError("adapter_init 'subspace' starts from the artifact subspace, which only outlier_target "
+                              "'subspace' estimates", expected="outlier_target 'subspace' with adapter_init "
+                              "'subspace'", found=f"outlier_target {self.outlier_target!r}",
+                              fix="set adapter_init to 'nullspace' (published) or 'zero', or outlier_target to "
+                                  "'subspace'")
         for key in ("last_block_info", "detach_target"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"SingerConfig.{key} must be True or False", expected="a bool",

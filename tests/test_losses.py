@@ -201,12 +201,14 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
 def test_presets_fill_what_is_left_unset():
     faithful, published = SingerConfig(), SingerConfig(preset="published")
     assert (faithful.outlier_target, faithful.info_tokens, faithful.adapter_init, faithful.detach_target,
-            faithful.info_variant, faithful.last_block_info) == ("subspace", "normal", "remove", True, "paper", True)
+            faithful.info_variant, faithful.last_block_info) == ("subspace", "normal", "subspace", True, "paper", True)
     assert (published.outlier_target, published.info_tokens, published.adapter_init, published.detach_target,
             published.info_variant, published.last_block_info) == ("quantile", "all", "nullspace", False,
                                                                    "reference", False)
     mixed = SingerConfig(preset="published", info_tokens="normal")     # an explicit value wins over the preset
     assert (mixed.outlier_target, mixed.info_tokens) == ("quantile", "normal")
+    with pytest.raises(ConfigError, match="only outlier_target 'subspace' estimates"):
+        SingerConfig(preset="published", adapter_init="subspace")     # no subspace to start from
 
 
 def test_config_validation_names_the_key():

@@ -121,6 +121,25 @@ def test_adapter_inits_start_from_doubling_removing_or_keeping_the_null_componen
                                    rtol=1e-5)
 
 
+def test_subspace_start_takes_the_artifact_component_out_and_keeps_the_rest(teacher):
+    """adapter_init "subspace": zero start until the estimate, then F - F S^T S on the layers that have one."""
+    refiner = Refiner.from_teacher(teacher, [0, 1], rank=RANK, init="subspace")
+    tokens = torch.randn(2, teacher.num_prefix_tokens + 4, teacher.embed_dim)
+    p = teacher.num_prefix_tokens
+    with torch.no_grad():
+        torch.testing.assert_close(refiner(0, tokens), tokens)
+    artifact = torch.linalg.qr(torch.randn(teacher.embed_dim, 2))[0].T           # (2, d) orthonormal
+    refiner.start_at_subspaces({0: artifact, 1: None})
+    patches = tokens[:, p:]
+    with torch.no_grad():
+        torch.testing.assert_close(refiner(0, tokens)[:, p:], patches - patches @ artifact.T @ artifact,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(refiner(1, tokens), tokens)                  # no estimate: still the zero start
+    reading = refiner.adapter(0).lora_A["default"].weight                       # W_d^T: S first, then N
+    torch.testing.assert_close(reading[:2].abs().sum(), (reading[:2] @ artifact.T @ artifact).abs().sum(),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_random_init_ignores_the_nullspace_but_reports_it(teacher):
     refiner = Refiner.from_teacher(teacher, [0], rank=RANK, init="random")
     null = refiner.init_report[0].basis.float()

@@ -12,7 +12,7 @@ def test_defaults_and_demo_config_load(tmp_path):
     assert config.teacher.name == "planted"
     assert config.singer == load_run_config({}).singer.__class__(rank=8)   # the default preset, "faithful"
     assert (config.singer.outlier_target, config.singer.info_tokens, config.singer.adapter_init) == (
-        "subspace", "normal", "remove")
+        "subspace", "normal", "subspace")
     assert config.export.formats == ("onnx", "openvino")
     auto = load_run_config({"export": {"precision": "auto", "target": "amx"}}).export
     assert (auto.precision, auto.target, auto.calibration_size) == ("auto", "amx", 300)

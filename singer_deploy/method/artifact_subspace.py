@@ -10,11 +10,15 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
 - the tokens selected at l (raw norm above select_k x the image median) and the others ("normal");
 - for every block b <= l, how the block's update x_b - x_{b-1} on the selected tokens differs from its mean update on
   normal tokens, as an excess second moment (the selected tokens' spread around the normal mean minus the normal
-  tokens' own spread), summed over the blocks. Block updates rather than the layer's own tokens: the block that writes
-  an artifact adds it plus a small content difference, while the layer's tokens carry every content difference
-  accumulated on the way (flat patches have content of their own), which tilts the estimate; the artifact is ~10x a
-  normal token, so a tilt of 3 degrees already leaves half a normal token behind;
-- its eigenvectors whose excess is large against a normal token's energy (EXCESS_LIMIT), at most `max_rank`;
+  tokens' own spread), in units of the normal tokens' update spread at that block, summed over the blocks. Block
+  updates rather than the layer's own tokens: the block that writes an artifact adds it plus a small content
+  difference, while the layer's tokens carry every content difference accumulated on the way (flat patches have
+  content of their own), which tilts the estimate; the artifact is ~10x a normal token, so a tilt of 3 degrees
+  already leaves half a normal token behind. Each block in its own units: a part written early, where tokens are
+  small, is as large there as a part written late is at its block, and what is left of it at the writer is what the
+  later blocks read (LayerNorm scales by the token's whole norm), however small it looks at the layer;
+- its eigenvectors whose excess is above EXCESS_LIMIT units, at most `max_rank` (those above the limit that do not
+  fit are counted in `left_out`);
 - the share of the selected tokens' excess energy at l the subspace explains, token by token: for each selected
   token, its squared distance to the normal mean beyond a normal token's (the normal tokens' mean squared
   distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
@@ -36,12 +40,11 @@ from torch import Tensor
 
 from singer_deploy.method.metrics import high_norm_mask
 
-# A direction joins the subspace when the selected tokens carry, along it, more than this share of a normal token's
-# energy (its squared distance to the normal mean) beyond what normal tokens carry. Measured on the planted families
-# (docs/method.md, "Artifact subspace"): artifact directions sit at 3-100, the content that sets flat patches apart
-# at 0.03-0.2, the rest below 0.01. A share of the excess would not do as a rule: 95% of a 10x artifact's excess
-# leaves a residual of 2.2x a normal token.
-EXCESS_LIMIT = 0.5
+# A direction joins the subspace when the selected tokens' block updates carry along it more than this excess, in
+# units of the normal tokens' update spread at each block, summed over blocks. Measured on the planted families and
+# four combinations outside them (docs/method.md, "Artifact subspace"): artifact directions 59-19,800 units; what
+# flat patches' content and the blocks after a writer add on artifact tokens at most 2.4.
+EXCESS_LIMIT = 10.0
 # Below this explained share a layer's estimate is reported as incomplete (run summary, report, distill_config.json).
 LOW_SHARE = 0.95
 # A block is a writer when its update holds at least this share of the subspace's energy on the selected tokens:
@@ -58,7 +61,8 @@ class ArtifactSubspace:
     """basis: (k, D) orthonormal rows; writers: block -> share of the subspace's energy its update holds on the
     selected tokens (blocks at or above WRITER_SHARE); explained_share: how much of the selected tokens' excess
     energy the subspace explains, token by token; artifact_tokens / normal_tokens: how many tokens the estimate
-    rests on; update_means: (layer + 1, D) the normal tokens' mean update of every block up to the layer."""
+    rests on; update_means: (layer + 1, D) the normal tokens' mean update of every block up to the layer;
+    left_out: directions above EXCESS_LIMIT that did not fit `max_rank`."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -66,6 +70,7 @@ class ArtifactSubspace:
     artifact_tokens: int
     normal_tokens: int
     update_means: Tensor
+    left_out: int = 0
 
     @property
     def rank(self) -> int:
@@ -110,7 +115,7 @@ class ArtifactSubspace:
 
     @property
     def complete(self) -> bool:
-        return self.explained_share >= LOW_SHARE
+        return self.explained_share >= LOW_SHARE and not self.left_out
 
     def describe(self) -> str:
         return describe_subspace(self.summary())
@@ -118,8 +123,8 @@ class ArtifactSubspace:
     def summary(self) -> dict:
         """JSON-safe facts (distill_config.json, the run summary and the report)."""
         return {"rank": self.rank, "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
-                "explained_share": round(self.explained_share, 4), "complete": self.complete,
-                "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens}
+                "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
+                "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens}
 
 
 def describe_subspace(facts: dict) -> str:
@@ -129,21 +134,29 @@ def describe_subspace(facts: dict) -> str:
     text = (f"{rank} direction{'s' * (rank != 1)} written by block{'s' * (len(writers) != 1)} {blocks}; explains "
             f"{facts['explained_share']:.1%} of the artifact tokens' excess energy ({facts['artifact_tokens']} "
             f"artifact / {facts['normal_tokens']} normal tokens)")
-    return text if facts["complete"] else text + f"; {low_share_note(facts['explained_share'])}"
+    return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
 
 
-def low_share_note(share: float) -> str:
-    return (f"the estimate explains only {share:.0%} of the artifact tokens' excess energy (below {LOW_SHARE:.0%}): "
-            "part of the artifact is outside it (docs/method.md, \"Artifact subspace\")")
+def incomplete_note(facts: dict) -> str:
+    """Why an estimate (ArtifactSubspace.summary()) is incomplete: part of the artifact is outside it."""
+    left_out = facts.get("left_out", 0)
+    reasons = [f"explains only {facts['explained_share']:.0%} of the artifact tokens' excess energy (below "
+               f"{LOW_SHARE:.0%})"] if facts["explained_share"] < LOW_SHARE else []
+    if left_out:
+        reasons.append(f"{left_out} more artifact direction{'s' * (left_out != 1)} did not fit the adapter rank "
+                       f"{facts['rank']} (raise singer.rank)")
+    return (f"the estimate {' and '.join(reasons)}: part of the artifact is outside it (docs/method.md, "
+            "\"Artifact subspace\")")
 
 
 class SubspaceEstimator:
     """Running sums over batches of raw taps; `result()` gives each layer's ArtifactSubspace (None when no token of
     that layer was selected, e.g. a teacher without artifacts).
 
-    Kept per layer: one (D, D) excess second moment summed over blocks, the normal tokens' (D, D) second moment at
-    the layer, (D,) sums per block, and up to MAX_TOKENS selected tokens with their per-block updates (float32, on
-    the CPU) for the per-token shares and the writer shares."""
+    Kept per layer: one (D, D) second moment of the updates summed over blocks (each block in units of the normal
+    tokens' update spread there, measured on the first batch), the normal tokens' (D, D) second moment at the layer,
+    (D,) sums per block, and up to MAX_TOKENS selected tokens with their per-block updates (float32, on the CPU) for
+    the per-token shares and the writer shares."""
 
     def __init__(self, layers: Sequence[int], select_k: float, num_prefix_tokens: int, *,
                  max_rank: int | None = None):
@@ -152,6 +165,7 @@ class SubspaceEstimator:
         self._sums: dict[tuple, Tensor] = {}
         self._counts = {(layer, kind): 0 for layer in self.layers for kind in ("artifact", "normal")}
         self._kept: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}  # (n, blocks + 1, D)
+        self._units: dict[int, Tensor] = {}      # layer -> (blocks,) normal update spread per block, first batch
 
     @property
     def blocks_needed(self) -> list[int]:
@@ -171,11 +185,14 @@ class SubspaceEstimator:
             tokens = patches[layer][normal]
             self._add((layer, "normal", "x"), tokens.sum(0))
             self._add((layer, "normal", "xx"), tokens.T @ tokens)
+            if layer not in self._units:
+                self._units[layer] = torch.stack([_spread(updates[b][normal]) for b in range(layer + 1)])
             for block in range(layer + 1):
                 for kind, mask in (("artifact", selected), ("normal", normal)):
                     rows = updates[block][mask]
                     self._add((layer, kind, block), rows.sum(0))
-                    self._add((layer, kind, "uu"), rows.T @ rows)       # summed over blocks
+                    # Summed over blocks, each block in its own units.
+                    self._add((layer, kind, "uu"), rows.T @ rows / self._units[layer][block])
             room = MAX_TOKENS - sum(len(t) for t in self._kept[layer])
             if room > 0 and selected.any():
                 stack = torch.stack([patches[layer][selected]] + [updates[b][selected] for b in range(layer + 1)], 1)
@@ -197,15 +214,17 @@ class SubspaceEstimator:
         mean_update = {b: sums["normal", b] / n_n for b in blocks}
         # Excess second moment of the updates: selected tokens around the normal mean, minus the normal spread.
         excess = sums["artifact", "uu"] / n_a - sums["normal", "uu"] / n_n
+        units = self._units[layer].double().cpu()
         for b in blocks:
             a_mean = sums["artifact", b] / n_a
             mu = mean_update[b]
-            excess -= torch.outer(a_mean, mu) + torch.outer(mu, a_mean) - 2 * torch.outer(mu, mu)
+            excess -= (torch.outer(a_mean, mu) + torch.outer(mu, a_mean) - 2 * torch.outer(mu, mu)) / units[b]
         mean = sums["normal", "x"] / n_n
         covariance = sums["normal", "xx"] / n_n - torch.outer(mean, mean)
         values, vectors = torch.linalg.eigh((excess + excess.T) / 2)
         order = values.argsort(descending=True)
-        chosen = order[values[order] > EXCESS_LIMIT * torch.trace(covariance)][:self.max_rank]
+        above = order[values[order] > EXCESS_LIMIT]
+        chosen = above[:self.max_rank]
         basis = vectors[:, chosen].T                                    # (k, D), largest excess first
         kept = torch.cat(self._kept[layer]).double()
         share = _explained_share(kept[:, 0] - mean, covariance, basis)
@@ -213,7 +232,13 @@ class SubspaceEstimator:
         shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
         writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
         updates = torch.stack([mean_update[b] for b in blocks]).float()
-        return ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates)
+        return ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates, left_out=len(above) - len(chosen))
+
+
+def _spread(rows: Tensor) -> Tensor:
+    """Mean squared distance of the rows (n, D) to their mean: one unit of a block's update (never 0)."""
+    spread = (rows - rows.mean(0)).square().sum(-1).mean() if len(rows) else rows.new_zeros(())
+    return spread.clamp_min(torch.finfo(rows.dtype).tiny)
 
 
 def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> float:

@@ -76,6 +76,24 @@ class Refiner(nn.Module):
         refiner.init_report = report
         return refiner
 
+    def start_at_subspaces(self, subspaces: Mapping[int, Tensor | None]) -> None:
+        """adapter_init "subspace": each layer starts at F - F S^T S, S (k, d) the layer's estimated artifact
+        subspace (ArtifactSubspace.basis): W_d reads S and then the layer's nullspace directions orthogonal to it,
+        W_u writes -S on S's columns and nothing on the rest, so the artifact's component is gone at step 0 and
+        every other component is kept. A layer without a subspace (None) keeps its start. Call it before the first
+        step (the optimizer's moments must not have seen other factors)."""
+        for layer, basis in subspaces.items():
+            if basis is None:
+                continue
+            found = basis.detach().double().cpu()[:self.rank]
+            reading = self.adapter(layer).lora_A[_ADAPTER].weight.detach().double().cpu()   # (r, d): W_d^T
+            rest = reading - (reading @ found.T) @ found
+            q, _ = torch.linalg.qr(torch.cat([found, rest]).T)
+            down = q[:, :self.rank]                                     # (d, r), S's rows first
+            up = torch.zeros(self.rank, self.dim, dtype=torch.float64)
+            up[:len(found)] = -down[:, :len(found)].T
+            self.set_factors(layer, down=down.float(), up=up.float())
+
     def adapter(self, layer: int) -> nn.Module:
         """The peft LoRA layer of one distilled layer."""
         if layer not in self.layers:
@@ -203,11 +221,13 @@ def initial_factors(basis: Tensor, init: str) -> dict[str, Tensor]:
     "remove": W_u = -N, so F_hat = F - F N^T N starts with that component removed, the state a faithful refinement of
     an artifact inside span(N) has to reach (the published start must travel from +1x to -1x of it).
     "zero": W_d = N^T, W_u = 0, so F_hat = F at step 0 (LoRA-style), reading the same directions.
+    "subspace": as "zero" until the run has estimated the artifact subspace (Refiner.start_at_subspaces).
     """
     if init not in ADAPTER_INITS:
         raise ConfigError("Unknown adapter initialisation", expected=" or ".join(map(repr, ADAPTER_INITS)),
                           found=repr(init), fix="use init='nullspace' (published)")
-    up = {"nullspace": basis, "random": basis, "remove": -basis, "zero": torch.zeros_like(basis)}[init]
+    zero = torch.zeros_like(basis)
+    up = {"nullspace": basis, "random": basis, "remove": -basis, "zero": zero, "subspace": zero}[init]
     return {"down": basis.T, "up": up}
 
 

@@ -29,7 +29,7 @@ from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, R
                                   format_name, from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
-from singer_deploy.method.artifact_subspace import describe_subspace, low_share_note
+from singer_deploy.method.artifact_subspace import describe_subspace, incomplete_note
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
@@ -431,10 +431,10 @@ def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_
 
 
 def _with_estimate_notes(remain: dict, diagnostics: dict) -> dict:
-    """Each layer's "artifacts remain" line, with the subspace estimate's low explained share next to it."""
+    """Each layer's "artifacts remain" line, with why the subspace estimate is incomplete next to it."""
     subspaces = diagnostics.get("artifact_subspace", {})
     return {layer: line if (facts := subspaces.get(str(layer))) is None or facts["complete"]
-            else f"{line}; {low_share_note(facts['explained_share'])}" for layer, line in remain.items()}
+            else f"{line}; {incomplete_note(facts)}" for layer, line in remain.items()}
 
 
 def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_rows: list[dict],
@@ -466,7 +466,7 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
                 for layer, d in diagnostics["artifact_subspace"].items()}
             for layer, d in diagnostics["artifact_subspace"].items():
                 if d is not None and not d["complete"]:
-                    _warn(summary, f"layer {layer}: {low_share_note(d['explained_share'])}")
+                    _warn(summary, f"layer {layer}: {incomplete_note(d)}")
     summary["parity"] = {} if exported is None else {
         key: ("pass" if rec.parity is not None and rec.parity.passed else "FAIL")
         for key, rec in exported.artifacts.items()}

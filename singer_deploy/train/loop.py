@@ -164,6 +164,9 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
     autocast = autocast_for(train.precision, device)
     if module.singer_loss is not None and singer.outlier_target == "subspace":
         module.singer_loss.subspaces = _artifact_subspaces(module, data, train, singer, device)
+        if start == 0 and singer.adapter_init == "subspace":    # a resumed run has its factors already
+            module.refiner.start_at_subspaces({layer: None if found is None else found.basis
+                                               for layer, found in module.singer_loss.subspaces.items()})
     sampler = StreamSampler(len(data), train.batch_size, train.seed, rank, world)
     batches = step_batches(data, sampler, start, train.steps, device, train.workers)
     skipped, watch = SkippedImages(len(data)), NonFiniteWatch(device, train.steps)
