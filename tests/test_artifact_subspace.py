@@ -54,6 +54,7 @@ def test_one_mechanism_gives_one_direction_at_its_writer(small_planted):
     (dict(second_layer=4), {2: {2}, 4: {2, 4}}),                       # content at block 2, position at block 4
     (dict(grow_blocks=3), {2: {2}, 4: {2, 3, 4}}),                     # one cluster over blocks 2, 3, 4
     (dict(varying_dims=2), {2: {2}, 4: {2}}),                          # a fixed part + a part varying per token
+    (dict(grow_blocks=2, varying_dims=2, second_layer=4), {2: {2}, 4: {2, 3, 4}}),   # all of them in one teacher
 ])
 def test_every_written_direction_is_found_with_the_blocks_that_write_it(family, layer_writers):
     planted = build_planted_teacher(PlantedConfig(**FAMILY_BASE, position_share=0.08, **family))
@@ -76,6 +77,7 @@ def test_an_estimate_capped_below_the_artifact_reports_a_low_explained_share():
                                            max_rank=1)[4]
     assert subspace.rank == 1 and subspace.explained_share < LOW_SHARE and not subspace.complete
     assert "below 95%" in subspace.describe() and "part of the artifact is outside it" in subspace.describe()
+    assert subspace.left_out == 2 and "2 more artifact directions did not fit the adapter rank 1" in subspace.describe()
     # What the mean gap would say: the mean difference of the artifact tokens lies almost entirely in that direction.
     full = estimate_artifact_subspaces(planted.backbone, _batches(0.08, 96), [4], select_k=4.0)[4]
     assert full.rank == 3 and full.complete
