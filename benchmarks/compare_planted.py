@@ -9,6 +9,7 @@ Cases (docs/planted_teacher.md, "Families"), each at 8% and 2% of the patches:
   two  two mechanisms: content-triggered at block 4 and position-triggered at block 6, different directions
   g    grown: one cluster written over blocks 3, 4 and 5 along directions 60 degrees apart
   v    image-dependent: a fixed part plus a part that varies from token to token within 3 directions (block 4)
+and four combinations outside them (COMBINATIONS: 8mix, 2mix-v, 8p-early, 2gv), run only when --cases names them.
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats for
@@ -18,7 +19,7 @@ It also prints the initialisation ablation (nullspace / random / zero / remove, 
 Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the student, per case
 (evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
-    python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...]
+    python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...|8mix,...]
                                          [--settings published,faithful] [--n-eval 128] [--out DIR]
                                          [--inits nullspace,random,zero,remove,subspace | none] [--ablation-cases 8c,2c]
                                          [--distill-settings faithful]
@@ -61,9 +62,12 @@ class Case:
     trigger: str = "content"
     u_in_null: bool = True
     family: dict = field(default_factory=dict)   # PlantedConfig fields of the family
+    name: str | None = None                      # the label, where the family keys do not say it
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         kind = {"second_layer": "two mechanisms", "grow_blocks": "grown", "varying_dims": "image-dependent"}
         name = next((kind[key] for key in self.family if key in kind), self.trigger)
         return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N")
@@ -81,6 +85,19 @@ _FAMILIES = {"c": {}, "p": {"trigger": "position"}, "c-out": {"u_in_null": False
              "v": {"family": {"varying_dims": 3}}}
 CASES = {f"{pct}{name}": Case(f"{pct}{name}", pct / 100, **kwargs)
          for name, kwargs in _FAMILIES.items() for pct in (8, 2)}
+# Teachers outside the twelve cases (docs/results.md, "Teachers outside the planted families"): the families combined,
+# written early, attention values that read the artifact, other seeds and strengths. Run them with --cases.
+_MIXED = {"artifact_layer": 2, "grow_blocks": 2, "varying_dims": 2, "second_layer": 5, "seed": 7}
+COMBINATIONS = {
+    "8mix": Case("8mix", 0.08, family=_MIXED,
+                 name="8% grown at 2-3 + image-dependent + position at 5"),
+    "2mix-v": Case("2mix-v", 0.02, family={**_MIXED, "value_null": False},
+                   name="2% the same, attention values read the artifact"),
+    "8p-early": Case("8p-early", 0.08, trigger="position", family={"artifact_layer": 2, "rho": 6.0, "seed": 3},
+                     name="8% position at block 2, rho 6"),
+    "2gv": Case("2gv", 0.02, family={"artifact_layer": 3, "grow_blocks": 3, "varying_dims": 3, "rho": 12.0,
+                                     "seed": 11}, name="2% grown at 3-5 + image-dependent, rho 12"),
+}
 
 # Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
 # L_info only), so the published row differs from the published preset in that one respect.
@@ -250,7 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("refine", "distill", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, from {', '.join(CASES)} or {', '.join(COMBINATIONS)}")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
@@ -260,7 +278,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
-    cases = [CASES[key] for key in args.cases.split(",")]
+    cases = [{**CASES, **COMBINATIONS}[key] for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",")}
