@@ -121,8 +121,8 @@ def test_non_vit_model_is_rejected():
     ("vit_tiny_patch16_224", {"block_fn": timm.models.vision_transformer.ResPostBlock}, False),
 ])
 def test_run_block_rows_equals_the_whole_block_at_the_rows(name, kwargs, rows_path):
-    """The block's own output at the rows (their attention reads every token). From the second call on, timm's pre-norm Block computes only the rows' part (its MLP sees the rows alone); any other
-    block runs whole."""
+    """The block's own output at the rows (their attention reads every token). From the second call on, timm's
+    pre-norm Block computes only the rows' part (its MLP sees the rows alone); any other block runs whole."""
     torch.manual_seed(0)
     backbone = load_backbone(name, **({**TINY, **kwargs} if name.startswith("vit_tiny") else kwargs))
     size = backbone.img_size[0]

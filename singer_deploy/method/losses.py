@@ -122,9 +122,9 @@ class SingerLoss:
     """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
 
     `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, depth when `last_block_info`
-    is on, run_block_rows for the "subspace" target); it is used, not owned, so this is a plain callable and never adds teacher parameters
-    anywhere. `aligner` selects the L_kd tokens of the
-    teacher (CLS when both models have one, never registers). With outlier_target "quantile" the raw teacher
+    is on, run_block_rows for the "subspace" target); it is used, not owned, so this is a plain callable and never
+    adds teacher parameters anywhere. `aligner` selects the L_kd tokens of the teacher (CLS when both models have
+    one, never registers). With outlier_target "quantile" the raw teacher
     patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
     outlier_target "subspace" needs `subspaces` (method.artifact_subspace.estimate_artifact_subspaces), given
     here or set before the first call.
