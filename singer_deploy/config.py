@@ -68,13 +68,16 @@ class SingerConfig:
         wins. The published losses are `preset: published`.
     alpha: per-image quantile of refined patch-token norms above which L_out acts ("quantile" target).
     outlier_target: "quantile" (published: the tokens above the alpha-quantile of the refined norms are pulled to it)
-        or "subspace" (faithful): the raw teacher's tokens above select_k x its median are pulled to the raw token
+        or "subspace" (faithful): the raw teacher's artifact tokens (see select_k) are pulled to the raw token
         with its component in the layer's artifact subspace set to the normal tokens' mean, everything else kept;
         the subspace is estimated before training from the first estimate_batches batches, from every block that
         writes the artifact (method/artifact_subspace.py).
-    select_k: the artifact selection of "subspace" and info_tokens "normal", on the raw teacher. Default 4, the
-        artifact cut HNR_4 reports: above it a clean model has no tokens, so only artifacts are selected; a lower k
-        also selects natural high-norm tokens and costs normal-token fidelity (docs/results.md).
+    select_k: the artifact selection of "subspace" and info_tokens "normal", on the raw teacher. Unset (default):
+        chosen from the data at each layer (method/selection.py): the tokens whose component in the layer's
+        estimated artifact subspace stands out from the normal tokens', found at any strength; the threshold and
+        what it picked are recorded per layer (distill_config.json, run summary, report). A number k overrides it
+        with the fixed rule: tokens above k x the image median norm (4 is the cut HNR_4 reports); for a teacher whose
+        artifacts the data-driven rule misses, checked with `singer-deploy scan` (docs/method.md, "Token selection").
     estimate_batches: training batches (the run's first ones) the "subspace" estimate reads.
     adapter_init: "nullspace" (published: starts at F + F N^T N), "remove" (F - F N^T N), "zero" (W_u = 0, starts
         at F), "random" (a random orthonormal basis instead of N, the reference code's ablation) or "subspace"
@@ -82,7 +85,7 @@ class SingerConfig:
         outlier_target "subspace").
     info_variant: last-layer L_info, "reference" (cosine Gram of refined last vs refined intermediate layer, as the
         reference code) or "paper" (refined last vs raw last). A single distilled layer always uses "paper".
-    info_tokens: "all" (published) or "normal" (faithful): L_info leaves out the tokens select_k selects, whose raw
+    info_tokens: "all" (published) or "normal" (faithful): L_info leaves out the artifact tokens (select_k), whose raw
         value the next block's residual path would otherwise pull the refined tokens back to.
     last_block_info: (faithful: on) also hold the LAST distilled layer with the intermediate layers' term,
         MSE(Block_s(F_hat), Block_s(F)), where s is the block whose FFN initialised that layer's adapter (the next
@@ -108,7 +111,7 @@ class SingerConfig:
     w_out: float = 0.01
     w_info: float = 1.0
     outlier_target: str | None = None
-    select_k: float = 4.0
+    select_k: float | None = None
     estimate_batches: int = 8
     adapter_init: str | None = None
     info_variant: str | None = None
@@ -135,7 +138,8 @@ class SingerConfig:
             if not (_finite(value) and value >= 0.0):
                 raise ConfigError(f"SingerConfig.{key} must be a finite number >= 0", expected="a weight >= 0",
                                   found=repr(value), fix="published weights are w_kd 1.0, w_out 0.01, w_info 1.0")
-        _positive("select_k", self.select_k, "4.0")
+        if self.select_k is not None:
+            _positive("select_k", self.select_k, "(unset: chosen from the data), or 4.0")
         _positive_int("SingerConfig", "estimate_batches", self.estimate_batches, "set estimate_batches=8")
         _choice("adapter_init", self.adapter_init, ADAPTER_INITS)
         _choice("rule", self.rule, NULLSPACE_RULES)

@@ -151,7 +151,13 @@ def test_describe_reads_the_recorded_facts():
     facts = {"rank": 2, "writers": {"4": 0.6, "6": 0.4}, "explained_share": 0.998, "complete": True,
              "artifact_tokens": 10, "normal_tokens": 90}
     assert describe_subspace(facts) == ("2 directions written by blocks 4 (60%), 6 (40%); explains 99.8% of the "
-                                        "artifact tokens' excess energy (10 artifact / 90 normal tokens)")
+                                        "candidate tokens' excess energy (10 candidate / 90 normal tokens)")
+    facts["selection"] = {"rule": "subspace component", "threshold": 0.3712, "share": 0.0781, "strength": 2.52}
+    assert describe_subspace(facts).endswith("; selects 7.8% of tokens (component in the subspace above 0.371x the "
+                                             "median norm), 2.5x the median norm")
+    # No direction above the limit: said in words, never an empty list of blocks.
+    empty = {**facts, "rank": 0, "writers": {}, "explained_share": 0.0, "complete": False}
+    assert describe_subspace(empty).startswith("no artifact direction: no direction's excess reaches 10 units")
 
 
 def test_singer_loss_without_subspaces_is_a_clear_error(small_planted):

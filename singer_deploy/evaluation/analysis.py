@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from singer_deploy.devices import module_device
+from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain, high_norm_mask, token_norms
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.models.backbone import Backbone
@@ -41,11 +42,14 @@ RAW, CLEAN, REFINED, STUDENT, PROJECTED = ("raw teacher", "clean twin", "refined
                                            "student (projected)")
 # Sources judged by the "artifacts remain" line: what a user trains on and deploys (raw and clean are references).
 JUDGED = (REFINED, STUDENT, PROJECTED)
+# Evaluation images a run without its own estimate (FitNet) estimates the artifact selection on (selection_mask).
+ESTIMATE_IMAGES = 256
 # Per-layer figures kept in the run summary (the rows keep all of them).
 SUMMARY_KEYS = ("hnr_2", "hnr_4", "artifact_ratio", "normal_cos", "normal_cos_p1", "next_cos", "artifact_cos_clean")
 
 Refine = Callable[[int, Tensor], Tensor]          # (layer, raw tokens with prefix) -> refined tokens with prefix
-ArtifactMask = Callable[[Tensor, int], Tensor | None]   # (images, layer) -> (B, N) bool, or None to use the raw teacher
+# (images, layer, the raw teacher's patch tokens there) -> (B, N) bool, or None to use the raw teacher's 4x tokens
+ArtifactMask = Callable[[Tensor, int, Tensor], Tensor | None]
 
 
 @dataclass
@@ -63,10 +67,26 @@ class ArtifactAnalysis:
 
 def planted_mask(planted: PlantedTeacher) -> ArtifactMask:
     """Ground truth of a planted teacher: at each layer, the tokens of every cluster written at or before it."""
-    def mask(images: Tensor, layer: int) -> Tensor:
+    def mask(images: Tensor, layer: int, raw_patches: Tensor) -> Tensor:
         masks = planted.cluster_masks(images)
         written = [masks[c.name] for c in planted.clusters if c.first_block <= layer]
         return torch.stack(written).any(0) if written else torch.zeros_like(planted.artifact_mask(images))
+    return mask
+
+
+def selection_mask(teacher: Backbone, result: DistillResult, images: Tensor, batch_size: int) -> ArtifactMask:
+    """Without ground truth, the artifact tokens the metrics judge are the ones the run's data-driven selection picks
+    (ArtifactSubspace.select): a weak artifact below 4x the median is measured, not missed. A run without an
+    estimate (FitNet, the published target) estimates one on the evaluation images, so both methods are judged on
+    the same kind of token set."""
+    device = module_device(teacher)
+    subspaces = result.subspaces or estimate_artifact_subspaces(
+        teacher, (batch.to(device) for batch in images[:ESTIMATE_IMAGES].split(batch_size)), result.teacher_layers,
+        None)
+
+    def mask(images: Tensor, layer: int, raw_patches: Tensor) -> Tensor | None:
+        found = subspaces.get(layer)
+        return None if found is None else found.select(raw_patches)
     return mask
 
 
@@ -77,7 +97,8 @@ def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.
     """One row per (source, distilled teacher layer) with every `ArtifactStats` figure, in batches.
 
     `refine`: the run's refinement (a Refiner, or RefinedTeacher.refine), None for FitNet; `clean`: the planted
-    clean twin; `artifact_mask`: ground truth (see `planted_mask`), None = the raw teacher's high-norm tokens.
+    clean twin; `artifact_mask`: the artifact tokens (ground truth: `planted_mask`; the run's selection:
+    `selection_mask`; a mask of None at a layer, or no mask: the raw teacher's tokens above 4x the median).
     """
     layers, p_t = result.teacher_layers, teacher.num_prefix_tokens
     student, projectors = result.student.eval(), result.projectors
@@ -90,7 +111,7 @@ def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.
         taps = student.forward_taps(batch, result.student_layers)
         for layer, s_layer in zip(layers, result.student_layers):
             raw_patches = raw[layer][:, p_t:]
-            truth = artifact_mask(batch, layer) if artifact_mask is not None else None
+            truth = artifact_mask(batch, layer, raw_patches) if artifact_mask is not None else None
             mask = (truth if truth is not None else high_norm_mask(raw_patches)).to(raw_patches.device)
             block = surrogate_block(layer, teacher.depth)
 
@@ -158,9 +179,9 @@ def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result:
         if module is not None:
             module.to(device)
     images = torch.as_tensor(images)
+    mask = planted_mask(planted) if planted is not None else selection_mask(teacher, result, images, batch_size)
     rows = artifact_rows(teacher, result, images, refine=refined.refine if refined is not None else None,
-                         clean=clean, artifact_mask=planted_mask(planted) if planted is not None else None,
-                         batch_size=batch_size)
+                         clean=clean, artifact_mask=mask, batch_size=batch_size)
     headline = {str(layer): {row["method"]: {key: _rounded(row[key]) for key in SUMMARY_KEYS if key in row}
                              for row in rows if row["layer"] == layer} for layer in result.teacher_layers}
     analysis = ArtifactAnalysis(rows, headline, remain_lines(rows, remain_limit), limit=remain_limit)

@@ -33,12 +33,13 @@ part of the artifact (more directions than `max_rank`, or a part no block update
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from singer_deploy.method.metrics import high_norm_mask
+from singer_deploy.method.selection import component_ratios, selection_threshold, write_outliers
 
 # A direction joins the subspace when the selected tokens' block updates carry along it more than this excess, in
 # units of the normal tokens' update spread at each block, summed over blocks. Measured on the planted families and
@@ -52,8 +53,11 @@ LOW_SHARE = 0.95
 # 33-100%, the other blocks 0.002% or less; a writer left out would leave its part (a 5% share of a 10x artifact is
 # 2.2x a normal token), so the bar is low.
 WRITER_SHARE = 0.01
-# Selected tokens kept per layer for the per-token shares (the sums use every token).
+# Selected tokens kept per layer for the per-token shares (the sums use every token), and normal tokens kept per
+# layer for the selection threshold.
 MAX_TOKENS = 4096
+# What an estimate of None means (the run summary and the log).
+NO_CANDIDATES = "no candidate artifact token: no block update stands out (or, with select_k set, no token above it)"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,10 @@ class ArtifactSubspace:
     selected tokens (blocks at or above WRITER_SHARE); explained_share: how much of the selected tokens' excess
     energy the subspace explains, token by token; artifact_tokens / normal_tokens: how many tokens the estimate
     rests on; update_means: (layer + 1, D) the normal tokens' mean update of every block up to the layer;
-    left_out: directions above EXCESS_LIMIT that did not fit `max_rank`."""
+    left_out: directions above EXCESS_LIMIT that did not fit `max_rank`; layer_mean: (D,) the normal tokens' mean at
+    the layer; threshold: the component ratio above which `select` calls a token an artifact (method/selection.py),
+    None under the fixed `select_k` rule; selected_share / strength: the share of the estimation batches' patch
+    tokens `select` picks, and their median norm over their image's median norm."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -71,10 +78,26 @@ class ArtifactSubspace:
     normal_tokens: int
     update_means: Tensor
     left_out: int = 0
+    layer_mean: Tensor | None = None
+    threshold: float | None = None
+    select_k: float | None = None
+    selected_share: float = 0.0
+    strength: float = 0.0
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[0])
+
+    @torch.no_grad()
+    def select(self, patches: Tensor) -> Tensor:
+        """The artifact tokens among raw patch tokens (B, N, D) at the layer: (B, N) bool. Their component in the
+        subspace above `threshold` (method/selection.py), or, under the fixed rule, their norm above select_k x the
+        image median."""
+        if self.select_k is not None:
+            return high_norm_mask(patches, self.select_k)
+        if self.layer_mean is None:     # a hand-made subspace without the estimate's facts
+            return torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
+        return component_ratios(patches, self.layer_mean, self.basis) > self.threshold
 
     @property
     def first_block(self) -> int | None:
@@ -124,17 +147,36 @@ class ArtifactSubspace:
         """JSON-safe facts (distill_config.json, the run summary and the report)."""
         return {"rank": self.rank, "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
                 "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
-                "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens}
+                "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens,
+                "selection": self.selection_summary()}
+
+    def selection_summary(self) -> dict:
+        """How `select` decides, and what it picked in the estimation batches."""
+        rule = ({"rule": "select_k", "select_k": self.select_k} if self.select_k is not None else
+                {"rule": "subspace component", "threshold": round(self.threshold, 4)})
+        return {**rule, "share": round(self.selected_share, 5), "strength": round(self.strength, 3)}
 
 
 def describe_subspace(facts: dict) -> str:
     """One line from ArtifactSubspace.summary() (also as read back from distill_config.json)."""
     rank, writers = facts["rank"], facts["writers"]
-    blocks = ", ".join(f"{block} ({share:.0%})" for block, share in writers.items())
+    blocks = ", ".join(f"{block} ({share:.0%})" for block, share in writers.items()) or "none"
+    tokens = f"{facts['artifact_tokens']} candidate / {facts['normal_tokens']} normal tokens"
+    if not rank:
+        return (f"no artifact direction: no direction's excess reaches {EXCESS_LIMIT:g} units ({tokens}); nothing "
+                "selected")
     text = (f"{rank} direction{'s' * (rank != 1)} written by block{'s' * (len(writers) != 1)} {blocks}; explains "
-            f"{facts['explained_share']:.1%} of the artifact tokens' excess energy ({facts['artifact_tokens']} "
-            f"artifact / {facts['normal_tokens']} normal tokens)")
+            f"{facts['explained_share']:.1%} of the candidate tokens' excess energy ({tokens})")
+    if "selection" in facts:
+        text += f"; {describe_selection(facts['selection'])}"
     return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
+
+
+def describe_selection(selection: dict) -> str:
+    """ArtifactSubspace.selection_summary() in words."""
+    rule = (f"norm above {selection['select_k']:g}x the median (select_k)" if selection["rule"] == "select_k" else
+            f"component in the subspace above {selection['threshold']:.3g}x the median norm")
+    return (f"selects {selection['share']:.1%} of tokens ({rule}), {selection['strength']:.1f}x the median norm")
 
 
 def incomplete_note(facts: dict) -> str:
@@ -151,21 +193,27 @@ def incomplete_note(facts: dict) -> str:
 
 class SubspaceEstimator:
     """Running sums over batches of raw taps; `result()` gives each layer's ArtifactSubspace (None when no token of
-    that layer was selected, e.g. a teacher without artifacts).
+    that layer was a candidate, e.g. a teacher without artifacts).
 
+    The candidates (the "artifact" side of the sums) are the tokens some block writes far more than the others
+    (selection.write_outliers), or, with a fixed `select_k`, the tokens above select_k x the image median norm.
     Kept per layer: one (D, D) second moment of the updates summed over blocks (each block in units of the normal
     tokens' update spread there, measured on the first batch), the normal tokens' (D, D) second moment at the layer,
-    (D,) sums per block, and up to MAX_TOKENS selected tokens with their per-block updates (float32, on the CPU) for
-    the per-token shares and the writer shares."""
+    (D,) sums per block, up to MAX_TOKENS candidates with their per-block updates and up to MAX_TOKENS normal tokens
+    at the layer (float32, on the CPU, each with its image's median norm) for the per-token shares, the writer
+    shares and the selection threshold."""
 
-    def __init__(self, layers: Sequence[int], select_k: float, num_prefix_tokens: int, *,
+    def __init__(self, layers: Sequence[int], select_k: float | None, num_prefix_tokens: int, *,
                  max_rank: int | None = None):
-        self.layers, self.select_k, self.prefix = sorted(layers), float(select_k), int(num_prefix_tokens)
+        self.layers, self.prefix = sorted(layers), int(num_prefix_tokens)
+        self.select_k = None if select_k is None else float(select_k)
         self.max_rank = max_rank
         self._sums: dict[tuple, Tensor] = {}
         self._counts = {(layer, kind): 0 for layer in self.layers for kind in ("artifact", "normal")}
-        self._kept: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}  # (n, blocks + 1, D)
+        self._kept: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}  # (n, blocks + 2, D)
+        self._normal_kept: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}  # (n, D + 1)
         self._units: dict[int, Tensor] = {}      # layer -> (blocks,) normal update spread per block, first batch
+        self._generator = torch.Generator().manual_seed(0)
 
     @property
     def blocks_needed(self) -> list[int]:
@@ -178,8 +226,10 @@ class SubspaceEstimator:
         patches = {b: taps[b][:, self.prefix:].float() for b in self.blocks_needed}
         updates = {b: patches[b] if b == 0 else patches[b] - patches[b - 1] for b in self.blocks_needed}
         for layer in self.layers:
-            selected = high_norm_mask(patches[layer], self.select_k)
+            selected = (high_norm_mask(patches[layer], self.select_k) if self.select_k is not None else
+                        write_outliers([updates[b] for b in range(layer + 1)]))
             normal = ~selected
+            medians = patches[layer].norm(dim=-1).median(dim=1, keepdim=True).values.expand_as(selected)
             self._counts[layer, "artifact"] += int(selected.sum())
             self._counts[layer, "normal"] += int(normal.sum())
             tokens = patches[layer][normal]
@@ -195,8 +245,14 @@ class SubspaceEstimator:
                     self._add((layer, kind, "uu"), rows.T @ rows / self._units[layer][block])
             room = MAX_TOKENS - sum(len(t) for t in self._kept[layer])
             if room > 0 and selected.any():
-                stack = torch.stack([patches[layer][selected]] + [updates[b][selected] for b in range(layer + 1)], 1)
+                median = medians[selected][:, None].expand(-1, tokens.shape[-1])
+                stack = torch.stack([patches[layer][selected]] + [updates[b][selected] for b in range(layer + 1)]
+                                    + [median], 1)
                 self._kept[layer].append(stack[:room].cpu())
+            room = MAX_TOKENS - sum(len(t) for t in self._normal_kept[layer])
+            if room > 0:    # a random sample, so every image of the batch is in it
+                order = torch.randperm(len(tokens), generator=self._generator)[:room].to(tokens.device)
+                self._normal_kept[layer].append(torch.cat([tokens, medians[normal][:, None]], 1)[order].cpu())
 
     def _add(self, key: tuple, value: Tensor) -> None:
         value = value.double()
@@ -232,7 +288,29 @@ class SubspaceEstimator:
         shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
         writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
         updates = torch.stack([mean_update[b] for b in blocks]).float()
-        return ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates, left_out=len(above) - len(chosen))
+        found = ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates, left_out=len(above) - len(chosen),
+                                 layer_mean=mean.float(), select_k=self.select_k)
+        return self._with_selection(found, kept[:, [0, -1]], torch.cat(self._normal_kept[layer]).double(), n_a, n_n)
+
+    def _with_selection(self, found: ArtifactSubspace, candidates: Tensor, normal: Tensor, n_a: int,
+                        n_n: int) -> ArtifactSubspace:
+        """The selection threshold from the kept normal tokens (rows: D values, then the image median norm), and the
+        share and strength `select` gives on the kept tokens, each side weighted by its count."""
+        groups = [(candidates[:, 0], candidates[:, 1, 0], n_a), (normal[:, :-1], normal[:, -1], n_n)]
+        threshold = None
+        if self.select_k is None:
+            threshold = selection_threshold(component_ratios(normal[:, :-1], found.layer_mean, found.basis,
+                                                             normal[:, -1]))
+        picked_share, picked_norms = 0.0, []
+        for tokens, medians, count in groups:
+            norms = tokens.norm(dim=-1) / medians.clamp_min(torch.finfo(tokens.dtype).tiny)
+            picked = norms > self.select_k if threshold is None else component_ratios(
+                tokens, found.layer_mean, found.basis, medians) > threshold
+            picked_share += count * float(picked.double().mean()) / (n_a + n_n)
+            picked_norms.append(norms[picked])
+        norms = torch.cat(picked_norms)
+        strength = float(norms.median()) if len(norms) else 0.0
+        return replace(found, threshold=threshold, selected_share=picked_share, strength=strength)
 
 
 def _spread(rows: Tensor) -> Tensor:

@@ -155,7 +155,7 @@ class SingerLoss:
         terms: dict[str, Tensor] = {}
         final = self.layers[-1]
         with torch.no_grad():
-            selected = {layer: high_norm_mask(raw[layer][:, p:], cfg.select_k) for layer in self.layers}
+            selected = {layer: self._artifact_tokens(layer, raw[layer][:, p:]) for layer in self.layers}
         keep = {layer: self._normal_tokens(selected[layer]) for layer in self.layers}
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
@@ -185,7 +185,7 @@ class SingerLoss:
 
     def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor) -> Tensor:
         """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected:
-        the raw patch tokens above select_k x the image median at the layer (B, N)."""
+        the raw teacher's artifact patch tokens at the layer (B, N, _artifact_tokens)."""
         cfg, p = self.config, self.prefix
         if cfg.outlier_target == "quantile":
             return outlier_loss(refined, alpha=cfg.alpha)
@@ -200,9 +200,19 @@ class SingerLoss:
         target = subspace.counterfactual(raw, layer, selected, self.backbone.run_block_rows, p)
         return subspace_loss(refined, target[:, p:], selected)
 
+    def _artifact_tokens(self, layer: int, patches: Tensor) -> Tensor:
+        """The raw teacher's artifact patch tokens at `layer` (B, N): the layer's estimate decides
+        (ArtifactSubspace.select); without one (published target), the fixed rule at select_k, 4 when unset."""
+        subspace = self.subspaces.get(layer)
+        if subspace is not None:
+            return subspace.select(patches)
+        if self.config.outlier_target == "subspace":     # estimated, and no token was a candidate: none
+            return torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
+        return high_norm_mask(patches, self.config.select_k or DEFAULT_K)
+
     def _normal_tokens(self, selected: Tensor) -> Tensor | None:
-        """info_tokens "normal": (B, T) bool, False on the `selected` patch tokens (the raw teacher's tokens above
-        select_k x the median, which the "subspace" L_out target acts on), True on prefix and normal tokens; None
+        """info_tokens "normal": (B, T) bool, False on the `selected` patch tokens (the raw teacher's artifact tokens,
+        which the "subspace" L_out target acts on), True on prefix and normal tokens; None
         ("all", published)."""
         if self.config.info_tokens == "all":
             return None

@@ -29,7 +29,7 @@ from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, R
                                   format_name, from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
-from singer_deploy.method.artifact_subspace import describe_subspace, incomplete_note
+from singer_deploy.method.artifact_subspace import NO_CANDIDATES, describe_subspace, incomplete_note
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
@@ -462,7 +462,7 @@ def _summary(analysis: ArtifactAnalysis, exported: ExportResult | None, latency_
                                "`preset: published`)")
         if "artifact_subspace" in diagnostics:
             summary["artifact subspace"] = {
-                layer: "none found (no token above select_k x the median)" if d is None else describe_subspace(d)
+                layer: f"none found ({NO_CANDIDATES})" if d is None else describe_subspace(d)
                 for layer, d in diagnostics["artifact_subspace"].items()}
             for layer, d in diagnostics["artifact_subspace"].items():
                 if d is not None and not d["complete"]:

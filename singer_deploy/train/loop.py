@@ -33,7 +33,7 @@ from singer_deploy.train.progress import Progress
 from singer_deploy.errors import ConfigError
 from singer_deploy.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout, map_layers, resolve_teacher_layers
-from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
+from singer_deploy.method.artifact_subspace import NO_CANDIDATES, ArtifactSubspace, estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss, kd_loss
 from singer_deploy.method.metrics import artifact_metrics
 from singer_deploy.method.nullspace import surrogate_block
@@ -67,6 +67,8 @@ class DistillResult:
     device: torch.device = torch.device("cpu")
     skipped_images: dict = field(default_factory=dict)   # SkippedImages.to_dict(): unreadable files met, all ranks
     config_history: list[dict] = field(default_factory=list)  # settings changed on resume (train/checkpoint.py)
+    # The "subspace" target's estimate per distilled layer (None: nothing found); empty for FitNet and the quantile target.
+    subspaces: dict[int, ArtifactSubspace | None] = field(default_factory=dict)
 
 
 class DistillStep(nn.Module):
@@ -202,7 +204,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
         dist.barrier()
     return DistillResult(out_dir, teacher_layers, student_layers, module.student, module.projectors,
                          module.refiner, train.steps, seconds, files, diagnostics, device, _all_ranks(skipped, world),
-                         config_history=run["history"])
+                         config_history=run["history"],
+                         subspaces=dict(module.singer_loss.subspaces) if module.singer_loss is not None else {})
 
 
 def train_step(runner: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, scheduler, params: list[Tensor],
@@ -411,7 +414,7 @@ def _artifact_subspaces(module: DistillStep, data: Dataset, train: TrainConfig, 
                                                 max_rank=singer.rank)
     for layer, found in subspaces.items():
         log.info("artifact subspace of layer %d: %s", layer, found.describe() if found else
-                 "no token above select_k x the median in the estimation batches; L_out is zero at this layer")
+                 f"{NO_CANDIDATES} in the estimation batches; L_out is zero at this layer")
     return subspaces
 
 

@@ -1,0 +1,67 @@
+"""Which tokens are artifacts, decided from the data at each distilled layer (docs/method.md, "Token selection").
+
+A token's norm alone cannot tell a weak artifact from content: on the planted teachers a 2.5x artifact sits inside the
+norms of textured patches (up to 4x the image median), and a trained teacher writes its artifact at a range of
+strengths. What does tell them apart is how the artifact arrives and where it points. Two steps per layer:
+
+1. Candidates for the subspace estimate (`write_outliers`): tokens that some block 1..layer updates far more than it
+   updates the other tokens of the image. A writer adds a vector as large as the token in one step, so the write
+   stands out at its block (the log of the update's norm over the image's median update norm, more than CANDIDATE_Z
+   robust standard deviations of that log-ratio, measured on the batch) whatever the token's norm at the layer. Block
+   0 is left out: its "update" is the patch embedding, whose norm is the patch's content.
+2. Selection (`component_ratios`, `selection_threshold`): once the layer's artifact subspace S is estimated from the
+   candidates (method/artifact_subspace.py), a token is an artifact when its component in S (its distance to the
+   normal tokens' mean, projected on S) is above SELECT_FACTOR times the normal tokens' median component, and above
+   MIN_COMPONENT; both in units of the image's median token norm, so one threshold holds for every image.
+   Direction, not norm: content projects weakly on S, an artifact of any strength strongly.
+
+`select_k` (SingerConfig) overrides both with the fixed rule: tokens above select_k x the image median norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# A block update is a candidate write when its log norm ratio (to the image's median update at that block) is this
+# many robust standard deviations (1.4826 x the median absolute log-ratio) above the image's median. A Gaussian
+# reaches 6 once in 10^9 tokens; measured on the planted families (docs/method.md, "Token selection"): artifact
+# writes at 2.5x-20x stand 6.3-40 deviations out, normal updates' largest log-ratio 5.0.
+CANDIDATE_Z = 8.0
+# Selection: a token's component in the artifact subspace above this many times the normal tokens' median component,
+# and above MIN_COMPONENT of the image's median token norm. Measured on the planted families: normal tokens' largest
+# component is 7x their median, artifacts at 2.5x start at 50x.
+SELECT_FACTOR = 10.0
+MIN_COMPONENT = 0.1
+
+
+@torch.no_grad()
+def write_outliers(updates: Sequence[Tensor], z: float = CANDIDATE_Z) -> Tensor:
+    """updates: the patch tokens' updates (B, N, D) of blocks 0..layer in order. Returns (B, N) bool: tokens whose
+    update at some block >= 1 stands out from the image's other updates at that block by more than `z` robust
+    standard deviations of the log norm ratio."""
+    found = torch.zeros(updates[0].shape[:2], dtype=torch.bool, device=updates[0].device)
+    for update in updates[1:]:
+        log_norm = update.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).log()
+        ratio = log_norm - log_norm.median(dim=1, keepdim=True).values
+        spread = 1.4826 * ratio.abs().median().clamp_min(1e-6)
+        found |= ratio > z * spread
+    return found
+
+
+def component_ratios(tokens: Tensor, mean: Tensor, basis: Tensor, medians: Tensor | None = None) -> Tensor:
+    """Each token's component in the subspace `basis` (k, D) around `mean` (D,), over its image's median token norm.
+    tokens: patch tokens of whole images (B, N, D), or any tokens (..., D) with their images' `medians` (...)."""
+    tokens = tokens.float()
+    if medians is None:
+        medians = tokens.norm(dim=-1).median(dim=-1, keepdim=True).values
+    tiny = torch.finfo(torch.float32).tiny
+    return ((tokens - mean.to(tokens)) @ basis.to(tokens).T).norm(dim=-1) / medians.float().clamp_min(tiny)
+
+
+def selection_threshold(normal_ratios: Tensor) -> float:
+    """The component ratio above which a token is an artifact, from the normal tokens' ratios (component_ratios)."""
+    typical = float(normal_ratios.median()) if normal_ratios.numel() else 0.0
+    return max(SELECT_FACTOR * typical, MIN_COMPONENT)

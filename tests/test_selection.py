@@ -1,0 +1,105 @@
+"""Token selection from the data (method/selection.py, docs/method.md "Token selection"): the candidate writes on
+hand-made updates, the component ratio and threshold with known answers, and the whole selection on planted
+teachers at weak and strong artifact strengths, against the ground truth, and on their clean twins."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from singer_deploy.config import PlantedConfig, SingerConfig
+from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
+from singer_deploy.method.metrics import mask_precision_recall
+from singer_deploy.method.selection import (CANDIDATE_Z, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
+                                            selection_threshold, write_outliers)
+from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.models.planted import build_planted_teacher
+
+BASE = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, artifact_layer=2, null_dim=6)
+LAYERS = [2, 4]
+
+
+def test_a_write_that_stands_out_at_its_block_is_a_candidate():
+    torch.manual_seed(0)
+    updates = [torch.randn(2, 50, 8) * (1 + torch.rand(2, 50, 1)) for _ in range(3)]
+    updates[0][0, 7] *= 1000.0          # block 0 is the patch embedding: its size is content, never a candidate
+    updates[2][1, 3] += 400.0           # a write at block 2 on token 3 of image 1
+    found = write_outliers(updates)
+    assert found.tolist() == [[False] * 50, [i == 3 for i in range(50)]]
+    # A uniformly larger image is not an outlier: every ratio is to the image's own median update.
+    updates[1][0] *= 50.0
+    assert write_outliers(updates).tolist() == found.tolist()
+
+
+def test_component_ratio_and_threshold_have_known_values():
+    mean, basis = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([[0.0, 1.0, 0.0]])
+    tokens = torch.tensor([[[1.0, 0.0, 2.0], [1.0, 3.0, 0.0], [1.0, 0.0, -2.0]]])   # norms 2.24, 3.16, 2.24
+    median = tokens.norm(dim=-1).median()
+    ratios = component_ratios(tokens, mean, basis)
+    torch.testing.assert_close(ratios, torch.tensor([[0.0, 3.0, 0.0]]) / median)
+    # Kept tokens with their images' medians give the same numbers.
+    torch.testing.assert_close(component_ratios(tokens[0], mean, basis, median.expand(3)), ratios[0])
+    assert selection_threshold(torch.tensor([0.02, 0.05, 0.08])) == pytest.approx(SELECT_FACTOR * 0.05)
+    assert selection_threshold(torch.tensor([0.0, 0.0, 1e-4])) == MIN_COMPONENT
+    assert CANDIDATE_Z > 5.0                # a Gaussian's extreme over 10^6 tokens stays below it
+
+
+def _held_images() -> torch.Tensor:
+    return stack_images(SyntheticShapes(64, 32, 8, flat_share=0.08, seed=4))
+
+
+def _estimate(backbone, select_k: float | None):
+    train = stack_images(SyntheticShapes(96, 32, 8, flat_share=0.08, seed=3))
+    return estimate_artifact_subspaces(backbone, train.split(32), LAYERS, select_k, max_rank=6)
+
+
+def _selected(backbone, found, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    raw = backbone.forward_taps(images, LAYERS)
+    p = backbone.num_prefix_tokens
+    return {layer: torch.zeros(raw[layer][:, p:].shape[:2], dtype=torch.bool) if found[layer] is None
+            else found[layer].select(raw[layer][:, p:]) for layer in LAYERS}
+
+
+@pytest.mark.parametrize("family", [{}, {"second_layer": 4}, {"grow_blocks": 3}, {"varying_dims": 2},
+                                    {"trigger": "position"}], ids=["content", "two", "grown", "varying", "position"])
+@pytest.mark.parametrize("rho", [2.5, 10.0])
+def test_every_family_is_selected_at_weak_and_strong_strengths(family, rho):
+    """At 2.5x the artifact tokens' norms overlap textured patches' (a norm cut cannot separate them); their
+    component in the estimated subspace does. Layer 4 holds every mechanism (the second one writes at block 4)."""
+    planted = build_planted_teacher(PlantedConfig(**BASE, rho=rho, second_rho=rho, position_share=0.08, **family))
+    found, held = _estimate(planted.backbone, None), _held_images()
+    masks = planted.cluster_masks(held)
+    for layer, picked in _selected(planted.backbone, found, held).items():
+        expected = torch.stack([masks[c.name] for c in planted.clusters if c.first_block <= layer]).any(0)
+        precision, recall = mask_precision_recall(picked, expected)
+        assert precision >= 0.95 and recall >= 0.95, (layer, precision, recall)
+        facts = found[layer].summary()["selection"]
+        assert facts["rule"] == "subspace component" and facts["threshold"] >= MIN_COMPONENT
+        assert facts["share"] == pytest.approx(float(expected.float().mean()), abs=0.03)
+
+
+def test_a_norm_cut_misses_what_the_data_driven_rule_finds():
+    """The 2.5x teacher under the fixed 4x rule: (almost) nothing above the cut, so (almost) nothing selected."""
+    planted = build_planted_teacher(PlantedConfig(**BASE, rho=2.5))
+    fixed = _estimate(planted.backbone, 4.0)
+    held = _held_images()
+    truth = planted.artifact_mask(held)
+    for layer, picked in _selected(planted.backbone, fixed, held).items():
+        assert mask_precision_recall(picked, truth)[1] < 0.5, layer
+        assert fixed[layer] is None or fixed[layer].summary()["selection"]["rule"] == "select_k"
+
+
+@pytest.mark.parametrize("family", [{}, {"second_layer": 4, "grow_blocks": 2, "varying_dims": 2}])
+def test_a_clean_twin_selects_nothing(family):
+    planted = build_planted_teacher(PlantedConfig(**BASE, **family))
+    found = _estimate(planted.clean, None)
+    for layer, picked in _selected(planted.clean, found, _held_images()).items():
+        assert picked.float().mean() <= 0.001, (layer, found[layer] and found[layer].summary())
+
+
+def test_select_k_is_unset_by_default_and_validated_when_set():
+    assert SingerConfig().select_k is None and SingerConfig(select_k=3.0).select_k == 3.0
+    with pytest.raises(Exception, match="select_k"):
+        SingerConfig(select_k=0)
