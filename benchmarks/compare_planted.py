@@ -9,7 +9,8 @@ Cases (docs/planted_teacher.md, "Families"), each at 8% and 2% of the patches:
   two  two mechanisms: content-triggered at block 4 and position-triggered at block 6, different directions
   g    grown: one cluster written over blocks 3, 4 and 5 along directions 60 degrees apart
   v    image-dependent: a fixed part plus a part that varies from token to token within 3 directions (block 4)
-and four combinations outside them (COMBINATIONS: 8mix, 2mix-v, 8p-early, 2gv), run only when --cases names them.
+and four combinations outside them (COMBINATIONS: 8mix, 2mix-v, 8p-early, 2gv) and the weak cases (WEAK: c, two and g
+at 2.5x and 3x, e.g. 8c-2.5x), run only when --cases names them.
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats for
@@ -70,7 +71,8 @@ class Case:
             return self.name
         kind = {"second_layer": "two mechanisms", "grow_blocks": "grown", "varying_dims": "image-dependent"}
         name = next((kind[key] for key in self.family if key in kind), self.trigger)
-        return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N")
+        strength = f", {self.family['rho']:g}x" if "rho" in self.family else ""
+        return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N") + strength
 
     def planted(self) -> PlantedConfig:
         return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null,
@@ -98,6 +100,12 @@ COMBINATIONS = {
     "2gv": Case("2gv", 0.02, family={"artifact_layer": 3, "grow_blocks": 3, "varying_dims": 3, "rho": 12.0,
                                      "seed": 11}, name="2% grown at 3-5 + image-dependent, rho 12"),
 }
+# Weak artifacts: content, two mechanisms and grown at 2.5x and 3x the normal median (both mechanisms), which the
+# fixed 4x selection left untouched (docs/results.md, "Token selection"). Run them with --cases.
+WEAK = {f"{pct}{name}-{rho:g}x": Case(f"{pct}{name}-{rho:g}x", pct / 100, **{
+            **kwargs, "family": {**kwargs.get("family", {}), "rho": rho, "second_rho": rho}})
+        for name, kwargs in _FAMILIES.items() if name in ("c", "two", "g") for pct in (8, 2) for rho in (2.5, 3.0)}
+ALL_CASES = {**CASES, **COMBINATIONS, **WEAK}
 
 # Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
 # L_info only), so the published row differs from the published preset in that one respect.
@@ -268,7 +276,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("refine", "distill", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, from {', '.join(CASES)} or {', '.join(COMBINATIONS)}")
+                        help=f"comma-separated, from {', '.join(ALL_CASES)}")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
@@ -278,7 +286,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
-    cases = [{**CASES, **COMBINATIONS}[key] for key in args.cases.split(",")]
+    cases = [ALL_CASES[key] for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",")}

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from compare_planted import CASES, COMBINATIONS, LAYERS, RANK
+from compare_planted import ALL_CASES, CASES, LAYERS, RANK
 from singer_deploy.evaluation.analysis import planted_mask
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
@@ -48,12 +48,11 @@ def main() -> None:
     parser.add_argument("--estimate-images", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=256)
     args = parser.parse_args()
-    cases = {**CASES, **COMBINATIONS}
     print("| case | rho | layer | precision | recall | share (true) | strength | threshold | writers | clean twin share"
           " | write z: artifacts min / others max |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in args.cases.split(","):
-        case = cases[key]
+        case = ALL_CASES[key]
         for rho in (float(r) for r in args.rhos.split(",")):
             planted = build_planted_teacher(replace(case.planted(), rho=rho))
             train = stack_images(SyntheticShapes(args.estimate_images, 64, 8, flat_share=case.share, seed=0))

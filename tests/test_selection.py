@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from singer_deploy.config import PlantedConfig, SingerConfig
-from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
+from singer_deploy.method.artifact_subspace import SubspaceEstimator, estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
 from singer_deploy.method.selection import (CANDIDATE_Z, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
                                             selection_threshold, write_outliers)
@@ -103,3 +103,28 @@ def test_select_k_is_unset_by_default_and_validated_when_set():
     assert SingerConfig().select_k is None and SingerConfig(select_k=3.0).select_k == 3.0
     with pytest.raises(Exception, match="select_k"):
         SingerConfig(select_k=0)
+
+
+def _taps_with_embedded_outliers(seed: int, outliers: bool) -> dict[int, torch.Tensor]:
+    """Three blocks that add small noise to every token; with `outliers`, 5% of the patch tokens already sit at ~10x
+    the median when embedded (block 0), so no block writes them."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(4, 1 + 60, 16, generator=generator)
+    if outliers:
+        tokens[:, 1:4] *= 10.0
+    taps = {0: tokens}
+    for block in (1, 2):
+        taps[block] = taps[block - 1] + 0.1 * torch.randn(tokens.shape, generator=generator)
+    return taps
+
+
+def test_a_high_norm_mode_no_block_writes_is_reported_not_silently_ignored():
+    estimator = SubspaceEstimator([2], None, 1)
+    for seed in range(2):
+        estimator.add(_taps_with_embedded_outliers(seed, outliers=True))
+    found = estimator.result()[2]
+    assert found.rank == 0 and not found.complete and found.untreated_share == pytest.approx(0.05, abs=0.01)
+    assert "leaves 5.0% of the tokens above 4x the median norm unselected" in found.describe()
+    clean = SubspaceEstimator([2], None, 1)
+    clean.add(_taps_with_embedded_outliers(0, outliers=False))
+    assert clean.result()[2] is None

@@ -7,9 +7,10 @@ blocks along different directions, one artifact built up over several blocks, an
 token because register-like tokens carry image content. One fixed direction per layer leaves all of that in place.
 
 What we estimate instead, per distilled layer l, from the raw teacher on the first batches of the run:
-- the tokens selected at l (raw norm above select_k x the image median) and the others ("normal");
-- for every block b <= l, how the block's update x_b - x_{b-1} on the selected tokens differs from its mean update on
-  normal tokens, as an excess second moment (the selected tokens' spread around the normal mean minus the normal
+- the candidate tokens at l (a block 1..l writes them far more than the others: method/selection.py; or, with select_k
+  set, raw norm above select_k x the image median) and the others ("normal");
+- for every block b <= l, how the block's update x_b - x_{b-1} on the candidate tokens differs from its mean update on
+  normal tokens, as an excess second moment (the candidates' spread around the normal mean minus the normal
   tokens' own spread), in units of the normal tokens' update spread at that block, summed over the blocks. Block
   updates rather than the layer's own tokens: the block that writes an artifact adds it plus a small content
   difference, while the layer's tokens carry every content difference accumulated on the way (flat patches have
@@ -19,14 +20,15 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
   later blocks read (LayerNorm scales by the token's whole norm), however small it looks at the layer;
 - its eigenvectors whose excess is above EXCESS_LIMIT units, at most `max_rank` (those above the limit that do not
   fit are counted in `left_out`);
-- the share of the selected tokens' excess energy at l the subspace explains, token by token: for each selected
+- the share of the candidates' excess energy at l the subspace explains, token by token: for each candidate
   token, its squared distance to the normal mean beyond a normal token's (the normal tokens' mean squared
   distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
   cannot see a part whose mean is zero.
 
-The L_out target of the layer is the teacher's counterfactual: each selected token as the teacher computes it when
-every writer's update on it has its component in the subspace set to the normal tokens' mean update, the other tokens
-as they are. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the estimate then misses a
+The layer's artifact tokens are then the tokens whose component in the subspace stands out (ArtifactSubspace.select,
+method/selection.py). The L_out target of the layer is the teacher's counterfactual: each selected token as the
+teacher computes it when every writer's update on it has its component in the subspace set to the normal tokens' mean
+update, the other tokens as they are. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the estimate then misses a
 part of the artifact (more directions than `max_rank`, or a part no block update shows).
 """
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from singer_deploy.method.metrics import high_norm_mask
+from singer_deploy.method.metrics import DEFAULT_K, high_norm_mask
 from singer_deploy.method.selection import component_ratios, selection_threshold, write_outliers
 
 # A direction joins the subspace when the selected tokens' block updates carry along it more than this excess, in
@@ -56,6 +58,10 @@ WRITER_SHARE = 0.01
 # Selected tokens kept per layer for the per-token shares (the sums use every token), and normal tokens kept per
 # layer for the selection threshold.
 MAX_TOKENS = 4096
+# A layer whose tokens above DEFAULT_K x the image median norm (the literature's artifact cut) make up at least this
+# share and are not selected has a high-norm mode the estimate does not treat: said next to the layer's verdict. The
+# smallest artifact share the method is asked to handle (0.5%); the planted clean twins have none above 4x.
+UNTREATED_SHARE = 0.005
 # What an estimate of None means (the run summary and the log).
 NO_CANDIDATES = "no candidate artifact token: no block update stands out (or, with select_k set, no token above it)"
 
@@ -69,7 +75,8 @@ class ArtifactSubspace:
     left_out: directions above EXCESS_LIMIT that did not fit `max_rank`; layer_mean: (D,) the normal tokens' mean at
     the layer; threshold: the component ratio above which `select` calls a token an artifact (method/selection.py),
     None under the fixed `select_k` rule; selected_share / strength: the share of the estimation batches' patch
-    tokens `select` picks, and their median norm over their image's median norm."""
+    tokens `select` picks, and their median norm over their image's median norm; untreated_share: the share of tokens
+    above DEFAULT_K x the image median norm that `select` leaves out."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -83,6 +90,7 @@ class ArtifactSubspace:
     select_k: float | None = None
     selected_share: float = 0.0
     strength: float = 0.0
+    untreated_share: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -138,7 +146,10 @@ class ArtifactSubspace:
 
     @property
     def complete(self) -> bool:
-        return self.explained_share >= LOW_SHARE and not self.left_out
+        """No part of the artifact outside the estimate: the candidates' excess explained, every direction within the
+        rank, no high-norm mode left unselected (a rank-0 estimate explains nothing and needs nothing)."""
+        explained = self.explained_share >= LOW_SHARE or not self.rank
+        return explained and not self.left_out and self.untreated_share < UNTREATED_SHARE
 
     def describe(self) -> str:
         return describe_subspace(self.summary())
@@ -148,7 +159,7 @@ class ArtifactSubspace:
         return {"rank": self.rank, "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
                 "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
                 "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens,
-                "selection": self.selection_summary()}
+                "untreated_share": round(self.untreated_share, 5), "selection": self.selection_summary()}
 
     def selection_summary(self) -> dict:
         """How `select` decides, and what it picked in the estimation batches."""
@@ -163,8 +174,8 @@ def describe_subspace(facts: dict) -> str:
     blocks = ", ".join(f"{block} ({share:.0%})" for block, share in writers.items()) or "none"
     tokens = f"{facts['artifact_tokens']} candidate / {facts['normal_tokens']} normal tokens"
     if not rank:
-        return (f"no artifact direction: no direction's excess reaches {EXCESS_LIMIT:g} units ({tokens}); nothing "
-                "selected")
+        text = f"no artifact direction: no direction's excess reaches {EXCESS_LIMIT:g} units ({tokens}); nothing selected"
+        return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
     text = (f"{rank} direction{'s' * (rank != 1)} written by block{'s' * (len(writers) != 1)} {blocks}; explains "
             f"{facts['explained_share']:.1%} of the candidate tokens' excess energy ({tokens})")
     if "selection" in facts:
@@ -183,10 +194,14 @@ def incomplete_note(facts: dict) -> str:
     """Why an estimate (ArtifactSubspace.summary()) is incomplete: part of the artifact is outside it."""
     left_out = facts.get("left_out", 0)
     reasons = [f"explains only {facts['explained_share']:.0%} of the artifact tokens' excess energy (below "
-               f"{LOW_SHARE:.0%})"] if facts["explained_share"] < LOW_SHARE else []
+               f"{LOW_SHARE:.0%})"] if facts["explained_share"] < LOW_SHARE and facts["rank"] else []
     if left_out:
         reasons.append(f"{left_out} more artifact direction{'s' * (left_out != 1)} did not fit the adapter rank "
                        f"{facts['rank']} (raise singer.rank)")
+    untreated = facts.get("untreated_share", 0.0)
+    if untreated >= UNTREATED_SHARE:
+        reasons.append(f"leaves {untreated:.1%} of the tokens above {DEFAULT_K:g}x the median norm unselected (a "
+                       "high-norm mode it does not treat: see `singer-deploy scan`, or set singer.select_k)")
     return (f"the estimate {' and '.join(reasons)}: part of the artifact is outside it (docs/method.md, "
             "\"Artifact subspace\")")
 
@@ -263,8 +278,10 @@ class SubspaceEstimator:
 
     def _subspace(self, layer: int) -> ArtifactSubspace | None:
         n_a, n_n = self._counts[layer, "artifact"], self._counts[layer, "normal"]
-        if not n_a or not n_n:
+        if not n_n:
             return None
+        if not n_a:     # nothing written: a clean teacher, or a high-norm mode no block writes visibly
+            return self._without_candidates(layer, n_n)
         sums = {key[1:]: value.cpu() for key, value in self._sums.items() if key[0] == layer}
         blocks = range(layer + 1)
         mean_update = {b: sums["normal", b] / n_n for b in blocks}
@@ -292,6 +309,17 @@ class SubspaceEstimator:
                                  layer_mean=mean.float(), select_k=self.select_k)
         return self._with_selection(found, kept[:, [0, -1]], torch.cat(self._normal_kept[layer]).double(), n_a, n_n)
 
+    def _without_candidates(self, layer: int, n_n: int) -> ArtifactSubspace | None:
+        """None, or, when tokens above DEFAULT_K x the median make up UNTREATED_SHARE, a rank-0 estimate saying so."""
+        normal = torch.cat(self._normal_kept[layer]).double()
+        high = float((normal[:, :-1].norm(dim=-1) > DEFAULT_K * normal[:, -1]).double().mean())
+        if self.select_k is not None or high < UNTREATED_SHARE:
+            return None
+        width = normal.shape[1] - 1
+        empty = ArtifactSubspace(torch.zeros(0, width), {}, 0.0, 0, n_n, torch.zeros(layer + 1, width),
+                                 layer_mean=normal[:, :-1].mean(0).float())
+        return replace(empty, threshold=selection_threshold(normal.new_zeros(0)), untreated_share=high)
+
     def _with_selection(self, found: ArtifactSubspace, candidates: Tensor, normal: Tensor, n_a: int,
                         n_n: int) -> ArtifactSubspace:
         """The selection threshold from the kept normal tokens (rows: D values, then the image median norm), and the
@@ -301,16 +329,18 @@ class SubspaceEstimator:
         if self.select_k is None:
             threshold = selection_threshold(component_ratios(normal[:, :-1], found.layer_mean, found.basis,
                                                              normal[:, -1]))
-        picked_share, picked_norms = 0.0, []
+        picked_share, untreated, picked_norms = 0.0, 0.0, []
         for tokens, medians, count in groups:
             norms = tokens.norm(dim=-1) / medians.clamp_min(torch.finfo(tokens.dtype).tiny)
             picked = norms > self.select_k if threshold is None else component_ratios(
                 tokens, found.layer_mean, found.basis, medians) > threshold
             picked_share += count * float(picked.double().mean()) / (n_a + n_n)
+            untreated += count * float(((norms > DEFAULT_K) & ~picked).double().mean()) / (n_a + n_n)
             picked_norms.append(norms[picked])
         norms = torch.cat(picked_norms)
         strength = float(norms.median()) if len(norms) else 0.0
-        return replace(found, threshold=threshold, selected_share=picked_share, strength=strength)
+        return replace(found, threshold=threshold, selected_share=picked_share, strength=strength,
+                       untreated_share=untreated)
 
 
 def _spread(rows: Tensor) -> Tensor:
