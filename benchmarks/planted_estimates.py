@@ -5,7 +5,7 @@ the smallest captured share of a planted direction written at or before the laye
 subspace), and the cosine of the counterfactual target to the clean twin on the artifact tokens (mean and 1st
 percentile) - the best a refinement trained on it could reach.
 
-    python benchmarks/planted_estimates.py [--cases 8c,2c,...] [--max-rank 8]
+    python benchmarks/planted_estimates.py [--cases 8c,2c,...] [--max-rank 8] [--select-k K]
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from compare_planted import CASES, LAYERS
+from compare_planted import ALL_CASES, CASES, LAYERS
 
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
-from singer_deploy.method.metrics import high_norm_mask, token_cosines
+from singer_deploy.method.metrics import token_cosines
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import build_planted_teacher
 
@@ -26,15 +26,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--max-rank", type=int, default=8)
+    parser.add_argument("--select-k", type=float, default=None, help="the fixed norm rule (default: from the data)")
     args = parser.parse_args()
     print("| case | layer | rank | writers (share) | explained share | min captured | target cos clean | p1 |")
     print("|---|---|---|---|---|---|---|---|")
     for key in args.cases.split(","):
-        case = CASES[key]
+        case = ALL_CASES[key]
         planted = build_planted_teacher(case.planted())
         teacher, p = planted.backbone, planted.backbone.num_prefix_tokens
         train = stack_images(SyntheticShapes(256, 64, 8, flat_share=case.share, seed=0))
-        found = estimate_artifact_subspaces(teacher, train.split(32), LAYERS, 4.0, max_rank=args.max_rank)
+        found = estimate_artifact_subspaces(teacher, train.split(32), LAYERS, args.select_k, max_rank=args.max_rank)
         held_out = stack_images(SyntheticShapes(128, 64, 8, flat_share=case.share, seed=1))
         truth = planted.artifact_mask(held_out)
         raw = teacher.forward_taps(held_out, list(range(max(LAYERS) + 1)))
@@ -45,7 +46,7 @@ def main() -> None:
             directions = [w.direction for w in written] + [v for w in written if w.varying is not None
                                                             for v in w.varying]
             captured = min(float((subspace.basis.double() @ d.double()).square().sum()) for d in directions)
-            selected = high_norm_mask(raw[layer][:, p:], 4.0)
+            selected = subspace.select(raw[layer][:, p:])
             target = subspace.counterfactual(raw, layer, selected, teacher.run_block_rows, p)
             cos = token_cosines(target[:, p:], clean[layer][:, p:])[truth]
             writers = ", ".join(f"{b} ({s:.0%})" for b, s in sorted(subspace.writers.items()))
