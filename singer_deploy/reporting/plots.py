@@ -222,3 +222,33 @@ def training_curves_png(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> 
     for ax in axes[len(series):]:
         ax.set_visible(False)
     return figure_png(fig)
+
+
+def ratio_histograms_png(edges: np.ndarray, counts: Mapping[str, Sequence[int]], *, marks: Mapping[str, float]
+                         | None = None, columns: int = 6) -> bytes:
+    """Small multiples, one panel per source (e.g. per block): token counts in fixed bins of log10(norm / image
+    median) (`edges`), on a log x axis of the ratio itself and a log y axis (the artifact mode is a few tokens in a
+    hundred). `marks`: a vertical line per panel (e.g. the selected tokens' median ratio)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    ratios = 10.0 ** edges
+    names = list(counts)
+    ncols = max(1, min(columns, len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(2.2 * ncols, 1.7 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).ravel()
+    for ax, name in zip(axes, names):
+        values = np.asarray(counts[name], dtype=np.float64)
+        share = values / values.sum() if values.sum() else values
+        ax.stairs(share, ratios, fill=True, alpha=0.7)
+        if marks and marks.get(name):
+            ax.axvline(marks[name], color="#b30000", linewidth=1.0)
+        ax.set_xscale("log")
+        if share.any():
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.supxlabel("patch-token norm / image median norm", fontsize=8)
+    fig.supylabel("share of tokens", fontsize=8)
+    return figure_png(fig)
