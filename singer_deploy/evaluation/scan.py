@@ -36,6 +36,13 @@ HIST_EDGES = np.round(np.arange(-1.0, 2.0 + 1e-9, 0.05), 2)
 HIGH_NORM = DEFAULT_K
 # High-norm tokens kept per block to check whether the selection picks them (the count itself uses every token).
 MAX_HIGH_NORM_KEPT = 4096
+# Patch tokens per image the artifact-subspace estimate reads, a random sample of positions per image (the
+# histograms, high-norm counts and norm maps read every token). The estimate's (D, D) sums run for every pair of
+# blocks (block <= layer), so their cost grows with depth squared: for ViT-L/14 at 224 px (256 tokens) they cost
+# twice the teacher's forward; half the tokens keeps the scan of 64 images within 5 minutes on 2 cores
+# (docs/results.md, "Scan"). Shares stay unbiased (every token is equally likely to be read); the estimate rests on
+# half the artifact tokens.
+ESTIMATE_TOKENS = 128
 # Images whose norm maps the page shows.
 SHOWN_IMAGES = 4
 # Reference placement of the intermediate distilled layer: block 17 of a 24-block ViT-L (docs/method.md,
@@ -166,9 +173,10 @@ def scan_teacher(teacher: Backbone, batches: Iterable[Tensor], *, name: str, sel
     estimator = SubspaceEstimator(range(depth), select_k, prefix, max_rank=max_rank)
     norms = _BlockNorms(depth)
     images = 0
+    generator = torch.Generator().manual_seed(0)
     for batch in batches:
         taps = teacher.forward_taps(batch, estimator.blocks_needed)
-        estimator.add(taps)
+        estimator.add(_token_sample(taps, prefix, ESTIMATE_TOKENS, generator))
         for block in range(depth):
             norms.add(block, taps[block][:, prefix:], teacher.grid_size)
         images += len(batch)
@@ -180,6 +188,19 @@ def scan_teacher(teacher: Backbone, batches: Iterable[Tensor], *, name: str, sel
                         notes(blocks, distilled), norm_maps={b: np.concatenate(norms.maps[b]) for b in range(depth)})
     result.seconds = time.perf_counter() - clock
     return result
+
+
+def _token_sample(taps: dict[int, Tensor], prefix: int, keep: int, generator: torch.Generator) -> dict[int, Tensor]:
+    """The taps with each image's prefix tokens and `keep` of its patch tokens, at random positions drawn per image
+    (the same positions at every block); all of them when the image has no more."""
+    first = next(iter(taps.values()))
+    images, patches = first.shape[0], first.shape[1] - prefix
+    if patches <= keep:
+        return taps
+    chosen = torch.rand(images, patches, generator=generator).argsort(1)[:, :keep].sort(1).values + prefix
+    index = torch.cat([torch.arange(prefix).expand(images, prefix), chosen], 1).to(first.device)
+    return {block: tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+            for block, tokens in taps.items()}
 
 
 def _block_scan(block: int, found: ArtifactSubspace | None, norms: _BlockNorms, select_k: float | None) -> BlockScan:

@@ -95,10 +95,10 @@ def _histograms_body(scan: Mapping[str, Any]) -> str:
     counts = {f"block {b['block']}": b["histogram"] for b in scan["blocks"]}
     marks = {f"block {b['block']}": b["artifact_ratio"] for b in scan["blocks"] if b["artifact_ratio"]}
     png = plots.ratio_histograms_png(np.asarray(scan["histogram_edges_log10"]), counts, marks=marks)
-    return _figure(png, "norm histograms per block", "Each block's patch-token norms over their image's median, "
-                   "fixed bins on a log axis (ratios beyond 0.1x-100x counted in the end bins), share of tokens on a "
-                   "log axis; the red line: the selected artifact tokens' median ratio. An artifact mode is a "
-                   "separate bump to the right of the bulk.")
+    return _figure(png, "norm histograms per block", "A row per block: its patch-token norms over their image's "
+                   "median, in fixed bins on a log axis (ratios beyond 0.1x-100x counted in the end bins), the share "
+                   "of tokens per bin as a colour on a log scale (white: no token). Red marker: the selected "
+                   "artifact tokens' median ratio. An artifact mode is a separate patch to the right of the bulk.")
 
 
 def _subspaces_body(scan: Mapping[str, Any]) -> str:
