@@ -40,7 +40,7 @@ def test_the_planted_artifact_blocks_are_found_with_their_share_and_strength(sma
             assert block.untreated_high_norm_share == 0
     last = result.blocks[-1]
     assert result.verdict == (f"artifacts from block {first} on, {last.artifact_share:.1%} of tokens, "
-                              f"~{last.artifact_ratio:.0f}x")
+                              f"~{last.artifact_ratio:.2g}x")
     assert result.layers == [first] and result.distilled == [first, SMALL_PLANTED.depth - 1]
     assert result.rank == 8     # one planted direction, rounded up to the rank step
 
@@ -92,10 +92,12 @@ def test_no_artifacts_is_only_said_when_no_high_norm_mode_is_left_untreated():
     missed = [_block(b, untreated=0.02 if b == 3 else 0.0) for b in range(6)]
     assert "no artifacts found" not in verdict(missed).replace("no artifacts found by the selection", "")
     assert f"block 3 has 2.0% of tokens above {HIGH_NORM:g}x" in verdict(missed)
-    assert "block 3 (2.00%)" in notes(missed, [4, 5])[0]
+    assert "at block 3 (2.00%):" in notes(missed, [4, 5])[0]
+    spread = [_block(b, untreated=0.001 * b) for b in range(6)]
+    assert "at blocks 1-5 (up to 0.50%):" in notes(spread, [4, 5])[0]
     # Artifacts that stop before the last block are not "from block k on".
-    middle = [_block(b, 0.05 if b in (2, 3) else 0.0, rank=1, ratio=6.0) for b in range(6)]
-    assert verdict(middle) == "artifacts at blocks 2-3, 5.0% of tokens, ~6x (at block 3)"
+    middle = [_block(b, 0.05 if b in (2, 3) else 0.0, rank=1, ratio=6.24) for b in range(6)]
+    assert verdict(middle) == "artifacts at blocks 2-3, 5.0% of tokens, ~6.2x (at block 3)"
 
 
 def test_cli_writes_scan_json_and_a_page_whose_first_heading_is_the_verdict(tmp_path, capsys):

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from singer_deploy.method.artifact_subspace import ArtifactSubspace, SubspaceEstimator, describe_subspace
+from singer_deploy.method.artifact_subspace import (ArtifactSubspace, SubspaceEstimator, describe_subspace,
+                                                    incomplete_note)
 from singer_deploy.method.metrics import DEFAULT_K, token_norms
 from singer_deploy.method.selection import component_ratios
 from singer_deploy.models.backbone import Backbone
@@ -71,6 +72,7 @@ class BlockScan:
     untreated_high_norm_share: float
     histogram: list[int]
     subspace: str
+    incomplete: str | None = None      # why the estimate misses part of the artifact (None: it does not)
 
     def to_dict(self) -> dict:
         return {"block": self.block, "artifact_share": round(self.artifact_share, 5),
@@ -80,7 +82,7 @@ class BlockScan:
                 "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
                 "high_norm_share": round(self.high_norm_share, 5),
                 "untreated_high_norm_share": round(self.untreated_high_norm_share, 5),
-                "histogram": self.histogram, "subspace": self.subspace}
+                "histogram": self.histogram, "subspace": self.subspace, "incomplete": self.incomplete}
 
 
 @dataclass
@@ -140,7 +142,8 @@ class _BlockNorms:
             self.maps[block].append(norms[:shown].reshape(-1, *grid).float().cpu().numpy())
 
     def untreated(self, block: int, found: ArtifactSubspace | None) -> float:
-        """Share of all tokens that are high-norm and not selected at `block` (estimated on the kept ones)."""
+        """Share of all tokens that are high-norm and not selected at `block` (exact up to MAX_HIGH_NORM_KEPT
+        high-norm tokens, beyond that estimated on the first ones kept)."""
         if not self.high[block]:
             return 0.0
         tokens = torch.cat([t for t, _ in self.kept[block]])
@@ -217,7 +220,8 @@ def _block_scan(block: int, found: ArtifactSubspace | None, norms: _BlockNorms, 
         high_norm_share=float(norms.high[block]) / norms.tokens,
         untreated_high_norm_share=norms.untreated(block, found if selected else None),
         histogram=norms.counts[block].tolist(),
-        subspace="no candidate artifact token" if found is None else describe_subspace(found.summary()))
+        subspace="no candidate artifact token" if found is None else describe_subspace(found.summary()),
+        incomplete=incomplete_note(found.summary()) if selected and not found.complete else None)
 
 
 def artifact_blocks(blocks: list[BlockScan]) -> list[BlockScan]:
@@ -284,8 +288,27 @@ def verdict(blocks: list[BlockScan]) -> str:
         return "no artifacts found"
     deepest = found[-1]
     return (f"artifacts {_range_text(found, len(blocks))}, {deepest.artifact_share:.1%} of tokens, "
-            f"~{deepest.artifact_ratio:.0f}x" + ("" if deepest.block == len(blocks) - 1 else
+            f"~{_about(deepest.artifact_ratio)}x" + ("" if deepest.block == len(blocks) - 1 else
                                                   f" (at block {deepest.block})"))
+
+
+def _about(ratio: float) -> str:
+    """A strength to two significant digits (2.5, 9.9, 12), for "~3x" in the verdict."""
+    return f"{ratio:.2g}" if ratio < 100 else f"{ratio:.0f}"
+
+
+def _runs_text(blocks: list[BlockScan]) -> str:
+    """Blocks with their untreated shares, consecutive ones as one range: "blocks 0-23 (up to 0.16%), 30 (1.2%)"."""
+    runs: list[list[BlockScan]] = []
+    for block in blocks:
+        if runs and runs[-1][-1].block == block.block - 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    parts = [f"{run[0].block} ({run[0].untreated_high_norm_share:.2%})" if len(run) == 1 else
+             f"{run[0].block}-{run[-1].block} (up to {max(b.untreated_high_norm_share for b in run):.2%})"
+             for run in runs]
+    return f"block{'s' * (len(blocks) != 1)} {', '.join(parts)}"
 
 
 def notes(blocks: list[BlockScan], distilled: list[int]) -> list[str]:
@@ -294,13 +317,11 @@ def notes(blocks: list[BlockScan], distilled: list[int]) -> list[str]:
     lines = []
     untreated = [b for b in blocks if b.untreated_high_norm_share > 0]
     if untreated:
-        listed = ", ".join(f"{b.block} ({b.untreated_high_norm_share:.2%})" for b in untreated)
-        lines.append(f"tokens above {HIGH_NORM:g}x the median norm the selection did not pick, at block"
-                     f"{'s' * (len(untreated) != 1)} {listed}: a high-norm mode the data-driven selection leaves "
-                     f"in place (natural high-norm content, or an artifact it misses: try singer.select_k="
-                     f"{HIGH_NORM:g})")
+        lines.append(f"tokens above {HIGH_NORM:g}x the median norm the selection did not pick, at "
+                     f"{_runs_text(untreated)}: a high-norm mode the data-driven selection leaves in place (natural "
+                     f"high-norm content, or an artifact it misses: try singer.select_k={HIGH_NORM:g})")
     for layer in distilled:
         block = blocks[layer]
-        if block.artifact_share > 0 and "part of the artifact is outside it" in block.subspace:
-            lines.append(f"block {layer}: {block.subspace}")
+        if block.incomplete:
+            lines.append(f"block {layer}: {block.incomplete}")
     return lines

@@ -135,7 +135,8 @@ def scan(config: RunConfig | dict | str | Path | None = None, *, teacher: str | 
     with open_run_dir(out, overwrite=overwrite) as run_dir:
         batches = (batch.to(device) for batch in torch.from_numpy(eval_images).split(SCAN_BATCH))
         result = scan_teacher(model, batches, name=config.teacher.name, select_k=config.singer.select_k)
-        facts = {**result.to_dict(), "config": {key: config.to_dict()[key] for key in ("teacher", "data")},
+        settings = config.to_dict()
+        facts = {**result.to_dict(), "config": {key: settings[key] for key in ("teacher", "data")},
                  "select_k": config.singer.select_k, "versions": environment()}
         result.files["json"] = atomic_write_json(run_dir / SCAN_JSON, facts)
         shown = result.shown_blocks()
