@@ -15,7 +15,7 @@ from singer_deploy.errors import (BackendUnavailableError, ConfigError, DataErro
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it, imported when the name is first read.
-_LAZY = {"distill_and_export": "singer_deploy.pipeline.api"}
+_LAZY = {"distill_and_export": "singer_deploy.pipeline.api", "scan": "singer_deploy.pipeline.api"}
 
 __all__ = [
     "BackendUnavailableError", "ConfigError", "DataError", "ExportError", "ModelError", "ParityError",

@@ -27,7 +27,9 @@ from torch.utils.data import Dataset
 from singer_deploy import __version__
 from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, RunConfig, TrainConfig, calibrates,
                                   format_name, from_mapping, is_auto_precision, normalize_precision, with_changes)
+from singer_deploy.devices import training_device
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
+from singer_deploy.evaluation.scan import ScanResult, scan_teacher
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.artifact_subspace import NO_CANDIDATES, describe_subspace, incomplete_note
 from singer_deploy.method.refine import RefinedTeacher, Refiner
@@ -39,6 +41,7 @@ from singer_deploy.pipeline.preflight import check_built, check_data_memory, che
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.reporting.model_card import write_model_card
+from singer_deploy.reporting.scan_page import write_scan_page
 from singer_deploy.train.loop import STUDENT_DIR, DistillResult, distill
 
 if TYPE_CHECKING:
@@ -99,6 +102,58 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
         # checkpoint while rank 0 deletes it).
         return _run_in(run_dir, config, models, train_data, eval_images, timings, resume=resume and not overwrite,
                        progress=progress)
+
+
+SCAN_JSON, SCAN_PAGE = "scan.json", "scan.html"
+# Images per teacher pass in a scan: every block's tokens of a batch are held at once (ViT-L/14 at 224 px: ~25 MB
+# per image).
+SCAN_BATCH = 16
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def scan(config: RunConfig | dict | str | Path | None = None, *, teacher: str | dict | None = None,
+         data: str | dict | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
+         **sections: Any) -> ScanResult:
+    """`singer-deploy scan`: where the teacher's artifacts are, before distilling (no training).
+
+    `config` as for distill_and_export (a RunConfig, a dict, a YAML path), or a bare timm name (any string that is
+    not an existing file and does not end in .yaml / .yml); it reads the teacher, data, singer.select_k and
+    train.device / train.seed settings, and scans the held-out evaluation images (data.eval_n). Writes
+    `out_dir`/scan.json and scan.html (default scans/<teacher name>), a directory taken as a run directory is
+    (pipeline/rundir.py). Returns the ScanResult, its `files` set."""
+    if isinstance(config, (str, Path)) and not is_config_file(config):
+        config, teacher = None, teacher or str(config)
+    config = _resolve_config(config, dict(teacher=teacher, student=None, data=data, out_dir=None, layers=None,
+                                          formats=None, precision=None, method=None), sections)
+    out = Path(out_dir) if out_dir is not None else Path("scans") / safe_name(config.teacher.name)
+    check_out_dir(out)
+    torch.manual_seed(config.train.seed)    # a teacher without weights is the same on every scan
+    model, _ = build_teacher(config)
+    _, eval_images = build_data(config, model, training=False)
+    device = training_device(config.train.device)
+    model = model.to(device).eval()
+    with open_run_dir(out, overwrite=overwrite) as run_dir:
+        batches = (batch.to(device) for batch in torch.from_numpy(eval_images).split(SCAN_BATCH))
+        result = scan_teacher(model, batches, name=config.teacher.name, select_k=config.singer.select_k)
+        settings = config.to_dict()
+        facts = {**result.to_dict(), "config": {key: settings[key] for key in ("teacher", "data")},
+                 "select_k": config.singer.select_k, "versions": environment()}
+        result.files["json"] = atomic_write_json(run_dir / SCAN_JSON, facts)
+        shown = result.shown_blocks()
+        result.files["page"] = write_scan_page(
+            run_dir / SCAN_PAGE, facts, norm_maps={b: result.norm_maps[b] for b in shown}, shown_blocks=shown,
+            images=display_images(eval_images[:len(result.norm_maps[shown[0]])],
+                                  display_normalisation(config, model)))
+    return result
+
+
+def is_config_file(source: str | Path) -> bool:
+    return Path(source).is_file() or str(source).lower().endswith(CONFIG_SUFFIXES)
+
+
+def safe_name(name: str) -> str:
+    """A model name as one folder name (hf-hub:org/name -> hf-hub-org-name)."""
+    return name.replace(":", "-").replace("/", "-").strip("-") or "teacher"
 
 
 def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray]:
@@ -256,13 +311,16 @@ def build_models(config: RunConfig) -> Models:
     # After the seed, a teacher without weights is reproducible too (a resumed run compares its hash).
     torch.manual_seed(config.train.seed)
     student = load_model(config.student)
-    planted = None
+    teacher, planted = build_teacher(config)
+    return Models(teacher, student, planted)
+
+
+def build_teacher(config: RunConfig) -> tuple[Backbone, PlantedTeacher | None]:
+    """The teacher a config names, and the planted teacher behind it when it is the planted one (else None)."""
     if config.teacher.name == PLANTED:
         planted = build_planted_teacher(config.teacher.planted_config())
-        teacher = planted.backbone
-    else:
-        teacher = load_model(config.teacher)
-    return Models(teacher, student, planted)
+        return planted.backbone, planted
+    return load_model(config.teacher), None
 
 
 def load_model(spec: ModelSpec) -> Backbone:
@@ -413,18 +471,22 @@ def display_normalisation(config: RunConfig,
     return data_config["mean"], data_config["std"]
 
 
+def display_images(images: np.ndarray, normalisation: tuple[Sequence[float], Sequence[float]]) -> np.ndarray:
+    """Normalised images (n, 3, H, W) back to displayable (n, H, W, 3) in 0..1."""
+    mean, std = normalisation
+    return np.clip(images.transpose(0, 2, 3, 1) * np.array(std) + np.array(mean), 0, 1)
+
+
 def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_rows: list[dict],
            latency_rows: list[dict], summary: dict, eval_images: np.ndarray,
            normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Path:
     from singer_deploy.reporting.report import ReportData, write_report
 
     shown = slice(0, 6)
-    mean, std = normalisation
-    pixels = eval_images[shown].transpose(0, 2, 3, 1) * np.array(std) + np.array(mean)
     data = ReportData(
         title="singer-deploy run", verdict=summary.get("verdict"), summary=summary, config=config.to_dict(),
         versions=environment(), artifacts=analysis.rows,
-        images=np.clip(pixels, 0, 1), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
+        images=display_images(eval_images[shown], normalisation), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
         norm_histograms=analysis.norms, pca_tokens={k: v[shown] for k, v in analysis.tokens.items()},
         metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows)
     return write_report(out_dir / "report.html", data)

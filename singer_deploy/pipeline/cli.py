@@ -102,6 +102,16 @@ def _add_run_commands(sub) -> None:
         _common_run_flags(command)
         command.set_defaults(handler=handler)
 
+    scan = sub.add_parser("scan", help="where a teacher's artifacts are, before distilling (no training): per-block "
+                                       "artifact share, strength and threshold, suggested layers and singer.rank; "
+                                       "writes DIR/scan.html and DIR/scan.json")
+    scan.add_argument("config", help="YAML config (its teacher and data sections are read), or a bare timm name")
+    _overrides_argument(scan)
+    scan.add_argument("--out", default=None, help="output directory (default scans/TEACHER)")
+    scan.add_argument("--overwrite", action="store_true", help="replace what the output directory holds (only a "
+                      "directory singer-deploy created)")
+    scan.set_defaults(handler=_cmd_scan)
+
     check = sub.add_parser("check-config", help="validate a YAML config (and KEY=VALUE overrides) without running")
     check.add_argument("config")
     _overrides_argument(check)
@@ -271,6 +281,23 @@ def _cmd_check(args) -> int:
     return EXIT_OK
 
 
+def _cmd_scan(args) -> int:
+    from singer_deploy.pipeline.api import is_config_file, scan
+    from singer_deploy.pipeline.overrides import apply_overrides
+
+    raw = read_config_file(args.config) if is_config_file(args.config) else {"teacher": {"name": args.config}}
+    result = scan(apply_overrides(raw, args.overrides), out_dir=args.out, overwrite=args.overwrite)
+    print(f"Scan of {result.teacher} ({result.images} images, {result.seconds:.0f} s): {result.verdict}")
+    for line in result.notes:
+        print(f"  note: {line}")
+    print(f"  suggested: layers={result.layers} (distils {result.distilled}), singer.rank="
+          f"{'keep the configured rank' if result.rank is None else result.rank}")
+    for line in result.reasons:
+        print(f"    {line}")
+    print(f"  page: {result.files['page']}, facts: {result.files['json']}")
+    return EXIT_OK
+
+
 def _cmd_doctor(args) -> int:
     from singer_deploy.pipeline.doctor import doctor_report
 
@@ -279,6 +306,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from singer_deploy.pipeline.api import safe_name
     from singer_deploy.pipeline.export_only import export_run, export_settings, export_timm_model
     from singer_deploy.pipeline.runconfig import load_run_config
 
@@ -295,7 +323,7 @@ def _cmd_export(args) -> int:
         raw = {"student": {"name": args.source, "weights": args.weights},
                "data": {"source": args.images or "synthetic"}, "export": {}}
         config = load_run_config(export_settings(raw, args.overrides, flags))
-        name = args.source.replace(":", "-").replace("/", "-").strip("-")
+        name = safe_name(args.source)
         result = export_timm_model(config, Path(args.out or f"exports/{name}-{config.export.precision}"))
     shipped = set(result.artifacts if result.shipped is None else result.shipped.values())
     for key, record in result.artifacts.items():

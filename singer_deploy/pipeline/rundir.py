@@ -37,7 +37,8 @@ MARKER = ".singer-deploy-run.json"         # written first: this tool created th
 LOCK = ".singer-deploy.lock"
 # What a run writes at the top of its directory; `overwrite` deletes a marked directory only if it holds nothing else.
 RUN_ENTRIES = {MANIFEST, MARKER, LOCK, "checkpoint.pt", "metrics.jsonl", "distill_config.json", "report.html",
-               "projectors.safetensors", "refiner.safetensors", "refined_teacher.safetensors"}
+               "projectors.safetensors", "refiner.safetensors", "refined_teacher.safetensors",
+               "scan.json", "scan.html"}   # `singer-deploy scan` (pipeline/api.py, scan)
 RUN_FOLDERS = {"student", "tensorboard"}   # the timm-format student (train/loop.py) and train.loggers' TensorBoard
 RUN_FOLDER_PREFIX = "export"               # export/ and export-PRECISION/ (singer-deploy export RUN_DIR)
 

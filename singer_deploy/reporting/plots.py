@@ -222,3 +222,34 @@ def training_curves_png(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> 
     for ax in axes[len(series):]:
         ax.set_visible(False)
     return figure_png(fig)
+
+
+
+def ratio_histograms_png(edges: np.ndarray, counts: Mapping[str, Sequence[int]], *,
+                         marks: Mapping[str, float] | None = None) -> bytes:
+    """Histograms of several sources (e.g. one per block) as the rows of one picture: token counts in fixed bins of
+    log10(norm / image median) (`edges`) along a log x axis, each row's share of tokens per bin as a colour on a
+    log scale (the artifact mode is a few tokens in a hundred; empty bins stay white). One axes however many rows,
+    so a 40-block teacher draws as fast as a 4-block one. `marks`: a marker per row at a ratio (e.g. the selected
+    tokens' median)."""
+    from matplotlib.colors import LogNorm
+
+    edges = np.asarray(edges, dtype=np.float64)
+    names = list(counts)
+    values = np.asarray([counts[name] for name in names], dtype=np.float64)
+    totals = values.sum(axis=1, keepdims=True)
+    shares = np.where(values > 0, values / np.where(totals > 0, totals, 1.0), np.nan)
+    fig = Figure(figsize=(7.5, 0.9 + 0.22 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    low = np.nanmin(shares) if np.isfinite(shares).any() else 1e-6
+    mappable = ax.imshow(shares, aspect="auto", cmap="viridis", norm=LogNorm(vmin=low, vmax=1.0),
+                         extent=(edges[0], edges[-1], len(names) - 0.5, -0.5), interpolation="nearest")
+    for row, name in enumerate(names):
+        if marks and marks.get(name):
+            ax.plot(math.log10(marks[name]), row, marker="v", color="#d62728", markersize=5)
+    ticks = np.arange(math.ceil(edges[0]), math.floor(edges[-1]) + 1)
+    ax.set_xticks(ticks, [f"{10.0 ** t:g}x" for t in ticks])
+    ax.set_yticks(range(len(names)), names, fontsize=7 if len(names) > 16 else 8)
+    ax.set_xlabel("patch-token norm / image median norm (log axis)")
+    fig.colorbar(mappable, ax=ax, label="share of tokens", shrink=0.9)
+    return figure_png(fig)
