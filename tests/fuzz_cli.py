@@ -39,7 +39,7 @@ from singer_deploy.pipeline.rundir import MARKER
 from test_reliability import TINY
 
 DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5}
-SUBCOMMANDS = ("demo", "run", "distill", "check-config", "export", "bench", "doctor", "verify")
+SUBCOMMANDS = ("demo", "run", "distill", "check-config", "export", "bench", "doctor", "verify", "scan")
 
 # The reliability tests' tiny run, exporting ONNX (so export settings are checked too).
 BASE = {**TINY, "export": {"formats": ["onnx"], "benchmark": False}}
@@ -126,6 +126,7 @@ FLAGS = {
     "bench": ["--formats", "--batch-sizes", "--threads", "--time-budget", "--json"],
     "doctor": [],
     "verify": [],
+    "scan": ["--out", "--overwrite"],
 }
 
 

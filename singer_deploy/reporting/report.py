@@ -417,7 +417,9 @@ def _key_value_table(items: Mapping[str, Any]) -> str:
 
 def inline_text(value: Any, key: str = "") -> str:
     """A value on one line, numbers formatted: a mapping as 'key: value; key: value' (not as dotted keys), a list
-    as 'a, b'."""
+    as 'a, b', an empty one as 'none'."""
+    if isinstance(value, (Mapping, list, tuple)) and not value:
+        return "none"
     if isinstance(value, Mapping):
         return "; ".join(f"{inner_key}: {inline_text(inner, str(inner_key))}" for inner_key, inner in value.items())
     if isinstance(value, (list, tuple)):
