@@ -30,6 +30,10 @@ from torch import Tensor
 # reaches 6 once in 10^9 tokens; measured on the planted families (docs/method.md, "Token selection"): artifact
 # writes at 2.5x-20x stand 6.3-40 deviations out, normal updates' largest log-ratio 5.0.
 CANDIDATE_Z = 8.0
+# The typical update of an image: its lower quartile, and the median distance below it in standard deviations (for a
+# Gaussian the median distance below the 25th percentile is 0.476 sigma).
+LOW_QUANTILE = 0.25
+LOW_SPREAD = 1.0 / 0.476
 # Selection: a token's component in the artifact subspace above this many times the normal tokens' median component,
 # and above MIN_COMPONENT of the image's median token norm. Measured on the planted families: normal tokens' largest
 # component is 7x their median, artifacts at 2.5x start at 50x.
@@ -45,8 +49,12 @@ def write_outliers(updates: Sequence[Tensor], z: float = CANDIDATE_Z) -> Tensor:
     found = torch.zeros(updates[0].shape[:2], dtype=torch.bool, device=updates[0].device)
     for update in updates[1:]:
         log_norm = update.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).log()
-        ratio = log_norm - log_norm.median(dim=1, keepdim=True).values
-        spread = 1.4826 * ratio.abs().median().clamp_min(1e-6)
+        # Writes only raise an update's norm, so the typical update is read off the lower part of each image's
+        # updates: centred at the image's LOW_QUANTILE, scaled by the distances below it (LOW_SPREAD makes them a
+        # standard deviation for Gaussian log-norms). Content sets both whatever share of the tokens is written,
+        # up to 1 - LOW_QUANTILE; a median would sit among the written tokens once they are half of an image.
+        ratio = log_norm - log_norm.quantile(LOW_QUANTILE, dim=1, keepdim=True)
+        spread = LOW_SPREAD * (-ratio[ratio < 0]).median().clamp_min(1e-6)
         found |= ratio > z * spread
     return found
 
