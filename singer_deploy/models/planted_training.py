@@ -142,7 +142,24 @@ class PlantedFreeze:
         written, _ = torch.linalg.qr(directions.T)
         self.value_projector = torch.eye(dim) - written @ written.T if config.value_null else None
         self.u, self.later = planted.u, self.model.blocks[first + 1:]
+        self.scaled = self._scale_held(last)
         self.capture()
+
+    def _scale_held(self, last: int) -> list[tuple[nn.Parameter, Tensor, float]]:
+        """The free entries of every weight matrix that feeds the residual stream up to the last writer, with their
+        initial norm: the planted gains read fixed-size signals through LayerNorm, so the normal tokens there must
+        keep the scale they were calibrated at (docs/planted_teacher.md, "Trained teachers")."""
+        frozen: dict[int, Tensor] = {}
+        for param, mask in self.entries:
+            frozen[id(param)] = frozen.get(id(param), torch.zeros_like(mask)) | mask
+        weights = [self.model.patch_embed.proj.weight, self.model.pos_embed]
+        for block in self.model.blocks[:last + 1]:
+            weights += [block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc1.weight, block.mlp.fc2.weight]
+        out = []
+        for param in weights:
+            free = ~frozen.get(id(param), torch.zeros_like(param, dtype=torch.bool))
+            out.append((param, free, param.detach()[free].norm().item()))
+        return out
 
     def _add(self, param: nn.Parameter, rows: list[int] | None = None, channels: list[int] | None = None) -> None:
         mask = torch.zeros_like(param, dtype=torch.bool)
@@ -173,6 +190,8 @@ class PlantedFreeze:
                 qkv[2 * dim:] = qkv[2 * dim:] @ self.value_projector
         for (param, mask), value in zip(self.entries, self.values):
             param[mask] = value
+        for param, free, norm in self.scaled:
+            param[free] *= norm / param[free].norm()
 
 
 def shapes_targets(dataset: SyntheticShapes) -> tuple[Tensor, Tensor, Tensor]:
