@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import torch
 
-from compare_planted import CASES, LAYERS, Case
-from singer_deploy.config import PlantedConfig, PlantedTraining
+from compare_planted import CASES, LAYERS
+from singer_deploy.config import PlantedTraining
 from singer_deploy.evaluation.analysis import planted_mask
 from singer_deploy.evaluation.probes import evaluate_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
@@ -32,10 +32,6 @@ from singer_deploy.models.planted_training import planted_cache_dir, recipe_key,
 
 HELD_OUT_SEED = 7_000_000
 PROBE_KEYS = ("linear_cls_acc", "linear_pooled_acc", "knn_cls_acc", "dense_class_miou")
-
-
-def trained_config(case: Case, training: PlantedTraining) -> PlantedConfig:
-    return replace(case.planted(), training=replace(training, flat_share=case.share))
 
 
 def probe_row(planted: PlantedTeacher, held_out: SyntheticShapes) -> dict[str, float]:
@@ -102,7 +98,7 @@ def main() -> None:
     probe_rows, strengths, norms = [], [], []
     for key in args.cases.split(","):
         case = CASES[key]
-        config = trained_config(case, training)
+        config = replace(case, training=training).planted()   # flat_share = the case's share
         started = time.perf_counter()
         planted = trained_planted_teacher(config)
         seconds = time.perf_counter() - started
