@@ -17,6 +17,7 @@ SyntheticShapes images (seeds no training or calibration image uses):
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import replace
 
@@ -93,27 +94,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the recipe's timing is on 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")   # the training's progress lines
     training = PlantedTraining(steps=args.steps, images=args.images, batch_size=args.batch_size, lr=args.lr)
     print(f"cache: {planted_cache_dir()}, recipe {training}")
-    probe_rows, strengths, norms = [], [], []
+    probe_rows, strengths = [], []
     for key in args.cases.split(","):
         case = CASES[key]
         config = replace(case, training=training).planted()   # flat_share = the case's share
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         planted = trained_planted_teacher(config)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu   # cpu: all threads summed
         held_out = SyntheticShapes(args.held_out, config.img_size, config.patch_size, flat_share=case.share,
                                    seed=HELD_OUT_SEED)
         untrained = build_planted_teacher(case.planted())
         probe_rows.append({"case": case.label, "teacher": "untrained", **probe_row(untrained, held_out),
                            **norm_ratios(untrained, held_out)})
-        probe_rows.append({"case": case.label, "teacher": f"trained ({seconds:.0f} s, key {recipe_key(config)[:8]})",
+        probe_rows.append({"case": case.label, "teacher": f"trained ({seconds:.0f} s wall, {cpu:.0f} s cpu, key {recipe_key(config)[:8]})",
                            **probe_row(planted, held_out), **norm_ratios(planted, held_out)})
         strengths += [{"case": case.label, **row} for row in strength_rows(planted, held_out)]
-        print(f"  done: {case.label} ({seconds:.0f} s to train or load)", flush=True)
-    _print_table(probe_rows)
-    print()
-    _print_table(strengths)
+        print(f"  done: {case.label} ({seconds:.0f} s to train or load); the tables so far:\n", flush=True)
+        _print_table(probe_rows)
+        print()
+        _print_table(strengths)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -121,7 +123,8 @@ def _print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
+              flush=True)
 
 
 if __name__ == "__main__":
