@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
+from singer_deploy.config import PlantedConfig, PlantedTraining, SingerConfig, TrainConfig
 from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
 from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
@@ -49,7 +49,8 @@ from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
-from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
+from singer_deploy.models.planted import PlantedTeacher
+from singer_deploy.models.planted_training import planted_teacher
 from singer_deploy.train.loop import lr_factor
 
 LAYERS = (4, 7)
@@ -64,6 +65,7 @@ class Case:
     u_in_null: bool = True
     family: dict = field(default_factory=dict)   # PlantedConfig fields of the family
     name: str | None = None                      # the label, where the family keys do not say it
+    training: PlantedTraining | None = None      # --trained: the teacher learns the shapes task (flat_share = share)
 
     @property
     def label(self) -> str:
@@ -75,8 +77,9 @@ class Case:
         return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N") + strength
 
     def planted(self) -> PlantedConfig:
+        training = PlantedTraining() if self.training is None else replace(self.training, flat_share=self.share)
         return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null,
-                             **self.family)
+                             training=training, **self.family)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -195,7 +198,7 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
                 ablation_cases: list[Case], n_eval: int) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
-        planted = build_planted_teacher(case.planted())
+        planted = planted_teacher(case.planted())
         twin = refined_stats(planted, None, case, n_eval)
         settings_rows += [_row(case, key, "clean twin (target)", twin[key], twin) for key in twin]
         runs = {}  # SingerConfig -> stats: the ablation reuses a setting's run when they are the same
@@ -228,7 +231,7 @@ def distill_part(cases: list[Case], steps: int, settings: list[str], out: Path) 
     train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR)
     rows = []
     for case in cases:
-        planted = build_planted_teacher(case.planted())
+        planted = planted_teacher(case.planted())
         data = SyntheticShapes(2048, 64, 8, flat_share=case.share, seed=0)
         held_out = SyntheticShapes(256, 64, 8, flat_share=case.share, seed=1)
         for index, name in enumerate(settings):
@@ -285,8 +288,13 @@ def main() -> None:
                         help="distill part: comma-separated SiNGER settings run against FitNet")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
+    parser.add_argument("--trained", type=int, default=0, metavar="STEPS",
+                        help="teachers trained on the shapes task for STEPS steps (PlantedTraining's other defaults; "
+                             "cached, docs/planted_teacher.md 'Trained teachers'); 0 = the untrained teachers")
     args = parser.parse_args()
     cases = [ALL_CASES[key] for key in args.cases.split(",")]
+    if args.trained:
+        cases = [replace(case, training=PlantedTraining(steps=args.trained)) for case in cases]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",")}

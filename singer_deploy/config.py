@@ -273,6 +273,36 @@ PLANTED_POSITION_FLAG = "posflag"
 
 
 @dataclass(frozen=True)
+class PlantedTraining:
+    """How a planted teacher learns the synthetic shapes task with its artifacts firing (docs/planted_teacher.md,
+    "Trained teachers"); steps 0 = the untrained planted teacher."""
+
+    steps: int = 0
+    images: int = 4096           # distinct SyntheticShapes training images (seed `seed`), flipped at random
+    batch_size: int = 32
+    lr: float = 3e-3             # AdamW peak of a one-cycle schedule
+    weight_decay: float = 0.05
+    flat_share: float = 0.08     # exactly flat patches of the training images (where content artifacts land)
+    rescale_every: int = 50      # steps between re-scalings of the writers to rho while training
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError("PlantedTraining.steps must be a whole number >= 0", expected="0 (untrained) or more",
+                              found=repr(self.steps), fix="e.g. steps: 3000")
+        for key in ("images", "batch_size", "rescale_every"):
+            _positive_int("PlantedTraining", key, getattr(self, key), fix=f"e.g. {key}: {getattr(type(self), key)}")
+        for key in ("lr", "weight_decay"):
+            if not (_finite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ConfigError(f"PlantedTraining.{key} must be a finite number >= 0", expected="e.g. 2e-3",
+                                  found=repr(getattr(self, key)), fix=f"e.g. {key}: {getattr(type(self), key)}")
+        if not (_finite(self.flat_share) and 0.0 < self.flat_share < 1.0):
+            raise ConfigError("PlantedTraining.flat_share must be a share of the patches", expected="0 < share < 1",
+                              found=repr(self.flat_share), fix="e.g. 0.08")
+        check_seed("PlantedTraining.seed", self.seed)
+
+
+@dataclass(frozen=True)
 class PlantedConfig:
     """Shape of the planted teacher. The artifact share is set by the images (`SyntheticShapes.flat_share`)."""
 
@@ -300,6 +330,7 @@ class PlantedConfig:
                                  # token to token within this many directions (a linear read of the token's content)
     varying_rho: float = 5.0     # its RMS norm / median normal norm at the artifact layer
     seed: int = 0
+    training: PlantedTraining = field(default_factory=PlantedTraining)   # steps > 0: trained on the shapes task
 
     def __post_init__(self):
         # Sizes timm's VisionTransformer is built with: it would fail on them with an AssertionError or ValueError.

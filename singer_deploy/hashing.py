@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import torch
@@ -25,3 +26,8 @@ def module_sha256(module: nn.Module) -> str:
         digest.update(f"{name}:{dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def payload_sha256(payload: dict) -> str:
+    """sha256 of a JSON-able mapping with sorted keys: equal settings, equal hashes (cache keys of recipes)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

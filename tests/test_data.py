@@ -120,3 +120,58 @@ def test_transforms_take_the_models_own_size_and_crop_pct(tmp_path):
     torch.manual_seed(0)
     augmented = torch.stack([folder[0]["image"] for _ in range(3)])
     assert augmented.shape == (3, 3, 64, 64) and not torch.equal(augmented[0], augmented[1])
+
+
+def _labelled_folder(root, masks_root=None, size=16):
+    """Two classes, three images each; class "dark" images are dark, "light" ones light; masks mark a square."""
+    for index, (name, level) in enumerate((("dark", 30), ("light", 220))):
+        (root / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((size, size, 3), level + k, np.uint8)).save(root / name / f"img{k}.png")
+            if masks_root is not None:
+                (masks_root / name).mkdir(parents=True, exist_ok=True)
+                mask = np.zeros((size, size), np.uint8)
+                mask[:size // 2, :size // 2] = index + 1
+                Image.fromarray(mask).save(masks_root / name / f"img{k}.png")
+
+
+def test_image_folder_labels_come_from_class_subfolders(tmp_path):
+    from singer_deploy.evaluation.features import as_image_data
+    from singer_deploy.evaluation.probes import linear_probe
+    _labelled_folder(tmp_path)
+    folder = ImageFolder(tmp_path, labels=True)
+    assert folder.classes == ("dark", "light")
+    assert [folder[i]["label"] for i in range(len(folder))] == [0, 0, 0, 1, 1, 1]
+    assert "label" not in ImageFolder(tmp_path)[0]   # unlabelled unless asked
+    data = as_image_data(folder)                     # what the probes read
+    pixels = data.images.reshape(len(data.labels), -1)
+    assert linear_probe(pixels[[0, 1, 3, 4]], data.labels[[0, 1, 3, 4]], pixels[[2, 5]],
+                        data.labels[[2, 5]])["accuracy"] == 1.0
+
+
+def test_image_folder_masks_give_dense_classes(tmp_path):
+    from singer_deploy.evaluation.features import as_image_data
+    _labelled_folder(tmp_path / "images", tmp_path / "masks")
+    folder = ImageFolder(tmp_path / "images", masks=tmp_path / "masks")
+    item = folder[4]
+    assert item["label"] == 1 and item["fg_mask"].shape == (16, 16)
+    assert item["fg_mask"][0, 0] == 2 and item["fg_mask"][-1, -1] == 0
+    assert as_image_data(folder).masks.shape == (6, 16, 16)
+    (tmp_path / "masks" / "light" / "img2.png").unlink()
+    with pytest.raises(DataError, match="no mask"):
+        folder[5]
+    with pytest.raises(DataError, match="does not fit"):
+        ImageFolder(tmp_path / "images", transform=image_transform(
+            {"input_size": (3, 8, 8), "crop_pct": 1.0, "interpolation": "bilinear"}, training=False),
+            masks=tmp_path / "masks")[0]
+
+
+def test_a_labelled_folder_needs_class_subfolders(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose.png")
+    with pytest.raises(DataError, match="subfolder per class"):
+        ImageFolder(tmp_path, labels=True)
+    (tmp_path / "loose.png").unlink()
+    (tmp_path / "only").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "only" / "a.png")
+    with pytest.raises(DataError, match="two or more classes"):
+        ImageFolder(tmp_path, labels=True)

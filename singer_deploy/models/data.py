@@ -206,9 +206,16 @@ class ImageFolder(Dataset):
     readable file (the substitute depends only on the index, so resume stays bit-exact) and names the skipped file
     under "skipped" ("path<TAB>reason" lines), so the training loop counts files met inside DataLoader workers too
     (SkippedImages). `skipped` holds those met in this process.
+
+    labels=True (a folder with one subfolder per class, docs/usage.md "Labelled folders"): each item also has
+    "label", the index of its subfolder in `classes` (sorted names), so the probes of singer_deploy.evaluation run on
+    it. `masks` (a folder mirroring the image folder: <masks>/<class>/<stem>.png, one class id per pixel, 0 =
+    background) adds "fg_mask", the per-pixel classes the dense probe reads (target "mask"); they must have the
+    size of the transformed image, so give masked folders at the model's input size (no resizing transform).
     """
 
-    def __init__(self, source: str | Path, transform: Callable[[Image.Image], torch.Tensor] | None = None):
+    def __init__(self, source: str | Path, transform: Callable[[Image.Image], torch.Tensor] | None = None, *,
+                 labels: bool = False, masks: str | Path | None = None):
         self.source = Path(source).expanduser()
         self.transform = transform
         self.files: list[Path] = self._candidates()
@@ -217,6 +224,39 @@ class ImageFolder(Dataset):
             raise DataError(f"No image files in {self.source}",
                             expected=f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})", found="0 image files",
                             fix="point data at a folder or list file of images")
+        self.masks = None if masks is None else Path(masks).expanduser()
+        self.classes: tuple[str, ...] = self._classes() if labels or masks is not None else ()
+
+    def _classes(self) -> tuple[str, ...]:
+        outside = [f for f in self.files if f.parent.parent != self.source]
+        if not self.source.is_dir() or outside:
+            raise DataError("Labels come from one subfolder per class", expected=f"{self.source}/<class>/<image>",
+                            found=f"e.g. {outside[0]}" if outside else "a list file",
+                            fix="put each class's images in its own subfolder (no deeper folders)")
+        classes = tuple(sorted({f.parent.name for f in self.files}))
+        if len(classes) < 2:
+            raise DataError("A labelled folder needs two or more classes", expected="two or more class subfolders",
+                            found=f"{len(classes)}: {list(classes)}", fix="add a subfolder per class")
+        return classes
+
+    def _annotations(self, path: Path, image: torch.Tensor) -> dict:
+        """"label" (and "fg_mask") of the image at `path`, when the folder is labelled."""
+        if not self.classes:
+            return {}
+        out: dict = {"label": self.classes.index(path.parent.name)}
+        if self.masks is not None:
+            mask_path = self.masks / path.parent.name / f"{path.stem}.png"
+            if not mask_path.is_file():
+                raise DataError("An image has no mask", expected=f"{mask_path}", found="no such file",
+                                fix="give every image a same-stem PNG of class ids under the masks folder")
+            with Image.open(mask_path) as handle:
+                mask = np.asarray(handle)
+            if mask.ndim != 2 or mask.shape != tuple(image.shape[-2:]):
+                raise DataError(f"Mask {mask_path} does not fit its image", expected=f"one channel of class ids, "
+                                f"{tuple(image.shape[-2:])} pixels (the transformed image)", found=f"shape {mask.shape}",
+                                fix="save masks as single-channel PNGs at the model's input size, images too")
+            out["fg_mask"] = torch.from_numpy(mask.astype(np.int64))
+        return out
 
     def _candidates(self) -> list[Path]:
         if not self.source.exists():
@@ -253,7 +293,8 @@ class ImageFolder(Dataset):
                 log.warning("Skipping unreadable image %s (%s)", path, self.skipped[str(path)])
                 continue
             tensor = self.transform(image) if self.transform is not None else normalise(np.asarray(image) / 255.0)
-            return {"image": tensor, "path": str(path), "skipped": "\n".join(skipped)}
+            return {"image": tensor, "path": str(path), "skipped": "\n".join(skipped),
+                    **self._annotations(path, tensor)}
         problem = (f"No readable images in {self.source}: all {len(skipped)} files are unreadable"
                    if len(skipped) == len(self.files) else
                    f"{len(skipped)} unreadable image files in a row in {self.source}")

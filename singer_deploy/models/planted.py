@@ -121,8 +121,7 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
     generator = torch.Generator().manual_seed(config.seed + 1)
     u, null_basis, spare = _artifact_geometry(config, channels, generator)
     writers = _plan_writers(config, u, spare)
-    calibration = stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
-                                               seed=10_000 + config.seed))
+    calibration = calibration_images(config)
     with torch.no_grad():
         _clear_reserved(model, channels, max(config.writer_blocks))
         _write_texture_filters(model, channels, config.patch_size, generator)
@@ -142,12 +141,37 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
         _ignore_subspace_after(model, config, null_basis, directions)
         _add_attention_sinks(model, config, u, generator)
         writers = _calibrate_writers(model, config, calibration, masks, writers)
-        clean = copy.deepcopy(model)
+    return teacher_with_twin(model, config, u, null_basis, writers)
+
+
+def teacher_with_twin(model: VisionTransformer, config: PlantedConfig, u: Tensor, null_basis: Tensor,
+                      writers: list[Writer]) -> PlantedTeacher:
+    """The PlantedTeacher of `model`, with its clean twin: a copy with every register neuron off."""
+    clean = copy.deepcopy(model)
+    with torch.no_grad():
         for writer in writers:
             clean.blocks[writer.block].mlp.fc2.weight[:, list(writer.neurons)] = 0.0
     first = writers[0]
     return PlantedTeacher(Backbone(model), Backbone(clean.eval()), config, u, null_basis, first.scale,
                           first.neurons[:2], tuple(writers))
+
+
+def calibration_images(config: PlantedConfig) -> Tensor:
+    """The fixed images the planted neurons and the writer scales are calibrated on."""
+    return stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
+                                        seed=10_000 + config.seed))
+
+
+def recalibrate_writers(model: VisionTransformer, config: PlantedConfig, writers) -> list[Writer]:
+    """Scale the writers of `model` (e.g. after training its other weights) back to rho, as when it was built."""
+    images = calibration_images(config)
+    with torch.no_grad():
+        return _calibrate_writers(model, config, images, _cluster_masks(config, images), list(writers))
+
+
+def reserved_channels(config: PlantedConfig) -> list[int]:
+    """Every reserved channel: only planted modules write them."""
+    return _all_reserved(_reserve_channels(config))
 
 
 def _reserve_channels(config: PlantedConfig) -> dict[str, tuple[int, int]]:
@@ -385,7 +409,7 @@ def _calibrate_writers(model, config: PlantedConfig, images: Tensor, masks: dict
         group = [w for w in writers if w.cluster == cluster]
         if not group:
             continue
-        layer, alpha = group[-1].block, 1.0
+        layer, alpha = group[-1].block, group[-1].scale   # the scale its fc2 columns hold now
         for _ in range(6):
             norms = backbone.split(backbone.forward_taps(images, [layer])[layer])[1].norm(dim=-1)
             step = rho / (norms[masks[cluster]].median() / norms[normal].median()).item()

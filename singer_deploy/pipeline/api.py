@@ -36,7 +36,8 @@ from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import Backbone, load_backbone
 from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticShapes, TeacherInput,
                                        default_crop_pct, image_transform, stack_images)
-from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
+from singer_deploy.models.planted import PlantedTeacher
+from singer_deploy.models.planted_training import planted_teacher
 from singer_deploy.pipeline.preflight import check_built, check_data_memory, check_settings
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import load_run_config
@@ -318,7 +319,7 @@ def build_models(config: RunConfig) -> Models:
 def build_teacher(config: RunConfig) -> tuple[Backbone, PlantedTeacher | None]:
     """The teacher a config names, and the planted teacher behind it when it is the planted one (else None)."""
     if config.teacher.name == PLANTED:
-        planted = build_planted_teacher(config.teacher.planted_config())
+        planted = planted_teacher(config.teacher.planted_config())   # trained when its training.steps > 0
         return planted.backbone, planted
     return load_model(config.teacher), None
 
