@@ -79,8 +79,8 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
             f"cluster. Expect one of two failures at {label}: the artifacts barely shrink (HNR stays), or they "
             "shrink only by pulling every token above the quantile, which damages normal tokens (normal-token "
             "cosine to the raw teacher falls, e.g. 0.93). Fix: leave out `preset: published` (the default preset "
-            "'faithful' selects the high-norm tokens on the raw teacher and removes their component in the "
-            "artifact subspace, estimated from the blocks that write it; docs/method.md); an alpha "
+            "'faithful' selects the artifact tokens from the data on the raw teacher and removes their component "
+            "in the artifact subspace, estimated from the blocks that write it; docs/method.md); an alpha "
             f"below {1.0 - share:.2f} only moves the target below the cluster.", stacklevel=2)
     return QuantileTrapCheck(share=share, limit=limit, fired=fired)
 
