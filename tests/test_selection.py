@@ -128,3 +128,30 @@ def test_a_high_norm_mode_no_block_writes_is_reported_not_silently_ignored():
     clean = SubspaceEstimator([2], None, 1)
     clean.add(_taps_with_embedded_outliers(0, outliers=False))
     assert clean.result()[2] is None
+
+
+def test_an_artifact_that_also_fires_on_some_normal_patches_is_selected_and_removed_there():
+    """A trained teacher's trigger also fires on some patches the ground truth calls normal (docs/method.md, "Token
+    selection"). Here the flatness neuron's energy read is softened so the writer also fires on ~20% of the other
+    patches: the selection takes them in, and the counterfactual target brings them to the clean twin."""
+    from singer_deploy.method.metrics import token_cosines
+    from singer_deploy.models.planted import _reserve_channels
+
+    planted = build_planted_teacher(PlantedConfig(**BASE))
+    energy = list(_reserve_channels(planted.config)["energy"])
+    with torch.no_grad():
+        for backbone in (planted.backbone, planted.clean):
+            backbone.model.blocks[1].mlp.fc1.weight[:2, energy] *= 0.1
+    held = _held_images()
+    raw = planted.backbone.forward_taps(held, list(range(5)))
+    clean = planted.clean.forward_taps(held, LAYERS)
+    written = (raw[2] - clean[2])[:, 1:].norm(dim=-1) > clean[2][:, 1:].norm(dim=-1).median()
+    extra = written & ~planted.artifact_mask(held)
+    assert 0.1 < extra.float().mean() < 0.35            # the writer reaches well beyond the flat patches
+    found = _estimate(planted.backbone, None)
+    for layer in LAYERS:
+        picked = found[layer].select(raw[layer][:, 1:])
+        assert picked[extra].float().mean() > 0.95
+        target = found[layer].counterfactual(raw, layer, picked, planted.backbone.run_block_rows, 1)
+        assert token_cosines(target[:, 1:], clean[layer][:, 1:])[extra].mean() > 0.99
+        assert token_cosines(raw[layer][:, 1:], clean[layer][:, 1:])[extra].mean() < 0.5

@@ -28,8 +28,8 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
 The layer's artifact tokens are then the tokens whose component in the subspace stands out (ArtifactSubspace.select,
 method/selection.py). The L_out target of the layer is the teacher's counterfactual: each selected token as the
 teacher computes it when every writer's update on it has its component in the subspace set to the normal tokens' mean
-update, the other tokens as they are. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the estimate then misses a
-part of the artifact (more directions than `max_rank`, or a part no block update shows).
+update, the other tokens as they are. `explained_share` below `LOW_SHARE` is reported next to the layer's verdict: the
+estimate then misses a part of the artifact (more directions than `max_rank`, or a part no block update shows).
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def describe_subspace(facts: dict) -> str:
     blocks = ", ".join(f"{block} ({share:.0%})" for block, share in writers.items()) or "none"
     tokens = f"{facts['artifact_tokens']} candidate / {facts['normal_tokens']} normal tokens"
     if not rank:
-        text = f"no artifact direction: no direction's excess reaches {EXCESS_LIMIT:g} units ({tokens}); nothing selected"
+        text = (f"no artifact direction: no direction's excess reaches {EXCESS_LIMIT:g} units ({tokens}); nothing "
+                "selected")
         return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
     text = (f"{rank} direction{'s' * (rank != 1)} written by block{'s' * (len(writers) != 1)} {blocks}; explains "
             f"{facts['explained_share']:.1%} of the candidate tokens' excess energy ({tokens})")

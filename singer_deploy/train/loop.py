@@ -67,7 +67,8 @@ class DistillResult:
     device: torch.device = torch.device("cpu")
     skipped_images: dict = field(default_factory=dict)   # SkippedImages.to_dict(): unreadable files met, all ranks
     config_history: list[dict] = field(default_factory=list)  # settings changed on resume (train/checkpoint.py)
-    # The "subspace" target's estimate per distilled layer (None: nothing found); empty for FitNet and the quantile target.
+    # The "subspace" target's estimate per distilled layer (None: nothing found); empty for FitNet and the quantile
+    # target.
     subspaces: dict[int, ArtifactSubspace | None] = field(default_factory=dict)
 
 
