@@ -9,7 +9,10 @@ student and batch:
   layer-local      the same subspaces, the target computed at the layer itself (no block run again): the cost of
                    the single-direction target of the previous release
   published        the published losses (quantile L_out), for reference
-ratio = layer-local ms / faithful ms (1.0 = as fast; the target is >= 0.9).
+  fixed 4x         the default with the previous release's token selection (select_k 4: a norm cut each step
+                   instead of the projection on the subspace; docs/method.md, "Token selection")
+ratio = layer-local ms / faithful ms (1.0 = as fast; the target is >= 0.9); selection ratio = faithful ms / fixed 4x
+ms (the data-driven selection's cost per step; the target is <= 1.05).
 
     python benchmarks/bench_target_cost.py [--steps 30] [--warmup 5] [--batch 32]
 """
@@ -47,15 +50,21 @@ def main() -> None:
                                             max_rank=singer.rank)
     # Writers moved to the layer itself: the counterfactual then runs no block, the previous release's cost.
     local = {layer: replace(s, writers={layer: 1.0}) for layer, s in subspaces.items()}
+    fixed = SingerConfig(rank=8, select_k=4.0)
+    fixed_subspaces = estimate_artifact_subspaces(teacher, images.split(args.batch), LAYERS, fixed.select_k,
+                                                  max_rank=fixed.rank)
     batch = images[:args.batch]
     steps = {"faithful": _step(teacher, singer, subspaces, batch), "layer-local": _step(teacher, singer, local, batch),
-             "published": _step(teacher, SingerConfig(preset="published", rank=8), None, batch)}
+             "published": _step(teacher, SingerConfig(preset="published", rank=8), None, batch),
+             "fixed 4x": _step(teacher, fixed, fixed_subspaces, batch)}
     times = dict(zip(steps, _time_interleaved(list(steps.values()), args.steps, args.warmup, torch.device("cpu"))))
     print(f"cpu, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.steps} steps each")
     for name, ms in times.items():
         print(f"  {name:12s} {ms:8.1f} ms/step   {args.batch / ms * 1e3:7.1f} img/s")
     print(f"ratio layer-local / faithful = {times['layer-local'] / times['faithful']:.3f} "
           f"(faithful steps/s relative to the previous target's)")
+    print(f"selection ratio faithful / fixed 4x = {times['faithful'] / times['fixed 4x']:.3f} "
+          f"(the data-driven selection's step time relative to the fixed norm cut)")
 
 
 def _step(teacher, singer: SingerConfig, subspaces, images: torch.Tensor):
