@@ -23,21 +23,17 @@ from compare_planted import ALL_CASES, CASES, LAYERS, RANK
 from singer_deploy.evaluation.analysis import planted_mask
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
+from singer_deploy.method.selection import write_scores
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import build_planted_teacher
 
 
-def write_scores(backbone, images: torch.Tensor, layer: int) -> torch.Tensor:
-    """The largest write z-score over blocks 1..layer per token (B, N), as selection.write_outliers computes it."""
+def token_write_scores(backbone, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """selection.write_scores of the raw teacher's patch tokens over blocks 1..layer (B, N)."""
     taps = backbone.forward_taps(images, list(range(layer + 1)))
     p = backbone.num_prefix_tokens
     patches = [taps[b][:, p:].float() for b in range(layer + 1)]
-    best = torch.full(patches[0].shape[:2], -float("inf"))
-    for b in range(1, layer + 1):
-        log_norm = (patches[b] - patches[b - 1]).norm(dim=-1).clamp_min(1e-30).log()
-        ratio = log_norm - log_norm.median(dim=1, keepdim=True).values
-        best = torch.maximum(best, ratio / (1.4826 * ratio.abs().median()))
-    return best
+    return write_scores([patches[0]] + [patches[b] - patches[b - 1] for b in range(1, layer + 1)])
 
 
 @torch.no_grad()
@@ -69,7 +65,7 @@ def main() -> None:
                 precision, recall = mask_precision_recall(picked, truth)
                 twin_share = (float(clean[layer].select(twin[layer][:, p:]).float().mean())
                               if clean[layer] else 0.0)
-                z = write_scores(planted.backbone, held, layer)
+                z = token_write_scores(planted.backbone, held, layer)
                 z_art = f"{z[truth].min():.1f}" if truth.any() else "-"
                 facts = subspace.summary() if subspace else None
                 sel = facts["selection"] if facts else {}

@@ -42,11 +42,11 @@ MIN_COMPONENT = 0.1
 
 
 @torch.no_grad()
-def write_outliers(updates: Sequence[Tensor], z: float = CANDIDATE_Z) -> Tensor:
-    """updates: the patch tokens' updates (B, N, D) of blocks 0..layer in order. Returns (B, N) bool: tokens whose
-    update at some block >= 1 stands out from the image's other updates at that block by more than `z` robust
-    standard deviations of the log norm ratio."""
-    found = torch.zeros(updates[0].shape[:2], dtype=torch.bool, device=updates[0].device)
+def write_scores(updates: Sequence[Tensor]) -> Tensor:
+    """updates: the patch tokens' updates (B, N, D) of blocks 0..layer in order. Returns (B, N): each token's largest
+    write z-score over blocks 1..layer, how far its update's log norm stands above its image's typical update in
+    robust standard deviations."""
+    best = torch.full(updates[0].shape[:2], -torch.inf, device=updates[0].device)
     for update in updates[1:]:
         log_norm = update.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).log()
         # Writes only raise an update's norm, so the typical update is read off the lower part of each image's
@@ -55,8 +55,13 @@ def write_outliers(updates: Sequence[Tensor], z: float = CANDIDATE_Z) -> Tensor:
         # up to 1 - LOW_QUANTILE; a median would sit among the written tokens once they are half of an image.
         ratio = log_norm - log_norm.quantile(LOW_QUANTILE, dim=1, keepdim=True)
         spread = LOW_SPREAD * (-ratio[ratio < 0]).median().clamp_min(1e-6)
-        found |= ratio > z * spread
-    return found
+        best = torch.maximum(best, ratio / spread)
+    return best
+
+
+def write_outliers(updates: Sequence[Tensor], z: float = CANDIDATE_Z) -> Tensor:
+    """(B, N) bool: the tokens whose update at some block >= 1 stands out by more than `z` (write_scores)."""
+    return write_scores(updates) > z
 
 
 def component_ratios(tokens: Tensor, mean: Tensor, basis: Tensor, medians: Tensor | None = None) -> Tensor:
