@@ -8,7 +8,8 @@ random weights). Distilled layers [17] + the last (23), batch 8, AdamW, what dis
   fitnet     the raw-target step (method "fitnet") on the same teacher and student
 The two take turns (bench_distill._time_interleaved), so load from other processes hits both alike; each figure is
 the median of --steps steps after --warmup. Also timed: building the teacher, and the one-time subspace estimate
-(4 batches of 8, what the faithful run does before its first step; distill() reads `singer.estimate_batches`).
+(4 batches of 8, what the faithful run does before its first step; distill() reads `singer.estimate_batches`), in
+wall time and in this process's CPU time (on a shared CPU the wall time also holds other processes' turns).
 Precision: bf16 autocast where the device runs bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
 Peak memory: the process's peak resident set (CPU) or torch's peak allocation (CUDA).
 
@@ -64,13 +65,13 @@ def main() -> None:
         steps[method] = distill_step_call(teacher, student, teacher_layers, student_layers, SingerConfig(), method,
                                           batch, precision)
     module = steps["singer"][0]
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     with autocast_for(precision, device):
         subspaces = estimate_artifact_subspaces(module.teacher, images[args.batch:].split(args.batch),
                                                 teacher_layers, module.singer_loss.config.select_k,
                                                 max_rank=module.singer_loss.config.rank)
     _sync(device)
-    estimate_s = time.perf_counter() - began
+    estimate_s, estimate_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
     module.singer_loss.subspaces = subspaces
     print(f"{_device_name(device)}, torch {torch.__version__}, precision {precision}; planted vit_l14"
           f"{' grown (blocks 10-12)' if args.grown else ' (block 10)'} -> {STUDENT}, 224 px, layers "
@@ -84,7 +85,7 @@ def main() -> None:
                                                device)
     print(f"teacher build            {built_s:8.1f} s")
     print(f"subspace estimate        {estimate_s:8.1f} s   ({ESTIMATE_BATCHES} batches of {args.batch}, layers "
-          f"{teacher_layers})")
+          f"{teacher_layers}; {estimate_cpu_s:.1f} s of CPU time over all threads)")
     print(f"faithful SiNGER step     {faithful_ms / 1e3:8.2f} s")
     print(f"FitNet step              {fitnet_ms / 1e3:8.2f} s")
     kind = "torch allocation" if device.type == "cuda" else "resident set"

@@ -10,6 +10,13 @@ Cases (docs/planted_teacher.md, "Families"), each at 8% and 2% of the patches:
   g    grown: one cluster written over blocks 3, 4 and 5 along directions 60 degrees apart
   v    image-dependent: a fixed part plus a part that varies from token to token within 3 directions (block 4)
 and four combinations outside them (COMBINATIONS: 8mix, 2mix-v, 8p-early, 2gv), run only when --cases names them.
+At the paper's scale (REAL_SIZE, run only when --cases names them; part "refine"): the planted teacher at DINOv2
+ViT-L/14's shape (PlantedConfig preset "vit_l14": 24 blocks, width 1024, 224 px, 256 patch tokens), distilled layers
+17 and 23 = the last:
+  2c-L   2% content-triggered, written by block 10
+  2g-L   2% grown, written over blocks 10, 11 and 12
+    python benchmarks/compare_planted.py --part refine --cases 2c-L --settings faithful --inits none \
+        --steps 50 --n-train 48 --batch 8 --n-eval 16
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats for
@@ -37,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
+from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig, planted_preset_fields
 from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
 from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
@@ -52,6 +59,7 @@ from singer_deploy.models.planted import PlantedTeacher, build_planted_teacher
 from singer_deploy.train.loop import lr_factor
 
 LAYERS = (4, 7)
+REAL_SIZE_LAYERS = (17, 23)
 RANK = 8
 
 
@@ -63,6 +71,7 @@ class Case:
     u_in_null: bool = True
     family: dict = field(default_factory=dict)   # PlantedConfig fields of the family
     name: str | None = None                      # the label, where the family keys do not say it
+    preset: str | None = None                    # PlantedConfig preset (PLANTED_PRESETS); None: the small teacher
 
     @property
     def label(self) -> str:
@@ -73,8 +82,13 @@ class Case:
         return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N")
 
     def planted(self) -> PlantedConfig:
-        return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null,
-                             **self.family)
+        return PlantedConfig(**{**(planted_preset_fields(self.preset) if self.preset else {}),
+                                "trigger": self.trigger, "position_share": self.share, "u_in_null": self.u_in_null,
+                                **self.family})
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return REAL_SIZE_LAYERS if self.preset else LAYERS
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -98,6 +112,11 @@ COMBINATIONS = {
     "2gv": Case("2gv", 0.02, family={"artifact_layer": 3, "grow_blocks": 3, "varying_dims": 3, "rho": 12.0,
                                      "seed": 11}, name="2% grown at 3-5 + image-dependent, rho 12"),
 }
+REAL_SIZE = {
+    "2c-L": Case("2c-L", 0.02, preset="vit_l14", name="2% content at block 10, ViT-L/14 shape"),
+    "2g-L": Case("2g-L", 0.02, preset="vit_l14", family={"grow_blocks": 3},
+                 name="2% grown at blocks 10-12, ViT-L/14 shape"),
+}
 
 # Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
 # L_info only), so the published row differs from the published preset in that one respect.
@@ -116,30 +135,36 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     """Train only the refinement adapters (AdamW, weight decay 0.05, 10 warm-up steps, cosine, clip 1.0 as in
     TrainConfig) on cached raw taps of `n_train` images; returns the trained Refiner."""
     torch.manual_seed(seed)
-    teacher = planted.backbone.eval()
-    refiner = Refiner.from_teacher(teacher, LAYERS, rank=singer.rank, rule=singer.rule, tau=singer.tau,
+    teacher, layers = planted.backbone.eval(), case.layers
+    refiner = Refiner.from_teacher(teacher, layers, rank=singer.rank, rule=singer.rule, tau=singer.tau,
                                    seed=singer.seed, init=singer.adapter_init)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
-    images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
-    subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], LAYERS,
+    images = _images(planted, n_train, case.share, seed)
+    subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], layers,
                                              singer.select_k, max_rank=singer.rank)
                  if singer.outlier_target == "subspace" else None)
     if singer.adapter_init == "subspace":
         refiner.start_at_subspaces({layer: None if s is None else s.basis for layer, s in subspaces.items()})
-    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
+    loss = SingerLoss(singer, layers, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
-    needed = loss.taps_needed()
+    needed, rerun = loss.taps_needed(), loss.blocks_rerun()
+    taps, recorded = [], []
     with torch.no_grad():
-        taps = [teacher.forward_taps(batch, needed) for batch in images.split(64)]
+        for batch in images.split(64):          # the keys and values the counterfactual reuses, as DistillStep does
+            with teacher.record_keys_values(rerun) as keys_values:
+                taps.append(teacher.forward_taps(batch, needed))
+            recorded.append({block: kv.contiguous() for block, kv in keys_values.items()})
     pool = {layer: torch.cat([t[layer] for t in taps]) for layer in needed}
+    kv_pool = {block: torch.cat([r[block] for r in recorded]) for block in recorded[0]}
+    del taps, recorded
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
         raw = {layer: pool[layer][index] for layer in needed}
-        refined = {layer: refiner(layer, raw[layer]) for layer in LAYERS}
-        student = {layer: aligner.teacher(refined[layer]).detach() for layer in LAYERS}   # L_kd = 0
-        terms = loss(student, refined, raw)
+        refined = {layer: refiner(layer, raw[layer]) for layer in layers}
+        student = {layer: aligner.teacher(refined[layer]).detach() for layer in layers}   # L_kd = 0
+        terms = loss(student, refined, raw, {block: kv[index] for block, kv in kv_pool.items()})
         optimizer.zero_grad()
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(refiner.trainable_parameters(), 1.0)
@@ -153,12 +178,12 @@ def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, 
     """(layer, cluster) -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None), for
     every cluster written at or before the layer, and "all" (their union)."""
     teacher, clean = planted.backbone, planted.clean
-    images = stack_images(SyntheticShapes(n_eval, 64, 8, flat_share=case.share, seed=1))
+    images, layers = _images(planted, n_eval, case.share, 1), case.layers
     clusters = planted.cluster_masks(images)
-    raw, twin = teacher.forward_taps(images, LAYERS), clean.forward_taps(images, LAYERS)
+    raw, twin = teacher.forward_taps(images, layers), clean.forward_taps(images, layers)
     p = teacher.num_prefix_tokens
     out = {}
-    for layer in LAYERS:
+    for layer in layers:
         block = surrogate_block(layer, teacher.depth)
         patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
             [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
@@ -175,6 +200,11 @@ def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, 
     return out
 
 
+def _images(planted: PlantedTeacher, n: int, share: float, seed: int) -> torch.Tensor:
+    config = planted.config
+    return stack_images(SyntheticShapes(n, config.img_size, config.patch_size, flat_share=share, seed=seed))
+
+
 def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
     """One table row; "targets met" counts the issue's four refined-teacher targets (the ratio against the twin)."""
     limit = max(REMAIN_RATIO, 1.2 * twin[key]["artifact_ratio"])
@@ -184,7 +214,7 @@ def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                ablation_cases: list[Case], n_eval: int) -> None:
+                ablation_cases: list[Case], n_eval: int, n_train: int = 512, batch_size: int = 32) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = build_planted_teacher(case.planted())
@@ -194,7 +224,8 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
 
         def measure(singer: SingerConfig, label: str) -> dict:
             if singer not in runs:
-                refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR)
+                refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR, batch_size=batch_size,
+                                      n_train=n_train)
                 runs[singer] = refined_stats(planted, refiner, case, n_eval)
                 print(f"  done: {case.label}, {label}", flush=True)
             return runs[singer]
@@ -206,7 +237,8 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
             for init in inits:
                 stats = measure(replace(SETTINGS["faithful"], adapter_init=init), f"{init} init")
                 ablation_rows += [_row(case, key, f"faithful, {init} init", stats[key], twin) for key in stats]
-    print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps, {n_eval} held-out images; "
+    print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps of batch {batch_size} from "
+          f"{n_train} training images, {n_eval} held-out images; "
           "targets: art/normal <= max(1.5, 1.2 x the twin's), art cos clean >= 0.95, normal cos >= 0.99, next-block "
           "cos >= 0.99)\n")
     _print_table(settings_rows)
@@ -268,7 +300,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("refine", "distill", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, from {', '.join(CASES)} or {', '.join(COMBINATIONS)}")
+                        help=f"comma-separated, from {', '.join(CASES)} or {', '.join(COMBINATIONS)} or "
+                             f"{', '.join(REAL_SIZE)}")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
@@ -276,16 +309,18 @@ def main() -> None:
     parser.add_argument("--distill-settings", default="faithful",
                         help="distill part: comma-separated SiNGER settings run against FitNet")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
+    parser.add_argument("--n-train", type=int, default=512, help="refine part: training images (raw taps cached)")
+    parser.add_argument("--batch", type=int, default=32, help="refine part: adapter batch size")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
-    cases = [{**CASES, **COMBINATIONS}[key] for key in args.cases.split(",")]
+    cases = [{**CASES, **COMBINATIONS, **REAL_SIZE}[key] for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",")}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.n_eval)
+                    args.n_eval, args.n_train, args.batch)
     if args.part in ("distill", "all"):
-        distill_part([c for c in cases if c.u_in_null], args.steps, args.distill_settings.split(","),
+        distill_part([c for c in cases if c.u_in_null and not c.preset], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
 
 
