@@ -74,7 +74,8 @@ class Backbone(nn.Module):
             tokens = block(tokens)
         return tokens
 
-    def run_block_rows(self, tokens: Tensor, index: int, rows: Tensor, keys_values: Tensor | None = None) -> Tensor:
+    def run_block_rows(self, tokens: Tensor, index: int, rows: Tensor,
+                       keys_values: Tensor | None = None) -> Tensor:
         """Block `index`'s output on `tokens` (B, T, D) at `rows` (B, T) bool only: (M, D) in the order of
         rows.nonzero(), computing only what the rows need where the block allows it (models/block_rows.py);
         keys_values: the block's keys and values recorded on a stream that differs from `tokens` at `rows` only
