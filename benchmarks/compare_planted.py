@@ -50,7 +50,7 @@ from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss
-from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain
+from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain, high_norm_mask
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.models.backbone import load_backbone
@@ -140,9 +140,7 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
                                    seed=singer.seed, init=singer.adapter_init)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
     images = _images(planted, n_train, case.share, seed)
-    subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], layers,
-                                             singer.select_k, max_rank=singer.rank)
-                 if singer.outlier_target == "subspace" else None)
+    subspaces = _estimate(teacher, images, layers, singer, batch_size) if singer.outlier_target == "subspace" else None
     if singer.adapter_init == "subspace":
         refiner.start_at_subspaces({layer: None if s is None else s.basis for layer, s in subspaces.items()})
     loss = SingerLoss(singer, layers, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
@@ -171,6 +169,27 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
         optimizer.step()
         schedule.step()
     return refiner
+
+
+def _estimate(teacher, images: torch.Tensor, layers, singer: SingerConfig, batch_size: int) -> dict:
+    return estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], layers,
+                                       singer.select_k, max_rank=singer.rank)
+
+
+@torch.no_grad()
+def faithful_target(planted: PlantedTeacher, case: Case, n_eval: int, n_train: int, batch_size: int):
+    """The faithful L_out target itself (each layer's counterfactual, from the subspace refine_only estimates) on
+    refined_stats' held-out images, as a stand-in for a refiner there: the ceiling the adapters are trained towards."""
+    teacher, layers, singer = planted.backbone, case.layers, SETTINGS["faithful"]
+    subspaces = _estimate(teacher, _images(planted, n_train, case.share, 0), layers, singer, batch_size)
+    loss = SingerLoss(singer, layers, teacher, TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher)),
+                      subspaces=subspaces)
+    raw = teacher.forward_taps(_images(planted, n_eval, case.share, 1), loss.taps_needed())
+    p = teacher.num_prefix_tokens
+    targets = {layer: raw[layer] if subspaces[layer] is None else subspaces[layer].counterfactual(
+        raw, layer, high_norm_mask(raw[layer][:, p:], singer.select_k), teacher.run_block_rows, p)
+        for layer in layers}
+    return lambda layer, tokens: targets[layer]
 
 
 @torch.no_grad()
@@ -214,12 +233,16 @@ def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                ablation_cases: list[Case], n_eval: int, n_train: int = 512, batch_size: int = 32) -> None:
+                ablation_cases: list[Case], n_eval: int, n_train: int = 512, batch_size: int = 32,
+                with_target: bool = False) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = build_planted_teacher(case.planted())
         twin = refined_stats(planted, None, case, n_eval)
         settings_rows += [_row(case, key, "clean twin (target)", twin[key], twin) for key in twin]
+        if with_target:
+            target = refined_stats(planted, faithful_target(planted, case, n_eval, n_train, batch_size), case, n_eval)
+            settings_rows += [_row(case, key, "faithful L_out target", target[key], twin) for key in target]
         runs = {}  # SingerConfig -> stats: the ablation reuses a setting's run when they are the same
 
         def measure(singer: SingerConfig, label: str) -> dict:
@@ -311,6 +334,8 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--n-train", type=int, default=512, help="refine part: training images (raw taps cached)")
     parser.add_argument("--batch", type=int, default=32, help="refine part: adapter batch size")
+    parser.add_argument("--with-target", action="store_true",
+                        help="refine part: also judge the faithful L_out target itself (the adapters' ceiling)")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     args = parser.parse_args()
     cases = [{**CASES, **COMBINATIONS, **REAL_SIZE}[key] for key in args.cases.split(",")]
@@ -318,7 +343,7 @@ def main() -> None:
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",")}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.n_eval, args.n_train, args.batch)
+                    args.n_eval, args.n_train, args.batch, args.with_target)
     if args.part in ("distill", "all"):
         distill_part([c for c in cases if c.u_in_null and not c.preset], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
