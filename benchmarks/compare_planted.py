@@ -325,7 +325,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated, from {', '.join(CASES)} or {', '.join(COMBINATIONS)} or "
                              f"{', '.join(REAL_SIZE)}")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="refine part: comma-separated settings, or none")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
     parser.add_argument("--ablation-cases", default="8c,2c,8two", help="refine part: cases of the ablation")
@@ -341,7 +342,7 @@ def main() -> None:
     cases = [{**CASES, **COMBINATIONS, **REAL_SIZE}[key] for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
-        settings = {name: SETTINGS[name] for name in args.settings.split(",")}
+        settings = {name: SETTINGS[name] for name in args.settings.split(",") if name != "none"}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
                     args.n_eval, args.n_train, args.batch, args.with_target)
     if args.part in ("distill", "all"):
