@@ -93,20 +93,12 @@ def _measure(teacher: Backbone, student: Backbone, teacher_layers: list[int], st
     """Our full step is `train_step` of singer_deploy.train.loop (what `distill()` runs) on the same DistillStep;
     the bound runs the step's own frozen teacher copy (bf16 weights under bf16, truncated) and the same student."""
     device = images.device
-    train = TrainConfig(precision=precision, device=device.type, lr=1e-4, compile=compiled)
-    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, method,
-                         teacher_dtype=compute_dtype(precision, device)).to(device)
-    module.student.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(train, [{"params": params}], device)
+    module, distill_step = distill_step_call(teacher, student, teacher_layers, student_layers, singer, method, images,
+                                             precision, compiled)
     autocast = autocast_for(precision, device)
-    runner = torch.compile(module) if compiled else module
     frozen = module.teacher
     teacher_forward = torch.compile(frozen.forward_taps) if compiled else frozen.forward_taps
     student_forward = torch.compile(student.forward_taps) if compiled else student.forward_taps
-
-    def distill_step():
-        train_step(runner, images, optimizer, None, params, train.grad_clip, autocast)
 
     def teacher_step():
         with torch.no_grad(), autocast:
@@ -125,6 +117,23 @@ def _measure(teacher: Backbone, student: Backbone, teacher_layers: list[int], st
                                                         device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return Timing(step_ms, teacher_ms, student_ms, peak)
+
+
+def distill_step_call(teacher: Backbone, student: Backbone, teacher_layers: list[int], student_layers: list[int],
+                      singer: SingerConfig, method: str, images: torch.Tensor, precision: str,
+                      compiled: bool = False):
+    """(the DistillStep, a call running one `train_step` of it on `images`): what distill() runs per step, with
+    AdamW at lr 1e-4 over every trained parameter (benchmarks/bench_method_scale.py times the same call)."""
+    device = images.device
+    train = TrainConfig(precision=precision, device=device.type, lr=1e-4, compile=compiled)
+    module = DistillStep(teacher, student, teacher_layers, student_layers, singer, method,
+                         teacher_dtype=compute_dtype(precision, device)).to(device)
+    module.student.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(train, [{"params": params}], device)
+    autocast = autocast_for(precision, device)
+    runner = torch.compile(module) if compiled else module
+    return module, lambda: train_step(runner, images, optimizer, None, params, train.grad_clip, autocast)
 
 
 def _time_interleaved(calls, steps: int, warmup: int, device: torch.device) -> list[float]:

@@ -11,6 +11,13 @@ Cases (docs/planted_teacher.md, "Families"), each at 8% and 2% of the patches:
   v    image-dependent: a fixed part plus a part that varies from token to token within 3 directions (block 4)
 and four combinations outside them (COMBINATIONS: 8mix, 2mix-v, 8p-early, 2gv) and the weak cases (WEAK: c, two and g
 at 2.5x and 3x, e.g. 8c-2.5x), run only when --cases names them.
+At the paper's scale (REAL_SIZE, run only when --cases names them; part "refine"): the planted teacher at DINOv2
+ViT-L/14's shape (PlantedConfig preset "vit_l14": 24 blocks, width 1024, 224 px, 256 patch tokens), distilled layers
+17 and 23 = the last:
+  2c-L   2% content-triggered, written by block 10
+  2g-L   2% grown, written over blocks 10, 11 and 12
+    python benchmarks/compare_planted.py --part refine --cases 2c-L --settings faithful --inits none \
+        --steps 50 --n-train 48 --batch 8 --n-eval 16
 
 Part "refine" (fast): the teacher-side adapters trained alone with the SiNGER terms (L_out + L_info; the target is
 detached, so L_kd never reaches them and no student is needed), then every figure of method.metrics.ArtifactStats for
@@ -38,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from singer_deploy.config import PlantedConfig, PlantedTraining, SingerConfig, TrainConfig
+from singer_deploy.config import PlantedConfig, PlantedTraining, SingerConfig, TrainConfig, planted_preset_fields
 from singer_deploy.evaluation.analysis import PROJECTED, REFINED, planted_mask
 from singer_deploy.evaluation.study import compare_methods
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
@@ -54,6 +61,7 @@ from singer_deploy.models.planted_training import planted_teacher
 from singer_deploy.train.loop import lr_factor
 
 LAYERS = (4, 7)
+REAL_SIZE_LAYERS = (17, 23)
 RANK = 8
 
 
@@ -66,6 +74,7 @@ class Case:
     family: dict = field(default_factory=dict)   # PlantedConfig fields of the family
     name: str | None = None                      # the label, where the family keys do not say it
     training: PlantedTraining | None = None      # --trained: the teacher learns the shapes task (flat_share = share)
+    preset: str | None = None                    # PlantedConfig preset (PLANTED_PRESETS); None: the small teacher
 
     @property
     def label(self) -> str:
@@ -78,8 +87,13 @@ class Case:
 
     def planted(self) -> PlantedConfig:
         training = PlantedTraining() if self.training is None else replace(self.training, flat_share=self.share)
-        return PlantedConfig(trigger=self.trigger, position_share=self.share, u_in_null=self.u_in_null,
-                             training=training, **self.family)
+        return PlantedConfig(**{**(planted_preset_fields(self.preset) if self.preset else {}),
+                                "trigger": self.trigger, "position_share": self.share, "u_in_null": self.u_in_null,
+                                "training": training, **self.family})
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return REAL_SIZE_LAYERS if self.preset else LAYERS
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -108,7 +122,12 @@ COMBINATIONS = {
 WEAK = {f"{pct}{name}-{rho:g}x": Case(f"{pct}{name}-{rho:g}x", pct / 100, **{
             **kwargs, "family": {**kwargs.get("family", {}), "rho": rho, "second_rho": rho}})
         for name, kwargs in _FAMILIES.items() if name in ("c", "two", "g") for pct in (8, 2) for rho in (2.5, 3.0)}
-ALL_CASES = {**CASES, **COMBINATIONS, **WEAK}
+REAL_SIZE = {
+    "2c-L": Case("2c-L", 0.02, preset="vit_l14", name="2% content at block 10, ViT-L/14 shape"),
+    "2g-L": Case("2g-L", 0.02, preset="vit_l14", family={"grow_blocks": 3},
+                 name="2% grown at blocks 10-12, ViT-L/14 shape"),
+}
+ALL_CASES = {**CASES, **COMBINATIONS, **WEAK, **REAL_SIZE}
 
 # Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
 # L_info only), so the published row differs from the published preset in that one respect.
@@ -127,30 +146,34 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     """Train only the refinement adapters (AdamW, weight decay 0.05, 10 warm-up steps, cosine, clip 1.0 as in
     TrainConfig) on cached raw taps of `n_train` images; returns the trained Refiner."""
     torch.manual_seed(seed)
-    teacher = planted.backbone.eval()
-    refiner = Refiner.from_teacher(teacher, LAYERS, rank=singer.rank, rule=singer.rule, tau=singer.tau,
+    teacher, layers = planted.backbone.eval(), case.layers
+    refiner = Refiner.from_teacher(teacher, layers, rank=singer.rank, rule=singer.rule, tau=singer.tau,
                                    seed=singer.seed, init=singer.adapter_init)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
-    images = stack_images(SyntheticShapes(n_train, 64, 8, flat_share=case.share, seed=seed))
-    subspaces = (estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], LAYERS,
-                                             singer.select_k, max_rank=singer.rank)
-                 if singer.outlier_target == "subspace" else None)
+    images = _images(planted, n_train, case.share, seed)
+    subspaces = _estimate(teacher, images, layers, singer, batch_size) if singer.outlier_target == "subspace" else None
     if singer.adapter_init == "subspace":
         refiner.start_at_subspaces({layer: None if s is None else s.basis for layer, s in subspaces.items()})
-    loss = SingerLoss(singer, LAYERS, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
+    loss = SingerLoss(singer, layers, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
-    needed = loss.taps_needed()
+    needed, rerun = loss.taps_needed(), loss.blocks_rerun()
+    taps, recorded = [], []
     with torch.no_grad():
-        taps = [teacher.forward_taps(batch, needed) for batch in images.split(64)]
+        for batch in images.split(64):          # the keys and values the counterfactual reuses, as DistillStep does
+            with teacher.record_keys_values(rerun) as keys_values:
+                taps.append(teacher.forward_taps(batch, needed))
+            recorded.append({block: kv.contiguous() for block, kv in keys_values.items()})
     pool = {layer: torch.cat([t[layer] for t in taps]) for layer in needed}
+    kv_pool = {block: torch.cat([r[block] for r in recorded]) for block in recorded[0]}
+    del taps, recorded
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
         raw = {layer: pool[layer][index] for layer in needed}
-        refined = {layer: refiner(layer, raw[layer]) for layer in LAYERS}
-        student = {layer: aligner.teacher(refined[layer]).detach() for layer in LAYERS}   # L_kd = 0
-        terms = loss(student, refined, raw)
+        refined = {layer: refiner(layer, raw[layer]) for layer in layers}
+        student = {layer: aligner.teacher(refined[layer]).detach() for layer in layers}   # L_kd = 0
+        terms = loss(student, refined, raw, {block: kv[index] for block, kv in kv_pool.items()})
         optimizer.zero_grad()
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(refiner.trainable_parameters(), 1.0)
@@ -159,17 +182,38 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     return refiner
 
 
+def _estimate(teacher, images: torch.Tensor, layers, singer: SingerConfig, batch_size: int) -> dict:
+    return estimate_artifact_subspaces(teacher, images.split(batch_size)[:singer.estimate_batches], layers,
+                                       singer.select_k, max_rank=singer.rank)
+
+
+@torch.no_grad()
+def faithful_target(planted: PlantedTeacher, case: Case, n_eval: int, n_train: int, batch_size: int):
+    """The faithful L_out target itself (each layer's counterfactual, from the subspace refine_only estimates) on
+    refined_stats' held-out images, as a stand-in for a refiner there: the ceiling the adapters are trained towards."""
+    teacher, layers, singer = planted.backbone, case.layers, SETTINGS["faithful"]
+    subspaces = _estimate(teacher, _images(planted, n_train, case.share, 0), layers, singer, batch_size)
+    loss = SingerLoss(singer, layers, teacher, TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher)),
+                      subspaces=subspaces)
+    raw = teacher.forward_taps(_images(planted, n_eval, case.share, 1), loss.taps_needed())
+    p = teacher.num_prefix_tokens
+    targets = {layer: raw[layer] if subspaces[layer] is None else subspaces[layer].counterfactual(
+        raw, layer, subspaces[layer].select(raw[layer][:, p:]), teacher.run_block_rows, p)
+        for layer in layers}
+    return lambda layer, tokens: targets[layer]
+
+
 @torch.no_grad()
 def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, n_eval: int = 128) -> dict:
     """(layer, cluster) -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None), for
     every cluster written at or before the layer, and "all" (their union)."""
     teacher, clean = planted.backbone, planted.clean
-    images = stack_images(SyntheticShapes(n_eval, 64, 8, flat_share=case.share, seed=1))
+    images, layers = _images(planted, n_eval, case.share, 1), case.layers
     clusters = planted.cluster_masks(images)
-    raw, twin = teacher.forward_taps(images, LAYERS), clean.forward_taps(images, LAYERS)
+    raw, twin = teacher.forward_taps(images, layers), clean.forward_taps(images, layers)
     p = teacher.num_prefix_tokens
     out = {}
-    for layer in LAYERS:
+    for layer in layers:
         block = surrogate_block(layer, teacher.depth)
         patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
             [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
@@ -186,6 +230,11 @@ def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, 
     return out
 
 
+def _images(planted: PlantedTeacher, n: int, share: float, seed: int) -> torch.Tensor:
+    config = planted.config
+    return stack_images(SyntheticShapes(n, config.img_size, config.patch_size, flat_share=share, seed=seed))
+
+
 def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
     """One table row; "targets met" counts the issue's four refined-teacher targets (the ratio against the twin)."""
     limit = max(REMAIN_RATIO, 1.2 * twin[key]["artifact_ratio"])
@@ -195,17 +244,22 @@ def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
 
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
-                ablation_cases: list[Case], n_eval: int) -> None:
+                ablation_cases: list[Case], n_eval: int, n_train: int = 512, batch_size: int = 32,
+                with_target: bool = False) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = planted_teacher(case.planted())
         twin = refined_stats(planted, None, case, n_eval)
         settings_rows += [_row(case, key, "clean twin (target)", twin[key], twin) for key in twin]
+        if with_target:
+            target = refined_stats(planted, faithful_target(planted, case, n_eval, n_train, batch_size), case, n_eval)
+            settings_rows += [_row(case, key, "faithful L_out target", target[key], twin) for key in target]
         runs = {}  # SingerConfig -> stats: the ablation reuses a setting's run when they are the same
 
         def measure(singer: SingerConfig, label: str) -> dict:
             if singer not in runs:
-                refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR)
+                refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR, batch_size=batch_size,
+                                      n_train=n_train)
                 runs[singer] = refined_stats(planted, refiner, case, n_eval)
                 print(f"  done: {case.label}, {label}", flush=True)
             return runs[singer]
@@ -217,7 +271,8 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
             for init in inits:
                 stats = measure(replace(SETTINGS["faithful"], adapter_init=init), f"{init} init")
                 ablation_rows += [_row(case, key, f"faithful, {init} init", stats[key], twin) for key in stats]
-    print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps, {n_eval} held-out images; "
+    print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps of batch {batch_size} from "
+          f"{n_train} training images, {n_eval} held-out images; "
           "targets: art/normal <= max(1.5, 1.2 x the twin's), art cos clean >= 0.95, normal cos >= 0.99, next-block "
           "cos >= 0.99)\n")
     _print_table(settings_rows)
@@ -280,13 +335,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated, from {', '.join(ALL_CASES)}")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="refine part: comma-separated settings")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="refine part: comma-separated settings, or none")
     parser.add_argument("--inits", default=",".join(INITS),
                         help="refine part: ablation inits, comma-separated, or 'none'")
     parser.add_argument("--ablation-cases", default="8c,2c,8two", help="refine part: cases of the ablation")
     parser.add_argument("--distill-settings", default="faithful",
                         help="distill part: comma-separated SiNGER settings run against FitNet")
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
+    parser.add_argument("--n-train", type=int, default=512, help="refine part: training images (raw taps cached)")
+    parser.add_argument("--batch", type=int, default=32, help="refine part: adapter batch size")
+    parser.add_argument("--with-target", action="store_true",
+                        help="refine part: also judge the faithful L_out target itself (the adapters' ceiling)")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
     parser.add_argument("--trained", type=int, default=0, metavar="STEPS",
                         help="teachers trained on the shapes task for STEPS steps (PlantedTraining's other defaults; "
@@ -297,11 +357,11 @@ def main() -> None:
         cases = [replace(case, training=PlantedTraining(steps=args.trained)) for case in cases]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
-        settings = {name: SETTINGS[name] for name in args.settings.split(",")}
+        settings = {name: SETTINGS[name] for name in args.settings.split(",") if name != "none"}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.n_eval)
+                    args.n_eval, args.n_train, args.batch, args.with_target)
     if args.part in ("distill", "all"):
-        distill_part([c for c in cases if c.u_in_null], args.steps, args.distill_settings.split(","),
+        distill_part([c for c in cases if c.u_in_null and not c.preset], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))
 
 

@@ -312,6 +312,7 @@ class PlantedConfig:
     depth: int = 8
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    init_values: float | None = None  # LayerScale's initial gain (timm's init_values, as DINOv2); None: no LayerScale
     artifact_layer: int = 4
     rho: float = 10.0            # median artifact norm / median normal norm at the artifact layer
     null_dim: int = 8            # dimension of the subspace N the blocks after the artifact layer ignore
@@ -343,7 +344,9 @@ class PlantedConfig:
                                     f"{self.embed_dim}, num_heads {self.num_heads}",
                               fix="e.g. img_size 64, patch_size 8, embed_dim 96, num_heads 4")
         check_seed("PlantedConfig.seed", self.seed)
-        for key in ("mlp_ratio", "rho", "second_rho", "varying_rho"):
+        for key in ("mlp_ratio", "rho", "second_rho", "varying_rho", "init_values"):
+            if key == "init_values" and self.init_values is None:
+                continue
             if not (_finite(getattr(self, key)) and getattr(self, key) > 0):
                 raise ConfigError(f"PlantedConfig.{key} must be a finite number > 0", expected="a positive number",
                                   found=repr(getattr(self, key)), fix=f"e.g. {key}: {getattr(type(self), key)}")
@@ -396,6 +399,30 @@ class PlantedConfig:
                               expected=f"u_in_null and fewer than null_dim ({self.null_dim}) extra directions",
                               found=f"u_in_null {self.u_in_null}, {self.extra_directions} extra directions",
                               fix="raise null_dim or use fewer grown blocks / varying directions")
+
+
+# Named planted-teacher shapes (teacher.planted: {preset: vit_l14, ...}; docs/planted_teacher.md, "Real size"):
+# vit_l14 is DINOv2 ViT-L/14's shape (24 blocks, width 1024, 16 heads, LayerScale, 224 px, 256 patch tokens) with the
+# artifact written mid-depth, at block 10.
+PLANTED_PRESETS: dict[str, dict] = {
+    "vit_l14": {"img_size": 224, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16,
+                "init_values": 0.1, "artifact_layer": 10},
+}
+
+
+def planted_preset(name: str, **fields) -> PlantedConfig:
+    """PlantedConfig of preset `name` (PLANTED_PRESETS) with `fields` on top, e.g. planted_preset("vit_l14",
+    grow_blocks=3)."""
+    return PlantedConfig(**{**planted_preset_fields(name), **fields})
+
+
+def planted_preset_fields(name: object) -> dict:
+    """The PlantedConfig fields preset `name` sets."""
+    if name not in PLANTED_PRESETS:
+        raise ConfigError("teacher.planted.preset: unknown planted teacher preset",
+                          expected=" or ".join(map(repr, PLANTED_PRESETS)), found=repr(name),
+                          fix="use preset: vit_l14, or leave preset out for the small teacher")
+    return dict(PLANTED_PRESETS[name])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,7 +691,9 @@ class ModelSpec:
     def planted_config(self) -> PlantedConfig:
         """The planted teacher's PlantedConfig (only the teacher may be the planted model), each value checked
         against its field's type as the rest of the config is (a float img_size, a text seed ...)."""
-        return from_mapping(PlantedConfig, self.planted, "teacher.planted.")
+        fields = dict(self.planted)
+        preset = planted_preset_fields(fields.pop("preset")) if "preset" in fields else {}
+        return from_mapping(PlantedConfig, {**preset, **fields}, "teacher.planted.")
 
 
 @dataclass(frozen=True)

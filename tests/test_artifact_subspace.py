@@ -186,3 +186,49 @@ def test_distillation_estimates_and_records_the_subspace(small_planted, tmp_path
     assert all(entry["writers"].keys() == {str(small_planted.artifact_layer)} and entry["artifact_tokens"] > 0
                and entry["complete"] for entry in recorded.values())
 
+
+
+def test_the_training_step_reuses_the_raw_keys_and_values_and_keeps_the_target():
+    """DistillStep records the raw forward's keys and values of the blocks the counterfactual re-runs, and the
+    target computed with them is the one computed from the whole blocks (docs/results.md, "The method at the paper's
+    scale")."""
+    from singer_deploy.method.alignment import map_layers
+    from singer_deploy.train.loop import DistillStep
+
+    planted = build_planted_teacher(PlantedConfig(artifact_layer=3, grow_blocks=3))   # three writers
+    teacher, layers = planted.backbone, [4, 7]
+    images = stack_images(SyntheticShapes(32, 64, 8, flat_share=0.08, seed=4))
+    student = load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    step = DistillStep(teacher, student, layers, map_layers(layers, 8, 2, force_last=True), SingerConfig(rank=8),
+                       "singer")
+    loss = step.singer_loss
+    loss.subspaces = estimate_artifact_subspaces(step.teacher, [images[16:]], layers, loss.config.select_k,
+                                                 max_rank=8)
+    first = min(s.first_block for s in loss.subspaces.values())
+    assert loss.blocks_rerun() == list(range(first + 1, 8))
+    recorded = {}
+    original = step.teacher.record_keys_values
+
+    def spy(blocks):
+        recorded["blocks"] = list(blocks)
+        return original(blocks)
+
+    step.teacher.record_keys_values = spy
+    batch = images[:16]
+    with torch.no_grad():
+        terms = step(batch)
+        raw = step.teacher.forward_taps(batch, loss.taps_needed())
+        with step.teacher.record_keys_values(loss.blocks_rerun()) as keys_values:
+            step.teacher.forward_taps(batch, loss.taps_needed())
+    assert recorded["blocks"] == loss.blocks_rerun() and sorted(keys_values) == loss.blocks_rerun()
+    p = teacher.num_prefix_tokens
+    for layer in layers:
+        subspace = loss.subspaces[layer]
+        selected = subspace.select(raw[layer][:, p:])
+        blocks = step.teacher.model.blocks
+        whole = subspace.counterfactual(raw, layer, selected, lambda t, b, rows: blocks[b](t)[rows], p)
+        reused = subspace.counterfactual(
+            raw, layer, selected, lambda t, b, rows: step.teacher.run_block_rows(t, b, rows, keys_values[b]), p)
+        assert (reused - whole).norm() <= 1e-5 * whole.norm()           # float32 rounding apart
+        assert torch.nn.functional.cosine_similarity(reused, whole, dim=-1).min() > 1 - 1e-5
+        assert torch.isfinite(terms[f"out@{layer}"]) and torch.isfinite(terms[f"info@{layer}"])

@@ -156,3 +156,27 @@ def test_run_block_rows_runs_the_whole_block_where_the_rows_path_disagrees(monke
     for _ in range(2):
         torch.testing.assert_close(backbone.run_block_rows(tokens, 1, rows), whole[rows], rtol=0, atol=0)
     assert backbone.run_block_rows(tokens, 1, torch.zeros_like(rows)).shape == (0, 48)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "init_values": 0.1, "qkv_bias": False}])
+def test_run_block_rows_reuses_the_keys_and_values_recorded_on_the_raw_stream(kwargs):
+    """The counterfactual stream differs from the raw one at the rows only: with the raw forward's keys and values
+    recorded, block_rows computes the rows' own and gives the whole block's output on the changed stream."""
+    torch.manual_seed(0)
+    backbone = load_backbone("vit_tiny_patch16_224", **{**TINY, **kwargs})
+    images = torch.randn(3, 3, 32, 32)
+    with backbone.record_keys_values([1]) as keys_values:
+        raw = backbone.forward_taps(images, [0, 1])
+    assert sorted(keys_values) == [1] and keys_values[1].shape == (3, raw[0].shape[1], 2 * backbone.embed_dim)
+    rows = torch.rand(raw[0].shape[:2], generator=torch.Generator().manual_seed(1)) < 0.3
+    rows[0, 1] = True
+    changed = raw[0].index_put(rows.nonzero(as_tuple=True), 3.0 * torch.randn(int(rows.sum()), backbone.embed_dim))
+    recorded = keys_values[1].clone()
+    for _ in range(2):                     # the first call checks the rows path against the whole block
+        out = backbone.run_block_rows(changed, 1, rows, keys_values[1])
+        torch.testing.assert_close(out, backbone.model.blocks[1](changed)[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys_values[1], recorded, rtol=0, atol=0)      # the recording is left as it was
+    with backbone.record_keys_values([1]) as later:
+        pass
+    backbone.forward_taps(images, [1])                                         # outside the `with`: not recorded
+    assert later == {}

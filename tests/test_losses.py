@@ -181,10 +181,12 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
     # One image, CLS + 2 patches, width 2. The refined patches are 2x the raw ones: the cosine Gram term is exactly
     # 0 (scale-invariant: the blind spot this option covers). Surrogate block of the final layer: block 2 (its own
     # block when it is the teacher's last, the next block otherwise) -> gain 3. Patch difference 1 per element:
-    # MSE over 3 tokens x 2 channels = (4 elements * 3^2) / 6 = 6.
+    # MSE over 3 tokens x 2 channels = (4 elements * 3^2) / 6 = 6. The raw taps are the teacher's: raw[1] is block 1
+    # (gain 2) of raw[0], which the intermediate layer's term reads instead of running block 1 again.
     assert surrogate_block(2, 3) == 2 and surrogate_block(1, 3) == 2 and surrogate_block(0, 3) == 1
     final = layers[-1]
-    raw = {layer: torch.ones(1, 3, 2) for layer in layers}
+    raw = {layer: torch.ones(1, 3, 2) * (2.0 if layer == 1 else 1.0) for layer in layers}
+    level = float(raw[final][0, 0, 0])
     refined = {layer: torch.cat([raw[layer][:, :1], 2.0 * raw[layer][:, 1:]], dim=1) for layer in layers}
     layout = TokenLayout(1, True, (1, 2))
     aligner = TokenAligner(layout, layout)
@@ -193,7 +195,7 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
     held = SingerLoss(replace(published, last_block_info=True), layers, _ScalingTeacher(), aligner)
     assert plain(refined, refined, raw)[f"info@{final}"].item() == pytest.approx(0.0, abs=1e-6)
     terms = held(refined, refined, raw)
-    assert terms[f"info@{final}"].item() == pytest.approx(4 * block_gain ** 2 / 6, rel=1e-5)
+    assert terms[f"info@{final}"].item() == pytest.approx(4 * (block_gain * level) ** 2 / 6, rel=1e-5)
     # The intermediate layer is unchanged: block 1 (gain 2) -> 4 * 2^2 / 6.
     assert terms["info@0"].item() == pytest.approx(4 * 4.0 / 6, rel=1e-5)
 

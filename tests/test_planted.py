@@ -183,3 +183,55 @@ def test_family_settings_are_validated():
                 dict(varying_dims=8), dict(varying_dims=2, u_in_null=False), dict(grow_blocks=0)):
         with pytest.raises(ConfigError):
             PlantedConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def real_size_narrow():
+    """The real-size preset (DINOv2 ViT-L/14's depth, heads, patch, 224 px and LayerScale) at width 64 (the test
+    suite's budget), and its grown variant."""
+    from singer_deploy.config import planted_preset
+
+    return {grow: build_planted_teacher(planted_preset("vit_l14", embed_dim=64, grow_blocks=grow)) for grow in (1, 3)}
+
+
+def test_real_size_preset_has_the_paper_teachers_shape_and_writes_mid_depth(real_size_narrow):
+    teacher = real_size_narrow[1]
+    model = teacher.backbone.model
+    assert (teacher.backbone.depth, len(model.blocks), model.blocks[0].attn.num_heads) == (24, 24, 16)
+    assert type(model.blocks[0].ls1).__name__ == "LayerScale"
+    assert [w.block for w in teacher.writers] == [10]
+    assert [w.block for w in real_size_narrow[3].writers] == [10, 11, 12]
+    images = stack_images(SyntheticShapes(8, 224, 14, flat_share=0.02, seed=5))
+    with torch.no_grad():
+        taps = teacher.backbone.forward_taps(images, [9, 10, 17, 23])
+        twin = teacher.clean.forward_taps(images, [10, 23])
+    assert taps[23].shape == (8, 257, 64)                   # CLS + 256 patch tokens
+    for grow, planted in real_size_narrow.items():
+        mask = planted.artifact_mask(images)
+        assert 0.005 < mask.float().mean() < 0.05             # about 2% of the patches
+        layer = 9 + grow
+        with torch.no_grad():
+            norms = planted.backbone.split(planted.backbone.forward_taps(images, [9, layer])[layer])[1].norm(dim=-1)
+        assert norms[mask].median() / norms[~mask].median() == pytest.approx(10.0, rel=0.15)
+    norms = {layer: teacher.backbone.split(taps[layer])[1].norm(dim=-1) for layer in taps}
+    assert (norms[9][mask].median() / norms[9][~mask].median()) < 1.5          # nothing before the writer
+    for layer in (10, 23):
+        clean = teacher.clean.split(twin[layer])[1]
+        twin_norms = clean.norm(dim=-1)
+        assert twin_norms[mask].median() / twin_norms[~mask].median() < 1.5, layer      # the twin has none
+        cos = torch.nn.functional.cosine_similarity(teacher.backbone.split(taps[layer])[1][~mask], clean[~mask],
+                                                    dim=-1)
+        assert cos.mean() > 0.99
+
+
+def test_real_size_preset_is_reachable_from_the_run_config():
+    from singer_deploy.config import ModelSpec, planted_preset
+    from singer_deploy.errors import ConfigError
+
+    spec = ModelSpec(name="planted", planted={"preset": "vit_l14", "grow_blocks": 3})
+    assert spec.planted_config() == planted_preset("vit_l14", grow_blocks=3)
+    assert (spec.planted_config().depth, spec.planted_config().init_values) == (24, 0.1)
+    with pytest.raises(ConfigError, match="preset"):
+        ModelSpec(name="planted", planted={"preset": "vit_h14"}).planted_config()
+    with pytest.raises(ConfigError, match="init_values"):
+        PlantedConfig(init_values=0.0)

@@ -86,14 +86,15 @@ def check_quantile_trap(patches: Tensor, alpha: float, *, k: float = TRAP_K, lab
 
 
 def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Tensor], Tensor],
-                         keep: Tensor | None = None) -> Tensor:
+                         keep: Tensor | None = None, raw_out: Tensor | None = None) -> Tensor:
     """MSE(Block_{l+1}(F_hat), Block_{l+1}(F)); the raw path runs without grad, the refined path keeps it.
 
     `keep` (B, T) bool limits it to those tokens (info_tokens "normal"): the block's residual path copies an
     artifact token's own content to its output, so over all tokens this term pulls every removed artifact back.
+    `raw_out`: Block_{l+1}(F) where the caller has it already (the raw teacher's tap of block l+1), not run again.
     """
     with torch.no_grad():
-        target = next_block(raw)
+        target = next_block(raw) if raw_out is None else raw_out
     if keep is None:
         return F.mse_loss(next_block(refined), target)
     return _masked_mse(next_block(refined), target, keep)
@@ -140,9 +141,11 @@ class SingerLoss:
         self._checks_left = trap_check_batches if config.outlier_target == "quantile" else 0
 
     def __call__(self, student: Mapping[int, Tensor], refined: Mapping[int, Tensor],
-                 raw: Mapping[int, Tensor]) -> dict[str, Tensor]:
+                 raw: Mapping[int, Tensor], keys_values: Mapping[int, Tensor] | None = None) -> dict[str, Tensor]:
         """student[l]: aligned projected student tokens (Projectors output); refined[l] / raw[l]: teacher tokens
-        (B, prefix + N, D). Returns total, kd, out, info and per-layer terms ("kd@17", ...), all tensors."""
+        (B, prefix + N, D); keys_values: the raw forward's keys and values of the blocks in `blocks_rerun`
+        (Backbone.record_keys_values; optional, it saves the counterfactual most of its work). Returns total, kd,
+        out, info and per-layer terms ("kd@17", ...), all tensors."""
         cfg, p = self.config, self.prefix
         if self._checks_left > 0:
             self._checks_left -= 1
@@ -160,7 +163,8 @@ class SingerLoss:
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, selected[layer])
+            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, selected[layer],
+                                                  keys_values or {})
             if layer != final:
                 terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
             else:
@@ -183,9 +187,17 @@ class SingerLoss:
                  for b in subspace.taps_needed(layer)]
         return sorted({*self.layers, *extra})
 
-    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor) -> Tensor:
+    def blocks_rerun(self) -> list[int]:
+        """Teacher blocks the "subspace" target's counterfactual runs at the selected tokens: after each layer's
+        first writer, up to the layer."""
+        return sorted({b for layer, subspace in self.subspaces.items()
+                       if subspace is not None and subspace.first_block is not None
+                       for b in range(subspace.first_block + 1, layer + 1)})
+
+    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor,
+                 keys_values: Mapping[int, Tensor]) -> Tensor:
         """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected:
-        the raw teacher's artifact patch tokens at the layer (B, N, _artifact_tokens)."""
+        the raw teacher's artifact patch tokens at the layer (B, N, _artifact_tokens); keys_values: as __call__."""
         cfg, p = self.config, self.prefix
         if cfg.outlier_target == "quantile":
             return outlier_loss(refined, alpha=cfg.alpha)
@@ -197,7 +209,11 @@ class SingerLoss:
         subspace = self.subspaces[layer]
         if subspace is None:
             return refined.sum() * 0.0
-        target = subspace.counterfactual(raw, layer, selected, self.backbone.run_block_rows, p)
+
+        def run_block(tokens: Tensor, block: int, rows: Tensor) -> Tensor:
+            return self.backbone.run_block_rows(tokens, block, rows, keys_values.get(block))
+
+        target = subspace.counterfactual(raw, layer, selected, run_block, p)
         return subspace_loss(refined, target[:, p:], selected)
 
     def _artifact_tokens(self, layer: int, patches: Tensor) -> Tensor:
@@ -221,8 +237,10 @@ class SingerLoss:
 
     def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
                     keep: Tensor | None) -> Tensor:
+        # The raw stream's output of `block` is a tap already where the counterfactual reads it (taps_needed).
+        raw_out = raw.get(block) if block == layer + 1 else None
         return next_block_info_loss(refined[layer], raw[layer],
-                                    lambda tokens: self.backbone.run_blocks(tokens, block, block + 1), keep)
+                                    lambda tokens: self.backbone.run_blocks(tokens, block, block + 1), keep, raw_out)
 
     def _gram_reference_layer(self) -> int:
         # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.

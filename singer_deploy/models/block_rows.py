@@ -9,9 +9,17 @@ VisionTransformer: ViT, DeiT-III, DINOv2, CLIP) `block_rows` computes exactly th
 attention at a subset of queries, so the block's forward is written out here from its own submodules; to stay right
 on a timm version whose forward differs, `RowRunner` checks it against the block itself on the first call of each
 block and runs the whole block wherever the two disagree.
+
+The keys and values of the other tokens are the ones the block computed on the raw stream (the chosen rows are the
+only ones whose input differs), so where the caller kept them (`record_keys_values` around the raw forward) only the
+rows' own are computed: at ViT-L depth that is most of the counterfactual's cost (docs/results.md, "The method at
+the paper's scale").
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +45,17 @@ class RowRunner:
         self.blocks = blocks
         self.rows_path: dict[int, bool] = {}
 
-    def __call__(self, tokens: Tensor, index: int, rows: Tensor) -> Tensor:
+    def __call__(self, tokens: Tensor, index: int, rows: Tensor, keys_values: Tensor | None = None) -> Tensor:
+        """keys_values: as block_rows takes it (None: computed here)."""
         block = self.blocks[index]
         if not rows.any():
             return tokens[rows]
         if self.rows_path.get(index, False):
-            return block_rows(block, tokens, rows)
+            return block_rows(block, tokens, rows, keys_values)
         whole = block(tokens)[rows]
         if index not in self.rows_path:
-            self.rows_path[index] = supports_rows(block) and _agree(block_rows(block, tokens, rows), whole)
+            self.rows_path[index] = supports_rows(block) and _agree(block_rows(block, tokens, rows, keys_values),
+                                                                    whole)
         return whole
 
 
@@ -56,22 +66,29 @@ def supports_rows(block: nn.Module) -> bool:
             and all(hasattr(block, name) for name in _NEEDED) and all(hasattr(attn, name) for name in _NEEDED_ATTN))
 
 
-def block_rows(block: Block, tokens: Tensor, rows: Tensor) -> Tensor:
+def block_rows(block: Block, tokens: Tensor, rows: Tensor, keys_values: Tensor | None = None) -> Tensor:
     """`block(tokens)[rows]` (rows: (B, T) bool; result (M, D) in the order of rows.nonzero()), computing only the
-    rows' queries, attention and MLP."""
+    rows' queries, attention and MLP. keys_values: the block's key and value projections (B, T, 2 x width) of
+    tokens that equal `tokens` everywhere but at `rows` (what `record_keys_values` kept on the raw stream); the rows'
+    own are computed and put in their place (a copy: the caller's tensor is left as it is). None: all computed."""
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     width = heads * head_dim
     batch, length, _ = tokens.shape
-    normed = block.norm1(tokens)
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    keys_values = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+    image, token = rows.nonzero(as_tuple=True)
+    if keys_values is None:
+        normed = block.norm1(tokens)
+        picked = normed[image, token]
+        keys_values = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+    else:
+        picked = block.norm1(tokens[image, token])        # a per-token norm: the rows alone give the same
+        own = F.linear(picked, weight[width:], None if bias is None else bias[width:])
+        keys_values = keys_values.index_put((image, token), own.to(keys_values.dtype))
     keys, values = keys_values.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
     keys = attn.k_norm(keys)
     # Each image's rows go into slots 0..n-1 of a padded query block, so attention stays one batched call.
-    image, token = rows.nonzero(as_tuple=True)
     slot = (rows.cumsum(1) - 1)[image, token]
-    picked = normed[image, token]
     queries = F.linear(picked, weight[:width], None if bias is None else bias[:width]).reshape(-1, heads, head_dim)
     padded = queries.new_zeros(batch, int(rows.sum(1).max()), heads, head_dim)
     padded[image, slot] = attn.q_norm(queries)
@@ -83,6 +100,27 @@ def block_rows(block: Block, tokens: Tensor, rows: Tensor) -> Tensor:
         read = read * attn.gate(picked).sigmoid()
     out = tokens[image, token] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(read))))
     return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+
+
+@contextmanager
+def record_keys_values(blocks: nn.ModuleList, indices: Sequence[int]) -> Iterator[dict[int, Tensor]]:
+    """Inside the `with`, each forward pass of blocks `indices` (those `supports_rows` accepts) records the block's
+    key and value projections (B, T, 2 x width) in the dict it yields, for block_rows. They are views of the
+    attention's qkv output (kept alive until the dict goes), so recording copies nothing."""
+    found: dict[int, Tensor] = {}
+
+    def keeper(index: int):
+        def hook(module, inputs, output):
+            found[index] = output[..., output.shape[-1] // 3:]
+        return hook
+
+    handles = [blocks[i].attn.qkv.register_forward_hook(keeper(i)) for i in sorted(set(indices))
+               if supports_rows(blocks[i])]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _agree(fast: Tensor, whole: Tensor) -> bool:

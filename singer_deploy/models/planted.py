@@ -36,6 +36,9 @@ from singer_deploy.config import (PLANTED_CHANNEL_PAIRS, PLANTED_POSITION_FLAG, 
                                   PlantedConfig)
 
 
+CALIBRATION_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class Writer:
     """Register neurons of one block: they read the `flag` channel pair and write `scale` x `direction` (a saturating
@@ -116,7 +119,7 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
     torch.manual_seed(config.seed)
     model = VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
                               depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-                              num_classes=0).eval()
+                              init_values=config.init_values, num_classes=0).eval()
     channels = _reserve_channels(config)
     generator = torch.Generator().manual_seed(config.seed + 1)
     u, null_basis, spare = _artifact_geometry(config, channels, generator)
@@ -134,13 +137,14 @@ def build_planted_teacher(config: PlantedConfig | None = None) -> PlantedTeacher
         if config.second_layer is not None:
             _write_position_flag(model, channels, PLANTED_POSITION_FLAG, trigger_positions(config))
         masks = _cluster_masks(config, calibration)
+        inputs = _BlockInputs(model, calibration, config.artifact_layer)
         for writer in writers:
-            _write_register_neurons(model, config, channels, calibration, masks[writer.cluster], writer)
+            _write_register_neurons(model, config, channels, inputs, masks[writer.cluster], writer)
         directions = torch.stack([w.direction for w in writers] + [v for w in writers if w.varying is not None
                                                                    for v in w.varying])
         _ignore_subspace_after(model, config, null_basis, directions)
         _add_attention_sinks(model, config, u, generator)
-        writers = _calibrate_writers(model, config, calibration, masks, writers)
+        writers = _calibrate_writers(model, config, inputs, masks, writers)
     return teacher_with_twin(model, config, u, null_basis, writers)
 
 
@@ -156,17 +160,25 @@ def teacher_with_twin(model: VisionTransformer, config: PlantedConfig, u: Tensor
                           first.neurons[:2], tuple(writers))
 
 
+def calibration_count(config: PlantedConfig) -> int:
+    """How many synthetic images set the planted gains and scales: 2048 patch tokens (32 images of the small
+    teacher's 64 patches, 8 at 224 px / patch 14), at least 4 images. A token budget rather than an image count keeps
+    a real-size build to seconds of forward passes."""
+    return max(4, CALIBRATION_TOKENS // (config.img_size // config.patch_size) ** 2)
+
+
 def calibration_images(config: PlantedConfig) -> Tensor:
     """The fixed images the planted neurons and the writer scales are calibrated on."""
-    return stack_images(SyntheticShapes(32, config.img_size, config.patch_size, flat_share=0.08,
-                                        seed=10_000 + config.seed))
+    return stack_images(SyntheticShapes(calibration_count(config), config.img_size, config.patch_size,
+                                        flat_share=0.08, seed=10_000 + config.seed))
 
 
 def recalibrate_writers(model: VisionTransformer, config: PlantedConfig, writers) -> list[Writer]:
     """Scale the writers of `model` (e.g. after training its other weights) back to rho, as when it was built."""
     images = calibration_images(config)
     with torch.no_grad():
-        return _calibrate_writers(model, config, images, _cluster_masks(config, images), list(writers))
+        inputs = _BlockInputs(model, images, config.artifact_layer)
+        return _calibrate_writers(model, config, inputs, _cluster_masks(config, images), list(writers))
 
 
 def reserved_channels(config: PlantedConfig) -> list[int]:
@@ -280,9 +292,26 @@ def _write_energy_neurons(model: VisionTransformer, channels) -> None:
         _write_neuron(mlp, 2 * k + 1, -reads, 0.0, energy)
 
 
-def _pair_difference(model: VisionTransformer, images: Tensor, block: int, pair: tuple[int, int]) -> Tensor:
-    """LayerNorm-ed pair difference the given block's MLP sees, per patch token: (B, N)."""
-    tokens = Backbone(model).forward_taps(images, [block - 1])[block - 1]   # the input of `block` (block >= 1)
+class _BlockInputs:
+    """Block inputs and outputs on the calibration images from block `start` on. The blocks before it are final
+    once the flags are written, so they run once: a real-size build spends its time there (docs/planted_teacher.md,
+    "Real size")."""
+
+    def __init__(self, model: VisionTransformer, images: Tensor, start: int):
+        self.backbone, self.start = Backbone(model), start
+        self.stem = self.backbone.forward_taps(images, [start - 1])[start - 1]
+
+    def before(self, block: int) -> Tensor:
+        """The input of `block` (block >= start): (B, prefix + N, D)."""
+        return self.backbone.run_blocks(self.stem, self.start, block)
+
+    def patches_after(self, block: int) -> Tensor:
+        """Block `block`'s output at the patch tokens: (B, N, D)."""
+        return self.backbone.split(self.backbone.run_blocks(self.stem, self.start, block + 1))[1]
+
+
+def _pair_difference(model: VisionTransformer, tokens: Tensor, block: int, pair: tuple[int, int]) -> Tensor:
+    """LayerNorm-ed pair difference block `block`'s MLP sees, per patch token: (B, N); tokens: the block's input."""
     blk = model.blocks[block]
     tokens = tokens + blk.ls1(blk.attn(blk.norm1(tokens)))
     normed = blk.norm2(tokens)[:, model.num_prefix_tokens:]
@@ -331,8 +360,9 @@ def _write_saturating_pair(mlp, neurons: tuple[int, int], reads: Tensor, bias: f
 
 def _write_flatness_neuron(model: VisionTransformer, channels, images: Tensor, flat: Tensor) -> None:
     dim = model.embed_dim
-    is_patch = _pair_difference(model, images, 1, channels["patch"])
-    energy = _pair_difference(model, images, 1, channels["energy"])
+    tokens = Backbone(model).forward_taps(images, [0])[0]
+    is_patch = _pair_difference(model, tokens, 1, channels["patch"])
+    energy = _pair_difference(model, tokens, 1, channels["energy"])
     gain_patch = 8.0 / is_patch[flat].min().item()
     # Smallest gain on energy that pushes every textured patch of the calibration set to z <= -4, with 2x margin.
     gain_energy = 2.0 * ((gain_patch * is_patch[~flat] + 4.0) / energy[~flat]).max().item()
@@ -340,11 +370,12 @@ def _write_flatness_neuron(model: VisionTransformer, channels, images: Tensor, f
     _write_saturating_pair(model.blocks[1].mlp, (0, 1), reads, 0.0, _pair_reader(dim, channels["flat"], 0.2))
 
 
-def _write_register_neurons(model, config: PlantedConfig, channels, images, tokens: Tensor, writer: Writer) -> None:
+def _write_register_neurons(model, config: PlantedConfig, channels, inputs: _BlockInputs, tokens: Tensor,
+                            writer: Writer) -> None:
     """The saturating pair that writes the fixed part on `tokens` (the flagged ones); with `varying` rows, one gated
     pair per row whose difference is ~2 x (a random read of the token's LayerNorm-ed content) on flagged tokens and
     ~0 elsewhere."""
-    flag = _pair_difference(model, images, writer.block, channels[writer.flag])
+    flag = _pair_difference(model, inputs.before(writer.block), writer.block, channels[writer.flag])
     # A later writer sees its flag through LayerNorm after an earlier writer's artifact has grown the token ~rho-fold
     # (the scales are calibrated afterwards), so it reads the flag with that much more margin; the pair saturates.
     margin = 1.0 if writer.block == config.artifact_layer else 2.0 * max(config.rho, config.second_rho)
@@ -395,23 +426,26 @@ def _cluster_masks(config: PlantedConfig, images: Tensor) -> dict[str, Tensor]:
     return masks
 
 
-def _calibrate_writers(model, config: PlantedConfig, images: Tensor, masks: dict[str, Tensor],
+def _calibrate_writers(model, config: PlantedConfig, inputs: _BlockInputs, masks: dict[str, Tensor],
                        writers: list[Writer]) -> list[Writer]:
     """Scale the varying part so that its RMS norm on the main tokens is varying_rho x the normal median norm, then
     each mechanism's fixed part so that, at its last writer block, its tokens' median norm / the other tokens' median
     norm is rho (second_rho for the second mechanism), varying part included. Returns the writers with scales."""
-    backbone = Backbone(model)
+    backbone = inputs.backbone
     normal = ~torch.stack(list(masks.values())).any(0)
     for writer in writers:
-        _calibrate_varying(model, config, images, writer, masks["main"], normal)
+        _calibrate_varying(model, config, inputs, writer, masks["main"], normal)
     scaled = []
     for cluster, rho in (("main", config.rho), ("position", config.second_rho)):
         group = [w for w in writers if w.cluster == cluster]
         if not group:
             continue
-        layer, alpha = group[-1].block, group[-1].scale   # the scale its fc2 columns hold now
+        # Start from the scale the group's fc2 columns hold now (a re-calibration after training starts there).
+        first, layer, alpha = group[0].block, group[-1].block, group[-1].scale
+        # Only the group's writer blocks change below: the blocks before its first one run once.
+        before = inputs.before(first)
         for _ in range(6):
-            norms = backbone.split(backbone.forward_taps(images, [layer])[layer])[1].norm(dim=-1)
+            norms = backbone.split(backbone.run_blocks(before, first, layer + 1))[1].norm(dim=-1)
             step = rho / (norms[masks[cluster]].median() / norms[normal].median()).item()
             if abs(step - 1.0) < 1e-3:
                 break
@@ -428,17 +462,17 @@ def _set_fixed_scale(model, writer: Writer, alpha: float) -> None:
     fc2.weight[:, writer.neurons[1]] = -alpha * writer.direction
 
 
-def _calibrate_varying(model, config: PlantedConfig, images: Tensor, writer: Writer, tokens: Tensor,
+def _calibrate_varying(model, config: PlantedConfig, inputs: _BlockInputs, writer: Writer, tokens: Tensor,
                        normal: Tensor) -> None:
     """fc2 is linear in the varying columns, so one measurement of the varying write sets its scale exactly."""
     if writer.varying is None:
         return
-    backbone, columns = Backbone(model), list(writer.neurons[2:])
+    columns = list(writer.neurons[2:])
     fc2 = model.blocks[writer.block].mlp.fc2
     kept = fc2.weight[:, columns].clone()
-    with_part = backbone.split(backbone.forward_taps(images, [writer.block])[writer.block])[1]
+    with_part = inputs.patches_after(writer.block)
     fc2.weight[:, columns] = 0.0
-    without = backbone.split(backbone.forward_taps(images, [writer.block])[writer.block])[1]
+    without = inputs.patches_after(writer.block)
     part = (with_part - without)[tokens]
     rms = part.square().sum(-1).mean().sqrt().item()
     fc2.weight[:, columns] = kept * (config.varying_rho * without[normal].norm(dim=-1).median().item() / rms)

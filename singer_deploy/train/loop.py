@@ -107,7 +107,10 @@ class DistillStep(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             taps = self.singer_loss.taps_needed() if self.singer_loss is not None else self.teacher_layers
-            raw = self.teacher.forward_taps(images, taps)  # stops after the deepest needed block
+            # The counterfactual target reuses the raw forward's keys and values (models/block_rows.py).
+            rerun = self.singer_loss.blocks_rerun() if self.singer_loss is not None else []
+            with self.teacher.record_keys_values(rerun) as keys_values:
+                raw = self.teacher.forward_taps(images, taps)  # stops after the deepest needed block
         taps = self.student.forward_taps(images, self.student_layers)
         student = {t: self.projectors(t, taps[s]) for t, s in zip(self.teacher_layers, self.student_layers)}
         if self.refiner is None:
@@ -115,7 +118,7 @@ class DistillStep(nn.Module):
             kd = kd / len(self.teacher_layers)
             return {"total": kd, "kd": kd, "_targets": raw}
         refined = {t: self.refiner(t, raw[t]) for t in self.teacher_layers}
-        terms = self.singer_loss(student, refined, raw)
+        terms = self.singer_loss(student, refined, raw, keys_values)
         return {**terms, "_targets": refined}
 
 
