@@ -25,18 +25,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# A block update is a candidate write when its log norm ratio (to the image's median update at that block) is this
-# many robust standard deviations (1.4826 x the median absolute log-ratio) above the image's median. A Gaussian
-# reaches 6 once in 10^9 tokens; measured on the planted families (docs/method.md, "Token selection"): artifact
-# writes at 2.5x-20x stand 6.3-40 deviations out, normal updates' largest log-ratio 5.0.
+# A block update is a candidate write when its log norm ratio (to the image's typical update at that block) is this
+# many robust standard deviations above it. Measured on the planted families at 2.5x-10x (docs/results.md, "Token
+# selection"): artifact writes stand 45-117 deviations out, other tokens' updates at most 10.4 (5-8.3 but where the
+# blocks after a writer answer the artifact); a content token past the cut only joins the estimate's candidates.
 CANDIDATE_Z = 8.0
 # The typical update of an image: its lower quartile, and the median distance below it in standard deviations (for a
 # Gaussian the median distance below the 25th percentile is 0.476 sigma).
 LOW_QUANTILE = 0.25
 LOW_SPREAD = 1.0 / 0.476
 # Selection: a token's component in the artifact subspace above this many times the normal tokens' median component,
-# and above MIN_COMPONENT of the image's median token norm. Measured on the planted families: normal tokens' largest
-# component is 7x their median, artifacts at 2.5x start at 50x.
+# and above MIN_COMPONENT of the image's median token norm. Measured on the planted families: normal tokens' median
+# component 0.037 of the median norm, their largest 0.27 (7x); artifacts at 2.5x from 2.0 (50x).
 SELECT_FACTOR = 10.0
 MIN_COMPONENT = 0.1
 
