@@ -132,7 +132,7 @@ def test_a_high_norm_mode_no_block_writes_is_reported_not_silently_ignored():
 
 def test_an_artifact_that_also_fires_on_some_normal_patches_is_selected_and_removed_there():
     """A trained teacher's trigger also fires on some patches the ground truth calls normal (docs/method.md, "Token
-    selection"). Here the flatness neuron's energy read is softened so the writer also fires on ~20% of the other
+    selection"). Here the flatness neuron's energy read is softened so the writer also fires on ~25% of the other
     patches: the selection takes them in, and the counterfactual target brings them to the clean twin."""
     from singer_deploy.method.metrics import token_cosines
     from singer_deploy.models.planted import _reserve_channels
@@ -141,7 +141,7 @@ def test_an_artifact_that_also_fires_on_some_normal_patches_is_selected_and_remo
     energy = list(_reserve_channels(planted.config)["energy"])
     with torch.no_grad():
         for backbone in (planted.backbone, planted.clean):
-            backbone.model.blocks[1].mlp.fc1.weight[:2, energy] *= 0.1
+            backbone.model.blocks[1].mlp.fc1.weight[:2, energy] *= 0.06
     held = _held_images()
     raw = planted.backbone.forward_taps(held, list(range(5)))
     clean = planted.clean.forward_taps(held, LAYERS)
