@@ -275,7 +275,7 @@ def test_an_export_only_run_loads_the_student_without_building_the_teacher(finis
 
     created = []
     load_backbone = api.load_backbone
-    monkeypatch.setattr(api, "build_planted_teacher", lambda *args, **kwargs: pytest.fail("the teacher was built"))
+    monkeypatch.setattr(api, "planted_teacher", lambda *args, **kwargs: pytest.fail("the teacher was built"))
     monkeypatch.setattr(api, "load_backbone", lambda name, **kw: created.append(name) or load_backbone(name, **kw))
     result = export_run(finished.out_dir, ["onnx"], "fp32", tmp_path / "again")
     assert created == [TINY["student"]["name"]] and result.passed
