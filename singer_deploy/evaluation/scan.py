@@ -28,7 +28,6 @@ from torch import Tensor
 from singer_deploy.method.artifact_subspace import (ArtifactSubspace, SubspaceEstimator, describe_subspace,
                                                     incomplete_note)
 from singer_deploy.method.metrics import DEFAULT_K, token_norms
-from singer_deploy.method.selection import component_ratios
 from singer_deploy.models.backbone import Backbone
 
 # Fixed bins of log10(norm / image median): 0.1x to 100x in steps of 10^0.05; tokens outside go to the end bins.
@@ -151,18 +150,9 @@ class _BlockNorms:
         if found is None:
             missed = 1.0
         else:   # ArtifactSubspace.select reads whole images; the kept tokens carry their own images' medians
-            picked = _select_kept(found, tokens, medians)
+            picked = found.select(tokens, medians)
             missed = float((~picked).double().mean())
         return missed * float(self.high[block]) / self.tokens
-
-
-def _select_kept(found: ArtifactSubspace, tokens: Tensor, medians: Tensor) -> Tensor:
-    """ArtifactSubspace.select's rule on tokens (n, D) taken out of their images, with their images' median norms."""
-    if found.select_k is not None:
-        return tokens.norm(dim=-1) > found.select_k * medians
-    if found.layer_mean is None:
-        return torch.zeros(len(tokens), dtype=torch.bool)
-    return component_ratios(tokens, found.layer_mean, found.basis, medians) > found.threshold
 
 
 @torch.inference_mode()

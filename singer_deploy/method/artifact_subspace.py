@@ -97,15 +97,17 @@ class ArtifactSubspace:
         return int(self.basis.shape[0])
 
     @torch.no_grad()
-    def select(self, patches: Tensor) -> Tensor:
-        """The artifact tokens among raw patch tokens (B, N, D) at the layer: (B, N) bool. Their component in the
-        subspace above `threshold` (method/selection.py), or, under the fixed rule, their norm above select_k x the
-        image median."""
+    def select(self, tokens: Tensor, medians: Tensor | None = None) -> Tensor:
+        """The artifact tokens among raw patch tokens at the layer: their component in the subspace above `threshold`
+        (method/selection.py), or, under the fixed rule, their norm above select_k x the image median. tokens: whole
+        images (B, N, D) -> (B, N) bool, or any tokens (..., D) with their images' median norms `medians` (...)."""
         if self.select_k is not None:
-            return high_norm_mask(patches, self.select_k)
+            if medians is None:
+                return high_norm_mask(tokens, self.select_k)
+            return tokens.norm(dim=-1) > self.select_k * medians
         if self.layer_mean is None:     # a hand-made subspace without the estimate's facts
-            return torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        return component_ratios(patches, self.layer_mean, self.basis) > self.threshold
+            return torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
+        return component_ratios(tokens, self.layer_mean, self.basis, medians) > self.threshold
 
     @property
     def first_block(self) -> int | None:
@@ -330,18 +332,17 @@ class SubspaceEstimator:
         if self.select_k is None:
             threshold = selection_threshold(component_ratios(normal[:, :-1], found.layer_mean, found.basis,
                                                              normal[:, -1]))
+        found = replace(found, threshold=threshold)
         picked_share, untreated, picked_norms = 0.0, 0.0, []
         for tokens, medians, count in groups:
             norms = tokens.norm(dim=-1) / medians.clamp_min(torch.finfo(tokens.dtype).tiny)
-            picked = norms > self.select_k if threshold is None else component_ratios(
-                tokens, found.layer_mean, found.basis, medians) > threshold
+            picked = found.select(tokens, medians)
             picked_share += count * float(picked.double().mean()) / (n_a + n_n)
             untreated += count * float(((norms > DEFAULT_K) & ~picked).double().mean()) / (n_a + n_n)
             picked_norms.append(norms[picked])
         norms = torch.cat(picked_norms)
         strength = float(norms.median()) if len(norms) else 0.0
-        return replace(found, threshold=threshold, selected_share=picked_share, strength=strength,
-                       untreated_share=untreated)
+        return replace(found, selected_share=picked_share, strength=strength, untreated_share=untreated)
 
 
 def _spread(rows: Tensor) -> Tensor:
