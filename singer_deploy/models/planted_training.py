@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -209,30 +210,50 @@ def shapes_targets(dataset: SyntheticShapes) -> tuple[Tensor, Tensor, Tensor]:
 def train_planted(planted: PlantedTeacher) -> tuple[dict[str, Tensor], list[float]]:
     """Train `planted` in place by its config.training recipe; returns its state dict and the writer scales.
 
-    AdamW with a one-cycle schedule, cross-entropy of a linear image head on the CLS token plus a linear per-patch
-    head on the patch tokens (last block, each through its own LayerNorm), random horizontal flips (they keep the
-    patch grid, so flat patches stay flat). The planted weights are re-imposed after every step (PlantedFreeze).
+    The shapes task of `fit_shapes_task`; the planted weights are re-imposed after every step (PlantedFreeze) and
+    the writers re-scaled to rho every `rescale_every` steps and at the end.
     """
     config, recipe = planted.config, planted.config.training
-    model, backbone = planted.backbone.model, planted.backbone
+    model = planted.backbone.model
+    freeze = PlantedFreeze(planted)
+    writers = list(planted.writers)
+
+    def after_step(step: int) -> None:
+        nonlocal writers
+        freeze.reimpose()
+        if (step + 1) % recipe.rescale_every == 0 or step + 1 == recipe.steps:
+            writers = _rescaled(model, config, writers, freeze)
+
     data = SyntheticShapes(recipe.images, config.img_size, config.patch_size, flat_share=recipe.flat_share,
                            seed=recipe.seed)
+    fit_shapes_task(planted.backbone, data, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                    weight_decay=recipe.weight_decay, seed=recipe.seed, after_step=after_step)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [w.scale for w in writers]
+
+
+def fit_shapes_task(backbone: Backbone, data: SyntheticShapes, *, steps: int, batch_size: int, lr: float,
+                    weight_decay: float, seed: int, after_step: Callable[[int], None] | None = None) -> None:
+    """Train `backbone` in place on the SyntheticShapes task of `data`; the heads are discarded afterwards.
+
+    Cross-entropy of a linear image head on the CLS token plus a linear per-patch head on the patch tokens (last
+    block, each through its own LayerNorm); AdamW with a one-cycle schedule; random horizontal flips (they keep the
+    patch grid, so flat patches stay flat). `after_step(step)` runs after every optimiser step (the planted teacher
+    re-imposes its planted weights there). Also the "trained from scratch" floor of benchmarks/downstream.py.
+    """
+    model = backbone.model
     images, labels, patch_classes = shapes_targets(data)
-    grid = config.img_size // config.patch_size
-    torch.manual_seed(recipe.seed)
-    dim = config.embed_dim
+    grid = data.img_size // data.patch_size
+    torch.manual_seed(seed)
+    dim = model.embed_dim
     image_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, data.num_classes))
     patch_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, data.num_classes + 1))
-    freeze = PlantedFreeze(planted)
-    params = [p for p in model.parameters()] + [*image_head.parameters(), *patch_head.parameters()]
-    optimiser = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.lr, total_steps=recipe.steps,
-                                                   pct_start=0.1)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    writers = list(planted.writers)
+    params = [*model.parameters(), *image_head.parameters(), *patch_head.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(recipe.steps):
-        batch = torch.randint(len(images), (recipe.batch_size,), generator=generator)
+    for step in range(steps):
+        batch = torch.randint(len(images), (batch_size,), generator=generator)
         x, y, dense = images[batch], labels[batch], patch_classes[batch].view(-1, grid, grid)
         flip = torch.rand(len(batch), generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -244,13 +265,11 @@ def train_planted(planted: PlantedTeacher) -> tuple[dict[str, Tensor], list[floa
         loss.backward()
         optimiser.step()
         schedule.step()
-        freeze.reimpose()
-        if (step + 1) % recipe.rescale_every == 0 or step + 1 == recipe.steps:
-            writers = _rescaled(model, config, writers, freeze)
-        if step % 500 == 0 or step + 1 == recipe.steps:
-            log.info("planted teacher training: step %d/%d, loss %.3f", step + 1, recipe.steps, loss.item())
+        if after_step is not None:
+            after_step(step)
+        if step % 500 == 0 or step + 1 == steps:
+            log.info("shapes task training: step %d/%d, loss %.3f", step + 1, steps, loss.item())
     model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [w.scale for w in writers]
 
 
 def _rescaled(model, config: PlantedConfig, writers: list[Writer], freeze: PlantedFreeze) -> list[Writer]:

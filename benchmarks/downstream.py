@@ -1,0 +1,156 @@
+"""Does SiNGER give a better student than a plain distillation? Downstream probes on planted teachers that know the
+shapes task (docs/results.md, "Downstream: students of trained teachers").
+
+Per planted family (compare_planted.py's --cases; default the five families at 2%): the teacher trained by
+PlantedTraining(--teacher-steps) (trained once per machine, then read from the cache), then per seed the same
+student (compare_planted's ViT: 4 blocks, width 64; same initial weights for every method of a seed), distilled on
+the same images for the same steps:
+  fitnet             plain feature distillation (TrainConfig method "fitnet")
+  singer faithful    the default SingerConfig
+  singer published   SingerConfig(preset="published")
+  scratch            the student trained on the task itself (labels, fit_shapes_task) with the same steps: the floor
+and the teacher (its last block) as the ceiling. Probes on each student's own final features (what a deployed
+backbone gives), evaluation.probes.evaluate_features on held-out images (seed HELD_OUT_SEED; fit on 75%, scored
+on the other 25%): linear image class from CLS and from the mean patch token, cosine kNN (k = 20) on CLS, dense
+per-patch class mIoU (background + the four shapes). With --onnx, seed 0's faithful student is also exported to
+ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement).
+
+    python benchmarks/downstream.py [--cases 2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 800] [--teacher-steps 3000]
+                                    [--threads 2] [--onnx] [--out DIR]
+
+Prints a table per family (mean +- standard deviation over the seeds) and a verdict table: SiNGER faithful minus
+FitNet per probe, and whether the difference exceeds the seeds' spread (the larger of the two standard deviations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from compare_planted import ADAPTER_LR, CASES, LAYERS, _student
+from singer_deploy.config import PlantedTraining, SingerConfig, TrainConfig
+from singer_deploy.evaluation.probes import evaluate_backbone
+from singer_deploy.evaluation.study import runner_probe_agreement
+from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.planted_training import fit_shapes_task, planted_teacher
+from singer_deploy.train.loop import distill
+
+HELD_OUT_SEED = 7_000_000
+PROBES = {"linear_cls_acc": "linear CLS", "linear_pooled_acc": "linear mean-patch", "knn_cls_acc": "kNN CLS",
+          "dense_class_miou": "dense mIoU"}
+STUDENTS = {"fitnet": ("fitnet", None), "singer faithful": ("singer", SingerConfig()),
+            "singer published": ("singer", SingerConfig(preset="published"))}
+DEFAULT_CASES = "2c,2p,2two,2g,2v"
+# runner_probe_agreement's column of each probe (evaluation.study._PROBE_COLUMNS).
+ONNX_COLUMNS = {"linear_cls_acc": "linear_acc", "linear_pooled_acc": "linear_pooled_acc", "knn_cls_acc": "knn_acc",
+                "dense_class_miou": "miou"}
+
+
+def probe(backbone, held_out, layer: int, seed: int) -> dict[str, float]:
+    scores = evaluate_backbone(backbone, held_out, layer=layer, dense=("class",), seed=seed)
+    return {key: scores[key] for key in PROBES}
+
+
+def students(planted, case, seed: int, steps: int, train_images: SyntheticShapes, held_out: SyntheticShapes,
+             recipe: PlantedTraining, out: Path, onnx: bool) -> dict[str, dict[str, float]]:
+    """Probe scores of every student of one seed (module docstring)."""
+    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR, seed=seed, log_every=steps,
+                        checkpoint_every=steps)
+    rows = {}
+    for name, (method, singer) in STUDENTS.items():
+        torch.manual_seed(seed)
+        result = distill(planted.backbone, _student(), train_images, out / name.replace(" ", "-"),
+                         layers=[LAYERS[0]], singer=singer, train=replace(train, method=method), progress=False)
+        rows[name] = probe(result.student, held_out, -1, seed)
+        if onnx and name == "singer faithful" and seed == 0:
+            for runner in runner_probe_agreement(result.student, held_out, out / "onnx", formats=("onnx",),
+                                                 seed=seed):
+                rows[f"singer faithful seed 0, {runner['runner']}"] = {key: runner[column] for key, column in
+                                                                       ONNX_COLUMNS.items()}
+    torch.manual_seed(seed)
+    scratch = _student()
+    fit_shapes_task(scratch, train_images, steps=steps, batch_size=32, lr=recipe.lr,
+                    weight_decay=recipe.weight_decay, seed=seed)
+    rows["scratch (task labels)"] = probe(scratch, held_out, -1, seed)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=800, help="distillation (and scratch) steps of batch 32")
+    parser.add_argument("--teacher-steps", type=int, default=3000, help="PlantedTraining steps of the teacher")
+    parser.add_argument("--train-images", type=int, default=2048)
+    parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onnx", action="store_true", help="also probe seed 0's faithful student through ONNX")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out or Path(tempfile.mkdtemp(prefix="downstream-"))
+    started = time.perf_counter()
+    verdicts = []
+    for key in args.cases.split(","):
+        case = CASES[key]
+        recipe = PlantedTraining(steps=args.teacher_steps)
+        planted = planted_teacher(replace(case, training=recipe).planted())
+        train_images = SyntheticShapes(args.train_images, 64, 8, flat_share=case.share, seed=0)
+        held_out = SyntheticShapes(args.held_out, 64, 8, flat_share=case.share, seed=HELD_OUT_SEED)
+        per_seed = [students(planted, case, seed, args.steps, train_images, held_out, recipe,
+                             out / key / f"seed{seed}", args.onnx) for seed in seeds]
+        teacher = probe(planted.backbone, held_out, planted.config.depth - 1, 0)
+        print(f"\n{case.label} ({time.perf_counter() - started:.0f} s so far)\n")
+        _print_family(teacher, per_seed)
+        verdicts += _verdicts(case.label, per_seed)
+        print(flush=True)
+    print(f"\nSiNGER faithful vs FitNet ({len(seeds)} seeds, {args.steps} steps; spread = the larger standard deviation)\n")
+    _print_rows(verdicts)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _print_family(teacher: dict[str, float], per_seed: list[dict[str, dict[str, float]]]) -> None:
+    rows = [{"student": "teacher (last block)", **{PROBES[k]: f"{v:.3f}" for k, v in teacher.items()}}]
+    for name in per_seed[0]:
+        seeds = [rows_of_seed[name] for rows_of_seed in per_seed if name in rows_of_seed]
+        cells = {}
+        for key, label in PROBES.items():
+            mean, spread = _stats([s[key] for s in seeds])
+            cells[label] = f"{mean:.3f} +- {spread:.3f}" if len(seeds) > 1 else f"{mean:.3f}"
+        rows.append({"student": name, **cells})
+    _print_rows(rows)
+
+
+def _verdicts(label: str, per_seed: list[dict[str, dict[str, float]]]) -> list[dict[str, str]]:
+    rows = []
+    for key, name in PROBES.items():
+        faithful, fitnet = ([s[student][key] for s in per_seed] for student in ("singer faithful", "fitnet"))
+        (mean_s, sd_s), (mean_f, sd_f) = _stats(faithful), _stats(fitnet)
+        difference, spread = mean_s - mean_f, max(sd_s, sd_f)
+        verdict = "better" if difference > spread else "worse" if difference < -spread else "within spread"
+        rows.append({"family": label, "probe": name, "FitNet": f"{mean_f:.3f}", "SiNGER faithful": f"{mean_s:.3f}",
+                     "difference": f"{difference:+.3f}", "spread": f"{spread:.3f}", "verdict": verdict})
+    return rows
+
+
+def _print_rows(rows: list[dict[str, str]]) -> None:
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
