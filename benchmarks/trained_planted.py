@@ -77,8 +77,8 @@ def norm_ratios(planted: PlantedTeacher, held_out: SyntheticShapes) -> dict[str,
     taps = backbone.forward_taps(images, list(LAYERS))
     out = {}
     for layer in LAYERS:
-        norms = backbone.split(taps[layer])[1].norm(dim=-1)
-        truth = mask(images, layer)
+        patches = backbone.split(taps[layer])[1]
+        norms, truth = patches.norm(dim=-1), mask(images, layer, patches)
         out[f"norm ratio L{layer}"] = (norms[truth].median() / norms[~truth].median()).item()
     return out
 
