@@ -30,7 +30,7 @@ Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the studen
     python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...|8mix,...]
                                          [--settings published,faithful] [--n-eval 128] [--out DIR]
                                          [--inits nullspace,random,zero,remove,subspace | none] [--ablation-cases 8c,2c]
-                                         [--distill-settings faithful]
+                                         [--distill-settings faithful] [--seed 0]
 
 Figures are accuracy metrics on the planted teacher: they validate the mechanics, not real-world efficacy.
 """
@@ -245,7 +245,7 @@ def _row(case: Case, key: tuple, setting: str, stats: dict, twin: dict) -> dict:
 
 def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig], inits: list[str],
                 ablation_cases: list[Case], n_eval: int, n_train: int = 512, batch_size: int = 32,
-                with_target: bool = False) -> None:
+                with_target: bool = False, seed: int = 0) -> None:
     settings_rows, ablation_rows = [], []
     for case in cases:
         planted = planted_teacher(case.planted())
@@ -259,7 +259,7 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
         def measure(singer: SingerConfig, label: str) -> dict:
             if singer not in runs:
                 refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR, batch_size=batch_size,
-                                      n_train=n_train)
+                                      n_train=n_train, seed=seed)
                 runs[singer] = refined_stats(planted, refiner, case, n_eval)
                 print(f"  done: {case.label}, {label}", flush=True)
             return runs[singer]
@@ -345,6 +345,9 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=128, help="refine part: held-out images")
     parser.add_argument("--n-train", type=int, default=512, help="refine part: training images (raw taps cached)")
     parser.add_argument("--batch", type=int, default=32, help="refine part: adapter batch size")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="refine part: the adapters' training images and batch order (how much a row moves from "
+                             "draw to draw)")
     parser.add_argument("--with-target", action="store_true",
                         help="refine part: also judge the faithful L_out target itself (the adapters' ceiling)")
     parser.add_argument("--out", type=Path, default=None, help="distill part output (default: a temporary folder)")
@@ -359,7 +362,7 @@ def main() -> None:
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",") if name != "none"}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
-                    args.n_eval, args.n_train, args.batch, args.with_target)
+                    args.n_eval, args.n_train, args.batch, args.with_target, args.seed)
     if args.part in ("distill", "all"):
         distill_part([c for c in cases if c.u_in_null and not c.preset], args.steps, args.distill_settings.split(","),
                      args.out or Path(tempfile.mkdtemp(prefix="compare_planted_")))

@@ -13,6 +13,7 @@ from singer_deploy.models.backbone import load_backbone
 from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
+from singer_deploy.method.artifact_subspace import ArtifactSubspace
 from singer_deploy.method.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
                                   outlier_loss)
 from singer_deploy.method.nullspace import surrogate_block
@@ -221,3 +222,39 @@ def test_config_validation_names_the_key():
                        ("preset", "paper")):
         with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
             SingerConfig(**{key: value})
+
+
+def test_tokens_in_the_band_below_the_selection_are_neither_held_nor_pushed():
+    """docs/method.md "Token selection", the band: a token whose component in the artifact subspace is above
+    BAND_SHARE of the threshold but not above it is in neither L_out group and out of L_info (here the last layer's
+    Gram pairs); a normal token is held by both, a selected token pushed by L_out."""
+    teacher = load_backbone("vit_tiny_patch16_224", depth=3, embed_dim=16, num_heads=2, img_size=32, patch_size=4
+                            ).requires_grad_(False)
+    layout = TokenLayout.of(teacher)
+    torch.manual_seed(0)
+    raw = _taps(teacher, [2])
+    patches = raw[2][:, 1:]
+    direction = torch.zeros(16)
+    direction[0] = 1.0
+    mean = patches.mean((0, 1))
+    patches = patches - ((patches - mean) @ direction)[..., None] * direction       # no component along it ...
+    median = float(patches[0].norm(dim=-1).median())
+    patches[0, 0] += 3.0 * median * direction                                         # ... but an artifact's
+    patches[0, 1] += 0.8 * median * direction                                         # and the band's (0.5-1)
+    raw = {2: torch.cat([raw[2][:, :1], patches], dim=1)}
+    subspace = ArtifactSubspace(direction[None], {}, 1.0, 1, 100, torch.zeros(3, 16), layer_mean=mean, threshold=1.0)
+    selected, band = subspace.token_groups(raw[2][:, 1:])
+    assert selected.nonzero().tolist() == [[0, 0]] and band.nonzero().tolist() == [[0, 1]]
+    aligner = TokenAligner(layout, layout)
+    loss = SingerLoss(SingerConfig(rank=4, last_block_info=False), [2], teacher, aligner, subspaces={2: subspace})
+
+    def terms_with(token: int) -> tuple[float, float]:
+        """L_out and L_info with one patch token of image 0 moved off its raw value, every other token at it."""
+        refined = raw[2].clone()
+        refined[0, 1 + token] += 5.0
+        terms = loss({2: aligner.teacher(raw[2])}, {2: refined}, raw)
+        return terms["out@2"].item(), terms["info@2"].item()
+
+    assert all(value > 0 for value in terms_with(10))           # a normal token moved: both terms see it
+    assert terms_with(1) == pytest.approx((0.0, 0.0), abs=1e-6)  # the band token moved: neither does
+    assert terms_with(0)[0] > 0                                 # the selected token: its target is the counterfactual

@@ -12,8 +12,8 @@ import torch
 from singer_deploy.config import PlantedConfig, SingerConfig
 from singer_deploy.method.artifact_subspace import SubspaceEstimator, estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
-from singer_deploy.method.selection import (CANDIDATE_Z, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
-                                            selection_threshold, write_outliers)
+from singer_deploy.method.selection import (BAND_SHARE, CANDIDATE_Z, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
+                                            in_band, selection_threshold, write_outliers)
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import build_planted_teacher
 
@@ -44,6 +44,9 @@ def test_component_ratio_and_threshold_have_known_values():
     assert selection_threshold(torch.tensor([0.02, 0.05, 0.08])) == pytest.approx(SELECT_FACTOR * 0.05)
     assert selection_threshold(torch.tensor([0.0, 0.0, 1e-4])) == MIN_COMPONENT
     assert CANDIDATE_Z > 5.0                # a Gaussian's extreme over 10^6 tokens stays below it
+    # The band: above BAND_SHARE of the threshold, up to it; a selected token is not in it.
+    ratios = torch.tensor([0.0, BAND_SHARE * 0.9, BAND_SHARE * 1.1, 1.0, 1.5])
+    assert in_band(ratios, 1.0).tolist() == [False, False, True, True, False]
 
 
 def _held_images() -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from singer_deploy.method.metrics import DEFAULT_K, high_norm_mask
-from singer_deploy.method.selection import component_ratios, selection_threshold, write_outliers
+from singer_deploy.method.selection import component_ratios, in_band, selection_threshold, write_outliers
 
 # A direction joins the subspace when the selected tokens' block updates carry along it more than this excess, in
 # units of the normal tokens' update spread at each block, summed over blocks. Measured on the planted families and
@@ -101,13 +101,21 @@ class ArtifactSubspace:
         """The artifact tokens among raw patch tokens at the layer: their component in the subspace above `threshold`
         (method/selection.py), or, under the fixed rule, their norm above select_k x the image median. tokens: whole
         images (B, N, D) -> (B, N) bool, or any tokens (..., D) with their images' median norms `medians` (...)."""
+        return self.token_groups(tokens, medians)[0]
+
+    @torch.no_grad()
+    def token_groups(self, tokens: Tensor, medians: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(selected, band), both shaped as `select` returns: the artifact tokens, and the tokens in the band below
+        the threshold that the losses neither hold nor push (selection.in_band; none under the fixed rule)."""
         if self.select_k is not None:
-            if medians is None:
-                return high_norm_mask(tokens, self.select_k)
-            return tokens.norm(dim=-1) > self.select_k * medians
+            selected = (high_norm_mask(tokens, self.select_k) if medians is None else
+                        tokens.norm(dim=-1) > self.select_k * medians)
+            return selected, torch.zeros_like(selected)
         if self.layer_mean is None:     # a hand-made subspace without the estimate's facts
-            return torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
-        return component_ratios(tokens, self.layer_mean, self.basis, medians) > self.threshold
+            none = torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
+            return none, none
+        ratios = component_ratios(tokens, self.layer_mean, self.basis, medians)
+        return ratios > self.threshold, in_band(ratios, self.threshold)
 
     @property
     def first_block(self) -> int | None:
@@ -375,9 +383,10 @@ def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_
     return estimator.result()
 
 
-def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor) -> Tensor:
-    """The refined layer held to the teacher's counterfactual (ArtifactSubspace.counterfactual) at every patch token:
-    the mean of ||F_hat - T||^2 / ||T||^2 over the selected tokens plus the same mean over the other tokens.
+def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor, held: Tensor | None = None) -> Tensor:
+    """The refined layer held to the teacher's counterfactual (ArtifactSubspace.counterfactual): the mean of
+    ||F_hat - T||^2 / ||T||^2 over the selected tokens plus the same mean over the `held` tokens (default: every
+    other token; ArtifactSubspace.token_groups' band is in neither group).
 
     The two groups are averaged apart so a 2% artifact cluster is not outweighed. The normal tokens are held here,
     directly, because the next block alone does not hold them: a reader block can cancel most of a change along the
@@ -387,5 +396,6 @@ def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor) -> Tensor:
         target = target.float()
         error = (patches.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(
             torch.finfo(torch.float32).tiny)
+        held = ~selected if held is None else held
         return sum((error * mask).sum() / mask.sum().clamp_min(1)
-                   for mask in (selected.to(error.dtype), (~selected).to(error.dtype)))
+                   for mask in (selected.to(error.dtype), held.to(error.dtype)))

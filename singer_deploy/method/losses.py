@@ -158,12 +158,12 @@ class SingerLoss:
         terms: dict[str, Tensor] = {}
         final = self.layers[-1]
         with torch.no_grad():
-            selected = {layer: self._artifact_tokens(layer, raw[layer][:, p:]) for layer in self.layers}
-        keep = {layer: self._normal_tokens(selected[layer]) for layer in self.layers}
+            groups = {layer: self._token_groups(layer, raw[layer][:, p:]) for layer in self.layers}
+        keep = {layer: self._normal_tokens(*groups[layer]) for layer in self.layers}
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, selected[layer],
+            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, *groups[layer],
                                                   keys_values or {})
             if layer != final:
                 terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
@@ -194,10 +194,11 @@ class SingerLoss:
                        if subspace is not None and subspace.first_block is not None
                        for b in range(subspace.first_block + 1, layer + 1)})
 
-    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor,
+    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor, band: Tensor,
                  keys_values: Mapping[int, Tensor]) -> Tensor:
-        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected:
-        the raw teacher's artifact patch tokens at the layer (B, N, _artifact_tokens); keys_values: as __call__."""
+        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected,
+        band: the raw teacher's artifact patch tokens at the layer and the band below them (B, N, _token_groups);
+        keys_values: as __call__."""
         cfg, p = self.config, self.prefix
         if cfg.outlier_target == "quantile":
             return outlier_loss(refined, alpha=cfg.alpha)
@@ -214,26 +215,28 @@ class SingerLoss:
             return self.backbone.run_block_rows(tokens, block, rows, keys_values.get(block))
 
         target = subspace.counterfactual(raw, layer, selected, run_block, p)
-        return subspace_loss(refined, target[:, p:], selected)
+        return subspace_loss(refined, target[:, p:], selected, ~(selected | band))
 
-    def _artifact_tokens(self, layer: int, patches: Tensor) -> Tensor:
-        """The raw teacher's artifact patch tokens at `layer` (B, N): the layer's estimate decides
-        (ArtifactSubspace.select); without one (published target), the fixed rule at select_k, 4 when unset."""
+    def _token_groups(self, layer: int, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """The raw teacher's artifact patch tokens at `layer` (B, N) and the band below them that no term holds
+        (ArtifactSubspace.token_groups; docs/method.md, "Token selection"); without an estimate (published target),
+        the fixed rule at select_k, 4 when unset, and no band."""
         subspace = self.subspaces.get(layer)
         if subspace is not None:
-            return subspace.select(patches)
+            return subspace.token_groups(patches)
+        none = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
         if self.config.outlier_target == "subspace":     # estimated, and no token was a candidate: none
-            return torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        return high_norm_mask(patches, self.config.select_k or DEFAULT_K)
+            return none, none
+        return high_norm_mask(patches, self.config.select_k or DEFAULT_K), none
 
-    def _normal_tokens(self, selected: Tensor) -> Tensor | None:
+    def _normal_tokens(self, selected: Tensor, band: Tensor) -> Tensor | None:
         """info_tokens "normal": (B, T) bool, False on the `selected` patch tokens (the raw teacher's artifact tokens,
-        which the "subspace" L_out target acts on), True on prefix and normal tokens; None
-        ("all", published)."""
+        which the "subspace" L_out target acts on) and on the `band` (held by no term), True on prefix and normal
+        tokens; None ("all", published)."""
         if self.config.info_tokens == "all":
             return None
         prefix = torch.zeros_like(selected[:, :self.prefix])
-        return ~torch.cat([prefix, selected], dim=1)
+        return ~torch.cat([prefix, selected | band], dim=1)
 
     def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
                     keep: Tensor | None) -> Tensor:

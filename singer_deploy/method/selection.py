@@ -2,7 +2,7 @@
 
 A token's norm alone cannot tell a weak artifact from content: on the planted teachers a 2.5x artifact sits inside the
 norms of textured patches (up to 4x the image median), and a trained teacher writes its artifact at a range of
-strengths. What does tell them apart is how the artifact arrives and where it points. Two steps per layer:
+strengths. What does tell them apart is how the artifact arrives and where it points. Per layer:
 
 1. Candidates for the subspace estimate (`write_outliers`): tokens that some block 1..layer updates far more than it
    updates the other tokens of the image. A writer adds a vector as large as the token in one step, so the write
@@ -14,8 +14,13 @@ strengths. What does tell them apart is how the artifact arrives and where it po
    normal tokens' mean, projected on S) is above SELECT_FACTOR times the normal tokens' median component, and above
    MIN_COMPONENT; both in units of the image's median token norm, so one threshold holds for every image.
    Direction, not norm: content projects weakly on S, an artifact of any strength strongly.
+3. The band (`in_band`): tokens whose component is above BAND_SHARE of the threshold but not above it are neither
+   artifacts nor normal tokens. The adapter is linear and shared by every token, so taking S out of the artifacts
+   takes each token's component out too; held to its raw value, a token with a component several times the normal
+   bulk's fights that removal. The losses leave the band out of both L_out groups and of L_info.
 
-`select_k` (SingerConfig) overrides both with the fixed rule: tokens above select_k x the image median norm.
+`select_k` (SingerConfig) overrides 1 and 2 with the fixed rule, tokens above select_k x the image median norm, and has
+no band.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ LOW_SPREAD = 1.0 / 0.476
 # component 0.037 of the median norm, their largest 0.27 (7x); artifacts at 2.5x from 2.0 (50x).
 SELECT_FACTOR = 10.0
 MIN_COMPONENT = 0.1
+# The band below the threshold whose tokens the losses neither hold nor push (docs/method.md, "Token selection"):
+# above this share of the threshold, i.e. 5x the normal tokens' median component, where they thin out (on the grown
+# planted teachers their 99.9th percentile is 4.1-4.4x, the 99.99th 4.7-5.7x).
+BAND_SHARE = 0.5
 
 
 @torch.no_grad()
@@ -78,3 +87,9 @@ def selection_threshold(normal_ratios: Tensor) -> float:
     """The component ratio above which a token is an artifact, from the normal tokens' ratios (component_ratios)."""
     typical = float(normal_ratios.median()) if normal_ratios.numel() else 0.0
     return max(SELECT_FACTOR * typical, MIN_COMPONENT)
+
+
+def in_band(ratios: Tensor, threshold: float) -> Tensor:
+    """The tokens whose component ratio (component_ratios) lies in the band (BAND_SHARE x threshold, threshold]: not
+    artifacts, and too far along the subspace to be held to their raw value."""
+    return (ratios > BAND_SHARE * threshold) & (ratios <= threshold)
