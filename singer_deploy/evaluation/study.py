@@ -50,7 +50,7 @@ from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.evaluation.analysis import (CLEAN, PROJECTED, RAW, REFINED, STUDENT, ArtifactMask,
                                                artifact_rows)
-from singer_deploy.evaluation.probes import evaluate_backbone, evaluate_features
+from singer_deploy.evaluation.probes import DenseTarget, evaluate_backbone, evaluate_features
 
 METHODS = ("fitnet", "singer")
 MARKDOWN, JSON = "comparison.md", "comparison.json"
@@ -149,10 +149,16 @@ def _probed_rows(runs: dict, layer_rows: dict, teacher: Backbone, clean_teacher:
     scored += [(_reference_row(name, source, layer_rows[next(iter(runs))], first.teacher_layers), backbone,
                 first.teacher_layers[-1]) for name, source, backbone in references]
     for row, source, layer in scored:
-        scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=seed)
-        row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
-        row["n_test"] = int(scores["n_test"])
+        row.update(probe_columns(evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=seed)))
     return [_ordered(row) for row, _, _ in scored]
+
+
+def probe_columns(scores: Mapping[str, float], dense_target: DenseTarget = "class") -> dict[str, Any]:
+    """evaluate_features scores under this module's column names (_PROBE_COLUMNS); "miou" is the dense probe on
+    `dense_target` ("class": the image's class on its foreground; "mask": a folder's own mask classes)."""
+    row = {name: scores.get(key) for key, name in _PROBE_COLUMNS.items()}
+    row["miou"] = scores.get(f"dense_{dense_target}_miou")
+    return {**row, "n_test": int(scores["n_test"])}
 
 
 def _distil_each(methods: Sequence[str], teacher: Backbone, make_student: Callable[[], Backbone],
@@ -184,7 +190,8 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
                            projector: nn.Module | None = None, formats: Sequence[str] = ("onnx", "openvino"),
                            artifacts: Mapping[str, str | Path] | None = None, batch_size: int = 64, seed: int = 0,
                            patch_dtype: PatchDtype = "float32", tolerance: float = SCORE_TOLERANCE,
-                           cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                           cache_dir: str | Path | None = None,
+                           dense_target: DenseTarget = "class") -> list[dict[str, Any]]:
     """Probe scores of the exported student, read through each artifact's runner, next to eager PyTorch's.
 
     Exports `student` (+ `projector`, as deployed) to `formats` into `out_dir` with `export_student`, or opens the
@@ -193,7 +200,7 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
     scores, `diff_<score>` = |score - PyTorch's|, `max_score_diff`, `feature_max_abs_diff` (CLS and patch tokens
     vs PyTorch's), `scores_match` (max_score_diff <= tolerance) and `parity_passed` (export gate; None for given
     artifacts and PyTorch). `patch_dtype` defaults to float32 so that only the runtime, not float16 storage of the
-    patch tokens, can move the dense scores.
+    patch tokens, can move the dense scores. `dense_target`: what the "miou" column probes (see `probe_columns`).
     """
     data = as_image_data(dataset)
     # export_student and TorchRunner move the module to the CPU in place; the caller's student stays where it is.
@@ -214,10 +221,8 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
     for label, (runner, source_id) in runners.items():
         features = extract_features(runner, data, batch_size=batch_size, patch_dtype=patch_dtype,
                                     cache_dir=cache_dir, source_id=source_id)
-        scores = evaluate_features(features, seed=seed)
-        row = {"runner": label, **{name: scores.get(key) for key, name in _PROBE_COLUMNS.items()},
-               "n_test": int(scores["n_test"])}
-        scored.append((row, features))
+        scores = evaluate_features(features, seed=seed, dense=tuple(dict.fromkeys(("fg", dense_target))))
+        scored.append(({"runner": label, **probe_columns(scores, dense_target)}, features))
     reference_row, reference = scored[0]
     return [_with_differences(row, features, reference_row, reference, tolerance, parity.get(row["runner"]))
             for row, features in scored]

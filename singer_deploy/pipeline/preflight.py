@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Sequence
 
+import numpy as np
 from singer_deploy.config import MIN_PARITY_IMAGES, RunConfig, calibrates, is_auto_precision
 from singer_deploy.errors import ConfigError, DataError
 from singer_deploy.memory import Need, check_fits
@@ -48,6 +49,19 @@ def check_built(config: RunConfig, teacher: Backbone, student: Backbone, eval_im
         raise DataError("Too few held-out images for the parity gates", expected=f">= {MIN_PARITY_IMAGES} "
                         "evaluation images (a fifth of an image folder is held out, at most data.eval_n)",
                         found=f"{eval_images}", fix="add images to data.source (10 or more), or export later")
+
+
+def check_probe_labels(labels: np.ndarray) -> None:
+    """The probes fit on part of the held-out images and score the rest (evaluation/probes.py, split_indices): they
+    need two classes among them and a class with two images or more, known before any training."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or counts.max() < 2:
+        per_class = dict(zip(classes.tolist(), counts.tolist()))
+        raise DataError("The held-out images cannot be probed", expected="two or more classes among the held-out "
+                        "images, one of them with two images or more",
+                        found=f"{len(labels)} held-out images, images per class id {per_class}",
+                        fix="raise data.eval_n (an image folder holds out a fifth of its images, at most eval_n), "
+                        "add images to the classes, or set data.labels: false")
 
 
 # Bytes of one index in the int64 permutations that order the training images (one per epoch while training, one to
