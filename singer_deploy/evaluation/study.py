@@ -214,17 +214,32 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
                                   parity_images=data.images[:16], write_goldens=False)
         artifacts = exported.paths
         parity = {key: report.passed for key, report in exported.reports.items()}
-    runners = {REFERENCE_RUNNER: (TorchRunner(wrapper), f"torch:{module_sha256(wrapper)}")}
-    runners.update({label: (open_runner(path), f"{label}:{artifact_sha256(path)}") for label, path in
-                    artifacts.items()})
+    runners = {REFERENCE_RUNNER: TorchRunner(wrapper), **{label: open_runner(path) for label, path in
+                                                         artifacts.items()}}
+    source_ids = {REFERENCE_RUNNER: f"torch:{module_sha256(wrapper)}",
+                  **{label: f"{label}:{artifact_sha256(path)}" for label, path in artifacts.items()}}
+    return probe_runners(runners, data, batch_size=batch_size, seed=seed, patch_dtype=patch_dtype,
+                         tolerance=tolerance, cache_dir=cache_dir, source_ids=source_ids,
+                         dense_target=dense_target, parity=parity)
+
+
+def probe_runners(runners: Mapping[str, Any], dataset: Any, *, batch_size: int = 64, seed: int = 0,
+                  patch_dtype: PatchDtype = "float32", tolerance: float = SCORE_TOLERANCE,
+                  cache_dir: str | Path | None = None, source_ids: Mapping[str, str] | None = None,
+                  dense_target: DenseTarget = "class",
+                  parity: Mapping[str, bool | None] | None = None) -> list[dict[str, Any]]:
+    """The rows of `runner_probe_agreement` for runners already open ({label: runner}, the eager reference first,
+    e.g. an ExportResult's `reference` and `runners`, opened with parity's settings). `source_ids` name them for
+    `cache_dir`; `parity` gives each row's `parity_passed`."""
+    data = as_image_data(dataset)
     scored = []
-    for label, (runner, source_id) in runners.items():
+    for label, runner in runners.items():
         features = extract_features(runner, data, batch_size=batch_size, patch_dtype=patch_dtype,
-                                    cache_dir=cache_dir, source_id=source_id)
+                                    cache_dir=cache_dir, source_id=(source_ids or {}).get(label))
         scores = evaluate_features(features, seed=seed, dense=tuple(dict.fromkeys(("fg", dense_target))))
         scored.append(({"runner": label, **probe_columns(scores, dense_target)}, features))
     reference_row, reference = scored[0]
-    return [_with_differences(row, features, reference_row, reference, tolerance, parity.get(row["runner"]))
+    return [_with_differences(row, features, reference_row, reference, tolerance, (parity or {}).get(row["runner"]))
             for row, features in scored]
 
 

@@ -396,8 +396,8 @@ def probes(models: Models, result: DistillResult, exported: ExportResult | None,
     or a folder's own mask classes."""
     if labelled is None:
         return NO_LABELS
-    return probe_table(models.teacher, result.student, labelled, projector=result.projectors.last,
-                       artifacts=exported.paths if exported is not None else None,
+    reused = {} if exported is None else {"reference": exported.reference, "runners": exported.runners}
+    return probe_table(models.teacher, result.student, labelled, projector=result.projectors.last, **reused,
                        dense_target="class" if config.data.source == "synthetic" else "mask", seed=config.train.seed)
 
 
