@@ -94,6 +94,15 @@ def test_a_folder_with_masks_gets_the_dense_probe_on_its_mask_classes(tmp_path):
     assert table["dense"] == "mask" and all(0.0 <= row["miou"] <= 1.0 for row in table["rows"])
 
 
+def test_only_the_held_out_images_carry_labels_and_masks(tmp_path):
+    images = write_class_folder(tmp_path / "shots", masks_root=tmp_path / "masks")
+    data = {"source": str(images), "labels": True, "masks": str(tmp_path / "masks"), "eval_n": 16}
+    _, train_data, eval_images, labelled = prepare(load_run_config(_run_config(tmp_path, data)))
+    assert "label" not in train_data[0] and "fg_mask" not in train_data[0]   # training reads neither
+    assert labelled.images is eval_images and labelled.masks.shape == (len(eval_images), 64, 64)
+    assert set(np.unique(labelled.masks)) <= {0, 1, 2, 3, 4}
+
+
 def test_a_folder_without_labels_says_why_there_is_no_table(tmp_path):
     result = folder_run(tmp_path, {"source": str(write_class_folder(tmp_path / "shots"))}, "run")
     assert result.summary["probes"] == NO_LABELS
