@@ -75,6 +75,8 @@ def test_the_probe_table_reaches_the_manifest_and_the_report(synthetic_run):
     assert "chance = 1 / " in comparison and "what the features know about these labels" in comparison
     onnx = synthetic_run.summary["probes"]["rows"][2]
     assert f"{onnx['linear_acc']:.3f}"[:4] in comparison
+    card = (synthetic_run.out_dir / "student" / "README.md").read_text()
+    assert "## Probes (held-out images)" in card and "| onnx/fp32 | student block 1 (last), exported |" in card
 
 
 def test_a_labelled_folder_gets_linear_and_knn_but_no_dense(tmp_path):
@@ -108,6 +110,7 @@ def test_a_folder_without_labels_says_why_there_is_no_table(tmp_path):
     assert result.summary["probes"] == NO_LABELS
     page = (result.out_dir / "report.html").read_text()
     assert "the data carries no labels: set data.labels: true for a folder with one subfolder per class" in page
+    assert "Not run (the data carries no labels" in (result.out_dir / "student" / "README.md").read_text()
 
 
 def _run_config(tmp_path, data: dict) -> dict:
