@@ -12,7 +12,8 @@ from test_api import QUICK_EXPORT, TINY
 from singer_deploy.errors import ConfigError, DataError
 from singer_deploy.evaluation.probes import evaluate_backbone
 from singer_deploy.models.data import SyntheticShapes
-from singer_deploy.pipeline.api import NO_LABELS, build_models, distill_and_export, prepare
+from singer_deploy.evaluation.features import ImageData
+from singer_deploy.pipeline.api import NO_LABELS, build_models, distill_and_export, prepare, probes
 from singer_deploy.pipeline.cli import EXIT_INPUT, main
 from singer_deploy.pipeline.preflight import check_probe_labels
 from singer_deploy.pipeline.runconfig import load_run_config
@@ -172,3 +173,10 @@ def test_held_out_labels_the_probes_cannot_split_are_refused():
         with pytest.raises(DataError, match="cannot be probed") as error:
             check_probe_labels(labels)
         assert "data.eval_n" in error.value.fix
+
+
+def test_synthetic_shapes_too_few_to_probe_run_and_say_so(tmp_path):
+    config = load_run_config(_run_config(tmp_path, {"n": 8, "eval_n": 2}))
+    labelled = prepare(config)[3]                       # not refused: the user did not ask for the probes
+    reason = probes(None, None, None, ImageData(labelled.images, np.array([0, 1]), None), config)
+    assert reason.startswith("too few held-out images for the probes (2 held-out images") and "data.eval_n" in reason

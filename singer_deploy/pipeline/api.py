@@ -40,7 +40,8 @@ from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder,
                                        default_crop_pct, image_transform, stack_images)
 from singer_deploy.models.planted import PlantedTeacher
 from singer_deploy.models.planted_training import planted_teacher
-from singer_deploy.pipeline.preflight import check_built, check_data_memory, check_probe_labels, check_settings
+from singer_deploy.pipeline.preflight import (check_built, check_data_memory, check_probe_labels, check_settings,
+                                              unprobeable)
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.reporting.model_card import write_model_card
@@ -173,8 +174,8 @@ def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray, ImageData |
     labelled = as_image_data(held_out) if carries_labels(config) else None
     eval_images = labelled.images if labelled is not None else stack_images(held_out).numpy()
     check_built(config, models.teacher, models.student, len(eval_images))
-    if labelled is not None:
-        check_probe_labels(labelled.labels)
+    if labelled is not None and config.data.source != "synthetic":
+        check_probe_labels(labelled.labels)   # asked for by data.labels: refused now, not after training
     return models, train_data, eval_images, labelled
 
 
@@ -392,10 +393,14 @@ NO_LABELS = ("the data carries no labels: set data.labels: true for a folder wit
 def probes(models: Models, result: DistillResult, exported: ExportResult | None, labelled: ImageData | None,
            config: RunConfig) -> dict | str:
     """The probe table (evaluation/probe_table.py) on the held-out images: the raw teacher, the student and every
-    exported artifact; NO_LABELS when the data carries none. Dense: the synthetic shapes' class on the foreground,
-    or a folder's own mask classes."""
+    exported artifact; NO_LABELS when the data carries none, or why the held-out synthetic shapes cannot be probed
+    (too few: a folder's are checked by `prepare`). Dense: the synthetic shapes' class on the foreground, or a
+    folder's own mask classes."""
     if labelled is None:
         return NO_LABELS
+    problem = unprobeable(labelled.labels)
+    if problem is not None:
+        return f"too few held-out images for the probes ({problem}): raise data.eval_n"
     reused = {} if exported is None else {"reference": exported.reference, "runners": exported.runners}
     return probe_table(models.teacher, result.student, labelled, projector=result.projectors.last, **reused,
                        dense_target="class" if config.data.source == "synthetic" else "mask", seed=config.train.seed)

@@ -51,15 +51,21 @@ def check_built(config: RunConfig, teacher: Backbone, student: Backbone, eval_im
                         found=f"{eval_images}", fix="add images to data.source (10 or more), or export later")
 
 
-def check_probe_labels(labels: np.ndarray) -> None:
-    """The probes fit on part of the held-out images and score the rest (evaluation/probes.py, split_indices): they
-    need two classes among them and a class with two images or more, known before any training."""
+def unprobeable(labels: np.ndarray) -> str | None:
+    """Why the probes cannot use these held-out labels, or None. They fit on part of the images and score the rest
+    (evaluation/probes.py, split_indices): they need two classes, and a class with two images or more."""
     classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) < 2 or counts.max() < 2:
-        per_class = dict(zip(classes.tolist(), counts.tolist()))
+    if len(classes) >= 2 and counts.max() >= 2:
+        return None
+    return f"{len(labels)} held-out images, images per class id {dict(zip(classes.tolist(), counts.tolist()))}"
+
+
+def check_probe_labels(labels: np.ndarray) -> None:
+    """Labels a user asked for (data.labels) must be usable by the probes: known before any training."""
+    found = unprobeable(labels)
+    if found is not None:
         raise DataError("The held-out images cannot be probed", expected="two or more classes among the held-out "
-                        "images, one of them with two images or more",
-                        found=f"{len(labels)} held-out images, images per class id {per_class}",
+                        "images, one of them with two images or more", found=found,
                         fix="raise data.eval_n (an image folder holds out a fifth of its images, at most eval_n), "
                         "add images to the classes, or set data.labels: false")
 
