@@ -708,6 +708,9 @@ class DataSpec:
     crop_pct: float | None = None  # folders: eval centre-crop fraction; None = 1.0 when the images already have the
                                    # model's input size, else the teacher's pretrained crop_pct
     augment: bool = True           # folders: timm's training transform (random resized crop + flip) for training
+    labels: bool = False           # folders: one subfolder per class -> the run probes the held-out images (the
+                                   # synthetic shapes always carry labels); docs/usage.md "Labelled folders"
+    masks: str | None = None       # folders: <masks>/<class>/<stem>.png class ids per pixel, for the dense probe
 
     def __post_init__(self):
         if self.source != "synthetic" and not Path(self.source).expanduser().exists():
@@ -724,6 +727,18 @@ class DataSpec:
             raise ConfigError("data.crop_pct must lie in (0, 1]", expected="0 < crop_pct <= 1",
                               found=repr(self.crop_pct),
                               fix="use 1.0 for images already at the model's size, or leave it unset")
+        if self.masks is not None:
+            if self.source == "synthetic":
+                raise ConfigError("data.masks: the synthetic shapes bring their own masks",
+                                  expected="masks only with an image folder", found=f"masks: {self.masks}",
+                                  fix="remove data.masks, or point data.source at your labelled folder")
+            if not self.labels:
+                raise ConfigError("data.masks: masks go with class labels", expected="data.labels: true",
+                                  found="labels: false", fix="set data.labels: true (one subfolder per class)")
+            if not Path(self.masks).expanduser().is_dir():
+                raise ConfigError("data.masks: the mask folder does not exist",
+                                  expected="a folder <masks>/<class>/<stem>.png", found=shown_path(self.masks),
+                                  fix="check the path")
 
 
 @dataclass(frozen=True)

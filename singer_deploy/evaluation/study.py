@@ -50,7 +50,7 @@ from singer_deploy.hashing import module_sha256
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.evaluation.analysis import (CLEAN, PROJECTED, RAW, REFINED, STUDENT, ArtifactMask,
                                                artifact_rows)
-from singer_deploy.evaluation.probes import evaluate_backbone, evaluate_features
+from singer_deploy.evaluation.probes import DenseTarget, evaluate_backbone, evaluate_features
 
 METHODS = ("fitnet", "singer")
 MARKDOWN, JSON = "comparison.md", "comparison.json"
@@ -149,10 +149,16 @@ def _probed_rows(runs: dict, layer_rows: dict, teacher: Backbone, clean_teacher:
     scored += [(_reference_row(name, source, layer_rows[next(iter(runs))], first.teacher_layers), backbone,
                 first.teacher_layers[-1]) for name, source, backbone in references]
     for row, source, layer in scored:
-        scores = evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=seed)
-        row.update({name: scores.get(key) for key, name in _PROBE_COLUMNS.items()})
-        row["n_test"] = int(scores["n_test"])
+        row.update(probe_columns(evaluate_backbone(source, data, layer=layer, batch_size=batch_size, seed=seed)))
     return [_ordered(row) for row, _, _ in scored]
+
+
+def probe_columns(scores: Mapping[str, float], dense_target: DenseTarget = "class") -> dict[str, Any]:
+    """evaluate_features scores under this module's column names (_PROBE_COLUMNS); "miou" is the dense probe on
+    `dense_target` ("class": the image's class on its foreground; "mask": a folder's own mask classes)."""
+    row = {name: scores.get(key) for key, name in _PROBE_COLUMNS.items()}
+    row["miou"] = scores.get(f"dense_{dense_target}_miou")
+    return {**row, "n_test": int(scores["n_test"])}
 
 
 def _distil_each(methods: Sequence[str], teacher: Backbone, make_student: Callable[[], Backbone],
@@ -184,7 +190,8 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
                            projector: nn.Module | None = None, formats: Sequence[str] = ("onnx", "openvino"),
                            artifacts: Mapping[str, str | Path] | None = None, batch_size: int = 64, seed: int = 0,
                            patch_dtype: PatchDtype = "float32", tolerance: float = SCORE_TOLERANCE,
-                           cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                           cache_dir: str | Path | None = None,
+                           dense_target: DenseTarget = "class") -> list[dict[str, Any]]:
     """Probe scores of the exported student, read through each artifact's runner, next to eager PyTorch's.
 
     Exports `student` (+ `projector`, as deployed) to `formats` into `out_dir` with `export_student`, or opens the
@@ -193,7 +200,7 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
     scores, `diff_<score>` = |score - PyTorch's|, `max_score_diff`, `feature_max_abs_diff` (CLS and patch tokens
     vs PyTorch's), `scores_match` (max_score_diff <= tolerance) and `parity_passed` (export gate; None for given
     artifacts and PyTorch). `patch_dtype` defaults to float32 so that only the runtime, not float16 storage of the
-    patch tokens, can move the dense scores.
+    patch tokens, can move the dense scores. `dense_target`: what the "miou" column probes (see `probe_columns`).
     """
     data = as_image_data(dataset)
     # export_student and TorchRunner move the module to the CPU in place; the caller's student stays where it is.
@@ -207,19 +214,32 @@ def runner_probe_agreement(student: nn.Module, dataset: Any, out_dir: str | Path
                                   parity_images=data.images[:16], write_goldens=False)
         artifacts = exported.paths
         parity = {key: report.passed for key, report in exported.reports.items()}
-    runners = {REFERENCE_RUNNER: (TorchRunner(wrapper), f"torch:{module_sha256(wrapper)}")}
-    runners.update({label: (open_runner(path), f"{label}:{artifact_sha256(path)}") for label, path in
-                    artifacts.items()})
+    runners = {REFERENCE_RUNNER: TorchRunner(wrapper), **{label: open_runner(path) for label, path in
+                                                         artifacts.items()}}
+    source_ids = {REFERENCE_RUNNER: f"torch:{module_sha256(wrapper)}",
+                  **{label: f"{label}:{artifact_sha256(path)}" for label, path in artifacts.items()}}
+    return probe_runners(runners, data, batch_size=batch_size, seed=seed, patch_dtype=patch_dtype,
+                         tolerance=tolerance, cache_dir=cache_dir, source_ids=source_ids,
+                         dense_target=dense_target, parity=parity)
+
+
+def probe_runners(runners: Mapping[str, Any], dataset: Any, *, batch_size: int = 64, seed: int = 0,
+                  patch_dtype: PatchDtype = "float32", tolerance: float = SCORE_TOLERANCE,
+                  cache_dir: str | Path | None = None, source_ids: Mapping[str, str] | None = None,
+                  dense_target: DenseTarget = "class",
+                  parity: Mapping[str, bool | None] | None = None) -> list[dict[str, Any]]:
+    """The rows of `runner_probe_agreement` for runners already open ({label: runner}, the eager reference first,
+    e.g. an ExportResult's `reference` and `runners`, opened with parity's settings). `source_ids` name them for
+    `cache_dir`; `parity` gives each row's `parity_passed`."""
+    data = as_image_data(dataset)
     scored = []
-    for label, (runner, source_id) in runners.items():
+    for label, runner in runners.items():
         features = extract_features(runner, data, batch_size=batch_size, patch_dtype=patch_dtype,
-                                    cache_dir=cache_dir, source_id=source_id)
-        scores = evaluate_features(features, seed=seed)
-        row = {"runner": label, **{name: scores.get(key) for key, name in _PROBE_COLUMNS.items()},
-               "n_test": int(scores["n_test"])}
-        scored.append((row, features))
+                                    cache_dir=cache_dir, source_id=(source_ids or {}).get(label))
+        scores = evaluate_features(features, seed=seed, dense=tuple(dict.fromkeys(("fg", dense_target))))
+        scored.append(({"runner": label, **probe_columns(scores, dense_target)}, features))
     reference_row, reference = scored[0]
-    return [_with_differences(row, features, reference_row, reference, tolerance, parity.get(row["runner"]))
+    return [_with_differences(row, features, reference_row, reference, tolerance, (parity or {}).get(row["runner"]))
             for row, features in scored]
 
 

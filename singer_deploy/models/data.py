@@ -308,6 +308,12 @@ class ImageFolder(Dataset):
         twin.transform = transform   # shares `skipped`: one record of the listing's bad files
         return twin
 
+    def without_annotations(self) -> "ImageFolder":
+        """The same listing without labels or masks: training reads neither (a random crop would not fit a mask)."""
+        twin = copy.copy(self)
+        twin.classes, twin.masks = (), None
+        return twin
+
     def first_image_size(self) -> tuple[int, int] | None:
         """(height, width) of the first readable file, from its header only; None when the first files fail."""
         for path in self.files[:MAX_BAD_IN_A_ROW]:

@@ -29,6 +29,8 @@ from singer_deploy.config import (CPU_FORMATS, PLANTED, ExportSpec, ModelSpec, R
                                   format_name, from_mapping, is_auto_precision, normalize_precision, with_changes)
 from singer_deploy.devices import training_device
 from singer_deploy.evaluation.analysis import JUDGED, ArtifactAnalysis, analyse_artifacts
+from singer_deploy.evaluation.features import ImageData, as_image_data
+from singer_deploy.evaluation.probe_table import probe_table
 from singer_deploy.evaluation.scan import ScanResult, scan_teacher
 from singer_deploy.io import atomic_save_safetensors, atomic_write_json
 from singer_deploy.method.artifact_subspace import NO_CANDIDATES, describe_subspace, incomplete_note
@@ -38,7 +40,8 @@ from singer_deploy.models.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder,
                                        default_crop_pct, image_transform, stack_images)
 from singer_deploy.models.planted import PlantedTeacher
 from singer_deploy.models.planted_training import planted_teacher
-from singer_deploy.pipeline.preflight import check_built, check_data_memory, check_settings
+from singer_deploy.pipeline.preflight import (check_built, check_data_memory, check_probe_labels, check_settings,
+                                              unprobeable)
 from singer_deploy.pipeline.rundir import MANIFEST, check_out_dir, open_run_dir
 from singer_deploy.pipeline.runconfig import load_run_config
 from singer_deploy.reporting.model_card import write_model_card
@@ -96,13 +99,13 @@ def distill_and_export(config: RunConfig | dict | str | Path | None = None, *, t
                      precision=precision, method=method)
     config = _resolve_config(config, shortcuts, sections)
     clock = time.perf_counter()
-    models, train_data, eval_images = prepare(config)
+    models, train_data, eval_images, labelled = prepare(config)
     timings = {"setup_s": time.perf_counter() - clock}
     with open_run_dir(Path(config.out_dir), overwrite=overwrite) as run_dir:
         # After an overwrite there is nothing to resume (and under torchrun the other ranks must not read the old
         # checkpoint while rank 0 deletes it).
-        return _run_in(run_dir, config, models, train_data, eval_images, timings, resume=resume and not overwrite,
-                       progress=progress)
+        return _run_in(run_dir, config, models, train_data, eval_images, labelled, timings,
+                       resume=resume and not overwrite, progress=progress)
 
 
 SCAN_JSON, SCAN_PAGE = "scan.json", "scan.html"
@@ -157,22 +160,30 @@ def safe_name(name: str) -> str:
     return name.replace(":", "-").replace("/", "-").strip("-") or "teacher"
 
 
-def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray]:
+def prepare(config: RunConfig) -> tuple[Models, Dataset, np.ndarray, ImageData | None]:
     """Every check a run makes before it touches a directory; `singer-deploy check-config` runs exactly this.
 
-    Returns the built models, the training data and the held-out evaluation images (B, 3, H, W).
+    Returns the built models, the training data, the held-out evaluation images (B, 3, H, W) and, when the data
+    carries labels (`carries_labels`), the same images with their labels (and masks) for the probes, else None.
     """
     check_settings(config)
     check_out_dir(Path(config.out_dir))
     models = build_models(config)
-    train_data, eval_images = build_data(config, models.teacher)
+    train_data, held_out = build_datasets(config, models.teacher)
+    # Read once: a labelled set's images are the evaluation images.
+    labelled = as_image_data(held_out) if carries_labels(config) else None
+    eval_images = labelled.images if labelled is not None else stack_images(held_out).numpy()
     check_built(config, models.teacher, models.student, len(eval_images))
-    return models, train_data, eval_images
+    if labelled is not None and config.data.source != "synthetic":
+        check_probe_labels(labelled.labels)   # asked for by data.labels: refused now, not after training
+    return models, train_data, eval_images, labelled
 
 
 def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Dataset, eval_images: np.ndarray,
-            timings: dict[str, float], *, resume: bool, progress: bool) -> PipelineResult:
-    """The pipeline after `prepare`, inside a taken run directory: distil, merge, export + bench, report, manifest."""
+            labelled: ImageData | None, timings: dict[str, float], *, resume: bool,
+            progress: bool) -> PipelineResult:
+    """The pipeline after `prepare`, inside a taken run directory: distil, merge, export + bench, probes (labelled
+    data), report, manifest."""
     with _timed(timings, "distill_s"):
         result = distill(models.teacher, models.student, train_data, out_dir, layers=config.layers,
                          singer=config.singer, train=config.train, resume=resume, progress=progress,
@@ -192,6 +203,8 @@ def _run_in(out_dir: Path, config: RunConfig, models: Models, train_data: Datase
 
     analysis = analyse_artifacts(models.teacher, refined, result, torch.from_numpy(eval_images), models.planted)
     summary = _summary(analysis, exported, latency_rows, result, config)
+    with _timed(timings, "probes_s"):
+        summary["probes"] = probes(models, result, exported, labelled, config)
     data_record = _data_record(train_data, result)
     _note_skipped_images(summary, data_record)
     summary = {"verdict": _verdict(summary, analysis, exported, latency_rows), **summary}
@@ -304,7 +317,9 @@ def _resolve_config(config, shortcuts: dict, sections: dict) -> RunConfig:
 def run_context(config: RunConfig) -> dict:
     """What defines a run beyond the training loop's own settings, for the checkpoint's fingerprint
     (train/checkpoint.py). The teacher enters there by the hash of its weights, so its spec is left out here."""
-    return {"student": asdict(config.student), "data": asdict(config.data)}
+    # Labels and masks only feed the probes after training: turning them on does not change the run.
+    data = {key: value for key, value in asdict(config.data).items() if key not in ("labels", "masks")}
+    return {"student": asdict(config.student), "data": data}
 
 
 def build_models(config: RunConfig) -> Models:
@@ -331,30 +346,64 @@ def load_model(spec: ModelSpec) -> Backbone:
 
 def build_data(config: RunConfig, teacher: Backbone | TeacherInput, *, training: bool = True
                ) -> tuple[Dataset, np.ndarray]:
-    """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32.
+    """Training data set and a fixed batch of held-out, normalised evaluation images (B, 3, H, W) float32
+    (`build_datasets`, the held-out images stacked)."""
+    train, held_out = build_datasets(config, teacher, training=training)
+    return train, stack_images(held_out).numpy()
+
+
+def build_datasets(config: RunConfig, teacher: Backbone | TeacherInput, *, training: bool = True
+                   ) -> tuple[Dataset, Dataset]:
+    """Training data set and the held-out evaluation set, whose items carry "label" (and "fg_mask") when the data
+    carries labels (`carries_labels`); training items never do.
 
     `teacher` is the built teacher or the TeacherInput a run's manifest recorded (export-only runs, which pass
     training=False). The data sets are opened lazily; `check_data_memory` refuses settings whose images cannot fit
-    in memory before the held-out images are stacked."""
+    in memory before the held-out images are read."""
     spec = config.data
     if spec.source == "synthetic":
         size, patch = teacher.img_size[0], teacher.patch_size[0]
         train = SyntheticShapes(spec.n, size, patch, flat_share=spec.flat_share, seed=spec.seed)
         held_out = SyntheticShapes(spec.eval_n, size, patch, flat_share=spec.flat_share, seed=spec.seed + 1)
         check_data_memory(config, teacher.img_size, len(train), len(held_out), training=training)
-        return train, stack_images(held_out).numpy()
-    folder = ImageFolder(spec.source)
+        return train, held_out
+    folder = ImageFolder(spec.source, labels=spec.labels, masks=spec.masks)
     crop_pct = spec.crop_pct if spec.crop_pct is not None else \
         default_crop_pct(folder, teacher.img_size, teacher.data_config()["crop_pct"])
     transform = teacher.data_config(crop_pct)   # the model's own input size, the teacher's mean/std
-    training_images = folder.with_transform(image_transform(transform, training=spec.augment))
+    training_images = folder.without_annotations().with_transform(image_transform(transform, training=spec.augment))
     folder = folder.with_transform(image_transform(transform, training=False))
     eval_n = min(spec.eval_n, max(len(folder) // 5, 1))
     generator = torch.Generator().manual_seed(spec.seed)
     order = torch.randperm(len(folder), generator=generator).tolist()
     held_out, train_idx = order[:eval_n], order[eval_n:] or order
     check_data_memory(config, teacher.img_size, len(train_idx), len(held_out), training=training)
-    return torch.utils.data.Subset(training_images, train_idx), stack_images(folder, held_out).numpy()
+    return torch.utils.data.Subset(training_images, train_idx), torch.utils.data.Subset(folder, held_out)
+
+
+def carries_labels(config: RunConfig) -> bool:
+    """The synthetic shapes always carry labels (and masks); an image folder when `data.labels` says so."""
+    return config.data.source == "synthetic" or config.data.labels
+
+
+NO_LABELS = ("the data carries no labels: set data.labels: true for a folder with one subfolder per class "
+             "(docs/usage.md, \"Labelled folders\")")
+
+
+def probes(models: Models, result: DistillResult, exported: ExportResult | None, labelled: ImageData | None,
+           config: RunConfig) -> dict | str:
+    """The probe table (evaluation/probe_table.py) on the held-out images: the raw teacher, the student and every
+    exported artifact; NO_LABELS when the data carries none, or why the held-out synthetic shapes cannot be probed
+    (too few: a folder's are checked by `prepare`). Dense: the synthetic shapes' class on the foreground, or a
+    folder's own mask classes."""
+    if labelled is None:
+        return NO_LABELS
+    problem = unprobeable(labelled.labels)
+    if problem is not None:
+        return f"too few held-out images for the probes ({problem}): raise data.eval_n"
+    reused = {} if exported is None else {"reference": exported.reference, "runners": exported.runners}
+    return probe_table(models.teacher, result.student, labelled, projector=result.projectors.last, **reused,
+                       dense_target="class" if config.data.source == "synthetic" else "mask", seed=config.train.seed)
 
 
 def _data_record(train_data: Dataset, result: DistillResult) -> dict:
@@ -489,7 +538,7 @@ def report(out_dir: Path, config: RunConfig, analysis: ArtifactAnalysis, parity_
         versions=environment(), artifacts=analysis.rows,
         images=display_images(eval_images[shown], normalisation), norm_maps={k: v[shown] for k, v in analysis.norm_maps.items()},
         norm_histograms=analysis.norms, pca_tokens={k: v[shown] for k, v in analysis.tokens.items()},
-        metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows)
+        metrics=out_dir / "metrics.jsonl", parity=parity_rows, latency=latency_rows, probes=summary.get("probes"))
     return write_report(out_dir / "report.html", data)
 
 

@@ -273,7 +273,7 @@ def _cmd_check(args) -> int:
     config = load_run_config(_config_with_overrides(args.config, args.overrides))
     if args.print_config:
         print(yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False), end="")
-    models, train_data, eval_images = prepare(config)  # what `run` checks before it touches a directory
+    _, train_data, eval_images, _ = prepare(config)  # what `run` checks before it touches a directory
     print(f"{args.config}{' with ' + ' '.join(args.overrides) if args.overrides else ''}: ok "
           f"(teacher {config.teacher.name}, student {config.student.name}, "
           f"{len(train_data)} training / {len(eval_images)} evaluation images)",

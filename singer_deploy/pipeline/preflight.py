@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Sequence
 
+import numpy as np
 from singer_deploy.config import MIN_PARITY_IMAGES, RunConfig, calibrates, is_auto_precision
 from singer_deploy.errors import ConfigError, DataError
 from singer_deploy.memory import Need, check_fits
@@ -48,6 +49,25 @@ def check_built(config: RunConfig, teacher: Backbone, student: Backbone, eval_im
         raise DataError("Too few held-out images for the parity gates", expected=f">= {MIN_PARITY_IMAGES} "
                         "evaluation images (a fifth of an image folder is held out, at most data.eval_n)",
                         found=f"{eval_images}", fix="add images to data.source (10 or more), or export later")
+
+
+def unprobeable(labels: np.ndarray) -> str | None:
+    """Why the probes cannot use these held-out labels, or None. They fit on part of the images and score the rest
+    (evaluation/probes.py, split_indices): they need two classes, and a class with two images or more."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) >= 2 and counts.max() >= 2:
+        return None
+    return f"{len(labels)} held-out images, images per class id {dict(zip(classes.tolist(), counts.tolist()))}"
+
+
+def check_probe_labels(labels: np.ndarray) -> None:
+    """Labels a user asked for (data.labels) must be usable by the probes: known before any training."""
+    found = unprobeable(labels)
+    if found is not None:
+        raise DataError("The held-out images cannot be probed", expected="two or more classes among the held-out "
+                        "images, one of them with two images or more", found=found,
+                        fix="raise data.eval_n (an image folder holds out a fifth of its images, at most eval_n), "
+                        "add images to the classes, or set data.labels: false")
 
 
 # Bytes of one index in the int64 permutations that order the training images (one per epoch while training, one to

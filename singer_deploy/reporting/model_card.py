@@ -2,7 +2,8 @@
 
 It says what the student is (architecture, how to load it, which features were distilled), how it was made
 (teacher, layers, method and its settings, data, training) and how it measured (artifact metrics per source,
-parity per exported artifact, latency), all taken from the run's own records; a part that did not run says so.
+probes on labelled held-out images, parity per exported artifact, latency), all taken from the run's own records;
+a part that did not run says so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from singer_deploy.io import atomic_write_text
 CARD_NAME = "README.md"
 _PARITY_COLUMNS = ["candidate", "precision", "output", "token_cos_min", "image_cos_min", "max_abs_rel", "rel_err_p99",
                    "knn_overlap", "passed"]
+_PROBE_COLUMNS = ["model", "features", "linear_acc", "linear_pooled_acc", "knn_acc", "miou"]
 _LATENCY_COLUMNS = ["runner", "p50_ms", "p90_ms", "throughput_ips", "size_mb", "speedup_vs_pytorch/fp32"]
 
 
@@ -62,6 +64,8 @@ def model_card(student_dir: Path, *, config: Mapping[str, Any], summary: Mapping
         f"{train['schedule']} schedule, seed {train['seed']}, {summary.get('distill_seconds', '?')} s", "",
         "## Artifact metrics (held-out images)", "",
         *_artifact_lines(summary.get("artifacts")), "",
+        "## Probes (held-out images)", "",
+        *_probe_lines(summary.get("probes")), "",
         "## Parity of the exported artifacts against eager PyTorch", "",
         markdown_table(list(parity), _PARITY_COLUMNS, digits=6) if parity else "Not run (no export in this run).", "",
         *_runner_option_lines(summary.get("runner options")),
@@ -96,6 +100,17 @@ def _data(data: Mapping[str, Any]) -> str:
     if data["source"] == "synthetic":
         return f"synthetic shapes ({data['n']} training images, {data['eval_n']} held out)"
     return f"images from `{data['source']}` ({data['eval_n']} held out for evaluation)"
+
+
+def _probe_lines(probes: Mapping[str, Any] | str | None) -> list[str]:
+    """The run's probe table (evaluation/probe_table.py), or why there is none."""
+    if not isinstance(probes, Mapping):
+        return [f"Not run ({probes or 'no probes in this run'})."]
+    columns = [key for key in _PROBE_COLUMNS if key in probes["rows"][0]]
+    return [f"What the features know about the labels: probes fitted on {probes['n_train']} and scored on "
+            f"{probes['n_test']} held-out images, {probes['classes']} classes (chance {probes['chance']:.3f}); linear "
+            "and kNN: accuracy on the class token (pooled: mean patch token); miou: dense per-patch probe.", "",
+            markdown_table(list(probes["rows"]), columns)]
 
 
 def _artifact_lines(artifacts: Mapping[str, Any] | None) -> list[str]:

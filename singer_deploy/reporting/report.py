@@ -57,6 +57,7 @@ class ReportData:
     latency: Rows | None = None                      # export.bench.benchmark_runners rows: one per runner
     artifacts: Rows | None = None                    # artifact analysis rows: one per (source "method", "layer")
     comparison: Rows | None = None                   # one row per method
+    probes: Mapping[str, Any] | str | None = None    # a run's probe table (evaluation/probe_table.py) or why none
     max_images: int = 6
 
 
@@ -79,6 +80,9 @@ _LATENCY_COLUMNS = {"runner": "runner", "realised_precision": "realised precisio
                     "iters": "timed calls", SPEEDUP: "speed-up vs eager"}
 _COMPARISON_COLUMNS = {"method": "method", "hnr_4": "HNR_4", "e_out": "E_out", "knn_acc": "kNN acc",
                        "linear_acc": "linear acc", "miou": "mIoU"}
+_PROBE_COLUMNS = {"model": "features of", "features": "read at", "linear_acc": "linear CLS acc",
+                  "linear_pooled_acc": "linear mean-patch acc", "knn_acc": "kNN CLS acc (k=20)",
+                  "miou": "dense mIoU", "max_score_diff": "max score diff vs PyTorch student"}
 # The artifact matrix (one per distilled layer, a row per source): the figures that say whether artifacts are gone
 # and what it cost, in this order. Any figure the analysis adds that is not named here shows after them; the
 # secondary ones go to a collapsed table under the matrix.
@@ -90,7 +94,8 @@ _ARTIFACT_SECONDARY = {"artifact_ratio_p90": "artifact / normal p90", "artifact_
                        "r_max": "max / median norm", "artifact_tokens": "artifact tokens"}
 _ROW_KEYS = ("method", "layer", "student_block")   # identify an artifact row, not figures
 # Summary keys the verdict or a table already shows in full.
-SHOWN_ELSEWHERE = ("verdict", "artifacts", "artifacts remain", "parity", "latency_p50_ms", "shipped", "warnings")
+SHOWN_ELSEWHERE = ("verdict", "artifacts", "artifacts remain", "parity", "latency_p50_ms", "shipped", "warnings",
+                   "probes")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -283,9 +288,23 @@ def _latency_section(data: ReportData) -> str | _NotRun:
 
 
 def _comparison_section(data: ReportData) -> str | _NotRun:
+    """A run's probe table when its data carries labels, else a method comparison when given, else why neither."""
+    if isinstance(data.probes, Mapping):
+        return _probe_section(data.probes)
     if not data.comparison:
-        return _NotRun("no method comparison was given")
+        return _NotRun(data.probes if isinstance(data.probes, str) else "no method comparison was given")
     return _table(data.comparison, _COMPARISON_COLUMNS)
+
+
+def _probe_section(table: Mapping[str, Any]) -> str:
+    target = "the masks' classes" if table["dense"] == "mask" else "the image's class on its foreground"
+    dense = f"; dense mIoU: a per-patch linear probe of {target}, background included" if table["dense"] else ""
+    caption = (f"Probes on the held-out images: fitted on {table['n_train']}, scored on {table['n_test']} (one "
+               f"stratified split, the same for every row). {table['classes']} classes: chance = 1 / "
+               f"{table['classes']} = {fmt(table['chance'])}. The probes measure what the features know about these "
+               f"labels. Linear: ridge on the class token or the mean patch token; kNN: cosine, k = 20{dense}. "
+               "Exported rows read the student through each artifact's runtime.")
+    return f'<p class="caption">{html.escape(caption)}</p>' + _table(table["rows"], _PROBE_COLUMNS, strict=True)
 
 
 def _config_section(data: ReportData) -> str | _NotRun:
