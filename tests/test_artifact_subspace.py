@@ -155,6 +155,8 @@ def test_describe_reads_the_recorded_facts():
     facts["selection"] = {"rule": "subspace component", "threshold": 0.3712, "share": 0.0781, "strength": 2.52}
     assert describe_subspace(facts).endswith("; selects 7.8% of tokens (component in the subspace above 0.371x the "
                                              "median norm), 2.5x the median norm")
+    facts["selection"]["band_share"] = 0.0042     # tokens the losses neither hold nor push are said, when there are any
+    assert describe_subspace(facts).endswith("2.5x the median norm; 0.4% in the band below it, held by no term")
     # No direction above the limit: said in words, never an empty list of blocks.
     empty = {**facts, "rank": 0, "writers": {}, "explained_share": 0.0, "complete": False}
     assert describe_subspace(empty).startswith("no artifact direction: no direction's excess reaches 10 units")

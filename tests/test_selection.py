@@ -81,6 +81,11 @@ def test_every_family_is_selected_at_weak_and_strong_strengths(family, rho):
         facts = found[layer].summary()["selection"]
         assert facts["rule"] == "subspace component" and facts["threshold"] >= MIN_COMPONENT
         assert facts["share"] == pytest.approx(float(expected.float().mean()), abs=0.03)
+        raw = planted.backbone.forward_taps(held, [layer])[layer][:, planted.backbone.num_prefix_tokens:]
+        chosen, band = found[layer].token_groups(raw)
+        assert torch.equal(chosen, picked) and not (band & chosen).any()
+        # The recorded band share is the estimation batches'; held-out images give about the same.
+        assert facts["band_share"] == pytest.approx(float(band.float().mean()), abs=0.02)
 
 
 def test_a_norm_cut_misses_what_the_data_driven_rule_finds():

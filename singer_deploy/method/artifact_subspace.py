@@ -75,8 +75,9 @@ class ArtifactSubspace:
     left_out: directions above EXCESS_LIMIT that did not fit `max_rank`; layer_mean: (D,) the normal tokens' mean at
     the layer; threshold: the component ratio above which `select` calls a token an artifact (method/selection.py),
     None under the fixed `select_k` rule; selected_share / strength: the share of the estimation batches' patch
-    tokens `select` picks, and their median norm over their image's median norm; untreated_share: the share of tokens
-    above DEFAULT_K x the image median norm that `select` leaves out."""
+    tokens `select` picks, and their median norm over their image's median norm; band_share: the share in the band
+    below the threshold that the losses neither hold nor push; untreated_share: the share of tokens above DEFAULT_K x
+    the image median norm that `select` leaves out."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -90,6 +91,7 @@ class ArtifactSubspace:
     select_k: float | None = None
     selected_share: float = 0.0
     strength: float = 0.0
+    band_share: float = 0.0
     untreated_share: float = 0.0
 
     @property
@@ -175,7 +177,8 @@ class ArtifactSubspace:
         """How `select` decides, and what it picked in the estimation batches."""
         rule = ({"rule": "select_k", "select_k": self.select_k} if self.select_k is not None else
                 {"rule": "subspace component", "threshold": round(self.threshold, 4)})
-        return {**rule, "share": round(self.selected_share, 5), "strength": round(self.strength, 3)}
+        return {**rule, "share": round(self.selected_share, 5), "strength": round(self.strength, 3),
+                "band_share": round(self.band_share, 5)}
 
 
 def describe_subspace(facts: dict) -> str:
@@ -198,7 +201,9 @@ def describe_selection(selection: dict) -> str:
     """ArtifactSubspace.selection_summary() in words."""
     rule = (f"norm above {selection['select_k']:g}x the median (select_k)" if selection["rule"] == "select_k" else
             f"component in the subspace above {selection['threshold']:.3g}x the median norm")
-    return (f"selects {selection['share']:.1%} of tokens ({rule}), {selection['strength']:.1f}x the median norm")
+    text = f"selects {selection['share']:.1%} of tokens ({rule}), {selection['strength']:.1f}x the median norm"
+    band = selection.get("band_share", 0.0)     # absent in runs recorded before the band existed
+    return f"{text}; {band:.1%} in the band below it, held by no term" if band else text
 
 
 def incomplete_note(facts: dict) -> str:
@@ -341,16 +346,18 @@ class SubspaceEstimator:
             threshold = selection_threshold(component_ratios(normal[:, :-1], found.layer_mean, found.basis,
                                                              normal[:, -1]))
         found = replace(found, threshold=threshold)
-        picked_share, untreated, picked_norms = 0.0, 0.0, []
+        picked_share, band_share, untreated, picked_norms = 0.0, 0.0, 0.0, []
         for tokens, medians, count in groups:
             norms = tokens.norm(dim=-1) / medians.clamp_min(torch.finfo(tokens.dtype).tiny)
-            picked = found.select(tokens, medians)
+            picked, band = found.token_groups(tokens, medians)
             picked_share += count * float(picked.double().mean()) / (n_a + n_n)
+            band_share += count * float(band.double().mean()) / (n_a + n_n)
             untreated += count * float(((norms > DEFAULT_K) & ~picked).double().mean()) / (n_a + n_n)
             picked_norms.append(norms[picked])
         norms = torch.cat(picked_norms)
         strength = float(norms.median()) if len(norms) else 0.0
-        return replace(found, selected_share=picked_share, strength=strength, untreated_share=untreated)
+        return replace(found, selected_share=picked_share, strength=strength, band_share=band_share,
+                       untreated_share=untreated)
 
 
 def _spread(rows: Tensor) -> Tensor:
