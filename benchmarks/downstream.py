@@ -36,25 +36,23 @@ import torch
 from compare_planted import ADAPTER_LR, CASES, LAYERS, _student
 from singer_deploy.config import PlantedTraining, SingerConfig, TrainConfig
 from singer_deploy.evaluation.probes import evaluate_backbone
-from singer_deploy.evaluation.study import runner_probe_agreement
+from singer_deploy.evaluation.study import probe_columns, runner_probe_agreement
 from singer_deploy.models.data import SyntheticShapes
 from singer_deploy.models.planted_training import fit_shapes_task, planted_teacher
 from singer_deploy.train.loop import distill
 
 HELD_OUT_SEED = 7_000_000
-PROBES = {"linear_cls_acc": "linear CLS", "linear_pooled_acc": "linear mean-patch", "knn_cls_acc": "kNN CLS",
-          "dense_class_miou": "dense mIoU"}
+# evaluation.study's probe columns (probe_columns, and runner_probe_agreement's rows) and their table headers.
+PROBES = {"linear_acc": "linear CLS", "linear_pooled_acc": "linear mean-patch", "knn_acc": "kNN CLS",
+          "miou": "dense mIoU"}
 STUDENTS = {"fitnet": ("fitnet", None), "singer faithful": ("singer", SingerConfig()),
             "singer published": ("singer", SingerConfig(preset="published"))}
 DEFAULT_CASES = "2c,2p,2two,2g,2v"
-# runner_probe_agreement's column of each probe (evaluation.study._PROBE_COLUMNS).
-ONNX_COLUMNS = {"linear_cls_acc": "linear_acc", "linear_pooled_acc": "linear_pooled_acc", "knn_cls_acc": "knn_acc",
-                "dense_class_miou": "miou"}
 
 
 def probe(backbone, held_out, layer: int, seed: int) -> dict[str, float]:
-    scores = evaluate_backbone(backbone, held_out, layer=layer, dense=("class",), seed=seed)
-    return {key: scores[key] for key in PROBES}
+    columns = probe_columns(evaluate_backbone(backbone, held_out, layer=layer, dense=("class",), seed=seed))
+    return {key: columns[key] for key in PROBES}
 
 
 def distilled_students(planted, seed: int, steps: int, train_images: SyntheticShapes, held_out: SyntheticShapes,
@@ -71,8 +69,7 @@ def distilled_students(planted, seed: int, steps: int, train_images: SyntheticSh
         if onnx and name == "singer faithful" and seed == 0:
             for runner in runner_probe_agreement(result.student, held_out, out / "onnx", formats=("onnx",),
                                                  seed=seed):
-                rows[f"singer faithful seed 0, {runner['runner']}"] = {key: runner[column] for key, column in
-                                                                       ONNX_COLUMNS.items()}
+                rows[f"singer faithful seed 0, {runner['runner']}"] = {key: runner[key] for key in PROBES}
     return rows
 
 
