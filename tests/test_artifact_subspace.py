@@ -5,6 +5,7 @@ share, the loss on hand-made tokens, and a distillation run that records the est
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
-from singer_deploy.method.artifact_subspace import (LOW_SHARE, ArtifactSubspace, describe_subspace,
+from singer_deploy.method.artifact_subspace import (CONTEXT_TOLERANCE, LOW_SHARE, ArtifactSubspace, describe_subspace,
                                                     estimate_artifact_subspaces, subspace_loss)
 from singer_deploy.method.losses import SingerLoss
 from singer_deploy.models.backbone import load_backbone
@@ -129,6 +130,42 @@ def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks
     # At the writer's own layer nothing runs: the update's excess along e_1 is gone, the input's e_1 part stays.
     torch.testing.assert_close(subspace.counterfactual(taps, 1, selected, block, prefix=1)[0, 3],
                                torch.tensor([3.0, 0.7]))
+
+
+def test_whole_context_counterfactual_is_the_teacher_that_never_wrote_and_is_chosen_when_others_read_it():
+    """The same teacher as above, whose blocks 2 and 3 make every token read the others (the trained teachers'
+    case). With whole_context the counterfactual re-runs every token on the cleaned patch 3, which gives exactly the
+    teacher without the write; on the selected tokens alone it differs, so with_context chooses the whole re-run."""
+    def mix(tokens):                    # every token's e_1 part gets the mean e_1 part of all tokens
+        return tokens + tokens.mean(1, keepdim=True) * torch.tensor([0.0, 1.0])
+
+    def block(tokens, index, rows):
+        return mix(tokens)[rows]
+
+    before = torch.tensor([[[5.0, 5.0], [1.0, 0.2], [2.0, 0.4], [3.0, 0.6]]])
+    clean = before + torch.tensor([0.0, 0.1])
+    after = clean + torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 10.0]]])
+    taps = {0: before, 1: after, 2: mix(after)}
+    taps[3] = mix(taps[2])
+    subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]], {1: 1.0})
+    selected = torch.tensor([[False, False, True]])
+    whole = replace(subspace, whole_context=True).counterfactual(taps, 3, selected, block, prefix=1)
+    # Block 2 adds the mean e_1 part 1.65 of (5.1, 0.3, 0.5, 0.7); block 3 the mean 3.3 of (6.75, 1.95, 2.15, 2.35).
+    torch.testing.assert_close(whole[0, 3], torch.tensor([3.0, 5.65]))
+    # The selected token alone reads the raw block-2 tokens at block 3 (9.25, 4.45, 4.65 and its own 2.35): + 5.175.
+    alone = subspace.counterfactual(taps, 3, selected, block, prefix=1)
+    torch.testing.assert_close(alone[0, 3], torch.tensor([3.0, 7.525]))
+    torch.testing.assert_close(whole[0, 3], mix(mix(clean))[0, 3])
+    torch.testing.assert_close(whole[:, :3], taps[3][:, :3])           # the other tokens' targets stay raw
+    # Raw layer-3 components along e_1 over the median patch norm: 0.97, 0.99 and 1.77; a threshold of 1.5 picks
+    # patch 3. The two counterfactuals' cosine there is 0.994.
+    facts = replace(subspace, layer_mean=torch.zeros(2), threshold=1.5)
+    chosen = facts.with_context(taps, 3, block, prefix=1)
+    assert chosen.whole_context and chosen.context_change > CONTEXT_TOLERANCE
+    assert chosen.summary()["context"]["whole"] is True
+    # Blocks that read only their own token: both counterfactuals agree and the selected tokens alone are re-run.
+    own = facts.with_context(taps, 3, lambda tokens, index, rows: (tokens + 1.0)[rows], prefix=1)
+    assert not own.whole_context and own.context_change == pytest.approx(0.0, abs=1e-6)
 
 
 def test_subspace_loss_hand_values():

@@ -12,8 +12,8 @@ import torch
 from singer_deploy.config import PlantedConfig, SingerConfig
 from singer_deploy.method.artifact_subspace import SubspaceEstimator, estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
-from singer_deploy.method.selection import (BAND_SHARE, CANDIDATE_Z, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
-                                            in_band, selection_threshold, write_outliers)
+from singer_deploy.method.selection import (BAND_SHARE, GAP_RATIO, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
+                                            in_band, selection_threshold, write_cut, write_outliers)
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import build_planted_teacher
 
@@ -33,6 +33,29 @@ def test_a_write_that_stands_out_at_its_block_is_a_candidate():
     assert write_outliers(updates).tolist() == found.tolist()
 
 
+def test_a_block_writes_the_tokens_above_a_wide_gap_not_a_heavy_tail():
+    """write_cut on hand-made score distributions: a cluster apart from the bulk is cut at the gap's middle; a
+    continuous heavy tail reaching 20 deviations (a trained teacher's early block) and a Gaussian bulk write nothing;
+    one token a little above the bulk is not a write."""
+    generator = torch.Generator().manual_seed(0)
+    bulk = torch.randn(2000, generator=generator).abs() * 0.5           # ends near 1.7 deviations
+    cluster = 4.5 + torch.rand(40, generator=generator)                 # a weak trained writer: 4.5-5.5
+    top_of_bulk = float(bulk.max())
+    assert write_cut(torch.cat([bulk, cluster])) == pytest.approx((top_of_bulk + float(cluster.min())) / 2)
+    tail = torch.empty(2000).exponential_(1 / 3.0, generator=generator)  # continuous, up to ~20
+    assert float(tail.max()) > 15 and write_cut(tail) == float("inf")
+    assert write_cut(bulk) == float("inf")
+    lonely = top_of_bulk + 0.5 * GAP_RATIO * top_of_bulk               # a gap half as wide as the rule asks
+    assert write_cut(torch.cat([bulk, torch.tensor([lonely])])) == float("inf")
+    # The same cluster and tail at two blocks of one batch: only the cluster is written.
+    updates = [torch.ones(1, 2040, 4)] + [torch.ones(1, 2040, 4) for _ in range(2)]
+    scale = 0.476 * 2.0          # log-norm spread that makes one unit of block_write_scores about one score unit
+    updates[1] *= torch.cat([tail, tail[:40]]).mul(scale).exp()[None, :, None]
+    updates[2] *= torch.cat([bulk, cluster]).mul(scale).exp()[None, :, None]
+    found = write_outliers(updates)[0]
+    assert found[2000:].all() and not found[:2000].any()
+
+
 def test_component_ratio_and_threshold_have_known_values():
     mean, basis = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([[0.0, 1.0, 0.0]])
     tokens = torch.tensor([[[1.0, 0.0, 2.0], [1.0, 3.0, 0.0], [1.0, 0.0, -2.0]]])   # norms 2.24, 3.16, 2.24
@@ -43,7 +66,6 @@ def test_component_ratio_and_threshold_have_known_values():
     torch.testing.assert_close(component_ratios(tokens[0], mean, basis, median.expand(3)), ratios[0])
     assert selection_threshold(torch.tensor([0.02, 0.05, 0.08])) == pytest.approx(SELECT_FACTOR * 0.05)
     assert selection_threshold(torch.tensor([0.0, 0.0, 1e-4])) == MIN_COMPONENT
-    assert CANDIDATE_Z > 5.0                # a Gaussian's extreme over 10^6 tokens stays below it
     # The band: above BAND_SHARE of the threshold, up to it; a selected token is not in it.
     ratios = torch.tensor([0.0, BAND_SHARE * 0.9, BAND_SHARE * 1.1, 1.0, 1.5])
     assert in_band(ratios, 1.0).tolist() == [False, False, True, True, False]

@@ -62,6 +62,11 @@ MAX_TOKENS = 4096
 # share and are not selected has a high-norm mode the estimate does not treat: said next to the layer's verdict. The
 # smallest artifact share the method is asked to handle (0.5%); the planted clean twins have none above 4x.
 UNTREATED_SHARE = 0.005
+# The counterfactual re-runs every token, not only the selected ones, when the two disagree on the first estimation
+# batch by more than this (1 - their mean cosine at the selected tokens): the teacher's other tokens read the artifact
+# (docs/method.md, "Artifact subspace"). Measured: untrained planted teachers agree to 1e-4 or better; teachers
+# trained with their artifacts differ by 0.03-0.18 at the layers after the writer.
+CONTEXT_TOLERANCE = 0.002
 # What an estimate of None means (the run summary and the log).
 NO_CANDIDATES = "no candidate artifact token: no block update stands out (or, with select_k set, no token above it)"
 
@@ -93,6 +98,8 @@ class ArtifactSubspace:
     strength: float = 0.0
     band_share: float = 0.0
     untreated_share: float = 0.0
+    whole_context: bool = False
+    context_change: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -136,25 +143,47 @@ class ArtifactSubspace:
         when its artifact is never written: every writer block's update on the selected tokens has its component in
         the subspace set to the normal tokens' mean update, and the blocks after the first writer run on those
         tokens, so what they would have computed from the token's content is there too. The other tokens keep their
-        raw values, at the layer and as the context the selected tokens read through attention at every block
-        (docs/method.md, "Artifact subspace"). `run_block(tokens, b, rows)` gives teacher block b's output at `rows`
-        (B, prefix + N) in the order of rows.nonzero() (Backbone.run_block_rows); `taps` holds the raw taps
-        `taps_needed(layer)` names."""
+        raw values at the layer. As the context the selected tokens read through attention at every block they are
+        the raw teacher's, or, with `whole_context`, re-run too, on the cleaned selected tokens (a teacher whose
+        other tokens read the artifact; docs/method.md, "Artifact subspace"). `run_block(tokens, b, rows)` gives
+        teacher block b's output at `rows` (B, prefix + N) in the order of rows.nonzero()
+        (Backbone.run_block_rows); `taps` holds the raw taps `taps_needed(layer)` names."""
         first = self.first_block
         if first is None:
             return taps[layer]
         rows = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1)
         at = rows.nonzero(as_tuple=True)
+        run_rows = torch.ones_like(rows) if self.whole_context else rows
         basis = self.basis.to(device=taps[layer].device, dtype=taps[layer].dtype)
         means = self.update_means.to(device=basis.device, dtype=basis.dtype)
-        tokens = taps[first][at]                                        # (M, D): the selected tokens only
+        context = taps[first]                                          # (B, prefix + N, D)
+        tokens = context[at]                                           # (M, D): the selected tokens only
         before = taps[first - 1][at] if first > 0 else torch.zeros_like(tokens)
         for block in range(first, layer + 1):
             if block > first:
-                before, tokens = tokens, run_block(taps[block - 1].index_put(at, tokens), block, rows)
+                inputs = (context if self.whole_context else taps[block - 1]).index_put(at, tokens)
+                output = run_block(inputs, block, run_rows)
+                if self.whole_context:
+                    context = output.reshape(inputs.shape)
+                    output = context[at]
+                before, tokens = tokens, output
             if block in self.writers:
                 tokens = tokens - (tokens - before - means[block]) @ basis.T @ basis
         return taps[layer].index_put(at, tokens)
+
+    @torch.no_grad()
+    def with_context(self, taps: dict[int, Tensor], layer: int, run_block, prefix: int) -> ArtifactSubspace:
+        """This estimate with `whole_context` decided on raw taps of a few images (`taps_needed(layer)`): set when
+        the counterfactual re-run on every token differs from the one on the selected tokens alone by more than
+        CONTEXT_TOLERANCE (1 - mean cosine at the selected tokens)."""
+        selected = self.select(taps[layer][:, prefix:])
+        if self.first_block is None or not selected.any():
+            return self
+        rows = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1)
+        alone = self.counterfactual(taps, layer, selected, run_block, prefix)[rows]
+        whole = replace(self, whole_context=True).counterfactual(taps, layer, selected, run_block, prefix)[rows]
+        change = 1.0 - float(torch.nn.functional.cosine_similarity(alone.float(), whole.float(), dim=-1).mean())
+        return replace(self, whole_context=change > CONTEXT_TOLERANCE, context_change=max(change, 0.0))
 
     @property
     def complete(self) -> bool:
@@ -171,7 +200,8 @@ class ArtifactSubspace:
         return {"rank": self.rank, "writers": {str(b): round(s, 4) for b, s in sorted(self.writers.items())},
                 "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
                 "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens,
-                "untreated_share": round(self.untreated_share, 5), "selection": self.selection_summary()}
+                "untreated_share": round(self.untreated_share, 5), "selection": self.selection_summary(),
+                "context": {"whole": self.whole_context, "change": round(self.context_change, 4)}}
 
     def selection_summary(self) -> dict:
         """How `select` decides, and what it picked in the estimation batches."""
@@ -381,13 +411,22 @@ def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> floa
 @torch.no_grad()
 def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_k: float,
                                 max_rank: int | None = None) -> dict[int, ArtifactSubspace | None]:
-    """Each distilled layer's ArtifactSubspace from raw teacher taps of `batches` (iterable of image tensors);
-    `teacher` is a lead Backbone (forward_taps, num_prefix_tokens); `max_rank` caps the directions (the adapter
-    rank: a linear adapter of rank r cannot remove more than r)."""
+    """Each distilled layer's ArtifactSubspace from raw teacher taps of `batches` (iterable of image tensors), its
+    counterfactual's context decided on the first batch (ArtifactSubspace.with_context); `teacher` is a lead
+    Backbone (forward_taps, run_block_rows, num_prefix_tokens); `max_rank` caps the directions (the adapter rank: a
+    linear adapter of rank r cannot remove more than r)."""
     estimator = SubspaceEstimator(layers, select_k, teacher.num_prefix_tokens, max_rank=max_rank)
+    first = None
     for images in batches:
+        first = images if first is None else first
         estimator.add(teacher.forward_taps(images, estimator.blocks_needed))
-    return estimator.result()
+    found = estimator.result()
+    if first is None:
+        return found
+    taps = teacher.forward_taps(first, estimator.blocks_needed)
+    return {layer: subspace if subspace is None else
+            subspace.with_context(taps, layer, teacher.run_block_rows, teacher.num_prefix_tokens)
+            for layer, subspace in found.items()}
 
 
 def subspace_loss(patches: Tensor, target: Tensor, selected: Tensor, held: Tensor | None = None) -> Tensor:
