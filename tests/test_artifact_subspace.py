@@ -163,6 +163,7 @@ def test_whole_context_counterfactual_is_the_teacher_that_never_wrote_and_is_cho
     chosen = facts.with_context(taps, 3, block, prefix=1)
     assert chosen.whole_context and chosen.context_change > CONTEXT_TOLERANCE
     assert chosen.summary()["context"]["whole"] is True
+    assert "re-runs every token" in chosen.describe() and "re-runs every token" not in facts.describe()
     # Blocks that read only their own token: both counterfactuals agree and the selected tokens alone are re-run.
     own = facts.with_context(taps, 3, lambda tokens, index, rows: (tokens + 1.0)[rows], prefix=1)
     assert not own.whole_context and own.context_change == pytest.approx(0.0, abs=1e-6)

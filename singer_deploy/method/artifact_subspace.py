@@ -224,6 +224,8 @@ def describe_subspace(facts: dict) -> str:
             f"{facts['explained_share']:.1%} of the candidate tokens' excess energy ({tokens})")
     if "selection" in facts:
         text += f"; {describe_selection(facts['selection'])}"
+    if facts.get("context", {}).get("whole"):   # absent in runs recorded before the context was decided
+        text += "; its target re-runs every token from the first writer on (the other tokens read the artifact)"
     return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
 
 
