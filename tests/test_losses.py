@@ -258,3 +258,34 @@ def test_tokens_in_the_band_below_the_selection_are_neither_held_nor_pushed():
     assert all(value > 0 for value in terms_with(10))           # a normal token moved: both terms see it
     assert terms_with(1) == pytest.approx((0.0, 0.0), abs=1e-6)  # the band token moved: neither does
     assert terms_with(0)[0] > 0                                 # the selected token: its target is the counterfactual
+
+
+def test_the_next_block_reading_is_held_to_what_it_computes_from_the_target():
+    """L_info of an intermediate layer under the faithful target compares the next block's reading of the normal
+    tokens with what that block computes from the L_out target, not from the raw layer: the refined layer equal to
+    its target pays nothing in either term, although the next block's normal outputs moved (they read the artifact
+    token through attention, as a trained teacher's do)."""
+    teacher = load_backbone("vit_tiny_patch16_224", depth=3, embed_dim=16, num_heads=2, img_size=32, patch_size=4
+                            ).requires_grad_(False)
+    layout = TokenLayout.of(teacher)
+    torch.manual_seed(0)
+    raw = _taps(teacher, [0, 1, 2])
+    direction = torch.zeros(16)
+    direction[0] = 1.0
+    mean = raw[1][:, 1:].mean((0, 1))
+    median = float(raw[1][0, 1:].norm(dim=-1).median())
+    raw[1][0, 1:9] += 20.0 * median * direction                # block 1 writes an artifact on patches 0-7 of image 0
+    subspace = ArtifactSubspace(direction[None], {1: 1.0}, 1.0, 1, 100, torch.zeros(2, 16), layer_mean=mean,
+                                threshold=5.0)
+    selected, band = subspace.token_groups(raw[1][:, 1:])
+    assert selected.nonzero().tolist() == [[0, token] for token in range(8)]
+    target = subspace.counterfactual(raw, 1, selected, teacher.run_block_rows, 1)
+    aligner = TokenAligner(layout, layout)
+    loss = SingerLoss(SingerConfig(rank=4), [1, 2], teacher, aligner, subspaces={1: subspace, 2: None})
+    terms = loss({layer: aligner.teacher(raw[layer]) for layer in (1, 2)}, {1: target, 2: raw[2]}, raw)
+    assert terms["out@1"].item() == pytest.approx(0.0, abs=1e-9)
+    assert terms["info@1"].item() == 0.0
+    # Held to the raw reading instead, the same refined layer would pay: the normal tokens' next-block outputs moved.
+    keep = ~torch.cat([torch.zeros_like(selected[:, :1]), selected | band], 1)
+    reading_moved = next_block_info_loss(target, raw[1], lambda t: teacher.run_blocks(t, 2, 3), keep)
+    assert reading_moved.item() > 1e-7

@@ -163,10 +163,10 @@ class SingerLoss:
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            terms[f"out@{layer}"] = self._outlier(layer, refined[layer][:, p:], raw, *groups[layer],
-                                                  keys_values or {})
+            target = self._target(layer, raw, groups[layer][0], keys_values or {})
+            terms[f"out@{layer}"] = self._outlier(refined[layer][:, p:], target, *groups[layer])
             if layer != final:
-                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer])
+                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer], target)
             else:
                 reference_layer = self._gram_reference_layer()
                 gram_keep = None if keep[layer] is None else keep[layer][:, p:] & keep[reference_layer][:, p:]
@@ -174,7 +174,7 @@ class SingerLoss:
                                                         self._gram_reference(refined, raw)[:, p:], gram_keep)
                 if cfg.last_block_info:
                     terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(
-                        layer, surrogate_block(layer, self.backbone.depth), refined, raw, keep[layer])
+                        layer, surrogate_block(layer, self.backbone.depth), refined, raw, keep[layer], target)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
@@ -194,14 +194,13 @@ class SingerLoss:
                        if subspace is not None and subspace.first_block is not None
                        for b in range(subspace.first_block + 1, layer + 1)})
 
-    def _outlier(self, layer: int, refined: Tensor, raw: Mapping[int, Tensor], selected: Tensor, band: Tensor,
-                 keys_values: Mapping[int, Tensor]) -> Tensor:
-        """refined: the layer's refined patch tokens; raw: every tap in `taps_needed` (B, prefix + N, D); selected,
-        band: the raw teacher's artifact patch tokens at the layer and the band below them (B, N, _token_groups);
-        keys_values: as __call__."""
-        cfg, p = self.config, self.prefix
-        if cfg.outlier_target == "quantile":
-            return outlier_loss(refined, alpha=cfg.alpha)
+    def _target(self, layer: int, raw: Mapping[int, Tensor], selected: Tensor,
+                keys_values: Mapping[int, Tensor]) -> Tensor | None:
+        """The layer's L_out target under outlier_target "subspace": the teacher's counterfactual (B, prefix + N, D;
+        ArtifactSubspace.counterfactual) at the `selected` patch tokens, raw elsewhere; None under "quantile" and
+        where the estimate found nothing. raw: every tap in `taps_needed`; keys_values: as __call__."""
+        if self.config.outlier_target == "quantile":
+            return None
         if layer not in self.subspaces:
             raise ModelError("outlier_target 'subspace' needs the artifact subspace of every distilled layer",
                              expected=f"subspaces for layers {self.layers}", found=str(sorted(self.subspaces)),
@@ -209,13 +208,21 @@ class SingerLoss:
                                  "select_k) before the first step")
         subspace = self.subspaces[layer]
         if subspace is None:
-            return refined.sum() * 0.0
+            return None
 
         def run_block(tokens: Tensor, block: int, rows: Tensor) -> Tensor:
             return self.backbone.run_block_rows(tokens, block, rows, keys_values.get(block))
 
-        target = subspace.counterfactual(raw, layer, selected, run_block, p)
-        return subspace_loss(refined, target[:, p:], selected, ~(selected | band))
+        return subspace.counterfactual(raw, layer, selected, run_block, self.prefix)
+
+    def _outlier(self, refined: Tensor, target: Tensor | None, selected: Tensor, band: Tensor) -> Tensor:
+        """refined: the layer's refined patch tokens; target: `_target`'s; selected, band: the raw teacher's artifact
+        patch tokens at the layer and the band below them (B, N, _token_groups)."""
+        if self.config.outlier_target == "quantile":
+            return outlier_loss(refined, alpha=self.config.alpha)
+        if target is None:
+            return refined.sum() * 0.0
+        return subspace_loss(refined, target[:, self.prefix:], selected, ~(selected | band))
 
     def _token_groups(self, layer: int, patches: Tensor) -> tuple[Tensor, Tensor]:
         """The raw teacher's artifact patch tokens at `layer` (B, N) and the band below them that no term holds
@@ -239,11 +246,19 @@ class SingerLoss:
         return ~torch.cat([prefix, selected | band], dim=1)
 
     def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
-                    keep: Tensor | None) -> Tensor:
+                    keep: Tensor | None, target: Tensor | None) -> Tensor:
+        """The next block's reading of the kept tokens, held to what it computes from the L_out `target` where there
+        is one, else from the raw layer: a teacher whose other tokens read the artifact reads it differently once it
+        is gone, and holding that reading to the raw one pulls the artifact back (docs/method.md, "Faithful
+        refinement")."""
+        def run(tokens: Tensor) -> Tensor:
+            return self.backbone.run_blocks(tokens, block, block + 1)
+
+        if target is not None:
+            return next_block_info_loss(refined[layer], target, run, keep)
         # The raw stream's output of `block` is a tap already where the counterfactual reads it (taps_needed).
         raw_out = raw.get(block) if block == layer + 1 else None
-        return next_block_info_loss(refined[layer], raw[layer],
-                                    lambda tokens: self.backbone.run_blocks(tokens, block, block + 1), keep, raw_out)
+        return next_block_info_loss(refined[layer], raw[layer], run, keep, raw_out)
 
     def _gram_reference_layer(self) -> int:
         # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.
