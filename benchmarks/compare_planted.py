@@ -267,7 +267,7 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
         for name, setting in settings.items():
             stats = measure(setting, name)
             settings_rows += [_row(case, key, name, stats[key], twin) for key in stats]
-        if case in ablation_cases:
+        if case.key in {ablation.key for ablation in ablation_cases}:    # --trained cases differ in training only
             for init in inits:
                 stats = measure(replace(SETTINGS["faithful"], adapter_init=init), f"{init} init")
                 ablation_rows += [_row(case, key, f"faithful, {init} init", stats[key], twin) for key in stats]
