@@ -83,13 +83,6 @@ def write_cut(scores: Tensor) -> float:
 
 
 @torch.no_grad()
-def write_scores(updates: Sequence[Tensor]) -> Tensor:
-    """updates: the patch tokens' updates (B, N, D) of blocks 0..layer in order. Returns (B, N): each token's largest
-    block_write_scores over blocks 1..layer (benchmarks report it; the cut is per block, write_outliers)."""
-    return torch.stack([block_write_scores(update) for update in updates[1:]]).amax(0)
-
-
-@torch.no_grad()
 def write_outliers(updates: Sequence[Tensor]) -> Tensor:
     """(B, N) bool: the tokens some block >= 1 writes, above that block's write_cut."""
     written = torch.zeros(updates[0].shape[:2], dtype=torch.bool, device=updates[0].device)
