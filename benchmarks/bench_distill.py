@@ -133,7 +133,8 @@ def distill_step_call(teacher: Backbone, student: Backbone, teacher_layers: list
     optimizer = make_optimizer(train, [{"params": params}], device)
     autocast = autocast_for(precision, device)
     runner = torch.compile(module) if compiled else module
-    return module, lambda: train_step(runner, images, optimizer, None, params, train.grad_clip, autocast)
+    return module, lambda: train_step(runner, images, optimizer, None, module.clip_groups(), train.grad_clip,
+                                      autocast)
 
 
 def _time_interleaved(calls, steps: int, warmup: int, device: torch.device) -> list[float]:

@@ -78,7 +78,7 @@ def _step(teacher, singer: SingerConfig, subspaces, images: torch.Tensor):
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(train, [{"params": params}], images.device)
     autocast = autocast_for("fp32", images.device)
-    return lambda: train_step(module, images, optimizer, None, params, train.grad_clip, autocast)
+    return lambda: train_step(module, images, optimizer, None, module.clip_groups(), train.grad_clip, autocast)
 
 
 if __name__ == "__main__":

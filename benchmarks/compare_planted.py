@@ -53,7 +53,7 @@ from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss
 from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_remain
 from singer_deploy.method.nullspace import surrogate_block
-from singer_deploy.method.refine import Refiner
+from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import PlantedTeacher
@@ -136,9 +136,13 @@ SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_targ
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove", "subspace")
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_4", "HNR_4"),
-        ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"), ("next_cos", "next-block cos"))
+        ("normal_cos", "normal cos"), ("normal_cos_p1", "normal p1"), ("normal_cos_clean", "normal cos clean"),
+        ("next_cos", "next-block cos"))
 # Issue targets: ratio <= max(1.5, 1.2 x the clean twin's), artifact cos to the twin >= 0.95, normal and next >= 0.99.
-COS_TARGETS = {"artifact_cos_clean": 0.95, "normal_cos": 0.99, "next_cos": 0.99}
+# Normal tokens are judged against the twin's: on a teacher whose other tokens read the artifact (trained ones) the
+# twin's own normal tokens are far from the raw ones (0.81 at layer 7), and keeping the raw ones keeps the artifact's
+# effect; where nothing reads it the two are the same. "normal cos" (to raw) stays in the table.
+COS_TARGETS = {"artifact_cos_clean": 0.95, "normal_cos_clean": 0.99, "next_cos": 0.99}
 
 
 def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, steps: int, lr: float = 1e-2,
@@ -148,7 +152,7 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     torch.manual_seed(seed)
     teacher, layers = planted.backbone.eval(), case.layers
     refiner = Refiner.from_teacher(teacher, layers, rank=singer.rank, rule=singer.rule, tau=singer.tau,
-                                   seed=singer.seed, init=singer.adapter_init)
+                                   seed=singer.seed, init=singer.adapter_init, stream=singer.stream)
     aligner = TokenAligner(TokenLayout.of(teacher), TokenLayout.of(teacher))
     images = _images(planted, n_train, case.share, seed)
     subspaces = _estimate(teacher, images, layers, singer, batch_size) if singer.outlier_target == "subspace" else None
@@ -158,25 +162,34 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
     needed, rerun = loss.taps_needed(), loss.blocks_rerun()
-    taps, recorded = [], []
-    with torch.no_grad():
-        for batch in images.split(64):          # the keys and values the counterfactual reuses, as DistillStep does
-            with teacher.record_keys_values(rerun) as keys_values:
-                taps.append(teacher.forward_taps(batch, needed))
-            recorded.append({block: kv.contiguous() for block, kv in keys_values.items()})
-    pool = {layer: torch.cat([t[layer] for t in taps]) for layer in needed}
-    kv_pool = {block: torch.cat([r[block] for r in recorded]) for block in recorded[0]}
-    del taps, recorded
+
+    @torch.no_grad()
+    def forward(batch: torch.Tensor) -> tuple[dict, dict]:
+        """The adapters' input taps and the keys and values the counterfactual reuses, as DistillStep has them."""
+        with teacher.record_keys_values(rerun) as keys_values:
+            taps = teacher.forward_taps(batch, needed, refiner.stream_edits())
+        return taps, {block: kv.contiguous() for block, kv in keys_values.items()}
+
+    if refiner.stream_edits() is None:      # the raw stream never changes: its taps are cached once
+        cached = [forward(batch) for batch in images.split(64)]
+        pool = {layer: torch.cat([taps[layer] for taps, _ in cached]) for layer in needed}
+        kv_pool = {block: torch.cat([kv[block] for _, kv in cached]) for block in cached[0][1]}
+        del cached
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
-        raw = {layer: pool[layer][index] for layer in needed}
+        if refiner.stream_edits() is None:
+            raw, keys_values = ({layer: pool[layer][index] for layer in needed},
+                                {block: kv[index] for block, kv in kv_pool.items()})
+        else:                               # the refined stream follows the adapters: run it every step
+            raw, keys_values = forward(images[index])
         refined = {layer: refiner(layer, raw[layer]) for layer in layers}
         student = {layer: aligner.teacher(refined[layer]).detach() for layer in layers}   # L_kd = 0
-        terms = loss(student, refined, raw, {block: kv[index] for block, kv in kv_pool.items()})
+        terms = loss(student, refined, raw, keys_values)
         optimizer.zero_grad()
         terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(refiner.trainable_parameters(), 1.0)
+        for group in refiner.clip_groups():     # each adapter on its own, as DistillStep.clip_groups
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         optimizer.step()
         schedule.step()
     return refiner
@@ -200,22 +213,24 @@ def faithful_target(planted: PlantedTeacher, case: Case, n_eval: int, n_train: i
     targets = {layer: raw[layer] if subspaces[layer] is None else subspaces[layer].counterfactual(
         raw, layer, subspaces[layer].select(raw[layer][:, p:]), teacher.run_block_rows, p)
         for layer in layers}
-    return lambda layer, tokens: targets[layer]
+    return lambda images, raw: targets
 
 
 @torch.no_grad()
-def refined_stats(planted: PlantedTeacher, refiner: Refiner | None, case: Case, n_eval: int = 128) -> dict:
-    """(layer, cluster) -> ArtifactStats result of the refined teacher (or the clean twin when refiner is None), for
+def refined_stats(planted: PlantedTeacher, refined_taps, case: Case, n_eval: int = 128) -> dict:
+    """(layer, cluster) -> ArtifactStats result of the refined teacher, whose taps `refined_taps(images, raw taps)`
+    gives (RefinedTeacher.taps_from), or of the clean twin when it is None, for
     every cluster written at or before the layer, and "all" (their union)."""
     teacher, clean = planted.backbone, planted.clean
     images, layers = _images(planted, n_eval, case.share, 1), case.layers
     clusters = planted.cluster_masks(images)
     raw, twin = teacher.forward_taps(images, layers), clean.forward_taps(images, layers)
+    refined = refined_taps(images, raw) if refined_taps is not None else None
     p = teacher.num_prefix_tokens
     out = {}
     for layer in layers:
         block = surrogate_block(layer, teacher.depth)
-        patches = refiner(layer, raw[layer]) if refiner is not None else torch.cat(
+        patches = refined[layer] if refined is not None else torch.cat(
             [raw[layer][:, :p], twin[layer][:, p:]], dim=1)
         written = {c.name: clusters[c.name] for c in planted.clusters if c.first_block <= layer}
         union = torch.stack(list(written.values())).any(0)
@@ -260,7 +275,8 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
             if singer not in runs:
                 refiner = refine_only(planted, case, singer, steps=steps, lr=ADAPTER_LR, batch_size=batch_size,
                                       n_train=n_train, seed=seed)
-                runs[singer] = refined_stats(planted, refiner, case, n_eval)
+                refined = RefinedTeacher.from_refiner(planted.backbone, refiner)
+                runs[singer] = refined_stats(planted, refined.taps_from, case, n_eval)
                 print(f"  done: {case.label}, {label}", flush=True)
             return runs[singer]
 
@@ -273,8 +289,8 @@ def refine_part(cases: list[Case], steps: int, settings: dict[str, SingerConfig]
                 ablation_rows += [_row(case, key, f"faithful, {init} init", stats[key], twin) for key in stats]
     print(f"\nRefined teacher per distilled layer and cluster ({steps} adapter steps of batch {batch_size} from "
           f"{n_train} training images, {n_eval} held-out images; "
-          "targets: art/normal <= max(1.5, 1.2 x the twin's), art cos clean >= 0.95, normal cos >= 0.99, next-block "
-          "cos >= 0.99)\n")
+          "targets: art/normal <= max(1.5, 1.2 x the twin's), art cos clean >= 0.95, normal cos clean >= 0.99, "
+          "next-block cos >= 0.99)\n")
     _print_table(settings_rows)
     if ablation_rows:
         print("\nAdapter-initialisation ablation (faithful losses, everything else the same)\n")

@@ -36,14 +36,15 @@ ADAPTER_INITS = ("nullspace", "remove", "random", "zero", "subspace")
 # planted family; "published" is the paper's and the reference code's losses.
 SINGER_PRESETS: dict[str, dict[str, object]] = {
     "faithful": {"outlier_target": "subspace", "info_tokens": "normal", "adapter_init": "subspace",
-                 "detach_target": True, "info_variant": "paper", "last_block_info": True},
+                 "detach_target": True, "info_variant": "paper", "last_block_info": True, "stream": "refined"},
     "published": {"outlier_target": "quantile", "info_tokens": "all", "adapter_init": "nullspace",
-                  "detach_target": False, "info_variant": "reference", "last_block_info": False},
+                  "detach_target": False, "info_variant": "reference", "last_block_info": False, "stream": "raw"},
 }
 INFO_VARIANTS = ("reference", "paper")
 METHODS = ("singer", "fitnet")
 TRAIN_LOGGERS = ("jsonl", "tensorboard")   # singer_deploy/train/loggers.py
 INFO_TOKENS = ("all", "normal")
+STREAMS = ("raw", "refined")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class SingerConfig:
         directions. "smallest" is never less null than "official", and the paper's Table 4 shows nullspace
         initialisation itself has no measurable accuracy effect, so this choice cannot cost the published numbers.
     preset: "faithful" (default) or "published" (SINGER_PRESETS): fills outlier_target, info_tokens, adapter_init,
-        detach_target, info_variant and last_block_info where they are left unset (None); a value set explicitly
+        detach_target, info_variant, last_block_info and stream where they are left unset (None); a value set explicitly
         wins. The published losses are `preset: published`.
     alpha: per-image quantile of refined patch-token norms above which L_out acts ("quantile" target).
     outlier_target: "quantile" (published: the tokens above the alpha-quantile of the refined norms are pulled to it)
@@ -96,6 +97,13 @@ class SingerConfig:
         the Gram term alone and stayed 0.995 with this term (HNR still 0). The paper reports cosine only for an
         intermediate layer (0.957 at layer 17), where the next-block term already holds it.
     detach_target: detach the refined target in L_kd (published: False, so adapters also learn from L_kd).
+    stream: what a deeper distilled layer's adapter reads. "raw" (published, the reference code): the teacher's raw
+        block output, so every layer is refined on its own. "refined" (faithful): the teacher's blocks run on, from
+        each distilled layer, on that layer's refined tokens (detached), the way a teacher with the adapters merged
+        into its weights computes. On a trained teacher whose other tokens read the artifact, the raw deeper layer
+        carries the artifact's effect on every token, which no linear adapter there undoes (docs/method.md,
+        "Refined stream"); the blocks after a refined layer compute it as the clean teacher would. Costs nothing:
+        the blocks run once either way.
     map_last_to_last: force the teacher's last distilled layer onto the student's last block. The reference
         Hungarian rule leaves the student's last block untrained for e.g. 12 -> 12 blocks ({8, 11} -> {7, 10});
         a deployed student is read at its last block, so we force it. For 24 -> 12 both rules give {8, 11}.
@@ -118,6 +126,7 @@ class SingerConfig:
     info_tokens: str | None = None
     detach_target: bool | None = None
     last_block_info: bool | None = None
+    stream: str | None = None
     map_last_to_last: bool = True
     seed: int = 0
 
@@ -146,6 +155,7 @@ class SingerConfig:
         _choice("outlier_target", self.outlier_target, OUTLIER_TARGETS)
         _choice("info_variant", self.info_variant, INFO_VARIANTS)
         _choice("info_tokens", self.info_tokens, INFO_TOKENS)
+        _choice("stream", self.stream, STREAMS)
         if self.adapter_init == "subspace" and self.outlier_target != "subspace":
             raise ConfigError("adapter_init 'subspace' starts from the artifact subspace, which only outlier_target "
                               "'subspace' estimates", expected="outlier_target 'subspace' with adapter_init "

@@ -42,6 +42,20 @@ def test_truncation_is_exact_and_skips_later_blocks(tiny):
     torch.testing.assert_close(truncated, full, rtol=0, atol=0)
 
 
+def test_an_edit_feeds_the_blocks_after_it_and_each_tap_is_taken_before_its_edit(tiny):
+    x = torch.randn(2, 3, 32, 32)
+    raw = tiny.forward_taps(x, [0, 1, 2, 3])
+    halve = {1: lambda tokens: tokens * 0.5, 3: lambda tokens: tokens * 0.0}   # an edit at the deepest tap: no effect
+    taps = tiny.forward_taps(x, [0, 1, 3], halve)
+    assert sorted(taps) == [0, 1, 3]
+    torch.testing.assert_close(taps[0], raw[0], rtol=0, atol=0)
+    torch.testing.assert_close(taps[1], raw[1], rtol=0, atol=0)
+    torch.testing.assert_close(taps[3], tiny.run_blocks(raw[1] * 0.5, 2, 4))
+    assert not torch.allclose(taps[3], raw[3])
+    torch.testing.assert_close(tiny.forward_taps(x, [3], halve)[3], taps[3], rtol=0, atol=0)
+    torch.testing.assert_close(tiny.forward_taps(x, [1], halve)[1], raw[1], rtol=0, atol=0)
+
+
 def test_layout_facts(tiny):
     assert (tiny.num_prefix_tokens, tiny.grid_size, tiny.embed_dim, tiny.depth) == (1, (4, 4), 48, 4)
     assert tiny.forward(torch.randn(1, 3, 32, 32)).shape == (1, 17, 48)

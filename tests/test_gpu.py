@@ -117,7 +117,7 @@ def test_bf16_step_with_a_frozen_bf16_teacher_gives_finite_losses(tmp_path):
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     images = torch.randn(16, 3, 64, 64, device=CUDA)
     for _ in range(5):
-        terms = train_step(step, images, optimizer, None, params, 1.0,
+        terms = train_step(step, images, optimizer, None, step.clip_groups(), 1.0,
                            torch.autocast(device_type="cuda", dtype=torch.bfloat16))
         assert all(torch.isfinite(v).item() for v in terms.values() if isinstance(v, torch.Tensor) and v.ndim == 0)
     run = _run(tmp_path / "bf16", SyntheticShapes(32, 64, 8, flat_share=0.08, seed=1), precision="bf16", steps=10)

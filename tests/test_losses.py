@@ -14,8 +14,8 @@ from singer_deploy.config import SingerConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
 from singer_deploy.method.artifact_subspace import ArtifactSubspace
-from singer_deploy.method.losses import (SingerLoss, check_quantile_trap, gram_info_loss, kd_loss, next_block_info_loss,
-                                  outlier_loss)
+from singer_deploy.method.losses import (SingerLoss, carry_selection, check_quantile_trap, gram_info_loss, kd_loss,
+                                  next_block_info_loss, outlier_loss)
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 
@@ -204,10 +204,11 @@ def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
 def test_presets_fill_what_is_left_unset():
     faithful, published = SingerConfig(), SingerConfig(preset="published")
     assert (faithful.outlier_target, faithful.info_tokens, faithful.adapter_init, faithful.detach_target,
-            faithful.info_variant, faithful.last_block_info) == ("subspace", "normal", "subspace", True, "paper", True)
+            faithful.info_variant, faithful.last_block_info, faithful.stream) == ("subspace", "normal", "subspace",
+                                                                                 True, "paper", True, "refined")
     assert (published.outlier_target, published.info_tokens, published.adapter_init, published.detach_target,
-            published.info_variant, published.last_block_info) == ("quantile", "all", "nullspace", False,
-                                                                   "reference", False)
+            published.info_variant, published.last_block_info, published.stream) == ("quantile", "all", "nullspace",
+                                                                                     False, "reference", False, "raw")
     mixed = SingerConfig(preset="published", info_tokens="normal")     # an explicit value wins over the preset
     assert (mixed.outlier_target, mixed.info_tokens) == ("quantile", "normal")
     with pytest.raises(ConfigError, match="only outlier_target 'subspace' estimates"):
@@ -219,7 +220,7 @@ def test_config_validation_names_the_key():
     for key, value in (("rank", 0), ("tau", -1.0), ("alpha", 1.0), ("w_out", float("nan")),
                        ("rule", "largest"), ("outlier_target", "mean"), ("outlier_target", "direction"),
                        ("info_variant", "gram"), ("last_block_info", 1), ("detach_target", "yes"),
-                       ("preset", "paper")):
+                       ("preset", "paper"), ("stream", "merged")):
         with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
             SingerConfig(**{key: value})
 
@@ -258,6 +259,17 @@ def test_tokens_in_the_band_below_the_selection_are_neither_held_nor_pushed():
     assert all(value > 0 for value in terms_with(10))           # a normal token moved: both terms see it
     assert terms_with(1) == pytest.approx((0.0, 0.0), abs=1e-6)  # the band token moved: neither does
     assert terms_with(0)[0] > 0                                 # the selected token: its target is the counterfactual
+
+
+def test_a_token_selected_at_a_shallower_layer_stays_selected_deeper():
+    """docs/method.md "Refined stream": the deeper layer reads a stream whose shallower artifact is gone, so its own
+    selection misses those tokens; they stay selected there (and leave its band)."""
+    shallow = (torch.tensor([[True, False, False, False]]), torch.tensor([[False, True, False, False]]))
+    deep = (torch.tensor([[False, False, True, False]]), torch.tensor([[True, False, False, True]]))
+    carried = carry_selection({7: deep, 4: shallow})
+    assert carried[4][0].tolist() == shallow[0].tolist() and carried[4][1].tolist() == shallow[1].tolist()
+    assert carried[7][0].tolist() == [[True, False, True, False]]
+    assert carried[7][1].tolist() == [[False, False, False, True]]
 
 
 def test_the_next_block_reading_is_held_to_what_it_computes_from_the_target():

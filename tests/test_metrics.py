@@ -69,6 +69,19 @@ def test_a_3x_residual_is_reported_as_a_residual_not_as_zero():
     assert result["artifact_tokens"] == 2
 
 
+def test_normal_tokens_are_judged_against_the_clean_twin_too():
+    """A teacher whose other tokens read the artifact: its clean twin's normal tokens differ from the raw ones, and a
+    refinement that reaches the twin's shows normal_cos (to raw) below 1 and normal_cos_clean at 1."""
+    clean, artifacts = _planted_tokens(1.0)
+    raw = clean.clone()
+    raw[artifacts] *= 10.0
+    raw[~artifacts] += 0.5 * raw[artifacts].mean(0)       # every other token reads the artifact
+    stats = ArtifactStats()
+    stats.add(clean, artifacts, raw=raw, clean=clean)
+    result = stats.result()
+    assert result["normal_cos_clean"] == pytest.approx(1.0) and result["normal_cos"] < 0.99
+
+
 def test_artifact_stats_accumulate_batches_and_report_the_cosine_tail():
     clean, artifacts = _planted_tokens(1.0, n_tokens=100)
     rotated = clean.clone()

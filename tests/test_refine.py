@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from singer_deploy.config import SingerConfig
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.errors import ModelError
 from singer_deploy.method.alignment import resolve_teacher_layers
@@ -97,11 +100,40 @@ def test_merged_refined_teacher_matches_adapter_path(teacher, refiner):
         merged.forward_taps(images, [1])
 
 
+def test_the_refined_stream_feeds_each_refined_layer_to_the_blocks_after_it(teacher):
+    """docs/method.md "Refined stream": under stream "refined" layer 2's adapter reads blocks 1-2 run on the refined
+    layer 0, in training (stream_edits), in the merged teacher and in taps_from; "raw" refines each tap on its own."""
+    images = torch.randn(2, 3, 28, 28)
+    layers = resolve_teacher_layers([0], teacher.depth)
+    streams = {name: Refiner.from_teacher(teacher, layers, rank=RANK, stream=name) for name in ("raw", "refined")}
+    for refiner in streams.values():
+        _perturb(refiner)
+    assert streams["raw"].stream_edits() is None and sorted(streams["refined"].stream_edits()) == [0]
+    with torch.no_grad():
+        raw = teacher.forward_taps(images, layers)
+        fed = teacher.run_blocks(streams["refined"](0, raw[0]), 1, 3)
+        torch.testing.assert_close(teacher.forward_taps(images, layers, streams["refined"].stream_edits())[2], fed)
+        for name, refiner in streams.items():
+            merged = RefinedTeacher.from_refiner(teacher, refiner)
+            deeper = refiner(2, fed if name == "refined" else raw[2])
+            for taps in (merged.forward_taps(images, layers), merged.taps_from(images, raw)):
+                torch.testing.assert_close(taps[2], deeper, rtol=1e-4, atol=1e-4)    # merged: float rounding only
+                torch.testing.assert_close(taps[0], refiner(0, raw[0]), rtol=1e-4, atol=1e-4)
+            # The deepest layer alone runs the stream too.
+            torch.testing.assert_close(merged(images), deeper, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fed, raw[2])
+    with pytest.raises(ModelError, match="Unknown refiner stream"):
+        Refiner(layers, 48, RANK, 5, stream="merged")
+
+
 def test_save_and_load_round_trip(tmp_path, teacher, refiner):
     _perturb(refiner)
     path = refiner.save(tmp_path / "adapters" / "refiner.safetensors")
     loaded = Refiner.load(path)
     assert loaded.layers == refiner.layers and loaded.num_prefix_tokens == 5 and loaded.rank == RANK
+    assert loaded.stream == "raw"
+    refined_stream = Refiner.from_teacher(teacher, refiner.layers, rank=RANK, stream="refined")
+    assert Refiner.load(refined_stream.save(tmp_path / "refined.safetensors")).stream == "refined"
     tokens = torch.randn(1, 9, 48)
     for layer in refiner.layers:
         torch.testing.assert_close(loaded(layer, tokens), refiner(layer, tokens))
@@ -148,3 +180,28 @@ def test_random_init_ignores_the_nullspace_but_reports_it(teacher):
     assert (null @ down).norm() < 0.9 * RANK ** 0.5                        # not the null basis
     with pytest.raises(Exception, match="adapter initialisation"):
         Refiner.from_teacher(teacher, [0], rank=RANK, init="lora")
+
+
+def test_each_adapter_and_the_student_are_clipped_on_their_own(teacher):
+    """train_step clips DistillStep.clip_groups one by one: a huge gradient on one adapter leaves the other adapter's
+    and the student's steps as they are (one shared clip would scale them down ~1e4-fold with it)."""
+    from singer_deploy.train.loop import DistillStep, train_step
+
+    student = load_backbone("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=24, num_heads=2, img_size=28)
+    step = DistillStep(teacher, student, [0, 2], [0, 1], SingerConfig(rank=RANK), "singer")
+    groups = step.clip_groups()
+    trained = [p for p in step.parameters() if p.requires_grad]
+    assert len(groups) == 3 and sorted(map(id, trained)) == sorted(id(p) for group in groups for p in group)
+    student_group, shallow, deep = groups
+
+    def runner(images):     # grad norms: student and layer 0 below the clip of 1, layer 2 far above it
+        total = sum(p.sum() for p in deep) * 1e4 + sum(p.sum() for p in shallow) * 1e-3
+        return {"total": total + sum(p.sum() for p in student_group) * 1e-5}
+
+    before = [p.detach().clone() for p in shallow + student_group]
+    optimizer = torch.optim.SGD(trained, lr=1.0)
+    train_step(runner, None, optimizer, None, groups, 1.0, contextlib.nullcontext())
+    moved = [(p.detach() - b).abs().max().item() for p, b in zip(shallow + student_group, before)]
+    assert moved[:len(shallow)] == pytest.approx([1e-3] * len(shallow), rel=0.02)   # float32 steps on ~1 weights
+    assert moved[len(shallow):] == pytest.approx([1e-5] * len(student_group), rel=0.02)
+    assert all(p.grad.norm() <= 1.0 + 1e-4 for p in deep)

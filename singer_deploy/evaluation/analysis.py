@@ -47,7 +47,6 @@ ESTIMATE_IMAGES = 256
 # Per-layer figures kept in the run summary (the rows keep all of them).
 SUMMARY_KEYS = ("hnr_2", "hnr_4", "artifact_ratio", "normal_cos", "normal_cos_p1", "next_cos", "artifact_cos_clean")
 
-Refine = Callable[[int, Tensor], Tensor]          # (layer, raw tokens with prefix) -> refined tokens with prefix
 # (images, layer, the raw teacher's patch tokens there) -> (B, N) bool, or None to use the raw teacher's 4x tokens
 ArtifactMask = Callable[[Tensor, int, Tensor], Tensor | None]
 
@@ -92,11 +91,11 @@ def selection_mask(teacher: Backbone, result: DistillResult, images: Tensor, bat
 
 @torch.inference_mode()
 def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.ndarray, *,
-                  refine: Refine | None = None, clean: Backbone | None = None,
+                  refined: RefinedTeacher | None = None, clean: Backbone | None = None,
                   artifact_mask: ArtifactMask | None = None, batch_size: int = 32) -> list[dict]:
     """One row per (source, distilled teacher layer) with every `ArtifactStats` figure, in batches.
 
-    `refine`: the run's refinement (a Refiner, or RefinedTeacher.refine), None for FitNet; `clean`: the planted
+    `refined`: the run's refined teacher (RefinedTeacher), None for FitNet; `clean`: the planted
     clean twin; `artifact_mask`: the artifact tokens (ground truth: `planted_mask`; the run's selection:
     `selection_mask`; a mask of None at a layer, or no mask: the raw teacher's tokens above 4x the median).
     """
@@ -107,6 +106,7 @@ def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.
     for batch in torch.as_tensor(images).split(batch_size):
         batch = batch.to(device)
         raw = teacher.forward_taps(batch, layers)
+        refined_taps = refined.taps_from(batch, raw) if refined is not None else {}
         clean_taps = clean.forward_taps(batch, layers) if clean is not None else {}
         taps = student.forward_taps(batch, result.student_layers)
         for layer, s_layer in zip(layers, result.student_layers):
@@ -124,8 +124,8 @@ def artifact_rows(teacher: Backbone, result: DistillResult, images: Tensor | np.
             sources = {RAW: raw_patches}
             if clean_patches is not None:
                 sources[CLEAN] = clean_patches
-            if refine is not None:
-                sources[REFINED] = refine(layer, raw[layer])[:, p_t:]
+            if refined is not None:
+                sources[REFINED] = refined_taps[layer][:, p_t:]
             sources[PROJECTED] = projectors.patches(layer, taps[s_layer])
             for name, patches in sources.items():
                 stats.setdefault((name, layer), ArtifactStats()).add(
@@ -180,8 +180,8 @@ def analyse_artifacts(teacher: Backbone, refined: RefinedTeacher | None, result:
             module.to(device)
     images = torch.as_tensor(images)
     mask = planted_mask(planted) if planted is not None else selection_mask(teacher, result, images, batch_size)
-    rows = artifact_rows(teacher, result, images, refine=refined.refine if refined is not None else None,
-                         clean=clean, artifact_mask=mask, batch_size=batch_size)
+    rows = artifact_rows(teacher, result, images, refined=refined, clean=clean, artifact_mask=mask,
+                         batch_size=batch_size)
     headline = {str(layer): {row["method"]: {key: _rounded(row[key]) for key in SUMMARY_KEYS if key in row}
                              for row in rows if row["layer"] == layer} for layer in result.teacher_layers}
     analysis = ArtifactAnalysis(rows, headline, remain_lines(rows, remain_limit), limit=remain_limit)

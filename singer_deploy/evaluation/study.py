@@ -47,6 +47,7 @@ from singer_deploy.export.runner import TorchRunner
 from singer_deploy.export.student import ExportableStudent
 from singer_deploy.evaluation.features import FeatureSet, PatchDtype, as_image_data, extract_features
 from singer_deploy.hashing import module_sha256
+from singer_deploy.method.refine import RefinedTeacher
 from singer_deploy.io import atomic_write_json, atomic_write_text
 from singer_deploy.evaluation.analysis import (CLEAN, PROJECTED, RAW, REFINED, STUDENT, ArtifactMask,
                                                artifact_rows)
@@ -113,7 +114,9 @@ def compare_methods(teacher: Backbone, make_student: Callable[[], Backbone], tra
     images = torch.from_numpy(data.images)
     if clean_teacher is not None:
         clean_teacher = clean_teacher.to(_device(teacher))
-    layer_rows = {method: artifact_rows(teacher, run, images, refine=run.refiner, clean=clean_teacher,
+    layer_rows = {method: artifact_rows(teacher, run, images, clean=clean_teacher,
+                                        refined=None if run.refiner is None else RefinedTeacher.from_refiner(
+                                            teacher, run.refiner),
                                         artifact_mask=artifact_mask, batch_size=batch_size)
                   for method, run in runs.items()}
     rows = _probed_rows(runs, layer_rows, teacher, clean_teacher, data, batch_size, train.seed)

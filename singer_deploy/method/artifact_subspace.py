@@ -149,7 +149,7 @@ class ArtifactSubspace:
         teacher block b's output at `rows` (B, prefix + N) in the order of rows.nonzero()
         (Backbone.run_block_rows); `taps` holds the raw taps `taps_needed(layer)` names."""
         first = self.first_block
-        if first is None:
+        if first is None or not selected.any():    # e.g. a refined stream the layer before cleaned already
             return taps[layer]
         rows = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1)
         at = rows.nonzero(as_tuple=True)

@@ -100,6 +100,22 @@ def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Ten
     return _masked_mse(next_block(refined), target, keep)
 
 
+def carry_selection(groups: Mapping[int, tuple[Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
+    """(selected, band) per distilled layer -> the same with every token selected at a shallower layer selected at the
+    deeper ones too (and out of their band). Under stream "refined" the shallower adapter took its artifact out of
+    the stream, so a deeper layer's own selection (thresholds estimated on the raw teacher) sees only what later
+    blocks wrote and misses the rest, while the deeper target is still the teacher without any of it
+    (docs/method.md, "Refined stream")."""
+    carried, before = {}, None
+    for layer in sorted(groups):
+        selected, band = groups[layer]
+        if before is not None:
+            selected = selected | before
+            band = band & ~selected
+        carried[layer], before = (selected, band), selected
+    return carried
+
+
 def gram_info_loss(patches: Tensor, reference: Tensor, keep: Tensor | None = None) -> Tensor:
     """MSE between the cosine Gram matrices (B, N, N) of two patch-token sets of the same teacher; with `keep`
     (B, N) bool, only over pairs of kept tokens."""
@@ -143,9 +159,10 @@ class SingerLoss:
     def __call__(self, student: Mapping[int, Tensor], refined: Mapping[int, Tensor],
                  raw: Mapping[int, Tensor], keys_values: Mapping[int, Tensor] | None = None) -> dict[str, Tensor]:
         """student[l]: aligned projected student tokens (Projectors output); refined[l] / raw[l]: teacher tokens
-        (B, prefix + N, D); keys_values: the raw forward's keys and values of the blocks in `blocks_rerun`
-        (Backbone.record_keys_values; optional, it saves the counterfactual most of its work). Returns total, kd,
-        out, info and per-layer terms ("kd@17", ...), all tensors."""
+        (B, prefix + N, D), raw[l] being what the adapter reads (under stream "refined", computed from the refined
+        layer before: Refiner.stream_edits); keys_values: that forward's keys and values of the blocks in
+        `blocks_rerun` (Backbone.record_keys_values; optional, it saves the counterfactual most of its work).
+        Returns total, kd, out, info and per-layer terms ("kd@17", ...), all tensors."""
         cfg, p = self.config, self.prefix
         if self._checks_left > 0:
             self._checks_left -= 1
@@ -159,6 +176,8 @@ class SingerLoss:
         final = self.layers[-1]
         with torch.no_grad():
             groups = {layer: self._token_groups(layer, raw[layer][:, p:]) for layer in self.layers}
+            if cfg.stream == "refined":
+                groups = carry_selection(groups)
         keep = {layer: self._normal_tokens(*groups[layer]) for layer in self.layers}
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),

@@ -114,6 +114,9 @@ class ArtifactStats:
     normal_cos / _p1        cosine to the raw teacher on normal tokens (mean, 1st percentile)
     next_cos / _p1          cosine of the next block's outputs (source vs raw input) on normal tokens
     artifact_cos_clean      cosine of the artifact tokens to the clean twin's (mean, 1st percentile)
+    normal_cos_clean        cosine of the normal tokens to the clean twin's: where a teacher's other tokens read the
+                            artifact, its clean twin's differ from the raw ones, and this, not normal_cos, says
+                            whether they were kept
     """
 
     ks: tuple[float, ...] = ARTIFACT_KS
@@ -140,7 +143,9 @@ class ArtifactStats:
         if next_out is not None and raw_next_out is not None:
             self._keep(self._per_token, "next_cos", token_cosines(next_out, raw_next_out)[normal])
         if clean is not None:
-            self._keep(self._per_token, "artifact_cos_clean", token_cosines(patches, clean)[artifacts])
+            cos = token_cosines(patches, clean)
+            self._keep(self._per_token, "artifact_cos_clean", cos[artifacts])
+            self._keep(self._per_token, "normal_cos_clean", cos[normal])
 
     @staticmethod
     def _keep(store: dict[str, list[Tensor]], key: str, values: Tensor) -> None:

@@ -6,8 +6,9 @@ initialisation (NOT zero; docs/method.md, "Nullspace initialisation") sets A = N
 hence F_hat = F + F N^T N.
 Prefix tokens (CLS and registers, timm `num_prefix_tokens`) pass unchanged.
 
-Each tapped layer is refined on its own: the refined layer l is a training target, it is never fed back into the
-teacher's residual stream, so a deeper tap is computed from raw features (as in the reference code).
+`stream` (SingerConfig.stream) says what a deeper adapter reads: "raw", each tapped layer refined on its own from the
+raw block output (the reference code); "refined", the teacher's blocks after a distilled layer run on its refined
+tokens, detached, as the teacher with its adapters merged computes (docs/method.md, "Refined stream").
 After training `merge()` folds every adapter into one plain Linear (I + W_d W_u)^T, and `RefinedTeacher` is an
 ordinary module (no peft) for metrics and export.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from peft import LoraConfig, LoraModel
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from singer_deploy.config import ADAPTER_INITS
+from singer_deploy.config import ADAPTER_INITS, STREAMS
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.io import atomic_save_safetensors
 from singer_deploy.method.nullspace import NullspaceBasis, block_nullspace, surrogate_block
@@ -37,12 +39,16 @@ class Refiner(nn.Module):
     """Per-layer refinement adapters; only the LoRA factors are trainable."""
 
     def __init__(self, layers: Sequence[int], dim: int, rank: int, num_prefix_tokens: int,
-                 bases: Mapping[int, Tensor] | None = None, init: str = "nullspace"):
+                 bases: Mapping[int, Tensor] | None = None, init: str = "nullspace", stream: str = "raw"):
         super().__init__()
         if not layers:
             raise ModelError("A Refiner needs at least one layer", expected="a non-empty list of block indices",
                              found="[]", fix="pass the distilled teacher layers")
-        self.layers: tuple[int, ...] = tuple(int(layer) for layer in layers)
+        if stream not in STREAMS:
+            raise ModelError("Unknown refiner stream", expected=" or ".join(map(repr, STREAMS)), found=repr(stream),
+                             fix="use the SingerConfig.stream of the run")
+        self.layers: tuple[int, ...] = tuple(sorted(int(layer) for layer in layers))
+        self.stream = stream
         self.dim, self.rank, self.num_prefix_tokens = int(dim), int(rank), int(num_prefix_tokens)
         identities = nn.ModuleDict({_name(layer): _identity(dim) for layer in self.layers})
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
@@ -54,7 +60,7 @@ class Refiner(nn.Module):
 
     @classmethod
     def from_teacher(cls, backbone: nn.Module, layers: Sequence[int], *, rank: int = 64, rule: str = "smallest",
-                     tau: float = 0.05, seed: int = 0, init: str = "nullspace") -> Refiner:
+                     tau: float = 0.05, seed: int = 0, init: str = "nullspace", stream: str = "raw") -> Refiner:
         """Adapters for a lead `Backbone` and its distilled layers D, initialised by `init` (ADAPTER_INITS).
 
         The basis of layer l comes from block l+1's FFN (the block that reads layer l), or from block l itself when
@@ -72,7 +78,7 @@ class Refiner(nn.Module):
                                             label=f"layer {layer} (FFN of block {source})")
             bases[layer] = (random_orthonormal_rows(rank, backbone.embed_dim, seed + layer) if init == "random"
                             else report[layer].basis)
-        refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens, bases, init=init)
+        refiner = cls(indices, backbone.embed_dim, rank, backbone.num_prefix_tokens, bases, init=init, stream=stream)
         refiner.init_report = report
         return refiner
 
@@ -117,12 +123,25 @@ class Refiner(nn.Module):
         """The LoRA factors (the identity bases are frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The LoRA factors per layer: each adapter's gradient is clipped on its own (train/loop.py train_step)."""
+        return [[p for p in self.adapter(layer).parameters() if p.requires_grad] for layer in self.layers]
+
     def forward(self, layer: int, tokens: Tensor) -> Tensor:
         """Refined tokens (B, prefix + N, d): patches go through the adapter, prefix tokens pass unchanged."""
         adapter = self.adapter(layer)
         prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
         refined = adapter(patches.to(adapter.lora_A[_ADAPTER].weight.dtype))
         return torch.cat([prefix.to(refined.dtype), refined], dim=1)
+
+    def stream_edits(self) -> dict[int, Callable[[Tensor], Tensor]] | None:
+        """Backbone.forward_taps `edits` of this refiner's stream: under "refined" every distilled layer but the
+        deepest hands the blocks after it its refined tokens, detached (a deeper layer's loss never trains a
+        shallower adapter, and no teacher block is back-propagated); None under "raw"."""
+        return _stream_edits(self.stream, self.layers, self._fed)
+
+    def _fed(self, layer: int, tokens: Tensor) -> Tensor:
+        return self(layer, tokens).detach().to(tokens.dtype)
 
     def merge(self) -> dict[int, nn.Linear]:
         """Plain nn.Linear per layer with weight I + (W_d W_u)^T (peft merge_and_unload on a copy)."""
@@ -141,7 +160,7 @@ class Refiner(nn.Module):
             tensors[f"{layer}.lora_A"] = adapter.lora_A[_ADAPTER].weight.detach().float().cpu().contiguous()
             tensors[f"{layer}.lora_B"] = adapter.lora_B[_ADAPTER].weight.detach().float().cpu().contiguous()
         meta = {"format": _FORMAT, "layers": list(self.layers), "dim": self.dim, "rank": self.rank,
-                "num_prefix_tokens": self.num_prefix_tokens,
+                "num_prefix_tokens": self.num_prefix_tokens, "stream": self.stream,
                 "init": {str(layer): {"rule": b.rule, "tau": b.tau, "k": b.k, "num_padded": b.num_padded}
                          for layer, b in self.init_report.items()}}
         return atomic_save_safetensors(tensors, path, metadata={"singer_refiner": json.dumps(meta)})
@@ -159,7 +178,9 @@ class Refiner(nn.Module):
             if meta.get("format") != _FORMAT:
                 raise ModelError("The file is not a saved Refiner", expected=f"metadata format {_FORMAT!r}",
                                  found=repr(meta.get("format")), fix="save adapters with Refiner.save")
-            refiner = cls(meta["layers"], meta["dim"], meta["rank"], meta["num_prefix_tokens"])
+            # Files saved before streams existed were trained on the raw stream.
+            refiner = cls(meta["layers"], meta["dim"], meta["rank"], meta["num_prefix_tokens"],
+                          stream=meta.get("stream", "raw"))
             for layer in refiner.layers:
                 a, b = handle.get_tensor(f"{layer}.lora_A"), handle.get_tensor(f"{layer}.lora_B")
                 refiner.set_factors(layer, down=a.T, up=b.T)
@@ -173,9 +194,9 @@ class RefinedTeacher(nn.Module):
     Backbone for raw taps).
     """
 
-    def __init__(self, backbone: nn.Module, merged: Mapping[int, nn.Linear]):
+    def __init__(self, backbone: nn.Module, merged: Mapping[int, nn.Linear], stream: str = "raw"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.stream = backbone, stream
         self.num_prefix_tokens = int(backbone.num_prefix_tokens)
         self.refiners = nn.ModuleDict({str(layer): linear for layer, linear in sorted(merged.items())})
 
@@ -186,7 +207,7 @@ class RefinedTeacher(nn.Module):
                              expected=f"width {backbone.embed_dim}, {backbone.num_prefix_tokens} prefix tokens",
                              found=f"width {refiner.dim}, {refiner.num_prefix_tokens} prefix tokens",
                              fix="load the adapters saved with this teacher")
-        return cls(backbone, refiner.merge())
+        return cls(backbone, refiner.merge(), refiner.stream)
 
     @property
     def layers(self) -> list[int]:
@@ -199,8 +220,15 @@ class RefinedTeacher(nn.Module):
         if missing:
             raise ModelError("Requested layers have no refinement adapter", expected=f"a subset of {self.layers}",
                              found=str(missing), fix="use the Backbone for raw taps")
-        taps = self.backbone.forward_taps(images, indices)
+        taps = self.backbone.forward_taps(images, indices, _stream_edits(self.stream, self.layers, self.refine))
         return {layer: self.refine(layer, t) for layer, t in taps.items()}
+
+    def taps_from(self, images: Tensor, raw: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        """Refined taps of the layers in `raw`, the raw taps of the same `images`: refined from them under stream
+        "raw", else a forward pass on the refined stream."""
+        if self.stream == "raw":
+            return {layer: self.refine(layer, tokens) for layer, tokens in raw.items()}
+        return self.forward_taps(images, list(raw))
 
     def refine(self, layer: int, tokens: Tensor) -> Tensor:
         """Raw block-`layer` tokens (B, prefix + N, d) -> refined ones (patches refined, prefix unchanged), the
@@ -212,6 +240,12 @@ class RefinedTeacher(nn.Module):
         """Refined tokens of the deepest refined layer."""
         deepest = max(self.layers)
         return self.forward_taps(images, [deepest])[deepest]
+
+
+def _stream_edits(stream: str, layers: Sequence[int], refine: Callable[[int, Tensor], Tensor]):
+    if stream == "raw":
+        return None
+    return {layer: partial(refine, layer) for layer in sorted(layers)[:-1]}
 
 
 def initial_factors(basis: Tensor, init: str) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import timm
 import torch
@@ -87,12 +87,26 @@ class Backbone(nn.Module):
         yields (block -> (B, T, 2 x width)), for run_block_rows (models/block_rows.py)."""
         return record_keys_values(self.model.blocks, blocks)
 
-    def forward_taps(self, images: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Raw outputs of the requested blocks; blocks after the deepest requested one are never run."""
+    def forward_taps(self, images: Tensor, layers: Sequence[int],
+                     edits: Mapping[int, Callable[[Tensor], Tensor]] | None = None) -> dict[int, Tensor]:
+        """Raw outputs of the requested blocks; blocks after the deepest requested one are never run.
+
+        `edits`: block -> a function of that block's output (B, prefix + N, D) that the later blocks read instead
+        (the refined stream, docs/method.md "Refined stream"); a tap is always the block's output before its edit.
+        """
         wanted = sorted({self.check_layer(layer) for layer in layers})
         if not wanted:
             raise ModelError("No layers were requested", expected="at least one block index", found="[]",
                              fix="pass layers=[-1] for the last block")
+        edited = sorted(block for block in (edits or {}) if block < wanted[-1])
+        if edited:
+            first = edited[0]
+            taps = self.forward_taps(images, [layer for layer in wanted if layer < first] + [first])
+            tokens = taps[first]
+            for block in range(first + 1, wanted[-1] + 1):
+                tokens = self.model.blocks[block](edits[block - 1](tokens) if block - 1 in edits else tokens)
+                taps[block] = tokens
+            return {layer: taps[layer] for layer in wanted}
         self._check_images(images)
         # timm's public tap API: raw block outputs (norm=False), blocks after the deepest index not run (stop_early),
         # each tap split into (patch tokens, prefix tokens), which are joined back into the (B, prefix + N, D) layout.

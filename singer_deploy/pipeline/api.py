@@ -422,7 +422,7 @@ def merge(teacher: Backbone, refiner: Refiner, out_dir: Path) -> RefinedTeacher:
     """Fold the adapters into plain Linear layers: the refined teacher is an ordinary module, saved as safetensors."""
     refined = RefinedTeacher.from_refiner(teacher, refiner)
     atomic_save_safetensors(refined.refiners.state_dict(), out_dir / "refined_teacher.safetensors",
-                            metadata={"layers": ",".join(map(str, refined.layers))})
+                            metadata={"layers": ",".join(map(str, refined.layers)), "stream": refined.stream})
     return refined
 
 

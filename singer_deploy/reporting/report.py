@@ -87,7 +87,8 @@ _PROBE_COLUMNS = {"model": "features of", "features": "read at", "linear_acc": "
 # and what it cost, in this order. Any figure the analysis adds that is not named here shows after them; the
 # secondary ones go to a collapsed table under the matrix.
 _ARTIFACT_COLUMNS = {"artifact_ratio": "artifact / normal norm", "artifact_cos_clean": "artifact cos to clean twin",
-                     "normal_cos": "normal cos", "normal_cos_p1": "normal cos p1", "next_cos": "next-block cos",
+                     "normal_cos": "normal cos", "normal_cos_p1": "normal cos p1",
+                     "normal_cos_clean": "normal cos to clean twin", "next_cos": "next-block cos",
                      "hnr_2": "HNR_2", "hnr_4": "HNR_4"}
 _ARTIFACT_SECONDARY = {"artifact_ratio_p90": "artifact / normal p90", "artifact_cos_clean_p1": "artifact cos p1",
                        "next_cos_p1": "next-block cos p1", "hnr_3": "HNR_3", "e_out": "E_out",
