@@ -132,7 +132,7 @@ ALL_CASES = {**CASES, **COMBINATIONS, **WEAK, **REAL_SIZE}
 # Both settings with rank 8 and adapter lr 1e-2; the target is detached in both here (adapters learn from L_out +
 # L_info only), so the published row differs from the published preset in that one respect.
 SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_target=True),
-            "faithful": SingerConfig(rank=RANK)}
+            "faithful": SingerConfig(rank=RANK), "refined-stream": SingerConfig(rank=RANK, stream="refined")}
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove", "subspace")
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_4", "HNR_4"),
@@ -188,7 +188,7 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
         terms = loss(student, refined, raw, keys_values)
         optimizer.zero_grad()
         terms["total"].backward()
-        for group in refiner.clip_groups():     # each adapter on its own, as DistillStep.clip_groups
+        for group in refiner.clip_groups():     # as DistillStep.clip_groups
             torch.nn.utils.clip_grad_norm_(group, 1.0)
         optimizer.step()
         schedule.step()

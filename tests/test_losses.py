@@ -205,7 +205,7 @@ def test_presets_fill_what_is_left_unset():
     faithful, published = SingerConfig(), SingerConfig(preset="published")
     assert (faithful.outlier_target, faithful.info_tokens, faithful.adapter_init, faithful.detach_target,
             faithful.info_variant, faithful.last_block_info, faithful.stream) == ("subspace", "normal", "subspace",
-                                                                                 True, "paper", True, "refined")
+                                                                                 True, "paper", True, "raw")
     assert (published.outlier_target, published.info_tokens, published.adapter_init, published.detach_target,
             published.info_variant, published.last_block_info, published.stream) == ("quantile", "all", "nullspace",
                                                                                      False, "reference", False, "raw")

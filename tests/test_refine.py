@@ -182,13 +182,16 @@ def test_random_init_ignores_the_nullspace_but_reports_it(teacher):
         Refiner.from_teacher(teacher, [0], rank=RANK, init="lora")
 
 
-def test_each_adapter_and_the_student_are_clipped_on_their_own(teacher):
-    """train_step clips DistillStep.clip_groups one by one: a huge gradient on one adapter leaves the other adapter's
-    and the student's steps as they are (one shared clip would scale them down ~1e4-fold with it)."""
+def test_under_the_refined_stream_each_adapter_and_the_student_are_clipped_on_their_own(teacher):
+    """train_step clips DistillStep.clip_groups one by one: under stream "refined" a huge gradient on one adapter
+    leaves the other adapter's and the student's steps as they are (one shared clip would scale them down ~1e4-fold
+    with it)."""
     from singer_deploy.train.loop import DistillStep, train_step
 
     student = load_backbone("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=24, num_heads=2, img_size=28)
-    step = DistillStep(teacher, student, [0, 2], [0, 1], SingerConfig(rank=RANK), "singer")
+    shared = DistillStep(teacher, student, [0, 2], [0, 1], SingerConfig(rank=RANK), "singer")
+    assert len(shared.clip_groups()) == 1      # stream "raw" (the presets): one clip over everything trained
+    step = DistillStep(teacher, student, [0, 2], [0, 1], SingerConfig(rank=RANK, stream="refined"), "singer")
     groups = step.clip_groups()
     trained = [p for p in step.parameters() if p.requires_grad]
     assert len(groups) == 3 and sorted(map(id, trained)) == sorted(id(p) for group in groups for p in group)

@@ -124,7 +124,11 @@ class Refiner(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """The LoRA factors per layer: each adapter's gradient is clipped on its own (train/loop.py train_step)."""
+        """The LoRA factors whose gradient norm is clipped together (train/loop.py train_step): all of them under
+        stream "raw"; each layer's apart under "refined", where the deeper adapter's gradient can be large enough to
+        stall the shallower one under a shared clip (DistillStep.clip_groups)."""
+        if self.stream == "raw":
+            return [self.trainable_parameters()]
         return [[p for p in self.adapter(layer).parameters() if p.requires_grad] for layer in self.layers]
 
     def forward(self, layer: int, tokens: Tensor) -> Tensor:

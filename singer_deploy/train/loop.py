@@ -100,13 +100,16 @@ class DistillStep(nn.Module):
                             if method == "singer" else None)
 
     def clip_groups(self) -> list[list[Tensor]]:
-        """The parameters whose gradient norm is clipped together: the student with its projectors, and each
-        adapter on its own. One shared clip let one layer's large adapter gradient scale down every other's update:
-        on a planted teacher outside the twelve test cases (grown at blocks 2-3 + image-dependent + position at 5)
-        the layer-4 adapter then stopped at cosine 0.948 to the clean twin, 0.955 with its own clip
-        (docs/results.md, "The faithful preset on every planted family")."""
+        """The parameters whose gradient norm is clipped together: everything trained in one group, or, under stream
+        "refined", the student with its projectors and each adapter apart. There one shared clip let the deeper
+        adapter's large gradient scale down every other update: on a planted teacher outside the twelve test cases
+        (grown at blocks 2-3 + image-dependent + position at 5) the layer-4 adapter stopped at cosine 0.948 to the
+        clean twin, 0.955 with its own clip (docs/results.md, "Refined stream")."""
         student = [p for m in (self.student.model, self.projectors) for p in m.parameters() if p.requires_grad]
-        return [student] + (self.refiner.clip_groups() if self.refiner is not None else [])
+        if self.refiner is None:
+            return [student]
+        adapters = self.refiner.clip_groups()
+        return [student, *adapters] if self.refiner.stream == "refined" else [student + adapters[0]]
 
     def trained_modules(self) -> dict[str, nn.Module]:
         modules = {"student": self.student.model, "projectors": self.projectors}
