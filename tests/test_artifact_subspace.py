@@ -13,8 +13,8 @@ import torch
 from singer_deploy.config import PlantedConfig, SingerConfig, TrainConfig
 from singer_deploy.errors import ConfigError, ModelError
 from singer_deploy.method.alignment import TokenAligner, TokenLayout
-from singer_deploy.method.artifact_subspace import (CONTEXT_TOLERANCE, LOW_SHARE, ArtifactSubspace, describe_subspace,
-                                                    estimate_artifact_subspaces, subspace_loss)
+from singer_deploy.method.artifact_subspace import (CONTEXT_TOLERANCE, LOW_SHARE, ArtifactSubspace, SubspaceEstimator,
+                                                    describe_subspace, estimate_artifact_subspaces, subspace_loss)
 from singer_deploy.method.losses import SingerLoss
 from singer_deploy.models.backbone import load_backbone
 from singer_deploy.models.data import SyntheticShapes, stack_images
@@ -82,6 +82,42 @@ def test_an_estimate_capped_below_the_artifact_reports_a_low_explained_share():
     # What the mean gap would say: the mean difference of the artifact tokens lies almost entirely in that direction.
     full = estimate_artifact_subspaces(planted.backbone, _batches(0.08, 96), [4], select_k=4.0)[4]
     assert full.rank == 3 and full.complete
+
+
+def _hand_made_taps(generator: torch.Generator, images: int = 8, tokens: int = 64, width: int = 16) -> dict:
+    """Raw taps of blocks 0-3 (no prefix token) where block 2 writes, on tokens 0-3 of every image, a fixed direction
+    (e0, 10x a token) plus two parts that vary from token to token (e1, e2: about 8 and 6 units of block 2's normal
+    update spread, below EXCESS_LIMIT), and block 3, not a writer, adds a varying part of its own on them (e3, about 3
+    units: what a later block computes differently on an artifact token). Every block's update has spread 1 unit."""
+    noise = 0.1                                                   # per coordinate: a unit is width x noise^2
+    unit = width * noise ** 2
+    axes = torch.eye(width)
+    taps = {0: torch.randn(images, tokens, width, generator=generator)}
+    for block in (1, 2, 3):
+        update = noise * torch.randn(images, tokens, width, generator=generator)
+        varying = lambda units: (units * unit) ** 0.5 * torch.randn(images, 4, 1, generator=generator)
+        if block == 2:
+            update[:, :4] += 10 * width ** 0.5 * axes[0] + varying(8) * axes[1] + varying(6) * axes[2]
+        if block == 3:
+            update[:, :4] += varying(3) * axes[3]
+        taps[block] = taps[block - 1] + update
+    return taps
+
+
+def test_a_writers_weaker_varying_part_joins_and_a_later_blocks_part_does_not():
+    """Below EXCESS_LIMIT, a direction joins only when the strong directions' writer writes it (WRITTEN_LIMIT): a
+    trained teacher's register-like content at its writer, not what a later block adds."""
+    generator = torch.Generator().manual_seed(0)
+    estimator = SubspaceEstimator([3], None, 0, max_rank=8)
+    for _ in range(8):
+        estimator.add(_hand_made_taps(generator))
+    subspace = estimator.result()[3]
+    assert set(subspace.writers) == {2}
+    axes = torch.eye(16)
+    assert subspace.rank == 3
+    assert all(_captured(subspace.basis, axes[i]) > 0.99 for i in (0, 1, 2))
+    assert _captured(subspace.basis, axes[3]) < 0.01
+    assert 2 < subspace.next_excess < 4 and subspace.summary()["next_excess"] == round(subspace.next_excess, 3)
 
 
 def test_a_teacher_without_artifacts_has_no_subspace_and_a_zero_loss(small_planted):

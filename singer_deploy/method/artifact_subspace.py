@@ -48,6 +48,13 @@ from singer_deploy.method.selection import component_ratios, in_band, selection_
 # four combinations outside them (docs/method.md, "Artifact subspace"): artifact directions 59-19,800 units; what
 # flat patches' content and the blocks after a writer add on artifact tokens at most 2.4.
 EXCESS_LIMIT = 10.0
+# A direction below EXCESS_LIMIT still joins when its excess is above this and comes mostly (over half of it) from a
+# block that writes the directions above the limit: a writer adds its artifact with a weaker part that varies from
+# token to token (register-like content), which training can shrink far below the fixed part. Measured (docs/method.md,
+# "Artifact subspace"): on the trained image-dependent teacher such parts at 4.0-7.5 units, all at its writer; at the
+# writer blocks of every other planted family and combination, trained or not, nothing above 0.5 once the strong
+# directions are out; what the blocks after a writer add (not writers) reaches 3.0.
+WRITTEN_LIMIT = 2.0
 # Below this explained share a layer's estimate is reported as incomplete (run summary, report, distill_config.json).
 LOW_SHARE = 0.95
 # A block is a writer when its update holds at least this share of the subspace's energy on the selected tokens:
@@ -82,7 +89,8 @@ class ArtifactSubspace:
     None under the fixed `select_k` rule; selected_share / strength: the share of the estimation batches' patch
     tokens `select` picks, and their median norm over their image's median norm; band_share: the share in the band
     below the threshold that the losses neither hold nor push; untreated_share: the share of tokens above DEFAULT_K x
-    the image median norm that `select` leaves out."""
+    the image median norm that `select` leaves out; next_excess: the largest excess (EXCESS_LIMIT's units) of a
+    direction outside the subspace, the margin of the choice."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -100,6 +108,7 @@ class ArtifactSubspace:
     untreated_share: float = 0.0
     whole_context: bool = False
     context_change: float = 0.0
+    next_excess: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -201,7 +210,8 @@ class ArtifactSubspace:
                 "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
                 "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens,
                 "untreated_share": round(self.untreated_share, 5), "selection": self.selection_summary(),
-                "context": {"whole": self.whole_context, "change": round(self.context_change, 4)}}
+                "context": {"whole": self.whole_context, "change": round(self.context_change, 4)},
+                "next_excess": round(self.next_excess, 3)}
 
     def selection_summary(self) -> dict:
         """How `select` decides, and what it picked in the estimation batches."""
@@ -344,18 +354,31 @@ class SubspaceEstimator:
         covariance = sums["normal", "xx"] / n_n - torch.outer(mean, mean)
         values, vectors = torch.linalg.eigh((excess + excess.T) / 2)
         order = values.argsort(descending=True)
-        above = order[values[order] > EXCESS_LIMIT]
-        chosen = above[:self.max_rank]
-        basis = vectors[:, chosen].T                                    # (k, D), largest excess first
         kept = torch.cat(self._kept[layer]).double()
+
+        def energy(directions: Tensor) -> Tensor:
+            """(blocks, k): the kept candidates' update energy around the normal mean update along `directions`
+            (D, k), per block."""
+            return torch.stack([((kept[:, 1 + b] - mean_update[b]) @ directions).square().sum(0) for b in blocks])
+
+        found = order[values[order] > EXCESS_LIMIT]
+        writers = _writers(energy(vectors[:, found]).sum(1))
+        weak = order[(values[order] <= EXCESS_LIMIT) & (values[order] > WRITTEN_LIMIT)]
+        if writers and len(weak):   # the weak ones the strong ones' writers write (WRITTEN_LIMIT)
+            per_block = energy(vectors[:, weak]) / units[:, None]      # in each block's units, as the excess
+            at_writers = per_block[list(writers)].sum(0) / per_block.sum(0).clamp_min(torch.finfo(units.dtype).tiny)
+            found = torch.cat([found, weak[at_writers > 0.5]])
+        chosen = found[:self.max_rank]
+        basis = vectors[:, chosen].T                                    # (k, D), those above the limit first
         share = _explained_share(kept[:, 0] - mean, covariance, basis)
-        energy = torch.stack([((kept[:, 1 + b] - mean_update[b]) @ basis.T).square().sum() for b in blocks])
-        shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
-        writers = {b: s for b, s in zip(blocks, shares) if s >= WRITER_SHARE}
+        writers = _writers(energy(basis.T).sum(1))
         updates = torch.stack([mean_update[b] for b in blocks]).float()
-        found = ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates, left_out=len(above) - len(chosen),
-                                 layer_mean=mean.float(), select_k=self.select_k)
-        return self._with_selection(found, kept[:, [0, -1]], torch.cat(self._normal_kept[layer]).double(), n_a, n_n)
+        outside = torch.ones_like(values, dtype=torch.bool)
+        outside[chosen] = False
+        subspace = ArtifactSubspace(basis.float(), writers, share, n_a, n_n, updates,
+                                    left_out=len(found) - len(chosen), layer_mean=mean.float(), select_k=self.select_k,
+                                    next_excess=float(values[outside].max()) if outside.any() else 0.0)
+        return self._with_selection(subspace, kept[:, [0, -1]], torch.cat(self._normal_kept[layer]).double(), n_a, n_n)
 
     def _without_candidates(self, layer: int, n_n: int) -> ArtifactSubspace | None:
         """None, or, when tokens above DEFAULT_K x the median make up UNTREATED_SHARE, a rank-0 estimate saying so."""
@@ -390,6 +413,13 @@ class SubspaceEstimator:
         strength = float(norms.median()) if len(norms) else 0.0
         return replace(found, selected_share=picked_share, strength=strength, band_share=band_share,
                        untreated_share=untreated)
+
+
+def _writers(energy: Tensor) -> dict[int, float]:
+    """block -> its share of the subspace's energy `energy` (blocks,) on the candidates, for the blocks at or above
+    WRITER_SHARE."""
+    shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
+    return {b: s for b, s in enumerate(shares) if s >= WRITER_SHARE}
 
 
 def _spread(rows: Tensor) -> Tensor:
