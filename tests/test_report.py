@@ -282,7 +282,7 @@ def test_the_verdict_comes_first_and_each_layer_gets_an_artifact_matrix(tmp_path
 
     rows = [{"method": source, "layer": layer, "student_block": 2, "artifact_ratio": ratio, "artifact_cos_clean": 0.9,
              "normal_cos": 0.999, "normal_cos_p1": 0.99, "next_cos": 0.998, "hnr_2": 0.05, "hnr_4": 0.001,
-             "e_out": 0.2, "explained_share": 0.41}
+             "e_out": 0.2, "explained_share": 0.41, "normal_cos_clean_p1": 0.98}
             for layer in (4, 7)
             for source, ratio in (("raw teacher", 10.43), ("refined teacher", 0.71 if layer == 4 else 2.5))]
     warning = "low explained share at layer 7: 41% of the artifact gap"
@@ -301,5 +301,7 @@ def test_the_verdict_comes_first_and_each_layer_gets_an_artifact_matrix(tmp_path
                               "normal cos p1", "next-block cos", "HNR_2", "HNR_4"]
         assert "explained_share" in header                 # a figure the report does not know still shows
         assert "e_out" not in header and "method" not in header and "student_block" not in header
+        secondary = text.split(f"<h3>Layer {layer}</h3>", 1)[1].split("<details>", 1)[1].split("</details>", 1)[0]
+        assert "normal_cos_clean_p1" not in header and "normal cos to clean twin p1" in secondary
         assert [row[0] for row in body_rows] == ["raw teacher", "refined teacher"]
     assert '<td class="num fail">10.43</td>' in text       # above the limit: marked

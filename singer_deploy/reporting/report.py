@@ -91,8 +91,9 @@ _ARTIFACT_COLUMNS = {"artifact_ratio": "artifact / normal norm", "artifact_cos_c
                      "normal_cos_clean": "normal cos to clean twin", "next_cos": "next-block cos",
                      "hnr_2": "HNR_2", "hnr_4": "HNR_4"}
 _ARTIFACT_SECONDARY = {"artifact_ratio_p90": "artifact / normal p90", "artifact_cos_clean_p1": "artifact cos p1",
-                       "next_cos_p1": "next-block cos p1", "hnr_3": "HNR_3", "e_out": "E_out",
-                       "r_max": "max / median norm", "artifact_tokens": "artifact tokens"}
+                       "normal_cos_clean_p1": "normal cos to clean twin p1", "next_cos_p1": "next-block cos p1",
+                       "hnr_3": "HNR_3", "e_out": "E_out", "r_max": "max / median norm",
+                       "artifact_tokens": "artifact tokens"}
 _ROW_KEYS = ("method", "layer", "student_block")   # identify an artifact row, not figures
 # Summary keys the verdict or a table already shows in full.
 SHOWN_ELSEWHERE = ("verdict", "artifacts", "artifacts remain", "parity", "latency_p50_ms", "shipped", "warnings",
@@ -220,8 +221,8 @@ def _artifacts_section(data: ReportData) -> str | _NotRun:
     caption = ("Per distilled layer, a row per source. Artifact tokens are the planted teacher's ground truth, else "
                "the raw teacher's high-norm tokens: one fixed set for every source. artifact / normal norm: their "
                f"norm over the normal tokens' median (artifacts remain above the limit{limit_text}); cosines of "
-               "normal tokens and of the next teacher block's output are to the raw teacher, artifact cos to the "
-               "clean twin's tokens (docs/method.md, \"Metrics\").")
+               "normal tokens and of the next teacher block's output are to the raw teacher, the columns named "
+               "\"to clean twin\" to the clean twin's tokens (docs/method.md, \"Metrics\").")
     return f'<p class="caption">{html.escape(caption)}</p>' + "".join(parts)
 
 
