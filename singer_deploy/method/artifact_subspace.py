@@ -18,8 +18,9 @@ What we estimate instead, per distilled layer l, from the raw teacher on the fir
   already leaves half a normal token behind. Each block in its own units: a part written early, where tokens are
   small, is as large there as a part written late is at its block, and what is left of it at the writer is what the
   later blocks read (LayerNorm scales by the token's whole norm), however small it looks at the layer;
-- its eigenvectors whose excess is above EXCESS_LIMIT units, at most `max_rank` (those above the limit that do not
-  fit are counted in `left_out`);
+- its eigenvectors whose excess is above EXCESS_LIMIT units, and those above WRITTEN_LIMIT whose excess a block
+  writing the former writes (a writer's weaker, token-varying part), at most `max_rank` (the ones that do not fit
+  are counted in `left_out`); `select` reads only the former;
 - the share of the candidates' excess energy at l the subspace explains, token by token: for each candidate
   token, its squared distance to the normal mean beyond a normal token's (the normal tokens' mean squared
   distance), before and after the subspace is taken out, summed over tokens; never computed on the mean gap, which
