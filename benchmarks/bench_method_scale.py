@@ -12,8 +12,11 @@ the median of --steps steps after --warmup. Also timed: building the teacher, an
 wall time and in this process's CPU time (on a shared CPU the wall time also holds other processes' turns).
 Precision: bf16 autocast where the device runs bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
 Peak memory: the process's peak resident set (CPU) or torch's peak allocation (CUDA).
+With --profile, one more step of each method runs under cProfile and the script prints where its time goes (STEP_PARTS:
+the teacher and student forwards, SiNGER's L_info teacher block runs, the counterfactual targets, the adapters, the
+backward pass, the optimizer), before the ratio line. On CUDA the parts are launch times, not device times.
 
-    python benchmarks/bench_method_scale.py [--steps 5] [--warmup 1] [--batch 8] [--grown] [--threads N]
+    python benchmarks/bench_method_scale.py [--steps 5] [--warmup 1] [--batch 8] [--grown] [--threads N] [--profile]
 
 The last line is `faithful/fitnet step time: R`.
 """
@@ -21,6 +24,8 @@ The last line is `faithful/fitnet step time: R`.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import resource
 import time
 
@@ -39,6 +44,13 @@ STUDENT = "vit_small_patch14_dinov2"
 LAYERS = [17]            # + the last block, as distill() always adds it
 ESTIMATE_BATCHES = 4
 FLAT_SHARE = 0.02
+# --profile: (label, module path suffix, function) whose cumulative time cProfile reports per step.
+STEP_PARTS = (("teacher + student forward", "models/backbone.py", "forward_taps"),
+              ("L_info teacher block runs", "method/losses.py", "_block_info"),
+              ("counterfactual L_out targets", "method/losses.py", "_target"),
+              ("refinement adapters", "method/refine.py", "forward"),
+              ("backward", "autograd/graph.py", "_engine_run_backward"),
+              ("optimizer (AdamW)", "torch/optim/adam.py", "step"))
 
 
 def main() -> None:
@@ -90,7 +102,27 @@ def main() -> None:
     print(f"FitNet step              {fitnet_ms / 1e3:8.2f} s")
     kind = "torch allocation" if device.type == "cuda" else "resident set"
     print(f"peak memory              {_peak_gib(device):8.2f} GiB ({kind})")
+    if args.profile:
+        _print_step_parts({"faithful": steps["singer"][1], "fitnet": steps["fitnet"][1]}, device)
     print(f"faithful/fitnet step time: {faithful_ms / fitnet_ms:.2f}")
+
+
+def _print_step_parts(calls: dict, device: torch.device) -> None:
+    """One cProfile'd step per method: seconds per STEP_PARTS entry (cumulative, so nested parts overlap: the L_info
+    runs and the targets are inside neither forward_taps nor each other)."""
+    spent = {}
+    for name, call in calls.items():
+        profile = cProfile.Profile()
+        began = time.perf_counter()
+        profile.runcall(call)
+        _sync(device)
+        spent[name] = (time.perf_counter() - began, pstats.Stats(profile).stats)
+    print(f"one profiled step        {'  '.join(f'{name:>9}' for name in spent)}")
+    for label, path, function in STEP_PARTS:
+        cells = [sum(row[3] for (file, _, func), row in stats.items() if file.endswith(path) and func == function)
+                 for _, stats in spent.values()]
+        print(f"  {label:<29}" + "  ".join(f"{cell:8.2f}s" for cell in cells))
+    print(f"  {'whole step':<29}" + "  ".join(f"{wall:8.2f}s" for wall, _ in spent.values()))
 
 
 def _precision(device: torch.device) -> str:
@@ -115,6 +147,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--grown", action="store_true", help="the grown variant (writers at blocks 10, 11, 12)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="also print where one step of each method goes")
     return parser.parse_args()
 
 
