@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from compare_planted import CASES, SETTINGS, _estimate, _images
 from torch import Tensor, nn
 
-from singer_deploy.config import PlantedTraining
 from singer_deploy.method.artifact_subspace import subspace_loss
 from singer_deploy.models.planted_training import planted_teacher
 
@@ -68,19 +65,21 @@ def token_pairs(planted, subspace, layer: int, images: Tensor) -> dict[str, Tens
 
 
 def fit(name: str, model: Residual, train: dict[str, Tensor], steps: int, seed: int = 0) -> None:
+    """Adam on L_out's loss (subspace_loss) over `train` (token_pairs); the wide MLP on the artifact tokens alone,
+    2 x BATCH of them per step, with no token held."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3 if name == "wide mlp" else 3e-3)
-    if name == "wide mlp":     # the artifact tokens alone
-        tokens, target = train["raw"][train["selected"]], train["target"][train["selected"]]
+    batch, lr = BATCH, 3e-3
+    if name == "wide mlp":
+        chosen = train["selected"]
+        train = {"raw": train["raw"][chosen], "target": train["target"][chosen],
+                 "selected": torch.ones(int(chosen.sum()), dtype=torch.bool),
+                 "held": torch.zeros(int(chosen.sum()), dtype=torch.bool)}
+        batch, lr = 2 * BATCH, 1e-3
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        if name == "wide mlp":
-            index = torch.randint(len(tokens), (2 * BATCH,))
-            error = (model(tokens[index]) - target[index]).square().sum(-1) / target[index].square().sum(-1)
-            loss = error.mean()
-        else:
-            index = torch.randint(len(train["raw"]), (BATCH,))
-            loss = subspace_loss(model(train["raw"][index]), train["target"][index], train["selected"][index],
-                                 train["held"][index])
+        index = torch.randint(len(train["raw"]), (batch,))
+        loss = subspace_loss(model(train["raw"][index]), train["target"][index], train["selected"][index],
+                             train["held"][index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -138,10 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    training = PlantedTraining(steps=args.trained)
     rows = []
     for key in args.cases.split(","):
-        case = replace(CASES[key], training=training) if args.trained else CASES[key]
+        case = CASES[key].trained(args.trained)
         rows += run_case(case, [int(layer) for layer in args.layers.split(",")], args.steps)
     print("| case | layer | map | art cos twin | normal cos raw | selected cos target (held out) | in sample |")
     print("|---|---|---|---|---|---|---|")

@@ -91,6 +91,11 @@ class Case:
                                 "trigger": self.trigger, "position_share": self.share, "u_in_null": self.u_in_null,
                                 "training": training, **self.family})
 
+    def trained(self, steps: int) -> Case:
+        """This case with its teacher trained on the shapes task for `steps` (PlantedTraining's other defaults; the
+        untrained case when 0)."""
+        return replace(self, training=PlantedTraining(steps=steps)) if steps else self
+
     @property
     def layers(self) -> tuple[int, ...]:
         return REAL_SIZE_LAYERS if self.preset else LAYERS
@@ -371,9 +376,7 @@ def main() -> None:
                         help="teachers trained on the shapes task for STEPS steps (PlantedTraining's other defaults; "
                              "cached, docs/planted_teacher.md 'Trained teachers'); 0 = the untrained teachers")
     args = parser.parse_args()
-    cases = [ALL_CASES[key] for key in args.cases.split(",")]
-    if args.trained:
-        cases = [replace(case, training=PlantedTraining(steps=args.trained)) for case in cases]
+    cases = [ALL_CASES[key].trained(args.trained) for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
         settings = {name: SETTINGS[name] for name in args.settings.split(",") if name != "none"}

@@ -12,12 +12,10 @@ artifact tokens (mean and 1st percentile) - the best a refinement trained on it 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 from compare_planted import ALL_CASES, CASES, _images
 
-from singer_deploy.config import PlantedTraining
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.metrics import token_cosines
 from singer_deploy.models.planted_training import planted_teacher
@@ -36,9 +34,7 @@ def main() -> None:
           "| p1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key in args.cases.split(","):
-        case = ALL_CASES[key]
-        if args.trained:
-            case = replace(case, training=PlantedTraining(steps=args.trained))
+        case = ALL_CASES[key].trained(args.trained)
         planted = planted_teacher(case.planted())
         teacher, p = planted.backbone, planted.backbone.num_prefix_tokens
         train = _images(planted, 256, case.share, 0)

@@ -23,7 +23,6 @@ from dataclasses import replace
 import torch
 
 from compare_planted import ALL_CASES, CASES, LAYERS, RANK
-from singer_deploy.config import PlantedTraining
 from singer_deploy.evaluation.analysis import planted_mask
 from singer_deploy.method.artifact_subspace import estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
@@ -69,9 +68,7 @@ def main() -> None:
           " | write gap: artifacts / content |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in args.cases.split(","):
-        case = ALL_CASES[key]
-        if args.trained:
-            case = replace(case, training=PlantedTraining(steps=args.trained))
+        case = ALL_CASES[key].trained(args.trained)
         for rho in rhos:
             config = case.planted() if rho is None else replace(case.planted(), rho=rho)
             planted = planted_teacher(config)

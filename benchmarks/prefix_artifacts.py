@@ -13,13 +13,10 @@ patch-token norm (median over images).
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from compare_planted import CASES, _images
 
-from singer_deploy.config import PlantedTraining
 from singer_deploy.models.planted_training import planted_teacher
 
 
@@ -44,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for key in args.cases.split(","):
-        case = replace(CASES[key], training=PlantedTraining(steps=args.trained)) if args.trained else CASES[key]
+        case = CASES[key].trained(args.trained)
         rows.append((case.label, *class_token_rows(case)))
     depth = len(rows[0][1])
     print("| case | " + " | ".join(f"block {b}" for b in range(depth)) + " |")

@@ -18,12 +18,9 @@ and the trained teachers in --trained (cached; each is trained once per machine)
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-
 import torch
 from compare_planted import CASES, _images
 
-from singer_deploy.config import PlantedTraining
 from singer_deploy.method.selection import MAX_WRITTEN_SHARE, block_write_scores
 from singer_deploy.models.planted_training import planted_teacher
 
@@ -80,8 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cases = list(CASES.values()) + [replace(CASES[key], training=PlantedTraining(steps=args.steps))
-                                    for key in args.trained.split(",") if key]
+    cases = list(CASES.values()) + [CASES[key].trained(args.steps) for key in args.trained.split(",") if key]
     content, writers = {}, {}
     for case in cases:
         measure(case, args.images, content, writers)
