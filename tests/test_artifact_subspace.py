@@ -168,6 +168,52 @@ def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks
                                torch.tensor([3.0, 0.7]))
 
 
+def test_a_prefix_token_the_writer_writes_is_cleaned_as_context_and_left_raw_in_the_target():
+    """The teacher of the test above, whose block 1 also writes 10 e_1 onto the prefix token, which blocks 2 and 3
+    read. With a prefix limit below that write the counterfactual cleans the prefix token at block 1 and the selected
+    token reads it clean; the target's prefix token itself stays raw (the adapters pass it as it is)."""
+    def mix(tokens):
+        return tokens + tokens[..., 1:].mean(1, keepdim=True)
+
+    def block(tokens, index, rows):
+        return mix(tokens)[rows]
+
+    before = torch.tensor([[[5.0, 5.0], [1.0, 0.2], [2.0, 0.4], [3.0, 0.6]]])
+    write = torch.tensor([[[0.0, 10.0], [0.0, 0.0], [0.0, 0.0], [0.0, 10.0]]])
+    taps = {0: before, 1: before + torch.tensor([0.0, 0.1]) + write}
+    taps[2] = mix(taps[1])
+    taps[3] = mix(taps[2])
+    subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]], {1: 1.0})
+    selected = torch.tensor([[False, False, True]])
+    cleaned = replace(subspace, prefix_limits={1: 5.0})
+    assert cleaned.written_prefix(taps, 1).tolist() == [[True]]
+    assert replace(subspace, prefix_limits={1: 20.0}).written_prefix(taps, 1).tolist() == [[False]]
+    # Block 1: prefix (5, 5.1), patch 3 (3, 0.7). Block 2 reads e_1 parts 5.1, 0.3, 0.5, 0.7 (+ 1.65): prefix
+    # (6.65, 6.75), patch 3 (4.65, 2.35). Block 3 reads those two and the raw block-2 patches 1, 2 (6.95, 7.15):
+    # + 5.8 -> (10.45, 8.15).
+    out = cleaned.counterfactual(taps, 3, selected, block, prefix=1)
+    torch.testing.assert_close(out[0, 3], torch.tensor([10.45, 8.15]))
+    torch.testing.assert_close(out[:, :3], taps[3][:, :3])
+    # Without the prefix limits the raw prefix (e_1 part 15.1, then 21.75) is read: + 4.15, then + 10.175.
+    torch.testing.assert_close(subspace.counterfactual(taps, 3, selected, block, prefix=1)[0, 3],
+                               torch.tensor([17.325, 15.025]))
+
+
+def test_prefix_limits_clean_the_class_token_a_planted_writer_writes_and_not_the_clean_twins(small_planted):
+    """The planted writer writes its artifact on the class token too (docs/results.md, "The refined teacher on
+    trained teachers"): the estimate's prefix limit at the writer flags the raw teacher's class token on every image,
+    the clean twin's on none."""
+    layer = LAYERS[-1]
+    found = estimate_artifact_subspaces(small_planted.backbone, _batches(0.08), [layer], select_k=None)[layer]
+    assert set(found.prefix_limits) == set(found.writers) == {small_planted.artifact_layer}
+    assert found.prefix_written == 1.0 and found.summary()["context"]["prefix_written"] == 1.0
+    assert "cleans the prefix tokens the writers write too (100%" in found.describe()
+    images = _batches(0.08)[1]
+    blocks = found.taps_needed(layer)
+    assert found.written_prefix(small_planted.backbone.forward_taps(images, blocks), 1).all()
+    assert not found.written_prefix(small_planted.clean.forward_taps(images, blocks), 1).any()
+
+
 def test_whole_context_counterfactual_is_the_teacher_that_never_wrote_and_is_chosen_when_others_read_it():
     """The same teacher as above, whose blocks 2 and 3 make every token read the others (the trained teachers'
     case). With whole_context the counterfactual re-runs every token on the cleaned patch 3, which gives exactly the

@@ -36,13 +36,14 @@ estimate then misses a part of the artifact (more directions than `max_rank`, or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from singer_deploy.method.metrics import DEFAULT_K, high_norm_mask
-from singer_deploy.method.selection import component_ratios, in_band, selection_threshold, write_outliers
+from singer_deploy.method.selection import (SELECT_FACTOR, component_ratios, in_band, selection_threshold,
+                                             write_outliers)
 
 # A direction joins the subspace when the selected tokens' block updates carry along it more than this excess, in
 # units of the normal tokens' update spread at each block, summed over blocks. Measured on the planted families and
@@ -75,6 +76,13 @@ UNTREATED_SHARE = 0.005
 # (docs/method.md, "Artifact subspace"). Measured: untrained planted teachers agree to 1e-4 or better; teachers
 # trained with their artifacts differ by 0.03-0.18 at the layers after the writer.
 CONTEXT_TOLERANCE = 0.002
+# A writer that writes the artifact on patch tokens may write it on prefix tokens (the class token, registers) too;
+# every token reads those, so the counterfactual cleans a prefix token at a writer block when its update's component
+# in the subspace (around the normal tokens' mean update) is above SELECT_FACTOR times the normal patch tokens' median
+# one there, on the first estimation batch (ArtifactSubspace.with_prefix_limits). Measured (docs/method.md, "Artifact
+# subspace"): on the planted teachers a class token the writer writes is at 400-1000 times that median, the clean
+# twin's class token at most 3.7 times, a normal patch token's 99th percentile 2-3 times.
+
 # What an estimate of None means (the run summary and the log).
 NO_CANDIDATES = "no candidate artifact token: no block update stands out (or, with select_k set, no token above it)"
 
@@ -92,7 +100,9 @@ class ArtifactSubspace:
     below the threshold that the losses neither hold nor push; untreated_share: the share of tokens above DEFAULT_K x
     the image median norm that `select` leaves out; next_excess: the largest excess (EXCESS_LIMIT's units) of a
     direction outside the subspace, the margin of the choice; selection_rank: the leading basis rows `select` reads
-    (those above EXCESS_LIMIT; None: every row)."""
+    (those above EXCESS_LIMIT; None: every row); prefix_limits: writer block -> the component of a prefix token's
+    update above which the counterfactual cleans it there (with_prefix_limits; empty: prefix tokens are never
+    cleaned); prefix_written: the share of the first batch's prefix tokens it cleans."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -112,6 +122,8 @@ class ArtifactSubspace:
     context_change: float = 0.0
     next_excess: float = 0.0
     selection_rank: int | None = None
+    prefix_limits: dict[int, float] = field(default_factory=dict)
+    prefix_written: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -160,24 +172,25 @@ class ArtifactSubspace:
     def counterfactual(self, taps: dict[int, Tensor], layer: int, selected: Tensor, run_block,
                        prefix: int) -> Tensor:
         """The layer's tokens (B, prefix + N, D) with each `selected` patch token (B, N) as the teacher computes it
-        when its artifact is never written: every writer block's update on the selected tokens has its component in
-        the subspace set to the normal tokens' mean update, and the blocks after the first writer run on those
-        tokens, so what they would have computed from the token's content is there too. The other tokens keep their
-        raw values at the layer. As the context the selected tokens read through attention at every block they are
-        the raw teacher's, or, with `whole_context`, re-run too, on the cleaned selected tokens (a teacher whose
-        other tokens read the artifact; docs/method.md, "Artifact subspace"). `run_block(tokens, b, rows)` gives
-        teacher block b's output at `rows` (B, prefix + N) in the order of rows.nonzero()
-        (Backbone.run_block_rows); `taps` holds the raw taps `taps_needed(layer)` names."""
+        when its artifact is never written: every writer block's update on the selected tokens, and on the prefix
+        tokens a writer writes (`written_prefix`), has its component in the subspace set to the normal tokens' mean
+        update, and the blocks after the first writer run on those tokens, so what they would have computed from the
+        token's content is there too. The other tokens, prefix tokens included, keep their raw values at the layer
+        (the adapters pass prefix tokens as they are). As the context the selected tokens read through attention at
+        every block they are the raw teacher's but for the cleaned prefix tokens, or, with `whole_context`, re-run
+        too, on the cleaned tokens (a teacher whose other tokens read the artifact; docs/method.md, "Artifact
+        subspace"). `run_block(tokens, b, rows)` gives teacher block b's output at `rows` (B, prefix + N) in the
+        order of rows.nonzero() (Backbone.run_block_rows); `taps` holds the raw taps `taps_needed(layer)` names."""
         first = self.first_block
         if first is None or not selected.any():    # e.g. a refined stream the layer before cleaned already
             return taps[layer]
-        rows = torch.cat([torch.zeros_like(selected[:, :1]).expand(-1, prefix), selected], 1)
+        rows = torch.cat([self.written_prefix(taps, prefix).to(selected.device), selected], 1)
         at = rows.nonzero(as_tuple=True)
         run_rows = torch.ones_like(rows) if self.whole_context else rows
         basis = self.basis.to(device=taps[layer].device, dtype=taps[layer].dtype)
         means = self.update_means.to(device=basis.device, dtype=basis.dtype)
         context = taps[first]                                          # (B, prefix + N, D)
-        tokens = context[at]                                           # (M, D): the selected tokens only
+        tokens = context[at]                                           # (M, D): the cleaned tokens only
         before = taps[first - 1][at] if first > 0 else torch.zeros_like(tokens)
         for block in range(first, layer + 1):
             if block > first:
@@ -189,7 +202,39 @@ class ArtifactSubspace:
                 before, tokens = tokens, output
             if block in self.writers:
                 tokens = tokens - (tokens - before - means[block]) @ basis.T @ basis
-        return taps[layer].index_put(at, tokens)
+        patch = at[1] >= prefix
+        return taps[layer].index_put((at[0][patch], at[1][patch]), tokens[patch])
+
+    def written_prefix(self, taps: dict[int, Tensor], prefix: int) -> Tensor:
+        """(B, prefix) bool: the prefix tokens whose update at some writer block has a component in the subspace
+        (around the normal tokens' mean update) above that block's `prefix_limits`."""
+        stream = taps[self.first_block]
+        written = torch.zeros(stream.shape[0], prefix, dtype=torch.bool, device=stream.device)
+        for block, limit in self.prefix_limits.items():
+            written |= self._update_components(taps, block, slice(0, prefix)) > limit
+        return written
+
+    def _update_components(self, taps: dict[int, Tensor], block: int, tokens: slice) -> Tensor:
+        """(B, n): the `tokens` of the raw stream, their update at `block` minus the normal tokens' mean update there,
+        projected on the subspace: its norm."""
+        update = taps[block][:, tokens] - (taps[block - 1][:, tokens] if block > 0 else 0)
+        basis = self.basis.to(update)
+        return ((update - self.update_means[block].to(update)) @ basis.T).norm(dim=-1)
+
+    @torch.no_grad()
+    def with_prefix_limits(self, taps: dict[int, Tensor], layer: int, prefix: int) -> ArtifactSubspace:
+        """This estimate with `prefix_limits` measured on raw taps of a few images (`taps_needed(layer)`): at each
+        writer block, SELECT_FACTOR times the median component of the normal patch tokens' update there."""
+        if not prefix or not self.writers:
+            return self
+        normal = ~self.select(taps[layer][:, prefix:])
+        if not normal.any():
+            return self
+        patches = slice(prefix, None)
+        limits = {block: SELECT_FACTOR * float(self._update_components(taps, block, patches)[normal].median())
+                  for block in sorted(self.writers)}
+        found = replace(self, prefix_limits=limits)
+        return replace(found, prefix_written=float(found.written_prefix(taps, prefix).double().mean()))
 
     @torch.no_grad()
     def with_context(self, taps: dict[int, Tensor], layer: int, run_block, prefix: int) -> ArtifactSubspace:
@@ -221,7 +266,8 @@ class ArtifactSubspace:
                 "explained_share": round(self.explained_share, 4), "left_out": self.left_out,
                 "complete": self.complete, "artifact_tokens": self.artifact_tokens, "normal_tokens": self.normal_tokens,
                 "untreated_share": round(self.untreated_share, 5), "selection": self.selection_summary(),
-                "context": {"whole": self.whole_context, "change": round(self.context_change, 4)},
+                "context": {"whole": self.whole_context, "change": round(self.context_change, 4),
+                            "prefix_written": round(self.prefix_written, 4)},
                 "next_excess": round(self.next_excess, 3)}
 
     def selection_summary(self) -> dict:
@@ -247,6 +293,9 @@ def describe_subspace(facts: dict) -> str:
         text += f"; {describe_selection(facts['selection'])}"
     if facts.get("context", {}).get("whole"):   # absent in runs recorded before the context was decided
         text += "; its target re-runs every token from the first writer on (the other tokens read the artifact)"
+    if facts.get("context", {}).get("prefix_written"):
+        text += (f"; its target cleans the prefix tokens the writers write too "
+                 f"({facts['context']['prefix_written']:.0%} of them on the first batch)")
     return text if facts["complete"] else f"{text}; {incomplete_note(facts)}"
 
 
@@ -457,7 +506,8 @@ def _explained_share(centred: Tensor, covariance: Tensor, basis: Tensor) -> floa
 def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_k: float,
                                 max_rank: int | None = None) -> dict[int, ArtifactSubspace | None]:
     """Each distilled layer's ArtifactSubspace from raw teacher taps of `batches` (iterable of image tensors), its
-    counterfactual's context decided on the first batch (ArtifactSubspace.with_context); `teacher` is a lead
+    counterfactual's prefix limits and context decided on the first batch (ArtifactSubspace.with_prefix_limits,
+    with_context); `teacher` is a lead
     Backbone (forward_taps, run_block_rows, num_prefix_tokens); `max_rank` caps the directions (the adapter rank: a
     linear adapter of rank r cannot remove more than r)."""
     estimator = SubspaceEstimator(layers, select_k, teacher.num_prefix_tokens, max_rank=max_rank)
@@ -469,8 +519,9 @@ def estimate_artifact_subspaces(teacher, batches, layers: Sequence[int], select_
     if first is None:
         return found
     taps = teacher.forward_taps(first, estimator.blocks_needed)
+    p = teacher.num_prefix_tokens
     return {layer: subspace if subspace is None else
-            subspace.with_context(taps, layer, teacher.run_block_rows, teacher.num_prefix_tokens)
+            subspace.with_prefix_limits(taps, layer, p).with_context(taps, layer, teacher.run_block_rows, p)
             for layer, subspace in found.items()}
 
 
