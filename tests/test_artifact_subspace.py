@@ -133,6 +133,28 @@ def test_a_teacher_without_artifacts_has_no_subspace_and_a_zero_loss(small_plant
     terms["total"].backward()                                           # a graph, so the step still runs
 
 
+def test_a_block_that_damps_the_artifact_is_not_a_writer():
+    """Block 1 writes 10 e_0 onto 4 tokens per image, block 2 takes 2 e_0 back off them (a trained teacher's later
+    blocks damp the artifact: 4% of the update energy along e_0, which the energy rule counted as a writer). Block
+    1 builds 10/8 of the component at layer 2, block 2 -2/8: only block 1 is a writer, so the counterfactual leaves
+    block 2's update as the block computes it."""
+    generator = torch.Generator().manual_seed(0)
+    images, tokens, width = 8, 64, 16
+    written = torch.zeros(images, 1 + tokens, dtype=torch.bool)
+    written[:, 1:5] = True
+    stream = [torch.randn(images, 1 + tokens, width, generator=generator)]
+    stream[0][..., 0] = 0.0
+    for write in (10.0, -2.0):
+        update = 0.3 * torch.randn(images, 1 + tokens, width, generator=generator)
+        update[..., 0][written] += write
+        stream.append(stream[-1] + update)
+    estimator = SubspaceEstimator([2], None, 1)
+    estimator.add(dict(enumerate(stream)))
+    found = estimator.result()[2]
+    assert found.rank == 1 and _captured(found.basis, torch.eye(width)[0]) > 0.999
+    assert list(found.writers) == [1] and found.writers[1] == pytest.approx(1.25, abs=0.05)
+
+
 def _subspace(basis, update_means, writers) -> ArtifactSubspace:
     return ArtifactSubspace(torch.tensor(basis), writers, 1.0, 1, 2,
                             torch.tensor(update_means))

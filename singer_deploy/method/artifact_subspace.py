@@ -59,10 +59,14 @@ EXCESS_LIMIT = 10.0
 WRITTEN_LIMIT = 2.0
 # Below this explained share a layer's estimate is reported as incomplete (run summary, report, distill_config.json).
 LOW_SHARE = 0.95
-# A block is a writer when its update holds at least this share of the subspace's energy on the selected tokens:
-# the counterfactual takes the artifact out of every writer's update. Measured on the planted families: writers hold
-# 33-100%, the other blocks 0.002% or less; a writer left out would leave its part (a 5% share of a 10x artifact is
-# 2.2x a normal token), so the bar is low.
+# A block is a writer when it builds at least this share of the selected tokens' component in the subspace (the
+# directions above EXCESS_LIMIT) at the layer: its update around the normal mean update, projected on each token's own
+# component (over the blocks these shares sum to 1). The counterfactual takes the artifact out of every writer's
+# update. Measured (docs/method.md, "Artifact subspace"): writers build 20-100%, the other blocks of untrained planted
+# teachers within 0.2% of 0; later blocks of a trained teacher damp the artifact (trained 8% grown: block 7 -8.5%,
+# block 6 -3.3%) while holding 2-4% of its update energy, the previous writer rule, which cleaned them too and took
+# the layer-7 target from cosine 0.98 to 0.80 to the clean twin. A writer left out would leave its part (5% of a 10x
+# artifact is 2.2x a normal token's norm), so the bar is low.
 WRITER_SHARE = 0.01
 # Selected tokens kept per layer for the per-token shares (the sums use every token), and normal tokens kept per
 # layer for the selection threshold.
@@ -89,20 +93,21 @@ NO_CANDIDATES = "no candidate artifact token: no block update stands out (or, wi
 
 @dataclass(frozen=True)
 class ArtifactSubspace:
-    """basis: (k, D) orthonormal rows; writers: block -> share of the subspace's energy its update holds on the
-    selected tokens (blocks at or above WRITER_SHARE); explained_share: how much of the selected tokens' excess
-    energy the subspace explains, token by token; artifact_tokens / normal_tokens: how many tokens the estimate
-    rests on; update_means: (layer + 1, D) the normal tokens' mean update of every block up to the layer;
-    left_out: directions above EXCESS_LIMIT that did not fit `max_rank`; layer_mean: (D,) the normal tokens' mean at
-    the layer; threshold: the component ratio above which `select` calls a token an artifact (method/selection.py),
-    None under the fixed `select_k` rule; selected_share / strength: the share of the estimation batches' patch
-    tokens `select` picks, and their median norm over their image's median norm; band_share: the share in the band
-    below the threshold that the losses neither hold nor push; untreated_share: the share of tokens above DEFAULT_K x
-    the image median norm that `select` leaves out; next_excess: the largest excess (EXCESS_LIMIT's units) of a
-    direction outside the subspace, the margin of the choice; selection_rank: the leading basis rows `select` reads
-    (those above EXCESS_LIMIT; None: every row); prefix_limits: writer block -> the component of a prefix token's
-    update above which the counterfactual cleans it there (with_prefix_limits; empty: prefix tokens are never
-    cleaned); prefix_written: the share of the first batch's prefix tokens it cleans."""
+    """basis: (k, D) orthonormal rows; writers: block -> the share of the selected tokens' component along the
+    leading `selection_rank` rows (those above EXCESS_LIMIT) its update builds (blocks at or above WRITER_SHARE);
+    explained_share: how much of the selected tokens' excess energy the subspace explains, token by token;
+    artifact_tokens / normal_tokens: how many tokens the estimate rests on; update_means: (layer + 1, D) the normal
+    tokens' mean update of every block up to the layer; left_out: directions above EXCESS_LIMIT that did not fit
+    `max_rank`; layer_mean: (D,) the normal tokens' mean at the layer; threshold: the component ratio above which
+    `select` calls a token an artifact (method/selection.py), None under the fixed `select_k` rule; selected_share /
+    strength: the share of the estimation batches' patch tokens `select` picks, and their median norm over their
+    image's median norm; band_share: the share in the band below the threshold that the losses neither hold nor
+    push; untreated_share: the share of tokens above DEFAULT_K x the image median norm that `select` leaves out;
+    next_excess: the largest excess (EXCESS_LIMIT's units) of a direction outside the subspace, the margin of the
+    choice; selection_rank: the leading basis rows `select` reads (those above EXCESS_LIMIT; None: every row);
+    prefix_limits: writer block -> the component of a prefix token's update above which the counterfactual cleans it
+    there (with_prefix_limits; empty: prefix tokens are never cleaned); prefix_written: the share of the first
+    batch's prefix tokens it cleans."""
 
     basis: Tensor
     writers: dict[int, float]
@@ -421,9 +426,19 @@ class SubspaceEstimator:
             (D, k), per block."""
             return torch.stack([((kept[:, 1 + b] - mean_update[b]) @ directions).square().sum(0) for b in blocks])
 
+        def built(directions: Tensor) -> Tensor:
+            """(blocks,): each block's share of the kept candidates' component along `directions` (D, k) at the
+            layer (around the normal mean): its update around the normal mean update, projected on each token's own
+            component, over the component's mean norm; summed over the blocks, 1."""
+            component = (kept[:, 0] - mean) @ directions
+            norm = component.norm(dim=-1, keepdim=True)
+            unit = component / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            return torch.stack([(((kept[:, 1 + b] - mean_update[b]) @ directions) * unit).sum(-1).mean()
+                                for b in blocks]) / norm.mean().clamp_min(torch.finfo(norm.dtype).tiny)
+
         found = order[values[order] > EXCESS_LIMIT]
         strong = len(found)
-        writers = _writers(energy(vectors[:, found]).sum(1))
+        writers = _writers(built(vectors[:, found]))
         weak = order[(values[order] <= EXCESS_LIMIT) & (values[order] > WRITTEN_LIMIT)]
         if writers and len(weak):   # the weak ones the strong ones' writers write (WRITTEN_LIMIT)
             per_block = energy(vectors[:, weak]) / units[:, None]      # in each block's units, as the excess
@@ -432,7 +447,9 @@ class SubspaceEstimator:
         chosen = found[:self.max_rank]
         basis = vectors[:, chosen].T                                    # (k, D), those above the limit first
         share = _explained_share(kept[:, 0] - mean, covariance, basis)
-        writers = _writers(energy(basis.T).sum(1))
+        # The writers are the strong directions' (WRITTEN_LIMIT): a weak one is a writer's part, taken out there;
+        # where else it shows, a later block's response to the artifact, the counterfactual's re-run removes it.
+        writers = _writers(built(basis[:min(strong, len(chosen))].T))
         updates = torch.stack([mean_update[b] for b in blocks]).float()
         outside = torch.ones_like(values, dtype=torch.bool)
         outside[chosen] = False
@@ -477,11 +494,10 @@ class SubspaceEstimator:
                        untreated_share=untreated)
 
 
-def _writers(energy: Tensor) -> dict[int, float]:
-    """block -> its share of the subspace's energy `energy` (blocks,) on the candidates, for the blocks at or above
+def _writers(built: Tensor) -> dict[int, float]:
+    """block -> the share of the artifact component it builds, `built` (blocks,), for the blocks at or above
     WRITER_SHARE."""
-    shares = (energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).tolist()
-    return {b: s for b, s in enumerate(shares) if s >= WRITER_SHARE}
+    return {b: s for b, s in enumerate(built.tolist()) if s >= WRITER_SHARE}
 
 
 def _spread(rows: Tensor) -> Tensor:
