@@ -12,8 +12,8 @@ import torch
 from singer_deploy.config import PlantedConfig, SingerConfig
 from singer_deploy.method.artifact_subspace import SubspaceEstimator, estimate_artifact_subspaces
 from singer_deploy.method.metrics import mask_precision_recall
-from singer_deploy.method.selection import (BAND_SHARE, GAP_RATIO, MIN_COMPONENT, SELECT_FACTOR, component_ratios,
-                                            in_band, selection_threshold, write_cut, write_outliers)
+from singer_deploy.method.selection import (BAND_SHARE, GAP_RATIO, MIN_COMPONENT, SELECT_FACTOR, WRITE_SIZE,
+                                            component_ratios, in_band, selection_threshold, write_cut, write_outliers)
 from singer_deploy.models.data import SyntheticShapes, stack_images
 from singer_deploy.models.planted import build_planted_teacher
 
@@ -54,6 +54,21 @@ def test_a_block_writes_the_tokens_above_a_wide_gap_not_a_heavy_tail():
     updates[2] *= torch.cat([bulk, cluster]).mul(scale).exp()[None, :, None]
     found = write_outliers(updates)[0]
     assert found[2000:].all() and not found[:2000].any()
+
+
+def test_an_update_larger_than_write_size_tokens_is_a_write_where_no_gap_shows_it():
+    """A trained block that updates its content tokens continuously up to 5x the median token norm leaves no gap below
+    4 tokens it writes at 7.5x: the gap rule misses them, the size rule (WRITE_SIZE) finds them and only them."""
+    images, tokens, width = 4, 64, 8
+    stream = [torch.nn.functional.normalize(torch.randn(images, tokens, width), dim=-1)]    # every token norm 1
+    norms = torch.logspace(-1.3, 0.7, tokens).expand(images, tokens).clone()              # 0.05 .. 5.0
+    norms[:, :4] = 7.5
+    direction = torch.nn.functional.normalize(torch.randn(images, tokens, width), dim=-1)
+    updates = [stream[0], direction * norms[..., None]]
+    stream.append(stream[0] + updates[1])
+    assert WRITE_SIZE < 7.5 and not write_outliers(updates)[:, :4].all()
+    found = write_outliers(updates, stream)
+    assert found[:, :4].all() and not found[:, 4:].any()
 
 
 def test_component_ratio_and_threshold_have_known_values():

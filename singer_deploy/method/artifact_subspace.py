@@ -366,7 +366,7 @@ class SubspaceEstimator:
         updates = {b: patches[b] if b == 0 else patches[b] - patches[b - 1] for b in self.blocks_needed}
         for layer in self.layers:
             selected = (high_norm_mask(patches[layer], self.select_k) if self.select_k is not None else
-                        write_outliers([updates[b] for b in range(layer + 1)]))
+                        write_outliers([updates[b] for b in range(layer + 1)], [patches[b] for b in range(layer + 1)]))
             normal = ~selected
             medians = patches[layer].norm(dim=-1).median(dim=1, keepdim=True).values.expand_as(selected)
             self._counts[layer, "artifact"] += int(selected.sum())
