@@ -58,7 +58,8 @@ def test_a_block_writes_the_tokens_above_a_wide_gap_not_a_heavy_tail():
 
 def test_an_update_larger_than_write_size_tokens_is_a_write_where_no_gap_shows_it():
     """A trained block that updates its content tokens continuously up to 5x the median token norm leaves no gap below
-    4 tokens it writes at 7.5x: the gap rule misses them, the size rule (WRITE_SIZE) finds them and only them."""
+    4 tokens it writes at 7.5x: the gap rule misses them, the size rule (WRITE_SIZE) finds them and only them; it
+    needs the write to stand out from the image's other updates too."""
     images, tokens, width = 4, 64, 8
     stream = [torch.nn.functional.normalize(torch.randn(images, tokens, width), dim=-1)]    # every token norm 1
     norms = torch.logspace(-1.3, 0.7, tokens).expand(images, tokens).clone()              # 0.05 .. 5.0
@@ -69,6 +70,9 @@ def test_an_update_larger_than_write_size_tokens_is_a_write_where_no_gap_shows_i
     assert WRITE_SIZE < 7.5 and not write_outliers(updates)[:, :4].all()
     found = write_outliers(updates, stream)
     assert found[:, :4].all() and not found[:, 4:].any()
+    # A block that updates every token by 8x (a patch embedding far smaller than the blocks) writes none of them.
+    everyone = [stream[0], direction * 8.0]
+    assert not write_outliers(everyone, [stream[0], stream[0] + everyone[1]]).any()
 
 
 def test_component_ratio_and_threshold_have_known_values():

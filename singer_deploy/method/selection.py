@@ -12,7 +12,7 @@ strengths. What does tell them apart is how the artifact arrives and where it po
    not a fixed score: a trained teacher's early blocks update some content tokens by 20 deviations in a continuous
    tail, while its artifact writes stand only 3-6 deviations out, but alone, above a bulk that ends near 1-2. Block 0
    is left out: its "update" is the patch embedding, whose norm is the patch's content. An update of more than
-   WRITE_SIZE times the image's median token norm is a write too, gap or not.
+   WRITE_SIZE times both the image's median token norm and its median update is a write too, gap or not.
 2. Selection (`component_ratios`, `selection_threshold`): once the layer's artifact subspace S is estimated from the
    candidates (method/artifact_subspace.py), a token is an artifact when its component in S (its distance to the
    normal tokens' mean, projected on S) is above SELECT_FACTOR times the normal tokens' median component, and above
@@ -41,11 +41,13 @@ from torch import Tensor
 # above it at most 0.71 (a heavy tail's top one or two tokens). A content token let in only joins the candidates.
 GAP_RATIO = 0.85
 # A write also when a block's update alone is more than this many times its image's median token norm at the block's
-# input, gap or not: a trained teacher's blocks update every token more, which can close the gap below a strong
-# write (trained 8% two mechanisms: the position write at block 6, gap 0.26-0.42 of its edge). Measured (docs/method.md,
-# "Token selection"): planted writers at their first block 3.7-12.5x (trained, rho 10: 7.8-12.5x); content updates on
-# the untrained teachers at most 0.23x, on the trained ones and their clean twins at most 4.7x. Weak artifacts (2.5x)
-# write 2-2.6x: the gap rule catches those.
+# input, and as many times its image's median update, gap or not: a trained teacher's blocks update every token more,
+# which can close the gap below a strong write (trained 8% two mechanisms: the position write at block 6, gap
+# 0.26-0.42 of its edge). Measured (docs/method.md, "Token selection"): planted writers at their first block 3.7-12.5x
+# the median token norm (trained, rho 10: 7.4-12.4x) and 10.7x the median update or more; content updates on the
+# untrained teachers at most 0.23x the median token norm, on the trained ones and their clean twins at most 4.8x.
+# Weak artifacts (2.5x) write 2-2.6x: the gap rule catches those. The median update keeps a block that updates every
+# token by a lot (a patch embedding far smaller than the blocks' updates) from writing them all.
 WRITE_SIZE = 6.0
 # The typical update of an image: its lower quartile, and the median distance below it in standard deviations (for a
 # Gaussian the median distance below the 25th percentile is 0.476 sigma). A block may write up to the rest.
@@ -94,14 +96,16 @@ def write_cut(scores: Tensor) -> float:
 def write_outliers(updates: Sequence[Tensor], stream: Sequence[Tensor] | None = None) -> Tensor:
     """(B, N) bool: the tokens some block >= 1 writes: above that block's write_cut, or, with `stream` (every block's
     output tokens (B, N, D), block b's input being stream[b - 1]), an update of more than WRITE_SIZE times its
-    image's median input token norm."""
+    image's median input token norm and its image's median update norm."""
     written = torch.zeros(updates[0].shape[:2], dtype=torch.bool, device=updates[0].device)
     for block, update in enumerate(updates[1:], start=1):
         scores = block_write_scores(update)
         written |= scores > write_cut(scores)
         if stream is not None:
-            scale = stream[block - 1].float().norm(dim=-1).median(dim=1, keepdim=True).values
-            written |= update.float().norm(dim=-1) > WRITE_SIZE * scale
+            norm = update.float().norm(dim=-1)
+            token = stream[block - 1].float().norm(dim=-1).median(dim=1, keepdim=True).values
+            typical = norm.median(dim=1, keepdim=True).values
+            written |= (norm > WRITE_SIZE * token) & (norm > WRITE_SIZE * typical)
     return written
 
 
