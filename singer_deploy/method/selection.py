@@ -43,7 +43,7 @@ GAP_RATIO = 0.85
 # A write also when a block's update alone is more than this many times its image's median token norm at the block's
 # input, and as many times its image's median update, gap or not: a trained teacher's blocks update every token more,
 # which can close the gap below a strong write (trained 8% two mechanisms: the position write at block 6, gap
-# 0.26-0.42 of its edge). Measured (docs/method.md, "Token selection"): planted writers at their first block 3.7-12.5x
+# 0.26-0.42 of its edge). Measured (docs/method.md, "Token selection"): planted writers at their first block 3.7-12.4x
 # the median token norm (trained, rho 10: 7.4-12.4x) and 10.7x the median update or more; content updates on the
 # untrained teachers at most 0.23x the median token norm, on the trained ones and their clean twins at most 4.8x.
 # Weak artifacts (2.5x) write 2-2.6x: the gap rule catches those. The median update keeps a block that updates every
