@@ -55,7 +55,7 @@ from singer_deploy.method.metrics import REMAIN_RATIO, ArtifactStats, artifacts_
 from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import RefinedTeacher, Refiner
 from singer_deploy.models.backbone import load_backbone
-from singer_deploy.models.data import SyntheticShapes, stack_images
+from singer_deploy.models.data import InMemory, SyntheticShapes, stack_images
 from singer_deploy.models.planted import PlantedTeacher
 from singer_deploy.models.planted_training import planted_teacher
 from singer_deploy.train.loop import lr_factor
@@ -308,7 +308,7 @@ def distill_part(cases: list[Case], steps: int, settings: list[str], out: Path) 
     rows = []
     for case in cases:
         planted = planted_teacher(case.planted())
-        data = SyntheticShapes(2048, 64, 8, flat_share=case.share, seed=0)
+        data = InMemory(SyntheticShapes(2048, 64, 8, flat_share=case.share, seed=0))
         held_out = SyntheticShapes(256, 64, 8, flat_share=case.share, seed=1)
         for index, name in enumerate(settings):
             methods = ("fitnet", "singer") if index == 0 else ("singer",)

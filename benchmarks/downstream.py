@@ -16,7 +16,10 @@ per-patch class mIoU (background + the four shapes). With --onnx, seed 0's faith
 ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement).
 
     python benchmarks/downstream.py [--cases 2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 800] [--teacher-steps 3000]
-                                    [--threads 2] [--onnx] [--out DIR]
+                                    [--jobs 1] [--threads 2] [--onnx] [--out DIR]
+
+--jobs N runs N worker processes, each taking one family and seed at a time (with --threads threads); on a 2-core CPU
+`--jobs 2 --threads 1` does the work in about half the time of one two-thread process.
 
 Prints a table per family (mean +- standard deviation over the seeds) and a verdict table: SiNGER faithful minus
 FitNet per probe, and whether the difference exceeds the seeds' spread (the larger of the two standard deviations).
@@ -25,9 +28,12 @@ FitNet per probe, and whether the difference exceeds the seeds' spread (the larg
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +43,7 @@ from compare_planted import ADAPTER_LR, CASES, LAYERS, _student
 from singer_deploy.config import PlantedTraining, SingerConfig, TrainConfig
 from singer_deploy.evaluation.probes import evaluate_backbone
 from singer_deploy.evaluation.study import probe_columns, runner_probe_agreement
-from singer_deploy.models.data import SyntheticShapes
+from singer_deploy.models.data import InMemory, SyntheticShapes
 from singer_deploy.models.planted_training import fit_shapes_task, planted_teacher
 from singer_deploy.train.loop import distill
 
@@ -55,33 +61,54 @@ def probe(backbone, held_out, layer: int, seed: int) -> dict[str, float]:
     return {key: columns[key] for key in PROBES}
 
 
-def distilled_students(planted, seed: int, steps: int, train_images: SyntheticShapes, held_out: SyntheticShapes,
-                       out: Path, onnx: bool) -> dict[str, dict[str, float]]:
-    """Probe scores of every distilled student of one seed (module docstring)."""
-    train = TrainConfig(steps=steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR, seed=seed, log_every=steps,
-                        checkpoint_every=steps)
+@functools.cache
+def images(share: float, n: int, seed: int) -> InMemory:
+    """The SyntheticShapes images of one artifact share, rendered once per process (InMemory)."""
+    return InMemory(SyntheticShapes(n, 64, 8, flat_share=share, seed=seed))
+
+
+@functools.cache
+def teacher(key: str, teacher_steps: int):
+    """The family's trained planted teacher (from the cache once main() has trained it)."""
+    case = CASES[key]
+    return planted_teacher(replace(case, training=PlantedTraining(steps=teacher_steps)).planted())
+
+
+def distilled_students(key: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Probe scores of every distilled student of one family and seed (module docstring)."""
+    share, planted = CASES[key].share, teacher(key, args.teacher_steps)
+    train_images, held_out = images(share, args.train_images, 0), images(share, args.held_out, HELD_OUT_SEED)
+    out = args.out / key / f"seed{seed}"
+    train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR, seed=seed,
+                        log_every=args.steps, checkpoint_every=args.steps)
     rows = {}
     for name, (method, singer) in STUDENTS.items():
         torch.manual_seed(seed)
         result = distill(planted.backbone, _student(), train_images, out / name.replace(" ", "-"),
                          layers=[LAYERS[0]], singer=singer, train=replace(train, method=method), progress=False)
         rows[name] = probe(result.student, held_out, -1, seed)
-        if onnx and name == "singer faithful" and seed == 0:
+        if args.onnx and name == "singer faithful" and seed == 0:
             for runner in runner_probe_agreement(result.student, held_out, out / "onnx", formats=("onnx",),
                                                  seed=seed):
                 rows[f"singer faithful seed 0, {runner['runner']}"] = {key: runner[key] for key in PROBES}
     return rows
 
 
-def scratch_student(seed: int, steps: int, train_images: SyntheticShapes, held_out: SyntheticShapes,
-                    recipe: PlantedTraining) -> dict[str, float]:
+def scratch_student(share: float, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """The floor: the student trained on the task's labels with the teacher recipe's optimiser settings. It depends on
     the images, not on the teacher, so main() trains it once per seed and artifact share."""
+    recipe = PlantedTraining(steps=args.teacher_steps)
     torch.manual_seed(seed)
     scratch = _student()
-    fit_shapes_task(scratch, train_images, steps=steps, batch_size=32, lr=recipe.lr,
-                    weight_decay=recipe.weight_decay, seed=seed)
-    return probe(scratch, held_out, -1, seed)
+    fit_shapes_task(scratch, SyntheticShapes(args.train_images, 64, 8, flat_share=share, seed=0), steps=args.steps,
+                    batch_size=32, lr=recipe.lr, weight_decay=recipe.weight_decay, seed=seed)
+    return probe(scratch, images(share, args.held_out, HELD_OUT_SEED), -1, seed)
+
+
+def teacher_probe(key: str, args: argparse.Namespace) -> dict[str, float]:
+    planted = teacher(key, args.teacher_steps)
+    return probe(planted.backbone, images(CASES[key].share, args.held_out, HELD_OUT_SEED),
+                 planted.config.depth - 1, 0)
 
 
 def main() -> None:
@@ -92,36 +119,39 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=3000, help="PlantedTraining steps of the teacher")
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running one family and seed "
+                        "at a time with --threads threads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--onnx", action="store_true", help="also probe seed 0's faithful student through ONNX")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = args.out or Path(tempfile.mkdtemp(prefix="downstream-"))
+    keys = args.cases.split(",")
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="downstream-"))
     started = time.perf_counter()
-    verdicts, floors = [], {}
-    for key in args.cases.split(","):
-        case = CASES[key]
-        recipe = PlantedTraining(steps=args.teacher_steps)
-        planted = planted_teacher(replace(case, training=recipe).planted())
-        train_images = SyntheticShapes(args.train_images, 64, 8, flat_share=case.share, seed=0)
-        held_out = SyntheticShapes(args.held_out, 64, 8, flat_share=case.share, seed=HELD_OUT_SEED)
-        per_seed = []
-        for seed in seeds:
-            rows = distilled_students(planted, seed, args.steps, train_images, held_out, out / key / f"seed{seed}",
-                                      args.onnx)
-            if (seed, case.share) not in floors:
-                floors[seed, case.share] = scratch_student(seed, args.steps, train_images, held_out, recipe)
-            per_seed.append({**rows, "scratch (task labels)": floors[seed, case.share]})
-        teacher = probe(planted.backbone, held_out, planted.config.depth - 1, 0)
-        print(f"\n{case.label} ({time.perf_counter() - started:.0f} s so far)\n")
-        _print_family(teacher, per_seed)
-        verdicts += _verdicts(case.label, per_seed)
-        print(flush=True)
+    # Teachers one at a time here, so no two workers train the same one; the workers read them from the cache.
+    for key in keys:
+        teacher(key, args.teacher_steps)
+    # Processes, not threads: a 4-block, width-64 student's matrix products are too small to share between cores
+    # (docs/results.md, "Downstream"). forkserver: see train/feed.py step_batches on forking a threaded process.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("forkserver"),
+                             initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        students = {(key, seed): pool.submit(distilled_students, key, seed, args) for key in keys for seed in seeds}
+        floors = {(share, seed): pool.submit(scratch_student, share, seed, args)
+                  for share in dict.fromkeys(CASES[key].share for key in keys) for seed in seeds}
+        teachers = {key: pool.submit(teacher_probe, key, args) for key in keys}
+        verdicts = []
+        for key in keys:
+            floor = {seed: floors[CASES[key].share, seed].result() for seed in seeds}
+            per_seed = [{**students[key, seed].result(), "scratch (task labels)": floor[seed]} for seed in seeds]
+            print(f"\n{CASES[key].label} ({time.perf_counter() - started:.0f} s so far)\n")
+            _print_family(teachers[key].result(), per_seed)
+            verdicts += _verdicts(CASES[key].label, per_seed)
+            print(flush=True)
     print(f"\nSiNGER faithful vs FitNet ({len(seeds)} seeds, {args.steps} steps; spread = the larger standard deviation)\n")
     _print_rows(verdicts)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s ({args.jobs} worker process(es) x {args.threads} thread(s))")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

@@ -172,6 +172,18 @@ def test_run_block_rows_runs_the_whole_block_where_the_rows_path_disagrees(monke
     assert backbone.run_block_rows(tokens, 1, torch.zeros_like(rows)).shape == (0, 48)
 
 
+def test_run_block_rows_at_every_row_is_the_whole_block(monkeypatch):
+    """Every token re-run (a whole-context counterfactual): the block itself, in the order of rows.nonzero(), not
+    the row path's gathers."""
+    from singer_deploy.models import block_rows
+    backbone = load_backbone("vit_tiny_patch16_224", **TINY)
+    monkeypatch.setattr(block_rows, "block_rows", lambda *args: pytest.fail("the row path ran"))
+    tokens = backbone.forward_taps(torch.randn(2, 3, 32, 32), [0])[0]
+    rows = torch.ones(tokens.shape[:2], dtype=torch.bool)
+    whole = backbone.model.blocks[1](tokens)
+    torch.testing.assert_close(backbone.run_block_rows(tokens, 1, rows), whole[rows], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "init_values": 0.1, "qkv_bias": False}])
 def test_run_block_rows_reuses_the_keys_and_values_recorded_on_the_raw_stream(kwargs):
     """The counterfactual stream differs from the raw one at the rows only: with the raw forward's keys and values

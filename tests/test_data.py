@@ -5,8 +5,8 @@ from PIL import Image
 import torch
 
 from singer_deploy.models.backbone import load_backbone
-from singer_deploy.models.data import (ImageFolder, SkippedImages, SyntheticShapes, bundled_photos, default_crop_pct,
-                                       image_transform)
+from singer_deploy.models.data import (ImageFolder, InMemory, SkippedImages, SyntheticShapes, bundled_photos,
+                                       default_crop_pct, image_transform)
 from singer_deploy.errors import DataError
 
 
@@ -17,6 +17,16 @@ def test_synthetic_is_deterministic_and_has_ground_truth():
     assert np.array_equal(item["image"].numpy(), b[2]["image"].numpy())
     assert 0 <= item["label"] < 4 and item["fg_mask"].any()
     assert not np.array_equal(a[0]["image"].numpy(), SyntheticShapes(4, seed=8)[0]["image"].numpy())
+
+
+def test_in_memory_keeps_each_item_as_read_once(monkeypatch):
+    source = SyntheticShapes(3, seed=7)
+    kept = InMemory(source)
+    expected = [source[i] for i in range(3)]
+    monkeypatch.setattr(SyntheticShapes, "render", lambda *_: pytest.fail("an InMemory item was rendered again"))
+    assert len(kept) == 3
+    assert all(torch.equal(kept[i]["image"], expected[i]["image"]) and kept[i]["label"] == expected[i]["label"]
+               for i in range(3))
 
 
 @pytest.mark.parametrize("share, per_image", [(0.02, 1), (0.08, 5)])

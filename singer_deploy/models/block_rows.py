@@ -50,6 +50,8 @@ class RowRunner:
         block = self.blocks[index]
         if not rows.any():
             return tokens[rows]
+        if rows.all():      # every token (a whole-context counterfactual): the block itself, without the row gathers
+            return block(tokens).flatten(0, 1)
         if self.rows_path.get(index, False):
             return block_rows(block, tokens, rows, keys_values)
         whole = block(tokens)[rows]

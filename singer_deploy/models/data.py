@@ -138,6 +138,22 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.nda
     return colour_a[None, None, :] * mix[..., None] + colour_b[None, None, :] * (1 - mix[..., None])
 
 
+class InMemory(Dataset):
+    """Every item of `data`, read once and kept. For a small data set read over many epochs whose items cost more to
+    make than to keep: SyntheticShapes renders an image on every read (0.75 ms at 64 px), which was a quarter of a
+    FitNet step of benchmarks/downstream.py (docs/results.md, "Downstream"). Items must not depend on the RNG state
+    at read time (train/feed.py seeds it per read; SyntheticShapes items depend on their index only)."""
+
+    def __init__(self, data: Dataset):
+        self.items = [data[index] for index in range(len(data))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
 def image_array(items, indices: Sequence[int] | None = None) -> np.ndarray:
     """Images of the given items as one (B, C, H, W) array: the one place where dataset items become arrays.
 
