@@ -81,7 +81,7 @@ def distilled_students(key: str, seed: int, args: argparse.Namespace) -> dict[st
     out = args.out / key / f"seed{seed}"
     train = TrainConfig(steps=args.steps, batch_size=32, lr=3e-3, adapter_lr=ADAPTER_LR, seed=seed,
                         log_every=args.steps, checkpoint_every=args.steps)
-    rows = {}
+    rows, started = {}, time.perf_counter()
     for name, (method, singer) in STUDENTS.items():
         torch.manual_seed(seed)
         result = distill(planted.backbone, _student(), train_images, out / name.replace(" ", "-"),
@@ -90,7 +90,8 @@ def distilled_students(key: str, seed: int, args: argparse.Namespace) -> dict[st
         if args.onnx and name == "singer faithful" and seed == 0:
             for runner in runner_probe_agreement(result.student, held_out, out / "onnx", formats=("onnx",),
                                                  seed=seed):
-                rows[f"singer faithful seed 0, {runner['runner']}"] = {key: runner[key] for key in PROBES}
+                rows[f"singer faithful seed 0, {runner['runner']}"] = {column: runner[column] for column in PROBES}
+    print(f"  {CASES[key].label}, seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return rows
 
 
