@@ -83,7 +83,7 @@ class Case:
         kind = {"second_layer": "two mechanisms", "grow_blocks": "grown", "varying_dims": "image-dependent"}
         name = next((kind[key] for key in self.family if key in kind), self.trigger)
         strength = f", {self.family['rho']:g}x" if "rho" in self.family else ""
-        return f"{self.share:.0%} {name}" + ("" if self.u_in_null else ", u outside N") + strength
+        return f"{self.share * 100:g}% {name}" + ("" if self.u_in_null else ", u outside N") + strength
 
     def planted(self) -> PlantedConfig:
         training = PlantedTraining() if self.training is None else replace(self.training, flat_share=self.share)

@@ -12,7 +12,11 @@ scores that has artifact tokens only above it, and the widest with content only 
 before it. --trained STEPS runs the teachers trained on the shapes task (cached; docs/planted_teacher.md).
 
     python benchmarks/planted_selection.py [--cases 8c,2c,...] [--rhos 2.5,3,5,10] [--estimate-images 256]
-                                           [--trained STEPS]
+                                           [--trained STEPS] [--share S] [--img-size PX]
+
+--share S gives every case S of the patches (flat patches per image, or the position share) instead of its own 8% or
+2%: the selection is asked to hold from 0.5% to 10%. At 64 px (64 patches) one flat patch an image is 1.6%;
+--img-size 128 builds the untrained teachers at 128 px (256 patches), where one is 0.4%.
 """
 
 from __future__ import annotations
@@ -62,19 +66,28 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--trained", type=int, default=0, metavar="STEPS",
                         help="teachers trained on the shapes task for STEPS steps (cached); 0 = untrained")
+    parser.add_argument("--share", type=float, default=None, help="the artifact share of every case (module doc)")
+    parser.add_argument("--img-size", type=int, default=None, help="untrained teachers' image size (module doc)")
     args = parser.parse_args()
+    if args.img_size and args.trained:
+        parser.error("--img-size builds untrained teachers; the trained ones are trained at 64 px")
     rhos = [float(r) for r in (args.rhos or ("" if args.trained else "2.5,3,5,10")).split(",") if r] or [None]
     print("| case | rho | layer | precision | recall | share (true) | strength | threshold | writers | clean twin share"
           " | write gap: artifacts / content |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in args.cases.split(","):
         case = ALL_CASES[key].trained(args.trained)
+        if args.share is not None:      # a family's label follows its share; a named combination's gets it added
+            named = case.name and f"{case.name}, {args.share * 100:g}% of the patches"
+            case = replace(case, share=args.share, name=named)
         for rho in rhos:
             config = case.planted() if rho is None else replace(case.planted(), rho=rho)
+            config = config if args.img_size is None else replace(config, img_size=args.img_size)
             planted = planted_teacher(config)
             rho = config.rho
-            train = stack_images(SyntheticShapes(args.estimate_images, 64, 8, flat_share=case.share, seed=0))
-            held = stack_images(SyntheticShapes(args.eval_images, 64, 8, flat_share=case.share, seed=1))
+            train, held = (stack_images(SyntheticShapes(n, config.img_size, config.patch_size, flat_share=case.share,
+                                                        seed=seed))
+                           for n, seed in ((args.estimate_images, 0), (args.eval_images, 1)))
             truth_at = planted_mask(planted)
             found = estimate_artifact_subspaces(planted.backbone, train.split(32), LAYERS, None, max_rank=RANK)
             clean = estimate_artifact_subspaces(planted.clean, train.split(32), LAYERS, None, max_rank=RANK)
