@@ -325,7 +325,7 @@ def distill_part(cases: list[Case], steps: int, settings: list[str], out: Path) 
                                      **row})
             print(f"  done: {case.label}, {name}", flush=True)
     print(f"\nSiNGER vs FitNet with the student ({steps} steps; projected student targets: art/normal <= 1.5, "
-          "normal cos >= FitNet's + 0.02)\n")
+          "normal cos not below FitNet's)\n")
     _print_table(rows, lead=("case", "layer", "setting", "source"))
 
 
