@@ -1,6 +1,8 @@
 """The DataLoader input pipeline: batches (augmentation included) depend only on (seed, step, rank), whatever the
 number of workers and wherever a run resumes; a run killed mid-training with workers resumes bit-exactly."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,16 @@ def test_augmented_batches_depend_only_on_the_step(folder):
     seeded = _Seeded(folder, seed=5)
     assert torch.equal(seeded[(0, 0)]["image"], seeded[(0, 0)]["image"])
     assert not torch.equal(seeded[(0, 0)]["image"], seeded[(0, 24)]["image"])
+
+
+def test_an_item_is_read_under_the_seed_of_its_stream_position(folder):
+    """The seed is (seed, position) on the CPU generator: the same item torch.manual_seed(that seed) gives, so the
+    batches of earlier releases are unchanged."""
+    torch.manual_seed(5 * 1_000_003 + 7)
+    random.seed(5 * 1_000_003 + 7)
+    expected = folder[3]["image"]
+    torch.manual_seed(0)
+    assert torch.equal(_Seeded(folder, seed=5)[(3, 7)]["image"], expected)
 
 
 def test_killed_run_with_dataloader_workers_resumes_to_the_same_weights(folder, tmp_path):
