@@ -4,7 +4,8 @@ Teacher: the planted ViT-L/14-depth teacher (PlantedConfig preset "vit_l14": 24 
 LayerScale, 224 px, 256 patch tokens; artifacts written at block 10, or over blocks 10-12 with --grown) on synthetic
 images with 2% flat patches (where its artifacts land). Student: ViT-S/14 (timm vit_small_patch14_dinov2 at 224 px,
 random weights). Distilled layers [17] + the last (23), batch 8, AdamW, what distill() runs per step (train_step):
-  faithful   the default SiNGER step (preset "faithful": the counterfactual L_out target, L_info on normal tokens)
+  faithful   the default SiNGER step (preset "faithful": the counterfactual L_out target, L_info on normal tokens;
+             with --no-last-block-info, without the next-block term at the last layer)
   fitnet     the raw-target step (method "fitnet") on the same teacher and student
 The two take turns (bench_distill._time_interleaved), so load from other processes hits both alike; each figure is
 the median of --steps steps after --warmup. Also timed: building the teacher, and the one-time subspace estimate
@@ -15,8 +16,12 @@ Peak memory: the process's peak resident set (CPU) or torch's peak allocation (C
 With --profile, one more step of each method runs under cProfile and the script prints where its time goes (STEP_PARTS:
 the teacher and student forwards, SiNGER's L_info teacher block runs, the counterfactual targets, the adapters, the
 backward pass, the optimizer), before the ratio line. On CUDA the parts are launch times, not device times.
+With --flops, one more step of each method runs under torch's FlopCounterMode (matrix products and attention,
+forward and backward) and the script prints their ratio: the step-time ratio a device would reach if the step's time
+were all arithmetic, whatever the implementation of the same losses.
 
     python benchmarks/bench_method_scale.py [--steps 5] [--warmup 1] [--batch 8] [--grown] [--threads N] [--profile]
+                                            [--flops] [--no-last-block-info]
 
 The last line is `faithful/fitnet step time: R`.
 """
@@ -30,6 +35,8 @@ import resource
 import time
 
 import torch
+from torch.ops import aten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from bench_distill import _device_name, _sync, _time_interleaved, distill_step_call
 
 from singer_deploy.config import SingerConfig, planted_preset
@@ -69,12 +76,12 @@ def main() -> None:
                                           flat_share=FLAT_SHARE, seed=0)).to(device)
     teacher_layers = resolve_teacher_layers(LAYERS, teacher.depth)
     batch = images[:args.batch]
-    steps = {}
+    steps, singer = {}, SingerConfig(last_block_info=not args.no_last_block_info)
     for method in ("singer", "fitnet"):
         torch.manual_seed(0)
         student = load_backbone(STUDENT, img_size=config.img_size)
         student_layers = map_layers(teacher_layers, teacher.depth, student.depth, force_last=True)
-        steps[method] = distill_step_call(teacher, student, teacher_layers, student_layers, SingerConfig(), method,
+        steps[method] = distill_step_call(teacher, student, teacher_layers, student_layers, singer, method,
                                           batch, precision)
     module = steps["singer"][0]
     began, cpu_began = time.perf_counter(), time.process_time()
@@ -85,10 +92,11 @@ def main() -> None:
     _sync(device)
     estimate_s, estimate_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
     module.singer_loss.subspaces = subspaces
+    variant = "; faithful without the last layer's next-block term" if args.no_last_block_info else ""
     print(f"{_device_name(device)}, torch {torch.__version__}, precision {precision}; planted vit_l14"
           f"{' grown (blocks 10-12)' if args.grown else ' (block 10)'} -> {STUDENT}, 224 px, layers "
           f"{teacher_layers}, batch {args.batch}, {FLAT_SHARE:.0%} flat patches; median of {args.steps} steps each "
-          f"after {args.warmup} warm-up", flush=True)
+          f"after {args.warmup} warm-up{variant}", flush=True)
     for layer, found in subspaces.items():
         print(f"  subspace of layer {layer}: {found.describe() if found else 'none'}")
     if device.type == "cuda":
@@ -104,6 +112,11 @@ def main() -> None:
     print(f"peak memory              {_peak_gib(device):8.2f} GiB ({kind})")
     if args.profile:
         _print_step_parts({"faithful": steps["singer"][1], "fitnet": steps["fitnet"][1]}, device)
+    if args.flops:
+        faithful_flops, fitnet_flops = (_step_flops(steps[method][1]) for method in ("singer", "fitnet"))
+        print(f"faithful SiNGER step     {faithful_flops / 1e12:8.2f} TFLOP (matrix products and attention)")
+        print(f"FitNet step              {fitnet_flops / 1e12:8.2f} TFLOP")
+        print(f"faithful/fitnet arithmetic: {faithful_flops / fitnet_flops:.2f}")
     print(f"faithful/fitnet step time: {faithful_ms / fitnet_ms:.2f}")
 
 
@@ -123,6 +136,20 @@ def _print_step_parts(calls: dict, device: torch.device) -> None:
                  for _, stats in spent.values()]
         print(f"  {label:<29}" + "  ".join(f"{cell:8.2f}s" for cell in cells))
     print(f"  {'whole step':<29}" + "  ".join(f"{wall:8.2f}s" for wall, _ in spent.values()))
+
+
+def _step_flops(call) -> int:
+    """Floating-point operations of one step as torch counts them (FlopCounterMode: matrix products, convolutions
+    and attention; element-wise work is not counted). torch's table has no entry for the CPU's fused attention, so
+    it is counted with the formulas of the CUDA kernels computing the same products."""
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *_, **__: sdpa_flop_count(query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad_out, query, key, value, *_, **__: sdpa_backward_flop_count(grad_out, query, key, value)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        call()
+    return counter.get_total_flops()
 
 
 def _precision(device: torch.device) -> str:
@@ -148,6 +175,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--grown", action="store_true", help="the grown variant (writers at blocks 10, 11, 12)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print where one step of each method goes")
+    parser.add_argument("--no-last-block-info", action="store_true",
+                        help="the faithful step without the last layer's next-block term (docs/results.md, "
+                             "\"The arithmetic floor\")")
+    parser.add_argument("--flops", action="store_true", help="also count one step's arithmetic per method")
     return parser.parse_args()
 
 
