@@ -1,7 +1,7 @@
 """Does SiNGER give a better student than a plain distillation? Downstream probes on planted teachers that know the
 shapes task (docs/results.md, "Downstream: students of trained teachers").
 
-Per planted family (compare_planted.py's --cases; default the five families at 2%): the teacher trained by
+Per planted family (compare_planted.py's --cases; default all ten, five families at 8% and 2%): the teacher trained by
 PlantedTraining(--teacher-steps) (trained once per machine, then read from the cache), then per seed the same
 student (compare_planted's ViT: 4 blocks, width 64; same initial weights for every method of a seed), distilled on
 the same images for the same steps:
@@ -15,11 +15,11 @@ on the other 25%): linear image class from CLS and from the mean patch token, co
 per-patch class mIoU (background + the four shapes). With --onnx, seed 0's faithful student is also exported to
 ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement).
 
-    python benchmarks/downstream.py [--cases 2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 800] [--teacher-steps 3000]
-                                    [--jobs 1] [--threads 2] [--onnx] [--out DIR]
+    python benchmarks/downstream.py [--cases 8c,8p,8two,8g,8v,2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 400]
+                                    [--teacher-steps 3000] [--jobs 2] [--threads 1] [--onnx] [--out DIR]
 
 --jobs N runs N worker processes, each taking one family and seed at a time (with --threads threads); on a 2-core CPU
-`--jobs 2 --threads 1` does the work in about half the time of one two-thread process.
+the default `--jobs 2 --threads 1` does the work in about half the time of one two-thread process.
 
 Prints a table per family (mean +- standard deviation over the seeds) and a verdict table: SiNGER faithful minus
 FitNet per probe, and whether the difference exceeds the seeds' spread (the larger of the two standard deviations).
@@ -53,7 +53,7 @@ PROBES = {"linear_acc": "linear CLS", "linear_pooled_acc": "linear mean-patch", 
           "miou": "dense mIoU"}
 STUDENTS = {"fitnet": ("fitnet", None), "singer faithful": ("singer", SingerConfig()),
             "singer published": ("singer", SingerConfig(preset="published"))}
-DEFAULT_CASES = "2c,2p,2two,2g,2v"
+DEFAULT_CASES = "8c,8p,8two,8g,8v,2c,2p,2two,2g,2v"
 
 
 def probe(backbone, held_out, layer: int, seed: int) -> dict[str, float]:
@@ -116,13 +116,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=800, help="distillation (and scratch) steps of batch 32")
+    parser.add_argument("--steps", type=int, default=400, help="distillation (and scratch) steps of batch 32")
     parser.add_argument("--teacher-steps", type=int, default=3000, help="PlantedTraining steps of the teacher")
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--held-out", type=int, default=512)
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running one family and seed "
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, each running one family and seed "
                         "at a time with --threads threads")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--onnx", action="store_true", help="also probe seed 0's faithful student through ONNX")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
