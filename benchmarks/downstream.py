@@ -15,7 +15,7 @@ on the other 25%): linear image class from CLS and from the mean patch token, co
 per-patch class mIoU (background + the four shapes). With --onnx, seed 0's faithful student is also exported to
 ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement).
 
-    python benchmarks/downstream.py [--cases 8c,8p,8two,8g,8v,2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 400]
+    python benchmarks/downstream.py [--cases 8c,8p,8two,8g,8v,2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 600]
                                     [--teacher-steps 3000] [--jobs 2] [--threads 1] [--onnx] [--out DIR]
 
 --jobs N runs N worker processes, each taking one family and seed at a time (with --threads threads); on a 2-core CPU
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=400, help="distillation (and scratch) steps of batch 32")
+    parser.add_argument("--steps", type=int, default=600, help="distillation (and scratch) steps of batch 32")
     parser.add_argument("--teacher-steps", type=int, default=3000, help="PlantedTraining steps of the teacher")
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--held-out", type=int, default=512)
