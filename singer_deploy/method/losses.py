@@ -137,11 +137,11 @@ def _masked_mse(a: Tensor, b: Tensor, keep: Tensor) -> Tensor:
 class SingerLoss:
     """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
 
-    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, depth when `last_block_info`
-    is on, run_block_rows for the "subspace" target); it is used, not owned, so this is a plain callable and never
-    adds teacher parameters anywhere. `aligner` selects the L_kd tokens of the teacher (CLS when both models have
-    one, never registers). With outlier_target "quantile" the raw teacher
-    patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
+    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, run_block_rows for the
+    "subspace" target); it is used, not owned, so this is a plain callable and never adds teacher parameters
+    anywhere. `aligner` selects the L_kd tokens of the teacher (CLS when both models have one, never registers). With
+    outlier_target "quantile" the raw teacher patches of the first `trap_check_batches` calls are checked for the
+    quantile trap; results in `trap_checks`.
     outlier_target "subspace" needs `subspaces` (method.artifact_subspace.estimate_artifact_subspaces), given
     here or set before the first call.
     """
@@ -190,12 +190,6 @@ class SingerLoss:
                 gram_keep = None if keep[layer] is None else keep[layer][:, p:] & keep[reference_layer][:, p:]
                 terms[f"info@{layer}"] = gram_info_loss(refined[layer][:, p:],
                                                         self._gram_reference(refined, raw)[:, p:], gram_keep)
-                # No block reads the teacher's last block; its normal tokens are held to the raw ones by the
-                # subspace L_out target. Its own block as a stand-in reader cost three block passes a step and kept
-                # the artifact tokens further from the clean twin (docs/results.md, "Last-layer term").
-                if cfg.last_block_info and layer + 1 < self.backbone.depth:
-                    terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(layer, refined, raw,
-                                                                                       keep[layer], target)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
