@@ -4,7 +4,8 @@ Teacher: the planted ViT-L/14-depth teacher (PlantedConfig preset "vit_l14": 24 
 LayerScale, 224 px, 256 patch tokens; artifacts written at block 10, or over blocks 10-12 with --grown) on synthetic
 images with 2% flat patches (where its artifacts land). Student: ViT-S/14 (timm vit_small_patch14_dinov2 at 224 px,
 random weights). Distilled layers [17] + the last (23), batch 8, AdamW, what distill() runs per step (train_step):
-  faithful   the default SiNGER step (preset "faithful": the counterfactual L_out target, L_info on normal tokens)
+  faithful   the default SiNGER step (preset "faithful": the counterfactual L_out target, L_info on normal tokens;
+             with --no-last-block-info, without the next-block term at the last layer)
   fitnet     the raw-target step (method "fitnet") on the same teacher and student
 The two take turns (bench_distill._time_interleaved), so load from other processes hits both alike; each figure is
 the median of --steps steps after --warmup. Also timed: building the teacher, and the one-time subspace estimate
@@ -20,7 +21,7 @@ forward and backward) and the script prints their ratio: the step-time ratio a d
 were all arithmetic, whatever the implementation of the same losses.
 
     python benchmarks/bench_method_scale.py [--steps 5] [--warmup 1] [--batch 8] [--grown] [--threads N] [--profile]
-                                            [--flops]
+                                            [--flops] [--no-last-block-info]
 
 The last line is `faithful/fitnet step time: R`.
 """
@@ -75,7 +76,7 @@ def main() -> None:
                                           flat_share=FLAT_SHARE, seed=0)).to(device)
     teacher_layers = resolve_teacher_layers(LAYERS, teacher.depth)
     batch = images[:args.batch]
-    steps, singer = {}, SingerConfig()
+    steps, singer = {}, SingerConfig(last_block_info=not args.no_last_block_info)
     for method in ("singer", "fitnet"):
         torch.manual_seed(0)
         student = load_backbone(STUDENT, img_size=config.img_size)
@@ -91,10 +92,11 @@ def main() -> None:
     _sync(device)
     estimate_s, estimate_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
     module.singer_loss.subspaces = subspaces
+    variant = "; faithful without the last layer's next-block term" if args.no_last_block_info else ""
     print(f"{_device_name(device)}, torch {torch.__version__}, precision {precision}; planted vit_l14"
           f"{' grown (blocks 10-12)' if args.grown else ' (block 10)'} -> {STUDENT}, 224 px, layers "
           f"{teacher_layers}, batch {args.batch}, {FLAT_SHARE:.0%} flat patches; median of {args.steps} steps each "
-          f"after {args.warmup} warm-up", flush=True)
+          f"after {args.warmup} warm-up{variant}", flush=True)
     for layer, found in subspaces.items():
         print(f"  subspace of layer {layer}: {found.describe() if found else 'none'}")
     if device.type == "cuda":
@@ -173,6 +175,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--grown", action="store_true", help="the grown variant (writers at blocks 10, 11, 12)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print where one step of each method goes")
+    parser.add_argument("--no-last-block-info", action="store_true",
+                        help="the faithful step without the last layer's next-block term (docs/results.md, "
+                             "\"The arithmetic floor\")")
     parser.add_argument("--flops", action="store_true", help="also count one step's arithmetic per method")
     return parser.parse_args()
 

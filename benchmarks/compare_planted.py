@@ -28,7 +28,7 @@ Part "distill" (slow): SiNGER (the --distill-settings) vs FitNet with the studen
 (evaluation.study.compare_methods), per layer: the refined target and the projected student.
 
     python benchmarks/compare_planted.py [--part refine|distill|all] [--steps 300] [--cases 8c,2c,...|8mix,...]
-                                         [--settings published,faithful,refined-stream]
+                                         [--settings published,faithful,refined-stream,no-last-block-info]
                                          [--n-eval 128] [--out DIR]
                                          [--inits nullspace,random,zero,remove,subspace | none] [--ablation-cases 8c,2c]
                                          [--distill-settings faithful] [--seed 0]
@@ -139,6 +139,9 @@ ALL_CASES = {**CASES, **COMBINATIONS, **WEAK, **REAL_SIZE}
 # L_info only), so the published row differs from the published preset in that one respect.
 SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_target=True),
             "faithful": SingerConfig(rank=RANK), "refined-stream": SingerConfig(rank=RANK, stream="refined")}
+# Not run unless named: the faithful default without the last layer's next-block term, the loss change that would
+# bring the step at ViT-L depth under 1.15x FitNet's arithmetic (docs/results.md, "The arithmetic floor").
+EXPERIMENTS = {"no-last-block-info": SingerConfig(rank=RANK, last_block_info=False)}
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove", "subspace")
 KEYS = (("artifact_ratio", "art/normal"), ("artifact_cos_clean", "art cos clean"), ("hnr_4", "HNR_4"),
@@ -380,7 +383,7 @@ def main() -> None:
     cases = [ALL_CASES[key].trained(args.trained) for key in args.cases.split(",")]
     if args.part in ("refine", "all"):
         inits = [] if args.inits == "none" else args.inits.split(",")
-        settings = {name: SETTINGS[name] for name in args.settings.split(",") if name != "none"}
+        settings = {name: {**SETTINGS, **EXPERIMENTS}[name] for name in args.settings.split(",") if name != "none"}
         refine_part(cases, args.steps, settings, inits, [CASES[key] for key in args.ablation_cases.split(",")],
                     args.n_eval, args.n_train, args.batch, args.with_target, args.seed)
     if args.part in ("distill", "all"):

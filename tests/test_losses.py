@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from singer_deploy.method.alignment import TokenAligner, TokenLayout
 from singer_deploy.method.artifact_subspace import ArtifactSubspace
 from singer_deploy.method.losses import (SingerLoss, carry_selection, check_quantile_trap, gram_info_loss, kd_loss,
                                   next_block_info_loss, outlier_loss)
+from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 
 
@@ -158,8 +161,7 @@ def test_single_layer_uses_paper_gram(tiny_teacher):
     layout = TokenLayout.of(tiny_teacher)
     raw = _taps(tiny_teacher, [2])
     refined = {2: refiner(2, raw[2])}
-    loss = SingerLoss(SingerConfig(preset="published", rank=4), [2], tiny_teacher, TokenAligner(layout, layout))
-    terms = loss(refined, refined, raw)
+    terms = SingerLoss(SingerConfig(preset="published", rank=4), [2], tiny_teacher, TokenAligner(layout, layout))(refined, refined, raw)
     assert terms["kd"].item() == 0.0
     assert terms["info"].item() == pytest.approx(gram_info_loss(refined[2][:, 1:], raw[2][:, 1:]).item())
 
@@ -175,30 +177,38 @@ class _ScalingTeacher:
         return tokens
 
 
-def test_the_final_layer_is_held_by_the_gram_term_and_the_others_by_their_next_block():
-    # One image, CLS + 2 patches, width 2. The refined patches are 2x the raw ones: the final layer's cosine Gram term
-    # is exactly 0 (scale-invariant; the subspace L_out target holds its tokens, docs/method.md). The intermediate
-    # layer 0 is read by block 1 (gain 2): patch difference 1 per element -> MSE over 3 tokens x 2 channels
-    # = (4 elements * 2^2) / 6. No block after the final layer runs: the stand-in teacher has one block more than
-    # the layers need, and its gain would show.
-    layers = [0, 1]
+@pytest.mark.parametrize(("layers", "block_gain"), [([0, 2], 3.0), ([0, 1], 3.0)])
+def test_last_block_info_adds_the_surrogate_block_mse(layers, block_gain):
+    # One image, CLS + 2 patches, width 2. The refined patches are 2x the raw ones: the cosine Gram term is exactly
+    # 0 (scale-invariant: the blind spot this option covers). Surrogate block of the final layer: block 2 (its own
+    # block when it is the teacher's last, the next block otherwise) -> gain 3. Patch difference 1 per element:
+    # MSE over 3 tokens x 2 channels = (4 elements * 3^2) / 6 = 6. The raw taps are the teacher's: raw[1] is block 1
+    # (gain 2) of raw[0], which the intermediate layer's term reads instead of running block 1 again.
+    assert surrogate_block(2, 3) == 2 and surrogate_block(1, 3) == 2 and surrogate_block(0, 3) == 1
+    final = layers[-1]
     raw = {layer: torch.ones(1, 3, 2) * (2.0 if layer == 1 else 1.0) for layer in layers}
+    level = float(raw[final][0, 0, 0])
     refined = {layer: torch.cat([raw[layer][:, :1], 2.0 * raw[layer][:, 1:]], dim=1) for layer in layers}
     layout = TokenLayout(1, True, (1, 2))
     aligner = TokenAligner(layout, layout)
-    loss = SingerLoss(SingerConfig(preset="published", rank=1, info_variant="paper"), layers, _ScalingTeacher(),
-                      aligner)
-    terms = loss(refined, refined, raw)
-    assert terms["info@1"].item() == pytest.approx(0.0, abs=1e-6)
+    published = SingerConfig(preset="published", rank=1, info_variant="paper")
+    plain = SingerLoss(published, layers, _ScalingTeacher(), aligner)
+    held = SingerLoss(replace(published, last_block_info=True), layers, _ScalingTeacher(), aligner)
+    assert plain(refined, refined, raw)[f"info@{final}"].item() == pytest.approx(0.0, abs=1e-6)
+    terms = held(refined, refined, raw)
+    assert terms[f"info@{final}"].item() == pytest.approx(4 * (block_gain * level) ** 2 / 6, rel=1e-5)
+    # The intermediate layer is unchanged: block 1 (gain 2) -> 4 * 2^2 / 6.
     assert terms["info@0"].item() == pytest.approx(4 * 4.0 / 6, rel=1e-5)
 
 
 def test_presets_fill_what_is_left_unset():
     faithful, published = SingerConfig(), SingerConfig(preset="published")
     assert (faithful.outlier_target, faithful.info_tokens, faithful.adapter_init, faithful.detach_target,
-            faithful.info_variant, faithful.stream) == ("subspace", "normal", "subspace", True, "paper", "raw")
+            faithful.info_variant, faithful.last_block_info, faithful.stream) == ("subspace", "normal", "subspace",
+                                                                                 True, "paper", True, "raw")
     assert (published.outlier_target, published.info_tokens, published.adapter_init, published.detach_target,
-            published.info_variant, published.stream) == ("quantile", "all", "nullspace", False, "reference", "raw")
+            published.info_variant, published.last_block_info, published.stream) == ("quantile", "all", "nullspace",
+                                                                                     False, "reference", False, "raw")
     mixed = SingerConfig(preset="published", info_tokens="normal")     # an explicit value wins over the preset
     assert (mixed.outlier_target, mixed.info_tokens) == ("quantile", "normal")
     with pytest.raises(ConfigError, match="only outlier_target 'subspace' estimates"):
@@ -209,7 +219,7 @@ def test_config_validation_names_the_key():
     assert SingerConfig().rank == 64 and SingerConfig().rule == "smallest"
     for key, value in (("rank", 0), ("tau", -1.0), ("alpha", 1.0), ("w_out", float("nan")),
                        ("rule", "largest"), ("outlier_target", "mean"), ("outlier_target", "direction"),
-                       ("info_variant", "gram"), ("detach_target", "yes"),
+                       ("info_variant", "gram"), ("last_block_info", 1), ("detach_target", "yes"),
                        ("preset", "paper"), ("stream", "merged")):
         with pytest.raises(ConfigError, match=f"SingerConfig.{key}"):
             SingerConfig(**{key: value})
@@ -237,7 +247,7 @@ def test_tokens_in_the_band_below_the_selection_are_neither_held_nor_pushed():
     selected, band = subspace.token_groups(raw[2][:, 1:])
     assert selected.nonzero().tolist() == [[0, 0]] and band.nonzero().tolist() == [[0, 1]]
     aligner = TokenAligner(layout, layout)
-    loss = SingerLoss(SingerConfig(rank=4), [2], teacher, aligner, subspaces={2: subspace})
+    loss = SingerLoss(SingerConfig(rank=4, last_block_info=False), [2], teacher, aligner, subspaces={2: subspace})
 
     def terms_with(token: int) -> tuple[float, float]:
         """L_out and L_info with one patch token of image 0 moved off its raw value, every other token at it."""

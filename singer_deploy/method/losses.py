@@ -21,6 +21,7 @@ from singer_deploy.errors import ModelError
 from singer_deploy.method.alignment import TokenAligner
 from singer_deploy.method.artifact_subspace import ArtifactSubspace, subspace_loss
 from singer_deploy.method.metrics import DEFAULT_K, cosine_gram, high_norm_mask
+from singer_deploy.method.nullspace import surrogate_block
 
 # Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
 TRAP_K = DEFAULT_K
@@ -137,11 +138,11 @@ def _masked_mse(a: Tensor, b: Tensor, keep: Tensor) -> Tensor:
 class SingerLoss:
     """Combines the three terms over the distilled layers D (ascending; the last entry is the "final" layer).
 
-    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, run_block_rows for the
-    "subspace" target); it is used, not owned, so this is a plain callable and never adds teacher parameters
-    anywhere. `aligner` selects the L_kd tokens of the teacher (CLS when both models have one, never registers). With
-    outlier_target "quantile" the raw teacher patches of the first `trap_check_batches` calls are checked for the
-    quantile trap; results in `trap_checks`.
+    `backbone` is the frozen teacher (lead `Backbone`: run_blocks, num_prefix_tokens, depth when `last_block_info`
+    is on, run_block_rows for the "subspace" target); it is used, not owned, so this is a plain callable and never
+    adds teacher parameters anywhere. `aligner` selects the L_kd tokens of the teacher (CLS when both models have
+    one, never registers). With outlier_target "quantile" the raw teacher
+    patches of the first `trap_check_batches` calls are checked for the quantile trap; results in `trap_checks`.
     outlier_target "subspace" needs `subspaces` (method.artifact_subspace.estimate_artifact_subspaces), given
     here or set before the first call.
     """
@@ -184,12 +185,15 @@ class SingerLoss:
             target = self._target(layer, raw, groups[layer][0], keys_values or {})
             terms[f"out@{layer}"] = self._outlier(refined[layer][:, p:], target, *groups[layer])
             if layer != final:
-                terms[f"info@{layer}"] = self._block_info(layer, refined, raw, keep[layer], target)
+                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer], target)
             else:
                 reference_layer = self._gram_reference_layer()
                 gram_keep = None if keep[layer] is None else keep[layer][:, p:] & keep[reference_layer][:, p:]
                 terms[f"info@{layer}"] = gram_info_loss(refined[layer][:, p:],
                                                         self._gram_reference(refined, raw)[:, p:], gram_keep)
+                if cfg.last_block_info:
+                    terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(
+                        layer, surrogate_block(layer, self.backbone.depth), refined, raw, keep[layer], target)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
@@ -260,19 +264,20 @@ class SingerLoss:
         prefix = torch.zeros_like(selected[:, :self.prefix])
         return ~torch.cat([prefix, selected | band], dim=1)
 
-    def _block_info(self, layer: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
+    def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
                     keep: Tensor | None, target: Tensor | None) -> Tensor:
         """The next block's reading of the kept tokens, held to what it computes from the L_out `target` where there
         is one, else from the raw layer: a teacher whose other tokens read the artifact reads it differently once it
         is gone, and holding that reading to the raw one pulls the artifact back (docs/method.md, "Faithful
         refinement")."""
         def run(tokens: Tensor) -> Tensor:
-            return self.backbone.run_blocks(tokens, layer + 1, layer + 2)
+            return self.backbone.run_blocks(tokens, block, block + 1)
 
         if target is not None:
             return next_block_info_loss(refined[layer], target, run, keep)
-        # The raw stream's output of the next block is a tap already where the counterfactual reads it (taps_needed).
-        return next_block_info_loss(refined[layer], raw[layer], run, keep, raw.get(layer + 1))
+        # The raw stream's output of `block` is a tap already where the counterfactual reads it (taps_needed).
+        raw_out = raw.get(block) if block == layer + 1 else None
+        return next_block_info_loss(refined[layer], raw[layer], run, keep, raw_out)
 
     def _gram_reference_layer(self) -> int:
         # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.

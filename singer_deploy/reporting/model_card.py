@@ -91,7 +91,7 @@ def _kwargs(kwargs: Mapping[str, Any] | None) -> str:
 
 def _singer_settings(singer: Mapping[str, Any]) -> str:
     keys = ("preset", "rank", "tau", "rule", "alpha", "outlier_target", "select_k", "info_tokens", "adapter_init",
-            "w_kd", "w_out", "w_info", "info_variant")
+            "w_kd", "w_out", "w_info", "info_variant", "last_block_info")
     shown = {**singer, "select_k": "from the data" if singer.get("select_k") is None else singer["select_k"]}
     return ", ".join(f"{k} {shown[k]}" for k in keys if k in singer)
 

@@ -36,6 +36,7 @@ from singer_deploy.method.alignment import Projectors, TokenAligner, TokenLayout
 from singer_deploy.method.artifact_subspace import NO_CANDIDATES, ArtifactSubspace, estimate_artifact_subspaces
 from singer_deploy.method.losses import SingerLoss, kd_loss
 from singer_deploy.method.metrics import artifact_metrics
+from singer_deploy.method.nullspace import surrogate_block
 from singer_deploy.method.refine import Refiner
 from singer_deploy.train.feed import StreamSampler, step_batches
 from singer_deploy.train.checkpoint import (apply_learning_rates, check_finite_teacher, fingerprint,
@@ -78,11 +79,14 @@ class DistillStep(nn.Module):
                  student_layers: Sequence[int], singer: SingerConfig, method: str,
                  teacher_dtype: torch.dtype | None = None):
         """`teacher` is read, never moved or cast: the step holds a frozen copy truncated after the deepest block a
-        loss runs (the deepest tap; SiNGER's L_info runs the block after each shallower one) in `teacher_dtype`
-        weights (None: as given). The nullspace initialisation reads the caller's full-precision teacher."""
+        loss runs (the last tap, or the block after it for SiNGER's L_info) in `teacher_dtype` weights (None: as
+        given). The nullspace initialisation reads the caller's full-precision teacher."""
         super().__init__()
         self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
-        self.teacher = teacher.frozen_copy(max(self.teacher_layers), dtype=teacher_dtype)
+        deepest = max(self.teacher_layers)
+        if method == "singer":
+            deepest = surrogate_block(deepest, teacher.depth)
+        self.teacher = teacher.frozen_copy(deepest, dtype=teacher_dtype)
         self.student = student
         self.method = method
         aligner = TokenAligner(TokenLayout.of(student), TokenLayout.of(teacher))
@@ -227,8 +231,8 @@ def distill(teacher: Backbone, student: Backbone, data: Dataset, out_dir: str | 
 def train_step(runner: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, scheduler,
                clip_groups: Sequence[Sequence[Tensor]], grad_clip: float | None, autocast) -> dict[str, Tensor]:
     """One optimisation step (forward under autocast, backward, clip each of `clip_groups` (DistillStep.clip_groups)
-    to `grad_clip`, optimizer and scheduler step); returns the loss terms as device tensors. No host sync: nothing
-    here reads a value back. benchmarks/bench_distill.py times this very function."""
+    to `grad_clip`, optimizer and scheduler step); returns the loss terms as device tensors. No host sync: nothing here reads a value back. benchmarks/bench_distill.py times
+    this very function."""
     with autocast:
         terms = runner(images)
     optimizer.zero_grad(set_to_none=True)
