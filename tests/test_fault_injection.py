@@ -5,7 +5,9 @@ in the export folder is complete (it parses and loads): artifacts are written un
 into place (singer_deploy/io.py).
 
 Each kill waits for its phase to show on disk (the metrics log, a temporary file or folder of the write, the export
-folder), then a random extra delay (seeded), then sends SIGKILL to the real subprocess.
+folder), then a random extra delay (seeded), then sends SIGKILL to the real subprocess. A golden file is small: its
+temporary name can come and go between two polls, so the subprocess sleeps before each fsync of a write, which keeps
+every temporary file on disk for at least FSYNC_DELAY_S (the writes themselves stay the product's own).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -47,13 +48,17 @@ PHASES = [
     ("OpenVINO IR write", lambda out, left: bool(set(out.glob("export/.student_fp*.xml.*.tmp")) - left)),
     ("golden write", lambda out, left: bool(set(out.glob("export/goldens/**/.*.tmp")) - left)),
 ]
-WRITES = ("ONNX write", "OpenVINO IR write", "golden write")
 TIMEOUT_S = 600
+FSYNC_DELAY_S = 0.03   # > 10 polls of kill_in_phase
+# `python -m singer_deploy.pipeline.cli`, with every fsync (singer_deploy/io.py's writes) made FSYNC_DELAY_S slower
+SLOW_FSYNC_CLI = ("import os, runpy, time; fsync = os.fsync; "
+                  f"os.fsync = lambda fd: (time.sleep({FSYNC_DELAY_S}), fsync(fd))[1]; "
+                  "runpy.run_module('singer_deploy.pipeline.cli', run_name='__main__', alter_sys=True)")
 
 
 def start(config: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "singer_deploy.pipeline.cli", "run", str(config), "--out-dir",
-                             str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-c", SLOW_FSYNC_CLI, "run", str(config), "--out-dir", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def kill_in_phase(process: subprocess.Popen, out: Path, shows, delay_s: float) -> bool:
@@ -93,9 +98,7 @@ def test_runs_killed_at_random_points_complete_with_the_same_student(tmp_path):
     final = start(config, out)
     assert final.wait(TIMEOUT_S) == 0, final.stdout.read()
 
-    assert {"training", "export", *WRITES} <= set(killed_in), killed_in
-    if "checkpoint write" not in killed_in:
-        pytest.fail(f"no kill landed in a checkpoint write (killed in: {killed_in})")
+    assert [phase for phase, _ in PHASES] == killed_in
     expected, got = trained(tmp_path / "reference"), trained(out)
     assert expected.keys() == got.keys()
     for key in expected:
