@@ -5,7 +5,7 @@ LayerScale, 224 px, 256 patch tokens; artifacts written at block 10, or over blo
 images with 2% flat patches (where its artifacts land). Student: ViT-S/14 (timm vit_small_patch14_dinov2 at 224 px,
 random weights). Distilled layers [17] + the last (23), batch 8, AdamW, what distill() runs per step (train_step):
   faithful   the default SiNGER step (preset "faithful": the counterfactual L_out target, L_info on normal tokens;
-             with --no-last-block-info, without the next-block term at the last layer)
+             with --no-last-block-info, without the last layer's hold of its kept tokens)
   fitnet     the raw-target step (method "fitnet") on the same teacher and student
 The two take turns (bench_distill._time_interleaved), so load from other processes hits both alike; each figure is
 the median of --steps steps after --warmup. Also timed: building the teacher, and the one-time subspace estimate
@@ -92,7 +92,7 @@ def main() -> None:
     _sync(device)
     estimate_s, estimate_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
     module.singer_loss.subspaces = subspaces
-    variant = "; faithful without the last layer's next-block term" if args.no_last_block_info else ""
+    variant = "; faithful without the last layer's hold of its kept tokens" if args.no_last_block_info else ""
     print(f"{_device_name(device)}, torch {torch.__version__}, precision {precision}; planted vit_l14"
           f"{' grown (blocks 10-12)' if args.grown else ' (block 10)'} -> {STUDENT}, 224 px, layers "
           f"{teacher_layers}, batch {args.batch}, {FLAT_SHARE:.0%} flat patches; median of {args.steps} steps each "
@@ -176,8 +176,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print where one step of each method goes")
     parser.add_argument("--no-last-block-info", action="store_true",
-                        help="the faithful step without the last layer's next-block term (docs/results.md, "
-                             "\"The arithmetic floor\")")
+                        help="the faithful step without the last layer's hold of its kept tokens "
+                             "(last_block_info off; docs/method.md, \"The last layer's L_info\")")
     parser.add_argument("--flops", action="store_true", help="also count one step's arithmetic per method")
     return parser.parse_args()
 

@@ -139,8 +139,8 @@ ALL_CASES = {**CASES, **COMBINATIONS, **WEAK, **REAL_SIZE}
 # L_info only), so the published row differs from the published preset in that one respect.
 SETTINGS = {"published": SingerConfig(preset="published", rank=RANK, detach_target=True),
             "faithful": SingerConfig(rank=RANK), "refined-stream": SingerConfig(rank=RANK, stream="refined")}
-# Not run unless named: the faithful default without the last layer's next-block term, the loss change that would
-# bring the step at ViT-L depth under 1.15x FitNet's arithmetic (docs/results.md, "The arithmetic floor").
+# Not run unless named: the faithful default without the last layer's hold of its kept tokens (docs/method.md, "The
+# last layer's L_info").
 EXPERIMENTS = {"no-last-block-info": SingerConfig(rank=RANK, last_block_info=False)}
 ADAPTER_LR = 1e-2
 INITS = ("nullspace", "random", "zero", "remove", "subspace")

@@ -89,13 +89,12 @@ class SingerConfig:
     info_tokens: "all" (published) or "normal" (faithful): L_info leaves out the artifact tokens (select_k), whose raw
         value the next block's residual path would otherwise pull the refined tokens back to.
     last_block_info: (faithful: on) also hold the LAST distilled layer with the intermediate layers' term,
-        MSE(Block_s(F_hat), Block_s(F)), where s is the block whose FFN initialised that layer's adapter (the next
-        block, or the block itself for the teacher's last block, used as a surrogate reader). Added to the cosine-Gram
-        term. Deviation from the paper and the reference code (off in the published preset): the Gram term is invariant to
-        any rotation and per-token rescaling of the features, so at the last layer nothing anchors F_hat to F while
-        L_out pulls; on the planted teacher the last-layer normal-token cosine to the raw teacher fell to 0.86 with
-        the Gram term alone and stayed 0.995 with this term (HNR still 0). The paper reports cosine only for an
-        intermediate layer (0.957 at layer 17), where the next-block term already holds it.
+        MSE(Block_{l+1}(F_hat), Block_{l+1}(T)) on the kept tokens, added to the cosine-Gram term; at the teacher's
+        last block, which no block reads, the kept tokens themselves, MSE(F_hat, T) (docs/method.md, "The last
+        layer's L_info"). Deviation from the paper and the reference code (off in the published preset): the Gram
+        term is invariant to any rotation and per-token rescaling of the features, so at the last layer nothing
+        anchors F_hat to F while L_out pulls; on the planted teacher the last-layer normal-token cosine to the raw
+        teacher fell to 0.86 with the Gram term alone and stayed 0.995 with this term (HNR still 0).
     detach_target: detach the refined target in L_kd (published: False, so adapters also learn from L_kd).
     stream: what a deeper distilled layer's adapter reads. "raw" (both presets, the reference code): the teacher's
         raw block output, so every layer is refined on its own. "refined" (opt-in): the teacher's blocks run on, from

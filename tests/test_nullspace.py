@@ -11,7 +11,7 @@ from timm.layers.mlp import GatedMlp, GluMlp, SwiGLU, SwiGLUPacked
 from torch import nn
 
 from singer_deploy.errors import ConfigError, ModelError
-from singer_deploy.method.nullspace import block_nullspace, nullspace_basis, surrogate_matrix
+from singer_deploy.method.nullspace import block_nullspace, nullspace_basis, surrogate_block, surrogate_matrix
 
 
 def _matrix_with_spectrum(sigmas: list[float], seed: int = 0) -> torch.Tensor:
@@ -104,3 +104,7 @@ def test_unknown_mlp_and_bad_rank_raise():
         block_nullspace(block, 17)
     with pytest.raises(ConfigError, match="rule"):
         block_nullspace(block, 4, rule="largest")
+
+
+def test_the_surrogate_block_is_the_next_one_or_at_the_last_block_the_block_itself():
+    assert [surrogate_block(layer, 3) for layer in range(3)] == [1, 2, 2]

@@ -21,7 +21,6 @@ from singer_deploy.errors import ModelError
 from singer_deploy.method.alignment import TokenAligner
 from singer_deploy.method.artifact_subspace import ArtifactSubspace, subspace_loss
 from singer_deploy.method.metrics import DEFAULT_K, cosine_gram, high_norm_mask
-from singer_deploy.method.nullspace import surrogate_block
 
 # Token share above k x median used by the quantile-trap detector (the artifact definition of metrics.HNR_4).
 TRAP_K = DEFAULT_K
@@ -192,8 +191,9 @@ class SingerLoss:
                 terms[f"info@{layer}"] = gram_info_loss(refined[layer][:, p:],
                                                         self._gram_reference(refined, raw)[:, p:], gram_keep)
                 if cfg.last_block_info:
+                    reader = layer + 1 if layer + 1 < self.backbone.depth else None
                     terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(
-                        layer, surrogate_block(layer, self.backbone.depth), refined, raw, keep[layer], target)
+                        layer, reader, refined, raw, keep[layer], target)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
@@ -264,14 +264,15 @@ class SingerLoss:
         prefix = torch.zeros_like(selected[:, :self.prefix])
         return ~torch.cat([prefix, selected | band], dim=1)
 
-    def _block_info(self, layer: int, block: int, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
+    def _block_info(self, layer: int, block: int | None, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
                     keep: Tensor | None, target: Tensor | None) -> Tensor:
         """The next block's reading of the kept tokens, held to what it computes from the L_out `target` where there
         is one, else from the raw layer: a teacher whose other tokens read the artifact reads it differently once it
         is gone, and holding that reading to the raw one pulls the artifact back (docs/method.md, "Faithful
-        refinement")."""
+        refinement"). `block` None: the layer is the teacher's last block, which no block reads, so the kept tokens
+        themselves are held (what the student copies; docs/method.md, "The last layer's L_info")."""
         def run(tokens: Tensor) -> Tensor:
-            return self.backbone.run_blocks(tokens, block, block + 1)
+            return tokens if block is None else self.backbone.run_blocks(tokens, block, block + 1)
 
         if target is not None:
             return next_block_info_loss(refined[layer], target, run, keep)

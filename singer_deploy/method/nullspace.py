@@ -153,6 +153,6 @@ def _unknown_mlp(mlp: nn.Module) -> ModelError:
 def surrogate_block(layer: int, depth: int) -> int:
     """The block that reads layer `layer`: the next one, or the layer's own block for the teacher's last block.
 
-    Its FFN is the nullspace surrogate of the layer (Refiner.from_teacher) and, with last_block_info, its output is
-    what the last layer's L_info compares."""
+    Its FFN is the nullspace surrogate of the layer (Refiner.from_teacher), and its output on the layer is the
+    next-block reading the metrics report (evaluation.analysis)."""
     return layer + 1 if layer + 1 < depth else layer
