@@ -170,14 +170,14 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     loss = SingerLoss(singer, layers, teacher, aligner, trap_check_batches=0, subspaces=subspaces)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(TrainConfig(steps=steps)))
-    needed, rerun = loss.taps_needed(), loss.blocks_rerun()
+    needed, rerun = loss.taps_needed(), loss.qkv_blocks()
 
     @torch.no_grad()
     def forward(batch: torch.Tensor) -> tuple[dict, dict]:
         """The adapters' input taps and the keys and values the counterfactual reuses, as DistillStep has them."""
-        with teacher.record_keys_values(rerun) as keys_values:
+        with teacher.record_qkv(rerun) as qkv:
             taps = teacher.forward_taps(batch, needed, refiner.stream_edits())
-        return taps, {block: kv.contiguous() for block, kv in keys_values.items()}
+        return taps, {block: kv.contiguous() for block, kv in qkv.items()}
 
     if refiner.stream_edits() is None:      # the raw stream never changes: its taps are cached once
         cached = [forward(batch) for batch in images.split(64)]
@@ -188,13 +188,13 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
         if refiner.stream_edits() is None:
-            raw, keys_values = ({layer: pool[layer][index] for layer in needed},
+            raw, qkv = ({layer: pool[layer][index] for layer in needed},
                                 {block: kv[index] for block, kv in kv_pool.items()})
         else:                               # the refined stream follows the adapters: run it every step
-            raw, keys_values = forward(images[index])
+            raw, qkv = forward(images[index])
         refined = {layer: refiner(layer, raw[layer]) for layer in layers}
         student = {layer: aligner.teacher(refined[layer]).detach() for layer in layers}   # L_kd = 0
-        terms = loss(student, refined, raw, keys_values)
+        terms = loss(student, refined, raw, qkv)
         optimizer.zero_grad()
         terms["total"].backward()
         for group in refiner.clip_groups():     # as DistillStep.clip_groups

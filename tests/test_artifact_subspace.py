@@ -332,10 +332,10 @@ def test_distillation_estimates_and_records_the_subspace(small_planted, tmp_path
 
 
 
-def test_the_training_step_reuses_the_raw_keys_and_values_and_keeps_the_target():
-    """DistillStep records the raw forward's keys and values of the blocks the counterfactual re-runs, and the
-    target computed with them is the one computed from the whole blocks (docs/results.md, "The method at the paper's
-    scale")."""
+def test_the_training_step_reuses_the_raw_projections_and_keeps_the_target_and_l_info():
+    """DistillStep records the raw forward's queries, keys and values of the blocks the counterfactual re-runs and of
+    the block after the intermediate layer; the target computed with them is the one computed from the whole blocks,
+    and so is L_info's next block on it (docs/results.md, "The method at the paper's scale")."""
     from singer_deploy.method.alignment import map_layers
     from singer_deploy.train.loop import DistillStep
 
@@ -349,22 +349,22 @@ def test_the_training_step_reuses_the_raw_keys_and_values_and_keeps_the_target()
     loss.subspaces = estimate_artifact_subspaces(step.teacher, [images[16:]], layers, loss.config.select_k,
                                                  max_rank=8)
     first = min(s.first_block for s in loss.subspaces.values())
-    assert loss.blocks_rerun() == list(range(first + 1, 8))
+    assert loss.qkv_blocks() == list(range(first + 1, 8))
     recorded = {}
-    original = step.teacher.record_keys_values
+    original = step.teacher.record_qkv
 
     def spy(blocks):
         recorded["blocks"] = list(blocks)
         return original(blocks)
 
-    step.teacher.record_keys_values = spy
+    step.teacher.record_qkv = spy
     batch = images[:16]
     with torch.no_grad():
         terms = step(batch)
         raw = step.teacher.forward_taps(batch, loss.taps_needed())
-        with step.teacher.record_keys_values(loss.blocks_rerun()) as keys_values:
+        with step.teacher.record_qkv(loss.qkv_blocks()) as qkv:
             step.teacher.forward_taps(batch, loss.taps_needed())
-    assert recorded["blocks"] == loss.blocks_rerun() and sorted(keys_values) == loss.blocks_rerun()
+    assert recorded["blocks"] == loss.qkv_blocks() and sorted(qkv) == loss.qkv_blocks()
     p = teacher.num_prefix_tokens
     for layer in layers:
         subspace = loss.subspaces[layer]
@@ -372,7 +372,17 @@ def test_the_training_step_reuses_the_raw_keys_and_values_and_keeps_the_target()
         blocks = step.teacher.model.blocks
         whole = subspace.counterfactual(raw, layer, selected, lambda t, b, rows: blocks[b](t)[rows], p)
         reused = subspace.counterfactual(
-            raw, layer, selected, lambda t, b, rows: step.teacher.run_block_rows(t, b, rows, keys_values[b]), p)
+            raw, layer, selected, lambda t, b, rows: step.teacher.run_block_rows(t, b, rows, qkv[b]), p)
         assert (reused - whole).norm() <= 1e-5 * whole.norm()           # float32 rounding apart
         assert torch.nn.functional.cosine_similarity(reused, whole, dim=-1).min() > 1 - 1e-5
         assert torch.isfinite(terms[f"out@{layer}"]) and torch.isfinite(terms[f"info@{layer}"])
+    refined = {layer: step.refiner(layer, raw[layer]).detach() for layer in layers}
+    mlp_inputs = []
+    hook = step.teacher.model.blocks[5].mlp.register_forward_hook(lambda _m, args, _o: mlp_inputs.append(args[0]))
+    try:
+        fast = loss(refined, refined, raw, qkv)
+    finally:
+        hook.remove()
+    assert any(x.ndim == 2 and x.shape[0] == batch.shape[0] * raw[4].shape[1] for x in mlp_inputs)   # the row path
+    slow = loss(refined, refined, raw)
+    assert slow["info@4"] > 0 and abs(fast["info@4"] - slow["info@4"]) <= 1e-5 * slow["info@4"]

@@ -185,24 +185,35 @@ def test_run_block_rows_at_every_row_is_the_whole_block(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "init_values": 0.1, "qkv_bias": False}])
-def test_run_block_rows_reuses_the_keys_and_values_recorded_on_the_raw_stream(kwargs):
-    """The counterfactual stream differs from the raw one at the rows only: with the raw forward's keys and values
-    recorded, block_rows computes the rows' own and gives the whole block's output on the changed stream."""
+def test_run_block_rows_reuses_the_projections_recorded_on_the_raw_stream(kwargs):
+    """The counterfactual stream differs from the raw one at the rows only: with the raw forward's queries, keys and
+    values recorded, block_rows computes the rows' own and gives the whole block's output on the changed stream, at
+    the rows, and at every token when the changed tokens are named apart (L_info's next block on the target)."""
     torch.manual_seed(0)
     backbone = load_backbone("vit_tiny_patch16_224", **{**TINY, **kwargs})
     images = torch.randn(3, 3, 32, 32)
-    with backbone.record_keys_values([1]) as keys_values:
+    with backbone.record_qkv([1]) as qkv:
         raw = backbone.forward_taps(images, [0, 1])
-    assert sorted(keys_values) == [1] and keys_values[1].shape == (3, raw[0].shape[1], 2 * backbone.embed_dim)
+    assert sorted(qkv) == [1] and qkv[1].shape == (3, raw[0].shape[1], 3 * backbone.embed_dim)
     rows = torch.rand(raw[0].shape[:2], generator=torch.Generator().manual_seed(1)) < 0.3
     rows[0, 1] = True
     changed = raw[0].index_put(rows.nonzero(as_tuple=True), 3.0 * torch.randn(int(rows.sum()), backbone.embed_dim))
-    recorded = keys_values[1].clone()
-    for _ in range(2):                     # the first call checks the rows path against the whole block
-        out = backbone.run_block_rows(changed, 1, rows, keys_values[1])
-        torch.testing.assert_close(out, backbone.model.blocks[1](changed)[rows], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(keys_values[1], recorded, rtol=0, atol=0)      # the recording is left as it was
-    with backbone.record_keys_values([1]) as later:
+    whole = backbone.model.blocks[1](changed)
+    recorded = qkv[1].clone()
+    mlp_rows = []
+    hook = backbone.model.blocks[1].mlp.register_forward_hook(lambda _m, args, _o: mlp_rows.append(args[0].shape[0]))
+    try:
+        for _ in range(2):                     # the first call checks the rows path against the whole block
+            out = backbone.run_block_rows(changed, 1, rows, qkv[1])
+            torch.testing.assert_close(out, whole[rows], rtol=1e-5, atol=1e-5)
+        every = torch.ones_like(rows)
+        out = backbone.run_block_rows(changed, 1, every, qkv[1], changed=rows)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out.reshape(whole.shape), whole, rtol=1e-5, atol=1e-5)
+    assert mlp_rows[-1] == every.sum() and mlp_rows[-2] == rows.sum()     # the row path ran, not the whole block
+    torch.testing.assert_close(qkv[1], recorded, rtol=0, atol=0)              # the recording is left as it was
+    with backbone.record_qkv([1]) as later:
         pass
     backbone.forward_taps(images, [1])                                         # outside the `with`: not recorded
     assert later == {}

@@ -90,7 +90,8 @@ def next_block_info_loss(refined: Tensor, raw: Tensor, next_block: Callable[[Ten
 
     `keep` (B, T) bool limits it to those tokens (info_tokens "normal"): the block's residual path copies an
     artifact token's own content to its output, so over all tokens this term pulls every removed artifact back.
-    `raw_out`: Block_{l+1}(F) where the caller has it already (the raw teacher's tap of block l+1), not run again.
+    `raw_out`: Block_{l+1}(F) where the caller has it already (the raw teacher's tap of block l+1, or the block on
+    the target from recorded projections), not run again.
     """
     with torch.no_grad():
         target = next_block(raw) if raw_out is None else raw_out
@@ -156,13 +157,13 @@ class SingerLoss:
         self._checks_left = trap_check_batches if config.outlier_target == "quantile" else 0
 
     def __call__(self, student: Mapping[int, Tensor], refined: Mapping[int, Tensor],
-                 raw: Mapping[int, Tensor], keys_values: Mapping[int, Tensor] | None = None) -> dict[str, Tensor]:
+                 raw: Mapping[int, Tensor], qkv: Mapping[int, Tensor] | None = None) -> dict[str, Tensor]:
         """student[l]: aligned projected student tokens (Projectors output); refined[l] / raw[l]: teacher tokens
         (B, prefix + N, D), raw[l] being what the adapter reads (under stream "refined", computed from the refined
-        layer before: Refiner.stream_edits); keys_values: that forward's keys and values of the blocks in
-        `blocks_rerun` (Backbone.record_keys_values; optional, it saves the counterfactual most of its work).
+        layer before: Refiner.stream_edits); qkv: that forward's query, key and value projections of the blocks in
+        `qkv_blocks` (Backbone.record_qkv; optional, it saves the counterfactual most of its work).
         Returns total, kd, out, info and per-layer terms ("kd@17", ...), all tensors."""
-        cfg, p = self.config, self.prefix
+        cfg, p, qkv = self.config, self.prefix, qkv or {}
         if self._checks_left > 0:
             self._checks_left -= 1
             for layer in self.layers:
@@ -181,10 +182,11 @@ class SingerLoss:
         for layer in self.layers:
             terms[f"kd@{layer}"] = kd_loss(student[layer], self.aligner.teacher(refined[layer]),
                                            detach_target=cfg.detach_target)
-            target = self._target(layer, raw, groups[layer][0], keys_values or {})
+            target = self._target(layer, raw, groups[layer][0], qkv)
             terms[f"out@{layer}"] = self._outlier(refined[layer][:, p:], target, *groups[layer])
             if layer != final:
-                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer], target)
+                terms[f"info@{layer}"] = self._block_info(layer, layer + 1, refined, raw, keep[layer], target,
+                                                          groups[layer][0], qkv)
             else:
                 reference_layer = self._gram_reference_layer()
                 gram_keep = None if keep[layer] is None else keep[layer][:, p:] & keep[reference_layer][:, p:]
@@ -193,7 +195,7 @@ class SingerLoss:
                 if cfg.last_block_info:
                     reader = layer + 1 if layer + 1 < self.backbone.depth else None
                     terms[f"info@{layer}"] = terms[f"info@{layer}"] + self._block_info(
-                        layer, reader, refined, raw, keep[layer], target)
+                        layer, reader, refined, raw, keep[layer], target, groups[layer][0], qkv)
         n = len(self.layers)
         out = {name: sum(terms[f"{name}@{layer}"] for layer in self.layers) / n for name in ("kd", "out", "info")}
         out["total"] = cfg.w_kd * out["kd"] + cfg.w_out * out["out"] + cfg.w_info * out["info"]
@@ -206,18 +208,25 @@ class SingerLoss:
                  for b in subspace.taps_needed(layer)]
         return sorted({*self.layers, *extra})
 
-    def blocks_rerun(self) -> list[int]:
-        """Teacher blocks the "subspace" target's counterfactual runs at the selected tokens: after each layer's
-        first writer, up to the layer."""
-        return sorted({b for layer, subspace in self.subspaces.items()
-                       if subspace is not None and subspace.first_block is not None
-                       for b in range(subspace.first_block + 1, layer + 1)})
+    def qkv_blocks(self) -> list[int]:
+        """Teacher blocks whose query, key and value projections a call reuses from the raw forward
+        (Backbone.record_qkv): those the "subspace" target's counterfactual runs at the selected tokens (after each
+        layer's first writer, up to the layer), and the block after each layer with a target, which L_info runs on
+        that target."""
+        blocks = set()
+        for layer, subspace in self.subspaces.items():
+            if subspace is None or subspace.first_block is None:
+                continue
+            blocks.update(range(subspace.first_block + 1, layer + 1))
+            if layer + 1 < self.backbone.depth and (layer != self.layers[-1] or self.config.last_block_info):
+                blocks.add(layer + 1)
+        return sorted(blocks)
 
     def _target(self, layer: int, raw: Mapping[int, Tensor], selected: Tensor,
-                keys_values: Mapping[int, Tensor]) -> Tensor | None:
+                qkv: Mapping[int, Tensor]) -> Tensor | None:
         """The layer's L_out target under outlier_target "subspace": the teacher's counterfactual (B, prefix + N, D;
         ArtifactSubspace.counterfactual) at the `selected` patch tokens, raw elsewhere; None under "quantile" and
-        where the estimate found nothing. raw: every tap in `taps_needed`; keys_values: as __call__."""
+        where the estimate found nothing. raw: every tap in `taps_needed`; qkv: as __call__."""
         if self.config.outlier_target == "quantile":
             return None
         if layer not in self.subspaces:
@@ -230,7 +239,7 @@ class SingerLoss:
             return None
 
         def run_block(tokens: Tensor, block: int, rows: Tensor) -> Tensor:
-            return self.backbone.run_block_rows(tokens, block, rows, keys_values.get(block))
+            return self.backbone.run_block_rows(tokens, block, rows, qkv.get(block))
 
         return subspace.counterfactual(raw, layer, selected, run_block, self.prefix)
 
@@ -265,20 +274,37 @@ class SingerLoss:
         return ~torch.cat([prefix, selected | band], dim=1)
 
     def _block_info(self, layer: int, block: int | None, refined: Mapping[int, Tensor], raw: Mapping[int, Tensor],
-                    keep: Tensor | None, target: Tensor | None) -> Tensor:
+                    keep: Tensor | None, target: Tensor | None, selected: Tensor,
+                    qkv: Mapping[int, Tensor]) -> Tensor:
         """The next block's reading of the kept tokens, held to what it computes from the L_out `target` where there
         is one, else from the raw layer: a teacher whose other tokens read the artifact reads it differently once it
         is gone, and holding that reading to the raw one pulls the artifact back (docs/method.md, "Faithful
         refinement"). `block` None: the layer is the teacher's last block, which no block reads, so the kept tokens
-        themselves are held (what the student copies; docs/method.md, "The last layer's L_info")."""
+        themselves are held (what the student copies; docs/method.md, "The last layer's L_info"). selected, qkv: as
+        `_target` and `__call__` take them."""
         def run(tokens: Tensor) -> Tensor:
             return tokens if block is None else self.backbone.run_blocks(tokens, block, block + 1)
 
         if target is not None:
-            return next_block_info_loss(refined[layer], target, run, keep)
+            return next_block_info_loss(refined[layer], target, run, keep,
+                                        self._next_block_on_target(block, target, selected, qkv))
         # The raw stream's output of `block` is a tap already where the counterfactual reads it (taps_needed).
         raw_out = raw.get(block) if block == layer + 1 else None
         return next_block_info_loss(refined[layer], raw[layer], run, keep, raw_out)
+
+    @torch.no_grad()
+    def _next_block_on_target(self, block: int | None, target: Tensor, selected: Tensor,
+                              qkv: Mapping[int, Tensor]) -> Tensor | None:
+        """Block `block` on the L_out `target`, computed from the raw forward's projections of that block where they
+        were recorded: the target is the raw layer but at the `selected` patch tokens, so only theirs are computed
+        (models/block_rows.py). None (run the block) where they were not, or under stream "refined", whose next
+        block read the refined layer, not the raw one."""
+        recorded = qkv.get(block) if block is not None and self.config.stream == "raw" else None
+        if recorded is None:
+            return None
+        changed = torch.cat([selected.new_zeros(selected.shape[0], self.prefix), selected], dim=1)
+        every = torch.ones_like(changed)
+        return self.backbone.run_block_rows(target, block, every, recorded, changed).reshape(target.shape)
 
     def _gram_reference_layer(self) -> int:
         # Reference code: the refined deepest intermediate layer (attached). Paper, or a single layer: raw final layer.

@@ -22,7 +22,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from singer_deploy.errors import ModelError, whole_sentences
-from singer_deploy.models.block_rows import RowRunner, record_keys_values
+from singer_deploy.models.block_rows import RowRunner, record_qkv
 from singer_deploy.models.hub import resolve_model_source
 from singer_deploy.models.weights import check_weights_file, load_weights_strict, resolve_cached_weights
 
@@ -74,18 +74,18 @@ class Backbone(nn.Module):
             tokens = block(tokens)
         return tokens
 
-    def run_block_rows(self, tokens: Tensor, index: int, rows: Tensor,
-                       keys_values: Tensor | None = None) -> Tensor:
+    def run_block_rows(self, tokens: Tensor, index: int, rows: Tensor, qkv: Tensor | None = None,
+                       changed: Tensor | None = None) -> Tensor:
         """Block `index`'s output on `tokens` (B, T, D) at `rows` (B, T) bool only: (M, D) in the order of
         rows.nonzero(), computing only what the rows need where the block allows it (models/block_rows.py);
-        keys_values: the block's keys and values recorded on a stream that differs from `tokens` at `rows` only
-        (`record_keys_values`), so only the rows' own are computed."""
-        return self._row_runner(tokens, index, rows, keys_values)
+        qkv: the block's query, key and value projections recorded on a stream that differs from `tokens` at
+        `changed` only (`record_qkv`; `changed` None: at the rows), so only the changed tokens' own are computed."""
+        return self._row_runner(tokens, index, rows, qkv, changed)
 
-    def record_keys_values(self, blocks: Sequence[int]):
-        """A context manager: forward passes inside it record the keys and values of `blocks` in the dict it
-        yields (block -> (B, T, 2 x width)), for run_block_rows (models/block_rows.py)."""
-        return record_keys_values(self.model.blocks, blocks)
+    def record_qkv(self, blocks: Sequence[int]):
+        """A context manager: forward passes inside it record the query, key and value projections of `blocks` in
+        the dict it yields (block -> (B, T, 3 x width)), for run_block_rows (models/block_rows.py)."""
+        return record_qkv(self.model.blocks, blocks)
 
     def forward_taps(self, images: Tensor, layers: Sequence[int],
                      edits: Mapping[int, Callable[[Tensor], Tensor]] | None = None) -> dict[int, Tensor]:

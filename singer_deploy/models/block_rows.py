@@ -10,10 +10,11 @@ attention at a subset of queries, so the block's forward is written out here fro
 on a timm version whose forward differs, `RowRunner` checks it against the block itself on the first call of each
 block and runs the whole block wherever the two disagree.
 
-The keys and values of the other tokens are the ones the block computed on the raw stream (the chosen rows are the
-only ones whose input differs), so where the caller kept them (`record_keys_values` around the raw forward) only the
+The queries, keys and values of the other tokens are the ones the block computed on the raw stream (the chosen rows
+are the only ones whose input differs), so where the caller kept them (`record_qkv` around the raw forward) only the
 rows' own are computed: at ViT-L depth that is most of the counterfactual's cost (docs/results.md, "The method at
-the paper's scale").
+the paper's scale"). The same reuse gives L_info's next block on the target, which differs from the raw layer at the
+artifact tokens only, at every token without their projections (`changed`).
 """
 
 from __future__ import annotations
@@ -45,18 +46,21 @@ class RowRunner:
         self.blocks = blocks
         self.rows_path: dict[int, bool] = {}
 
-    def __call__(self, tokens: Tensor, index: int, rows: Tensor, keys_values: Tensor | None = None) -> Tensor:
-        """keys_values: as block_rows takes it (None: computed here)."""
+    def __call__(self, tokens: Tensor, index: int, rows: Tensor, qkv: Tensor | None = None,
+                 changed: Tensor | None = None) -> Tensor:
+        """qkv, changed: as block_rows takes them (qkv None: computed here)."""
         block = self.blocks[index]
         if not rows.any():
             return tokens[rows]
-        if rows.all():      # every token (a whole-context counterfactual): the block itself, without the row gathers
+        if qkv is not None and (rows if changed is None else changed).all():
+            qkv = None                      # every token differs from the recorded stream: nothing to reuse
+        if rows.all() and qkv is None:      # a whole-context counterfactual: the block itself, without row gathers
             return block(tokens).flatten(0, 1)
         if self.rows_path.get(index, False):
-            return block_rows(block, tokens, rows, keys_values)
+            return block_rows(block, tokens, rows, qkv, changed)
         whole = block(tokens)[rows]
         if index not in self.rows_path:
-            self.rows_path[index] = supports_rows(block) and _agree(block_rows(block, tokens, rows, keys_values),
+            self.rows_path[index] = supports_rows(block) and _agree(block_rows(block, tokens, rows, qkv, changed),
                                                                     whole)
         return whole
 
@@ -68,52 +72,55 @@ def supports_rows(block: nn.Module) -> bool:
             and all(hasattr(block, name) for name in _NEEDED) and all(hasattr(attn, name) for name in _NEEDED_ATTN))
 
 
-def block_rows(block: Block, tokens: Tensor, rows: Tensor, keys_values: Tensor | None = None) -> Tensor:
+def block_rows(block: Block, tokens: Tensor, rows: Tensor, qkv: Tensor | None = None,
+               changed: Tensor | None = None) -> Tensor:
     """`block(tokens)[rows]` (rows: (B, T) bool; result (M, D) in the order of rows.nonzero()), computing only the
-    rows' queries, attention and MLP. keys_values: the block's key and value projections (B, T, 2 x width) of
-    tokens that equal `tokens` everywhere but at `rows` (what `record_keys_values` kept on the raw stream); the rows'
-    own are computed and put in their place (a copy: the caller's tensor is left as it is). None: all computed."""
+    rows' queries, attention and MLP. qkv: the block's query, key and value projections (B, T, 3 x width) of tokens
+    that equal `tokens` everywhere but at `changed` (B, T) bool (default: the rows), what `record_qkv` kept on the raw
+    stream; the changed tokens' own are computed and put in their place (a copy: the caller's tensor is left as it
+    is). None: every token's keys and values are computed."""
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     width = heads * head_dim
     batch, length, _ = tokens.shape
     weight, bias = attn.qkv.weight, attn.qkv.bias
     image, token = rows.nonzero(as_tuple=True)
-    if keys_values is None:
+    if qkv is None:
         normed = block.norm1(tokens)
-        picked = normed[image, token]
+        queries = F.linear(normed[image, token], weight[:width], None if bias is None else bias[:width])
         keys_values = F.linear(normed, weight[width:], None if bias is None else bias[width:])
     else:
-        picked = block.norm1(tokens[image, token])        # a per-token norm: the rows alone give the same
-        own = F.linear(picked, weight[width:], None if bias is None else bias[width:])
-        keys_values = keys_values.index_put((image, token), own.to(keys_values.dtype))
+        at = (image, token) if changed is None else changed.nonzero(as_tuple=True)
+        own = F.linear(block.norm1(tokens[at]), weight, bias)     # a per-token norm: those tokens alone give the same
+        qkv = qkv.index_put(at, own.to(qkv.dtype))
+        queries, keys_values = qkv[image, token, :width], qkv[..., width:]
     keys, values = keys_values.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
     keys = attn.k_norm(keys)
     # Each image's rows go into slots 0..n-1 of a padded query block, so attention stays one batched call.
     slot = (rows.cumsum(1) - 1)[image, token]
-    queries = F.linear(picked, weight[:width], None if bias is None else bias[:width]).reshape(-1, heads, head_dim)
     padded = queries.new_zeros(batch, int(rows.sum(1).max()), heads, head_dim)
-    padded[image, slot] = attn.q_norm(queries)
+    padded[image, slot] = attn.q_norm(queries.reshape(-1, heads, head_dim))
     read = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values).transpose(1, 2)
     read = read[image, slot].reshape(-1, width)
     if getattr(attn, "norm", None) is not None:        # scale_norm; absent in older timm
         read = attn.norm(read)
+    inputs = tokens[image, token]
     if getattr(attn, "gate", None) is not None:         # absent in older timm
-        read = read * attn.gate(picked).sigmoid()
-    out = tokens[image, token] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(read))))
+        read = read * attn.gate(block.norm1(inputs)).sigmoid()
+    out = inputs + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(read))))
     return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
 
 
 @contextmanager
-def record_keys_values(blocks: nn.ModuleList, indices: Sequence[int]) -> Iterator[dict[int, Tensor]]:
+def record_qkv(blocks: nn.ModuleList, indices: Sequence[int]) -> Iterator[dict[int, Tensor]]:
     """Inside the `with`, each forward pass of blocks `indices` (those `supports_rows` accepts) records the block's
-    key and value projections (B, T, 2 x width) in the dict it yields, for block_rows. They are views of the
-    attention's qkv output (kept alive until the dict goes), so recording copies nothing."""
+    query, key and value projections (B, T, 3 x width, its attention's qkv output) in the dict it yields, for
+    block_rows. Kept, not copied: the dict holds the tensors the forward made anyway."""
     found: dict[int, Tensor] = {}
 
     def keeper(index: int):
         def hook(module, inputs, output):
-            found[index] = output[..., output.shape[-1] // 3:]
+            found[index] = output
         return hook
 
     handles = [blocks[i].attn.qkv.register_forward_hook(keeper(i)) for i in sorted(set(indices))

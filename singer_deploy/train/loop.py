@@ -121,11 +121,11 @@ class DistillStep(nn.Module):
         with torch.no_grad():
             taps = self.singer_loss.taps_needed() if self.singer_loss is not None else self.teacher_layers
             # The counterfactual target reuses the raw forward's keys and values (models/block_rows.py).
-            rerun = self.singer_loss.blocks_rerun() if self.singer_loss is not None else []
+            rerun = self.singer_loss.qkv_blocks() if self.singer_loss is not None else []
             # Under stream "refined" the taps after a distilled layer are computed from its refined tokens: each
             # adapter reads, and each target starts from, the stream the merged teacher computes (docs/method.md).
             edits = self.refiner.stream_edits() if self.refiner is not None else None
-            with self.teacher.record_keys_values(rerun) as keys_values:
+            with self.teacher.record_qkv(rerun) as qkv:
                 raw = self.teacher.forward_taps(images, taps, edits)  # stops after the deepest needed block
         taps = self.student.forward_taps(images, self.student_layers)
         student = {t: self.projectors(t, taps[s]) for t, s in zip(self.teacher_layers, self.student_layers)}
@@ -134,7 +134,7 @@ class DistillStep(nn.Module):
             kd = kd / len(self.teacher_layers)
             return {"total": kd, "kd": kd, "_targets": raw}
         refined = {t: self.refiner(t, raw[t]) for t in self.teacher_layers}
-        terms = self.singer_loss(student, refined, raw, keys_values)
+        terms = self.singer_loss(student, refined, raw, qkv)
         return {**terms, "_targets": refined}
 
 
