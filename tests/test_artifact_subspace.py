@@ -179,7 +179,9 @@ def test_counterfactual_removes_the_write_where_it_happens_and_lets_later_blocks
     subspace = _subspace([[0.0, 1.0]], [[0.0, 0.0], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]], {1: 1.0})
     assert subspace.taps_needed(3) == [0, 1, 2, 3] and subspace.taps_needed(1) == [0, 1]
     selected = torch.tensor([[False, False, True]])
+    kept = {index: tap.clone() for index, tap in taps.items()}
     out = subspace.counterfactual(taps, 3, selected, block, prefix=1)
+    assert all(torch.equal(taps[index], tap) for index, tap in kept.items())     # its inputs are left as they were
     # Patch 3 without the write: (3, 0.7) after block 1. Block 2 reads e_1 parts 5.1, 0.3, 0.5 and its own 0.7:
     # + 1.65 -> (4.65, 2.35). Block 3 reads the raw block-2 tokens (raw mean 4.15 added: 9.25, 4.45, 4.65) and its own
     # 2.35: + 5.175 -> (9.825, 7.525). Others: raw block-3 values.

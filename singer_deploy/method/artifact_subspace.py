@@ -198,10 +198,15 @@ class ArtifactSubspace:
         context = taps[first]                                          # (B, prefix + N, D)
         tokens = context[at]                                           # (M, D): the cleaned tokens only
         before = taps[first - 1][at] if first > 0 else torch.zeros_like(tokens)
+        # One tensor holds every block's input: a new whole tensor per block was about a third of the
+        # counterfactual's time at ViT-L depth (docs/results.md, "The method at the paper's
+        # scale").
+        inputs = None
         for block in range(first, layer + 1):
             if block > first:
-                inputs = (context if self.whole_context else taps[block - 1]).index_put(at, tokens)
-                output = run_block(inputs, block, run_rows)
+                stream = context if self.whole_context else taps[block - 1]
+                inputs = stream.clone() if inputs is None else inputs.copy_(stream)
+                output = run_block(inputs.index_put_(at, tokens), block, run_rows)
                 if self.whole_context:
                     context = output.reshape(inputs.shape)
                     output = context[at]

@@ -77,31 +77,22 @@ def block_rows(block: Block, tokens: Tensor, rows: Tensor, qkv: Tensor | None = 
     """`block(tokens)[rows]` (rows: (B, T) bool; result (M, D) in the order of rows.nonzero()), computing only the
     rows' queries, attention and MLP. qkv: the block's query, key and value projections (B, T, 3 x width) of tokens
     that equal `tokens` everywhere but at `changed` (B, T) bool (default: the rows), what `record_qkv` kept on the raw
-    stream; the changed tokens' own are computed and put in their place (a copy: the caller's tensor is left as it
-    is). None: every token's keys and values are computed."""
+    stream; the changed tokens' own are computed and put in their place for the attention (the caller's tensor is
+    left as it was). None: every token's keys and values are computed."""
     attn = block.attn
-    heads, head_dim = attn.num_heads, attn.head_dim
-    width = heads * head_dim
-    batch, length, _ = tokens.shape
+    width = attn.num_heads * attn.head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
     image, token = rows.nonzero(as_tuple=True)
     if qkv is None:
         normed = block.norm1(tokens)
         queries = F.linear(normed[image, token], weight[:width], None if bias is None else bias[:width])
         keys_values = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+        read = _attend(attn, rows, image, token, queries, keys_values)
     else:
         at = (image, token) if changed is None else changed.nonzero(as_tuple=True)
         own = F.linear(block.norm1(tokens[at]), weight, bias)     # a per-token norm: those tokens alone give the same
-        qkv = qkv.index_put(at, own.to(qkv.dtype))
-        queries, keys_values = qkv[image, token, :width], qkv[..., width:]
-    keys, values = keys_values.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    keys = attn.k_norm(keys)
-    # Each image's rows go into slots 0..n-1 of a padded query block, so attention stays one batched call.
-    slot = (rows.cumsum(1) - 1)[image, token]
-    padded = queries.new_zeros(batch, int(rows.sum(1).max()), heads, head_dim)
-    padded[image, slot] = attn.q_norm(queries.reshape(-1, heads, head_dim))
-    read = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values).transpose(1, 2)
-    read = read[image, slot].reshape(-1, width)
+        with _rows_replaced(qkv, at, own.to(qkv.dtype)) as replaced:
+            read = _attend(attn, rows, image, token, replaced[image, token, :width], replaced[..., width:])
     if getattr(attn, "norm", None) is not None:        # scale_norm; absent in older timm
         read = attn.norm(read)
     inputs = tokens[image, token]
@@ -109,6 +100,41 @@ def block_rows(block: Block, tokens: Tensor, rows: Tensor, qkv: Tensor | None = 
         read = read * attn.gate(block.norm1(inputs)).sigmoid()
     out = inputs + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(read))))
     return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+
+
+def _attend(attn: Attention, rows: Tensor, image: Tensor, token: Tensor, queries: Tensor,
+            keys_values: Tensor) -> Tensor:
+    """The attention read (M, width) of the rows (image, token: rows.nonzero()) from their queries (M, width) and
+    every token's keys and values (B, T, 2 x width)."""
+    heads, head_dim = attn.num_heads, attn.head_dim
+    batch, length = rows.shape
+    keys, values = keys_values.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    keys = attn.k_norm(keys)
+    # Each image's rows go into slots 0..n-1 of a padded query block, so attention stays one batched call.
+    slot = (rows.cumsum(1) - 1)[image, token]
+    padded = queries.new_zeros(batch, int(rows.sum(1).max()), heads, head_dim)
+    padded[image, slot] = attn.q_norm(queries.reshape(-1, heads, head_dim))
+    read = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values).transpose(1, 2)
+    return read[image, slot].reshape(-1, heads * head_dim)
+
+
+@contextmanager
+def _rows_replaced(qkv: Tensor, at: tuple[Tensor, Tensor], own: Tensor) -> Iterator[Tensor]:
+    """`qkv` with its tokens `at` set to `own`: written in place and put back on leaving, since a whole copy per call
+    cost more than the rows' own projections at ViT-L depth (docs/results.md, "The
+    method at the paper's scale"); a copy where either is part of an autograd graph, which an in-place write would
+    break."""
+    if qkv.requires_grad or own.requires_grad:
+        yield qkv.index_put(at, own)
+        return
+    with torch.no_grad():       # the recording is a view made without grad: written in place only without it
+        kept = qkv[at]
+        qkv.index_put_(at, own)
+    try:
+        yield qkv
+    finally:
+        with torch.no_grad():
+            qkv.index_put_(at, kept)
 
 
 @contextmanager
