@@ -184,19 +184,23 @@ def test_run_block_rows_at_every_row_is_the_whole_block(monkeypatch):
     torch.testing.assert_close(backbone.run_block_rows(tokens, 1, rows), whole[rows], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["recorded-without-grad", "recorded-in-a-graph"])
+@pytest.mark.parametrize("mode", ["no_grad", "graph", "inference"])
 @pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True, "init_values": 0.1, "qkv_bias": False}])
-def test_run_block_rows_reuses_the_projections_recorded_on_the_raw_stream(kwargs, grad):
+def test_run_block_rows_reuses_the_projections_recorded_on_the_raw_stream(kwargs, mode):
     """The counterfactual stream differs from the raw one at the rows only: with the raw forward's queries, keys and
     values recorded, block_rows computes the rows' own and gives the whole block's output on the changed stream, at
     the rows, and at every token when the changed tokens are named apart (L_info's next block on the target). A
-    recording made without grad (the training step's) is written in place and put back; one in a graph is copied."""
+    recording made without grad (the training step's) is written in place and put back; one in a graph, or one made
+    in inference mode and used outside it, is copied."""
     torch.manual_seed(0)
     backbone = load_backbone("vit_tiny_patch16_224", **{**TINY, **kwargs})
     images = torch.randn(3, 3, 32, 32)
-    with backbone.record_qkv([1]) as qkv, torch.set_grad_enabled(grad):
+    backbone.requires_grad_(mode == "graph")       # a frozen teacher, as in training, but where the graph is the point
+    recording = {"no_grad": torch.no_grad, "graph": torch.enable_grad, "inference": torch.inference_mode}[mode]
+    with backbone.record_qkv([1]) as qkv, recording():
         raw = backbone.forward_taps(images, [0, 1])
-    assert qkv[1].requires_grad == grad
+    assert qkv[1].requires_grad == (mode == "graph") and qkv[1].is_inference() == (mode == "inference")
+    raw = {index: tap.clone() for index, tap in raw.items()}
     assert sorted(qkv) == [1] and qkv[1].shape == (3, raw[0].shape[1], 3 * backbone.embed_dim)
     rows = torch.rand(raw[0].shape[:2], generator=torch.Generator().manual_seed(1)) < 0.3
     rows[0, 1] = True

@@ -199,8 +199,7 @@ class ArtifactSubspace:
         tokens = context[at]                                           # (M, D): the cleaned tokens only
         before = taps[first - 1][at] if first > 0 else torch.zeros_like(tokens)
         # One tensor holds every block's input: a new whole tensor per block was about a third of the
-        # counterfactual's time at ViT-L depth (docs/results.md, "The method at the paper's
-        # scale").
+        # counterfactual's time at ViT-L depth (docs/results.md, "The method at the paper's scale").
         inputs = None
         for block in range(first, layer + 1):
             if block > first:
