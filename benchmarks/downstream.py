@@ -13,10 +13,17 @@ and the teacher (its last block) as the ceiling. Probes on each student's own fi
 backbone gives), evaluation.probes.evaluate_features on held-out images (seed HELD_OUT_SEED; fit on 75%, scored
 on the other 25%): linear image class from CLS and from the mean patch token, cosine kNN (k = 20) on CLS, dense
 per-patch class mIoU (background + the four shapes). With --onnx, seed 0's faithful student is also exported to
-ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement).
+ONNX and probed through ONNX Runtime (evaluation.study.runner_probe_agreement). --held-out is 2048 images (512
+scored): with 512 (128 scored) a probe's own sampling noise (binomial, about 0.04 at 0.4 accuracy) was as large as
+the seeds' spread (docs/results.md, "Downstream").
 
     python benchmarks/downstream.py [--cases 8c,8p,8two,8g,8v,2c,2p,2two,2g,2v] [--seeds 0,1,2] [--steps 600]
                                     [--teacher-steps 3000] [--jobs 2] [--threads 1] [--onnx] [--out DIR]
+                                    [--held-out 2048] [--reprobe DIR]
+
+--reprobe DIR probes the students an earlier run saved under its --out DIR (FAMILY/seedN/STUDENT/student/
+model.safetensors) instead of distilling them again: the same tables on other held-out images in minutes (the
+floor and the teacher are probed again too).
 
 --jobs N runs N worker processes, each taking one family and seed at a time (with --threads threads); on a 2-core CPU
 the default `--jobs 2 --threads 1` does the work in about half the time of one two-thread process.
@@ -45,6 +52,7 @@ from singer_deploy.evaluation.probes import evaluate_backbone
 from singer_deploy.evaluation.study import probe_columns, runner_probe_agreement
 from singer_deploy.models.data import InMemory, SyntheticShapes
 from singer_deploy.models.planted_training import fit_shapes_task, planted_teacher
+from singer_deploy.models.weights import check_weights_file, read_state_dict
 from singer_deploy.train.loop import distill
 
 HELD_OUT_SEED = 7_000_000
@@ -84,15 +92,26 @@ def distilled_students(key: str, seed: int, args: argparse.Namespace) -> dict[st
     rows, started = {}, time.perf_counter()
     for name, (method, singer) in STUDENTS.items():
         torch.manual_seed(seed)
-        result = distill(planted.backbone, _student(), train_images, out / name.replace(" ", "-"),
-                         layers=[LAYERS[0]], singer=singer, train=replace(train, method=method), progress=False)
-        rows[name] = probe(result.student, held_out, -1, seed)
+        if args.reprobe:
+            student = saved_student(args.reprobe / key / f"seed{seed}" / name.replace(" ", "-"))
+        else:
+            student = distill(planted.backbone, _student(), train_images, out / name.replace(" ", "-"),
+                              layers=[LAYERS[0]], singer=singer, train=replace(train, method=method),
+                              progress=False).student
+        rows[name] = probe(student, held_out, -1, seed)
         if args.onnx and name == "singer faithful" and seed == 0:
-            for runner in runner_probe_agreement(result.student, held_out, out / "onnx", formats=("onnx",),
+            for runner in runner_probe_agreement(student, held_out, out / "onnx", formats=("onnx",),
                                                  seed=seed):
                 rows[f"singer faithful seed 0, {runner['runner']}"] = {column: runner[column] for column in PROBES}
     print(f"  {CASES[key].label}, seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return rows
+
+
+def saved_student(run_dir: Path):
+    """The student a distill() run saved in `run_dir` (its student/model.safetensors)."""
+    student = _student()
+    student.model.load_state_dict(read_state_dict(check_weights_file(run_dir / "student" / "model.safetensors")))
+    return student.eval()
 
 
 def scratch_student(share: float, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -119,12 +138,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="distillation (and scratch) steps of batch 32")
     parser.add_argument("--teacher-steps", type=int, default=3000, help="PlantedTraining steps of the teacher")
     parser.add_argument("--train-images", type=int, default=2048)
-    parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--held-out", type=int, default=2048, help="held-out images: probes fit on 75%%, score on 25%%")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, each running one family and seed "
                         "at a time with --threads threads")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--onnx", action="store_true", help="also probe seed 0's faithful student through ONNX")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reprobe", type=Path, default=None, help="probe the students an earlier run saved under "
+                        "its --out DIR instead of distilling them (module docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
