@@ -174,22 +174,23 @@ def refine_only(planted: PlantedTeacher, case: Case, singer: SingerConfig, *, st
 
     @torch.no_grad()
     def forward(batch: torch.Tensor) -> tuple[dict, dict]:
-        """The adapters' input taps and the keys and values the counterfactual reuses, as DistillStep has them."""
+        """The adapters' input taps and the projections the counterfactual and L_info reuse, as DistillStep has
+        them."""
         with teacher.record_qkv(rerun) as qkv:
             taps = teacher.forward_taps(batch, needed, refiner.stream_edits())
-        return taps, {block: kv.contiguous() for block, kv in qkv.items()}
+        return taps, qkv
 
     if refiner.stream_edits() is None:      # the raw stream never changes: its taps are cached once
         cached = [forward(batch) for batch in images.split(64)]
         pool = {layer: torch.cat([taps[layer] for taps, _ in cached]) for layer in needed}
-        kv_pool = {block: torch.cat([kv[block] for _, kv in cached]) for block in cached[0][1]}
+        qkv_pool = {block: torch.cat([qkv[block] for _, qkv in cached]) for block in cached[0][1]}
         del cached
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(n_train, (batch_size,), generator=generator)
         if refiner.stream_edits() is None:
-            raw, qkv = ({layer: pool[layer][index] for layer in needed},
-                                {block: kv[index] for block, kv in kv_pool.items()})
+            raw = {layer: pool[layer][index] for layer in needed}
+            qkv = {block: recorded[index] for block, recorded in qkv_pool.items()}
         else:                               # the refined stream follows the adapters: run it every step
             raw, qkv = forward(images[index])
         refined = {layer: refiner(layer, raw[layer]) for layer in layers}

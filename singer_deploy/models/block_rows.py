@@ -121,9 +121,9 @@ def _attend(attn: Attention, rows: Tensor, image: Tensor, token: Tensor, queries
 @contextmanager
 def _rows_replaced(qkv: Tensor, at: tuple[Tensor, Tensor], own: Tensor) -> Iterator[Tensor]:
     """`qkv` with its tokens `at` set to `own`: written in place and put back on leaving, since a whole copy per call
-    cost more than the rows' own projections at ViT-L depth (docs/results.md, "The
-    method at the paper's scale"); a copy where either is part of an autograd graph, which an in-place write would
-    break, or where `qkv` was made in inference mode and this runs outside it, where torch forbids the write."""
+    cost more than the rows' own projections at ViT-L depth (docs/results.md, "The method at the paper's scale"); a
+    copy where either is part of an autograd graph, which an in-place write would break, or where `qkv` was made in
+    inference mode and this runs outside it, where torch forbids the write."""
     if qkv.requires_grad or own.requires_grad or (qkv.is_inference() and not torch.is_inference_mode_enabled()):
         yield qkv.index_put(at, own)
         return

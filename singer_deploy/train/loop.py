@@ -120,7 +120,8 @@ class DistillStep(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             taps = self.singer_loss.taps_needed() if self.singer_loss is not None else self.teacher_layers
-            # The counterfactual target reuses the raw forward's keys and values (models/block_rows.py).
+            # The counterfactual target and L_info's next block reuse the raw forward's query, key and value projections
+            # (models/block_rows.py).
             rerun = self.singer_loss.qkv_blocks() if self.singer_loss is not None else []
             # Under stream "refined" the taps after a distilled layer are computed from its refined tokens: each
             # adapter reads, and each target starts from, the stream the merged teacher computes (docs/method.md).
